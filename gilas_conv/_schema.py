@@ -1,0 +1,195 @@
+"""The database schema, as SQLAlchemy 2.0 typed models. Alembic migrations build exactly this.
+
+Data model
+----------
+``conversations``
+    One row per conversation. ``id`` is a random UUID4 string. ``last_seq`` is the
+    sequence number of the newest message: an append increments it with one
+    ``UPDATE ... RETURNING``, which also takes the row lock that serializes concurrent
+    appends to the same conversation (on Postgres the row lock, on SQLite the write lock),
+    so sequence numbers are contiguous and unique without retries. ``owner`` scopes every
+    lookup; ``NULL`` is the "no owner" scope, not a wildcard.
+
+``messages``
+    One row per message, keyed by ``(conversation_id, seq)``. Every query filters on
+    ``conversation_id`` and every key and index leads with it, so both tables can be
+    distributed by conversation id (Citus, YugabyteDB) without a redesign. ``content``
+    is JSON: a string, a list of content parts, or SQL NULL (an assistant message that
+    only calls tools). JSON text escapes U+0000, so content containing NUL round-trips
+    on Postgres, whose TEXT type rejects it. ``tokens`` is the message's prompt-token
+    cost under ``tokens_encoding`` (per-message overhead included), computed once at
+    append and recomputed lazily when the conversation moves to another encoding.
+    ``status`` is ``complete`` or ``incomplete`` (a streamed reply that was cut off).
+    API bookkeeping for replies: ``response_id``, ``model``, ``finish_reason``, ``usage``
+    and ``predicted_prompt_tokens`` (what we counted before sending, kept beside
+    ``usage.prompt_tokens`` so the counting error stays visible). ``extra`` keeps
+    anything else worth keeping (other choices when n > 1).
+
+``summaries``
+    Stored summaries of dropped history: each covers messages ``from_seq``..``to_seq``
+    of one conversation. The originals are never deleted.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    false,
+    text,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+__all__ = ["ROLES", "STATUSES", "Base", "ConversationRow", "MessageRow", "SummaryRow", "metadata"]
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+STATUSES = ("complete", "incomplete")
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_N_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """A timezone-aware UTC timestamp on every backend.
+
+    Postgres stores ``timestamptz``; SQLite has no time zones, so values are stored as UTC
+    and handed back with ``tzinfo=UTC``. Naive datetimes are refused rather than guessed.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: gilas-conv stores timezone-aware UTC timestamps")
+        value = value.astimezone(dt.timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.timezone.utc)
+        return value.astimezone(dt.timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = metadata
+    type_annotation_map = {dt.datetime: UTCDateTime(), dict[str, Any]: JSON()}
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class ConversationRow(Base):
+    __tablename__ = "conversations"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    owner: Mapped[str | None] = mapped_column(String(255))
+    title: Mapped[str | None] = mapped_column(Text)
+    model: Mapped[str] = mapped_column(String(255))
+    meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON(none_as_null=True))
+    last_seq: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    forked_from: Mapped[str | None] = mapped_column(String(36))
+    forked_at: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime]
+    updated_at: Mapped[dt.datetime]
+
+    __table_args__ = (
+        # "most recently active first" for one owner is a range scan of this index.
+        Index(None, "owner", "updated_at"),
+        CheckConstraint("last_seq >= 0", name="last_seq_nonnegative"),
+    )
+
+
+class MessageRow(Base):
+    __tablename__ = "messages"
+
+    conversation_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    role: Mapped[str] = mapped_column(String(16))
+    content: Mapped[Any] = mapped_column(JSON(none_as_null=True), nullable=True)
+    name: Mapped[str | None] = mapped_column(String(255))
+    tool_calls: Mapped[Any] = mapped_column(JSON(none_as_null=True), nullable=True)
+    tool_call_id: Mapped[str | None] = mapped_column(String(255))
+    pinned: Mapped[bool] = mapped_column(Boolean, server_default=false())
+    status: Mapped[str] = mapped_column(String(16), server_default=text("'complete'"))
+    tokens: Mapped[int | None] = mapped_column(Integer)
+    tokens_encoding: Mapped[str | None] = mapped_column(String(64))
+    response_id: Mapped[str | None] = mapped_column(String(255))
+    model: Mapped[str | None] = mapped_column(String(255))
+    finish_reason: Mapped[str | None] = mapped_column(String(64))
+    usage: Mapped[Any] = mapped_column(JSON(none_as_null=True), nullable=True)
+    predicted_prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    reply_to: Mapped[int | None] = mapped_column(Integer)
+    extra: Mapped[Any] = mapped_column(JSON(none_as_null=True), nullable=True)
+    created_at: Mapped[dt.datetime]
+
+    __table_args__ = (
+        ForeignKeyConstraint(["conversation_id"], ["conversations.id"], ondelete="CASCADE"),
+        CheckConstraint(_in("role", ROLES), name="role_known"),
+        CheckConstraint(_in("status", STATUSES), name="status_known"),
+        CheckConstraint("seq >= 1", name="seq_positive"),
+        CheckConstraint("role <> 'tool' OR tool_call_id IS NOT NULL", name="tool_has_call_id"),
+        # The messages every context keeps (system/developer and pinned ones), found
+        # without walking the history: a partial index holding only those rows.
+        Index(
+            "ix_messages_anchor",
+            "conversation_id",
+            "seq",
+            postgresql_where=text("role IN ('system', 'developer') OR pinned"),
+            sqlite_where=text("role IN ('system', 'developer') OR pinned"),
+        ),
+        # One reply per response id in a conversation: a retried request that got the same
+        # completion back can never be stored twice.
+        Index(
+            "uq_messages_response",
+            "conversation_id",
+            "response_id",
+            unique=True,
+            postgresql_where=text("response_id IS NOT NULL"),
+            sqlite_where=text("response_id IS NOT NULL"),
+        ),
+    )
+
+
+class SummaryRow(Base):
+    __tablename__ = "summaries"
+
+    conversation_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    to_seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    from_seq: Mapped[int] = mapped_column(Integer)
+    content: Mapped[Any] = mapped_column(JSON)
+    model: Mapped[str | None] = mapped_column(String(255))
+    tokens: Mapped[int | None] = mapped_column(Integer)
+    tokens_encoding: Mapped[str | None] = mapped_column(String(64))
+    usage: Mapped[Any] = mapped_column(JSON(none_as_null=True), nullable=True)
+    created_at: Mapped[dt.datetime]
+
+    __table_args__ = (
+        ForeignKeyConstraint(["conversation_id"], ["conversations.id"], ondelete="CASCADE"),
+        CheckConstraint("from_seq >= 1 AND to_seq >= from_seq", name="range_valid"),
+    )
