@@ -32,6 +32,8 @@ from .exceptions import (
     UnprocessableEntityError,
 )
 from .store import Conversation, ConversationStore, Message, Summary
+from .tokens import ModelInfo, ModelRegistry, count_tokens, get_model_info
+from .truncation import Context, SummaryRequest, build_context, conversation_tokens
 
 __version__ = "0.1.0"
 
@@ -45,6 +47,7 @@ __all__ = [
     "BadRequestError",
     "ConfigurationError",
     "ConflictError",
+    "Context",
     "ContextWindowExceeded",
     "Conversation",
     "ConversationNotFound",
@@ -54,6 +57,8 @@ __all__ = [
     "Message",
     "MessageNotFound",
     "MissingAPIKeyError",
+    "ModelInfo",
+    "ModelRegistry",
     "NotFoundError",
     "PermissionDeniedError",
     "RateLimitError",
@@ -62,9 +67,14 @@ __all__ = [
     "StoreIntegrityError",
     "StreamInterrupted",
     "Summary",
+    "SummaryRequest",
     "UnprocessableEntityError",
     "__version__",
+    "build_context",
+    "conversation_tokens",
+    "count_tokens",
     "downgrade_database",
+    "get_model_info",
     "head_revision",
     "upgrade_database",
 ]

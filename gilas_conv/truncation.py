@@ -1,0 +1,474 @@
+"""Choosing what of a stored conversation is sent: the context window of one turn.
+
+The store keeps every message; :func:`build_context` decides which of them go into the
+next request so that the prompt fits the model's window, and counts the prompt exactly.
+
+Budget
+    ``available = context_limit - reserved_for_reply - tool_definitions - reply_priming``
+    where ``context_limit`` defaults to the model's window (see :mod:`gilas_conv.tokens`'s
+    registry) and ``reserved_for_reply`` is ``max_tokens`` when given, else
+    :data:`DEFAULT_REPLY_RESERVE` (capped at the model's maximum output).
+
+Default policy (``policy="truncate"``)
+    * System and developer messages, and pinned messages, are always sent.
+    * The rest of the history is cut into turns: a turn is a user message and everything
+      after it up to the next user message (the replies, tool calls and tool results).
+      Whole turns are kept from the newest backwards while they fit; the oldest are dropped.
+      So the window never starts with an assistant or tool message, and an assistant
+      message with ``tool_calls`` always travels with its tool results.
+    * An assistant ``tool_calls`` message whose results are not all stored, and tool
+      results whose call is not sent, are left out: the API rejects either.
+    * Incomplete (interrupted) replies are left out unless ``include_incomplete=True``.
+    * If the system messages plus the newest turn do not fit, :class:`ContextWindowExceeded`
+      is raised with the numbers; a message is never cut in half.
+
+``policy="summarize"``
+    As above, but when turns are dropped a summary of them is sent in their place, as a
+    system message after the kept system messages. Summaries are produced by the
+    ``summarizer`` callable (the senders provide one that asks the API), stored in the
+    ``summaries`` table with the seq range they cover, reused by later turns, and only
+    extended, never redone, when more is dropped.
+
+Cost
+    Reading is two indexed range scans: the anchors (system/developer/pinned, through a
+    partial index) and the newest rows, newest first, in growing batches, stopping as soon
+    as the budget is spent. Token counts are stored per message at append time, so nothing
+    is tokenized here unless the conversation moved to another encoding; then only the rows
+    read are recounted, and written back once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from sqlalchemy import Connection, and_, bindparam, or_, select, update
+
+from . import tokens as _tokens
+from ._schema import MessageRow
+from .exceptions import ContextWindowExceeded
+
+if TYPE_CHECKING:
+    from .store import Conversation, Summary
+
+__all__ = [
+    "DEFAULT_REPLY_RESERVE",
+    "SUMMARY_MAX_TOKENS",
+    "Context",
+    "SummaryRequest",
+    "build_context",
+    "conversation_tokens",
+]
+
+# Tokens kept free for the reply when the caller does not say (max_tokens). Without a cap
+# the API lets a reply run to the end of the window; we keep room for a long answer.
+DEFAULT_REPLY_RESERVE = 1024
+# The longest summary the summarize policy asks for, and so the room it keeps for one.
+SUMMARY_MAX_TOKENS = 600
+SUMMARY_PREFIX = "Summary of the earlier part of this conversation, which is not repeated here:\n"
+# An upper bound on the prefix's tokens in any encoding (it is short English text).
+_SUMMARY_PREFIX_TOKENS = 24
+
+# Newest rows are read in batches that grow by this factor until the budget is spent.
+_FIRST_BATCH = 64
+_BATCH_GROWTH = 4
+_MAX_BATCH = 4096
+
+_m = MessageRow.__table__
+_ROW_COLUMNS = (
+    _m.c.seq,
+    _m.c.role,
+    _m.c.content,
+    _m.c.name,
+    _m.c.tool_calls,
+    _m.c.tool_call_id,
+    _m.c.pinned,
+    _m.c.status,
+    _m.c.tokens,
+    _m.c.tokens_encoding,
+)
+_ANCHOR = or_(_m.c.role.in_(("system", "developer")), _m.c.pinned)
+
+Policy = Literal["truncate", "summarize"]
+
+
+@dataclass(frozen=True, slots=True)
+class SummaryRequest:
+    """What a summarizer is asked: fold ``messages`` into ``previous`` (may be None)."""
+
+    conversation_id: str
+    model: str
+    previous: str | None
+    messages: list[dict[str, Any]]
+    from_seq: int
+    to_seq: int
+    max_tokens: int = SUMMARY_MAX_TOKENS
+
+
+Summarizer = Callable[[SummaryRequest], str]
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """The messages of one request, and the accounting behind them."""
+
+    messages: list[dict[str, Any]]
+    prompt_tokens: int
+    dropped: int
+    model: str
+    encoding: str
+    context_limit: int
+    reserved: int
+    tools_tokens: int
+    available: int
+    seqs: tuple[int, ...] = ()
+    summary: Summary | None = None
+
+    @property
+    def free(self) -> int:
+        """Prompt tokens still free in the window after this context."""
+        return self.context_limit - self.reserved - self.prompt_tokens
+
+
+@dataclass(slots=True)
+class _Row:
+    seq: int
+    role: str
+    content: Any
+    name: str | None
+    tool_calls: list[dict[str, Any]] | None
+    tool_call_id: str | None
+    pinned: bool
+    status: str
+    tokens: int
+
+    def to_openai(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.name is not None:
+            out["name"] = self.name
+        if self.tool_calls:
+            out["tool_calls"] = self.tool_calls
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+class _Reader:
+    """Reads rows of one conversation, recounting those stored under another encoding."""
+
+    def __init__(self, conn: Connection, conversation_id: str, encoding: str) -> None:
+        self.conn = conn
+        self.conversation_id = conversation_id
+        self.encoding = encoding
+        self.recounted: list[dict[str, Any]] = []
+
+    def _rows(self, query: Any) -> list[_Row]:
+        rows = []
+        for seq, role, content, name, calls, call_id, pinned, status, count, enc in self.conn.execute(query):
+            row = _Row(seq, role, content, name, calls, call_id, bool(pinned), status, count or 0)
+            if enc != self.encoding or count is None:
+                row.tokens = _tokens.message_tokens(row.to_openai(), self.encoding)
+                self.recounted.append({"b_seq": seq, "b_tokens": row.tokens})
+            rows.append(row)
+        return rows
+
+    def anchors(self) -> list[_Row]:
+        return self._rows(
+            select(*_ROW_COLUMNS)
+            .where(_m.c.conversation_id == self.conversation_id, _ANCHOR)
+            .order_by(_m.c.seq)
+        )
+
+    def newest(self, before: int | None, limit: int) -> list[_Row]:
+        """Up to ``limit`` rows with seq < ``before`` (all when None), newest first."""
+        query = select(*_ROW_COLUMNS).where(_m.c.conversation_id == self.conversation_id)
+        if before is not None:
+            query = query.where(_m.c.seq < before)
+        return self._rows(query.order_by(_m.c.seq.desc()).limit(limit))
+
+    def between(self, first: int, last: int) -> list[_Row]:
+        return self._rows(
+            select(*_ROW_COLUMNS)
+            .where(
+                _m.c.conversation_id == self.conversation_id,
+                _m.c.seq >= first,
+                _m.c.seq <= last,
+            )
+            .order_by(_m.c.seq)
+        )
+
+    def save_recounts(self, store: Any) -> None:
+        if not self.recounted:
+            return
+        with store._write() as conn:
+            conn.execute(
+                update(_m)
+                .where(
+                    and_(
+                        _m.c.conversation_id == self.conversation_id,
+                        _m.c.seq == bindparam("b_seq"),
+                    )
+                )
+                .values(tokens=bindparam("b_tokens"), tokens_encoding=self.encoding),
+                self.recounted,
+            )
+        self.recounted = []
+
+
+def _resolve_budget(
+    model: str,
+    *,
+    context_limit: int | None,
+    max_tokens: int | None,
+    tools: Sequence[Mapping[str, Any]] | None,
+) -> tuple[str, int, int, int, int]:
+    """(encoding, context_limit, reserved, tools_tokens, available prompt tokens)."""
+    info = _tokens.get_model_info(model)
+    encoding = info.encoding
+    limit = context_limit if context_limit is not None else info.context_window
+    if not isinstance(limit, int) or limit <= 0:
+        raise ValueError(f"context_limit must be a positive integer, not {limit!r}")
+    if max_tokens is not None:
+        if not isinstance(max_tokens, int) or max_tokens <= 0:
+            raise ValueError(f"max_tokens must be a positive integer, not {max_tokens!r}")
+        reserved = max_tokens
+    else:
+        reserved = min(DEFAULT_REPLY_RESERVE, info.max_output_tokens, limit // 4)
+    tools_cost = _tokens.tools_tokens(list(tools), encoding) if tools else 0
+    available = limit - reserved - tools_cost - _tokens.REPLY_PRIMING_TOKENS
+    return encoding, limit, reserved, tools_cost, available
+
+
+def _turns_newest_first(reader: _Reader, anchor_seqs: set[int]) -> Iterator[tuple[list[_Row], int]]:
+    """Yield the non-anchor history as whole turns, newest turn first, each oldest row first,
+    with the highest seq seen so far. Rows are read lazily, newest first, in growing batches;
+    the last thing yielded may be the rows before the first user message (a preamble)."""
+    before: int | None = None
+    batch = _FIRST_BATCH
+    current: list[_Row] = []  # the turn being gathered, newest row first
+    top = max(anchor_seqs, default=0)
+    while True:
+        rows = reader.newest(before, batch)
+        if rows:
+            top = max(top, rows[0].seq)
+        for row in rows:
+            if row.seq in anchor_seqs:
+                continue
+            current.append(row)
+            if row.role == "user":
+                current.reverse()
+                yield current, top
+                current = []
+        if len(rows) < batch:
+            break
+        before = rows[-1].seq
+        batch = min(batch * _BATCH_GROWTH, _MAX_BATCH)
+    if current:
+        current.reverse()
+        yield current, top
+    elif top == 0:
+        yield [], 0
+
+
+def _sendable(turn: list[_Row], include_incomplete: bool) -> tuple[list[_Row], int]:
+    """The rows of a turn that may be sent, and how many were left out."""
+    keep = [r for r in turn if include_incomplete or r.status == "complete"]
+    answered = {r.tool_call_id for r in keep if r.role == "tool"}
+    sent_calls: set[str] = set()
+    result = []
+    for row in keep:
+        if row.role == "assistant" and row.tool_calls:
+            ids = {call.get("id") for call in row.tool_calls}
+            if not ids <= answered:
+                continue  # the API refuses a tool call without all its results
+            sent_calls |= ids
+        elif row.role == "tool" and row.tool_call_id not in sent_calls:
+            continue  # ... and a tool result without its call
+        result.append(row)
+    return result, len(turn) - len(result)
+
+
+def build_context(
+    conv: Conversation,
+    *,
+    model: str | None = None,
+    context_limit: int | None = None,
+    max_tokens: int | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    policy: Policy = "truncate",
+    include_incomplete: bool = False,
+    summarizer: Summarizer | None = None,
+) -> Context:
+    """Pick the stored messages to send for the next turn of ``conv`` (see module docs).
+
+    Raises ContextWindowExceeded when the system messages plus the newest turn do not fit,
+    and ValueError for a bad argument. Writes nothing except lazily recounted token counts
+    and, with ``policy="summarize"``, a new summary.
+    """
+    if policy not in ("truncate", "summarize"):
+        raise ValueError(f"unknown policy {policy!r}; expected 'truncate' or 'summarize'")
+    if policy == "summarize" and summarizer is None:
+        raise ValueError("policy='summarize' needs a summarizer (the senders provide one)")
+    model = model or conv.model
+    encoding, limit, reserved, tools_cost, available = _resolve_budget(
+        model, context_limit=context_limit, max_tokens=max_tokens, tools=tools
+    )
+    store = conv.store
+    allowance = 0
+    if policy == "summarize":
+        # Room for the summary message itself, should one be needed.
+        allowance = SUMMARY_MAX_TOKENS + _tokens.TOKENS_PER_MESSAGE + _SUMMARY_PREFIX_TOKENS
+    with store.engine.connect() as conn:
+        reader = _Reader(conn, conv.id, encoding)
+        anchors = reader.anchors()
+        anchor_seqs = {r.seq for r in anchors}
+        anchor_tokens = sum(r.tokens for r in anchors)
+        left = available - anchor_tokens
+        kept: list[_Row] = []
+        boundary: int | None = None  # seq of the oldest message of the oldest kept turn
+        truncated = False
+        top = max(anchor_seqs, default=0)
+        for turn, seen in _turns_newest_first(reader, anchor_seqs):
+            top = seen
+            if not turn:
+                break
+            sendable, _skipped = _sendable(turn, include_incomplete)
+            cost = sum(r.tokens for r in sendable)
+            if boundary is None:
+                # The newest turn is the one being answered: it must be sent whole.
+                if cost > left:
+                    raise ContextWindowExceeded(
+                        anchor_tokens + cost + tools_cost + _tokens.REPLY_PRIMING_TOKENS,
+                        limit - reserved,
+                        model=model,
+                    )
+            elif cost > left - allowance:
+                truncated = True
+                break
+            left -= cost
+            kept.extend(sendable)
+            boundary = turn[0].seq
+        if anchor_tokens > available:
+            raise ContextWindowExceeded(
+                anchor_tokens + tools_cost + _tokens.REPLY_PRIMING_TOKENS, limit - reserved, model=model
+            )
+        chosen = sorted([*anchors, *kept], key=lambda r: r.seq)
+        summary = None
+        if policy == "summarize" and truncated and boundary is not None and boundary > 1:
+            summary = _ensure_summary(
+                store, reader, conv, model, encoding, boundary - 1, anchor_seqs, summarizer
+            )
+        reader.save_recounts(store)
+    messages = [r.to_openai() for r in chosen]
+    prompt_tokens = sum(r.tokens for r in chosen) + tools_cost + _tokens.REPLY_PRIMING_TOKENS
+    if summary is not None:
+        summary_message = {"role": "system", "content": SUMMARY_PREFIX + summary.content}
+        # After the leading system/developer messages, before the kept history.
+        at = 0
+        while at < len(messages) and messages[at]["role"] in ("system", "developer"):
+            at += 1
+        messages.insert(at, summary_message)
+        prompt_tokens += _tokens.message_tokens(summary_message, encoding)
+    return Context(
+        messages=messages,
+        prompt_tokens=prompt_tokens,
+        # Sequence numbers are contiguous, so everything up to the newest seen that was
+        # not chosen was left out.
+        dropped=top - len(chosen),
+        model=model,
+        encoding=encoding,
+        context_limit=limit,
+        reserved=reserved,
+        tools_tokens=tools_cost,
+        available=available,
+        seqs=tuple(r.seq for r in chosen),
+        summary=summary,
+    )
+
+
+def _ensure_summary(
+    store: Any,
+    reader: _Reader,
+    conv: Conversation,
+    model: str,
+    encoding: str,
+    cut: int,
+    anchor_seqs: set[int],
+    summarizer: Summarizer | None,
+) -> Summary | None:
+    """The stored summary covering messages up to ``cut``, extended or made if needed."""
+    assert summarizer is not None
+    existing = [s for s in store._summaries(conv.id) if s.to_seq <= cut]
+    latest = existing[-1] if existing else None
+    if latest is not None and latest.to_seq == cut:
+        return latest
+    start = latest.to_seq + 1 if latest is not None else 1
+    previous = latest.content if latest is not None else None
+    from_seq = latest.from_seq if latest is not None else 1
+    # Summarize in slices that fit a request of their own, folding each into the last.
+    info = _tokens.get_model_info(model)
+    slice_budget = max(1000, min(info.context_window // 2, 50_000))
+    first = start
+    while first <= cut:
+        rows = reader.between(first, min(cut, first + _MAX_BATCH - 1))
+        if not rows:
+            break
+        chunk: list[dict[str, Any]] = []
+        used = 0
+        last = first - 1
+        for row in rows:
+            if row.seq in anchor_seqs or row.status != "complete":
+                last = row.seq
+                continue
+            if chunk and used + row.tokens > slice_budget:
+                break
+            chunk.append(row.to_openai())
+            used += row.tokens
+            last = row.seq
+        if chunk:
+            text = summarizer(
+                SummaryRequest(
+                    conversation_id=conv.id,
+                    model=model,
+                    previous=previous,
+                    messages=chunk,
+                    from_seq=from_seq,
+                    to_seq=last,
+                )
+            )
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError("the summarizer returned no text")
+            previous = text
+        first = last + 1
+    if previous is None:
+        return latest
+    tokens = _tokens.message_tokens({"role": "system", "content": SUMMARY_PREFIX + previous}, encoding)
+    summary: Summary = store._add_summary(
+        conv.id,
+        from_seq=from_seq,
+        to_seq=cut,
+        content=previous,
+        model=model,
+        tokens=tokens,
+        tokens_encoding=encoding,
+        usage=None,
+    )
+    return summary
+
+
+def conversation_tokens(conv: Conversation, *, model: str | None = None) -> int:
+    """Prompt tokens the whole stored history would take (every message, plus priming)."""
+    encoding = _tokens.get_model_info(model or conv.model).encoding
+    total = 0
+    with conv.store.engine.connect() as conn:
+        reader = _Reader(conn, conv.id, encoding)
+        after = 0
+        while True:
+            rows = reader.between(after + 1, after + _MAX_BATCH)
+            total += sum(r.tokens for r in rows)
+            if not rows:
+                break
+            after = rows[-1].seq
+        reader.save_recounts(conv.store)
+    return total + _tokens.REPLY_PRIMING_TOKENS
