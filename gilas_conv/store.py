@@ -229,9 +229,7 @@ def _check_content(role: str, content: Any, *, has_tool_calls: bool) -> Any:
             _check_json(part, where)
             parts.append(dict(part))
         return parts
-    raise ValueError(
-        f"content must be a string or a list of content parts, not {type(content).__name__}"
-    )
+    raise ValueError(f"content must be a string or a list of content parts, not {type(content).__name__}")
 
 
 def _check_tool_calls(tool_calls: Any) -> list[dict[str, Any]]:
@@ -568,9 +566,7 @@ class ConversationStore:
             )
             if first:
                 conn.execute(
-                    insert(_messages).values(
-                        conversation_id=conversation_id, seq=1, created_at=now, **first
-                    )
+                    insert(_messages).values(conversation_id=conversation_id, seq=1, created_at=now, **first)
                 )
         return Conversation(
             store=self,
@@ -589,9 +585,7 @@ class ConversationStore:
         _check_conversation_id(conversation_id)
         with self._read() as conn:
             row = conn.execute(
-                select(_conversations).where(
-                    _conversations.c.id == conversation_id, _owner_clause(owner)
-                )
+                select(_conversations).where(_conversations.c.id == conversation_id, _owner_clause(owner))
             ).first()
         if row is None:
             raise ConversationNotFound(conversation_id)
@@ -628,9 +622,7 @@ class ConversationStore:
         _check_conversation_id(conversation_id)
         with self._write() as conn:
             deleted = conn.execute(
-                delete(_conversations).where(
-                    _conversations.c.id == conversation_id, _owner_clause(owner)
-                )
+                delete(_conversations).where(_conversations.c.id == conversation_id, _owner_clause(owner))
             ).rowcount
         if not deleted:
             raise ConversationNotFound(conversation_id)
@@ -693,9 +685,7 @@ class ConversationStore:
                 )
             )
             if rows:
-                conn.execute(
-                    insert(_messages), [{"conversation_id": conversation_id, **r} for r in rows]
-                )
+                conn.execute(insert(_messages), [{"conversation_id": conversation_id, **r} for r in rows])
         return self.get(conversation_id, owner=owner)
 
     # -- internals used by Conversation and the other modules -----------------------------------
@@ -829,9 +819,7 @@ class ConversationStore:
         copied = [c for c in _messages.c if c.name != "conversation_id"]
         with self._write() as conn:
             row = conn.execute(
-                select(_conversations).where(
-                    _conversations.c.id == source.id, _owner_clause(source.owner)
-                )
+                select(_conversations).where(_conversations.c.id == source.id, _owner_clause(source.owner))
             ).first()
             if row is None:
                 raise ConversationNotFound(source.id)
@@ -876,6 +864,19 @@ class ConversationStore:
 
     def _pin(self, conversation_id: str, seq: int, pinned: bool) -> None:
         with self._write() as conn:
+            row = conn.execute(
+                select(_messages.c.role, _messages.c.tool_calls).where(
+                    _messages.c.conversation_id == conversation_id, _messages.c.seq == seq
+                )
+            ).first()
+            if row is None:
+                raise MessageNotFound(conversation_id, seq)
+            if pinned and (row.role == "tool" or row.tool_calls):
+                # Sent alone, half of a tool-call pair makes the API refuse the request.
+                raise ValueError(
+                    "tool calls and tool results cannot be pinned on their own; "
+                    "pin the user message or a plain reply instead"
+                )
             changed = conn.execute(
                 update(_messages)
                 .where(_messages.c.conversation_id == conversation_id, _messages.c.seq == seq)
@@ -964,8 +965,10 @@ class ConversationStore:
 
 def _token_columns(columns: Mapping[str, Any], model: str) -> dict[str, Any]:
     encoding = _tokens.encoding_name_for_model(model)
-    message = {k: columns[k] for k in ("role", "content", "name", "tool_calls", "tool_call_id") if columns.get(k) is not None}
-    message.setdefault("content", columns.get("content"))
+    message = {"role": columns["role"], "content": columns.get("content")}
+    for key in ("name", "tool_calls", "tool_call_id"):
+        if columns.get(key) is not None:
+            message[key] = columns[key]
     return {"tokens": _tokens.message_tokens(message, encoding), "tokens_encoding": encoding}
 
 
@@ -1063,4 +1066,3 @@ def _describe(err: DBAPIError) -> str:
     """The driver's message alone: SQLAlchemy's text would echo every bound parameter."""
     text = str(err.orig).strip().splitlines()
     return text[0][:500] if text else type(err.orig).__name__
-
