@@ -65,6 +65,39 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+# Keys gilas-conv lets callers add to an image part for token estimates only (the pixel size
+# of an image the API would otherwise have to fetch); stored, but never sent.
+_IMAGE_HINT_KEYS = ("width", "height")
+
+
+def openai_message(
+    role: str,
+    content: Any,
+    name: str | None = None,
+    tool_calls: list[dict[str, Any]] | None = None,
+    tool_call_id: str | None = None,
+) -> dict[str, Any]:
+    """A message dict exactly as the chat-completions API accepts it."""
+    if isinstance(content, list):
+        content = [_api_part(part) for part in content]
+    out: dict[str, Any] = {"role": role, "content": content}
+    if name is not None:
+        out["name"] = name
+    if tool_calls:
+        out["tool_calls"] = tool_calls
+    if tool_call_id is not None:
+        out["tool_call_id"] = tool_call_id
+    return out
+
+
+def _api_part(part: dict[str, Any]) -> dict[str, Any]:
+    image = part.get("image_url") if part.get("type") == "image_url" else None
+    if isinstance(image, dict) and any(key in image for key in _IMAGE_HINT_KEYS):
+        image = {k: v for k, v in image.items() if k not in _IMAGE_HINT_KEYS}
+        return {**part, "image_url": image}
+    return part
+
+
 # ---------------------------------------------------------------------------------------------
 # Values
 
@@ -99,14 +132,7 @@ class Message:
 
     def to_openai(self) -> dict[str, Any]:
         """The message as the chat-completions API expects it in ``messages``."""
-        out: dict[str, Any] = {"role": self.role, "content": self.content}
-        if self.name is not None:
-            out["name"] = self.name
-        if self.tool_calls:
-            out["tool_calls"] = self.tool_calls
-        if self.tool_call_id is not None:
-            out["tool_call_id"] = self.tool_call_id
-        return out
+        return openai_message(self.role, self.content, self.name, self.tool_calls, self.tool_call_id)
 
     def to_export(self) -> dict[str, Any]:
         """The message in gilas-conv's export format (see :meth:`Conversation.export`)."""

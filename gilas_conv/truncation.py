@@ -48,6 +48,7 @@ from sqlalchemy import Connection, and_, bindparam, or_, select, update
 from . import tokens as _tokens
 from ._schema import MessageRow
 from .exceptions import ContextWindowExceeded
+from .store import openai_message
 
 if TYPE_CHECKING:
     from .store import Conversation, Summary
@@ -144,13 +145,14 @@ class _Row:
     tokens: int
 
     def to_openai(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"role": self.role, "content": self.content}
-        if self.name is not None:
-            out["name"] = self.name
-        if self.tool_calls:
-            out["tool_calls"] = self.tool_calls
-        if self.tool_call_id is not None:
-            out["tool_call_id"] = self.tool_call_id
+        return openai_message(self.role, self.content, self.name, self.tool_calls, self.tool_call_id)
+
+    def _stored(self) -> dict[str, Any]:
+        """The message as stored (image size hints kept), for counting its tokens."""
+        out = {"role": self.role, "content": self.content}
+        for key in ("name", "tool_calls", "tool_call_id"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
         return out
 
 
@@ -168,7 +170,7 @@ class _Reader:
         for seq, role, content, name, calls, call_id, pinned, status, count, enc in self.conn.execute(query):
             row = _Row(seq, role, content, name, calls, call_id, bool(pinned), status, count or 0)
             if enc != self.encoding or count is None:
-                row.tokens = _tokens.message_tokens(row.to_openai(), self.encoding)
+                row.tokens = _tokens.message_tokens(row._stored(), self.encoding)
                 self.recounted.append({"b_seq": seq, "b_tokens": row.tokens})
             rows.append(row)
         return rows
