@@ -31,6 +31,7 @@ from .exceptions import (
     StreamInterrupted,
     UnprocessableEntityError,
 )
+from .sender import AsyncReplyStream, AsyncSender, ReplyStream, Sender, StreamChunk
 from .store import Conversation, ConversationStore, Message, Summary
 from .tokens import ModelInfo, ModelRegistry, count_tokens, get_model_info
 from .truncation import Context, SummaryRequest, build_context, conversation_tokens
@@ -43,6 +44,8 @@ __all__ = [
     "APIResponseValidationError",
     "APIStatusError",
     "APITimeoutError",
+    "AsyncReplyStream",
+    "AsyncSender",
     "AuthenticationError",
     "BadRequestError",
     "ConfigurationError",
@@ -62,9 +65,12 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "RateLimitError",
+    "ReplyStream",
     "SchemaOutOfDate",
+    "Sender",
     "StoreError",
     "StoreIntegrityError",
+    "StreamChunk",
     "StreamInterrupted",
     "Summary",
     "SummaryRequest",
