@@ -1,8 +1,10 @@
 """Shared fixtures: every test that touches a database runs on a real SQLite file and on a
 real Postgres database (GILAS_CONV_TEST_POSTGRES_URL), never on a mock.
 
-Postgres databases are created per test from a template migrated once per session, so each
-test starts from an empty, current schema in a few tens of milliseconds.
+On Postgres most tests share one migrated database, emptied (TRUNCATE) before each test:
+creating and dropping a database per test costs seconds on a loaded machine, since each
+DROP DATABASE forces a checkpoint. Tests that need a database of their own (migrations,
+an empty schema) get a fresh one from a template migrated once per session.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
 
-from gilas_conv import ConversationStore, upgrade_database
+from gilas_conv import ConversationStore, head_revision, upgrade_database
 
 POSTGRES_ENV = "GILAS_CONV_TEST_POSTGRES_URL"
 POSTGRES_SKIP_REASON = (
@@ -51,8 +54,9 @@ class PostgresServer:
 
     def __init__(self, url: str) -> None:
         self.url = make_url(url).set(drivername="postgresql+psycopg")
-        self._admin = create_engine(self.url, isolation_level="AUTOCOMMIT", poolclass=None)
+        self._admin = create_engine(self.url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
         self._template: str | None = None
+        self._shared: str | None = None
         self._created: list[str] = []
 
     def _url_for(self, name: str) -> str:
@@ -78,6 +82,30 @@ class PostgresServer:
             self._template = name
         return self._template
 
+    def shared(self) -> str:
+        """The database reused between tests, at the current schema and empty."""
+        if self._shared is not None:
+            try:
+                self._empty(self._shared)
+                return self._shared
+            except Exception:
+                # A test left it locked or changed its schema; start a fresh one.
+                self._shared = None
+        self._shared = self.create(migrated=True)
+        return self._shared
+
+    def _empty(self, url: str) -> None:
+        engine = create_engine(url, poolclass=NullPool)
+        try:
+            with engine.begin() as conn:
+                conn.execute(text("SET LOCAL lock_timeout = '5s'"))
+                version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+                if version != head_revision():
+                    raise RuntimeError(f"shared test database is at {version}")
+                conn.execute(text("TRUNCATE messages, summaries, conversations"))
+        finally:
+            engine.dispose()
+
     def drop_all(self) -> None:
         with self._admin.connect() as conn:
             for name in reversed(self._created):
@@ -101,7 +129,7 @@ def _database_url(backend: str, tmp_path: Path, server: PostgresServer | None, *
         return f"sqlite:///{tmp_path / f'gilas-{uuid.uuid4().hex[:8]}.db'}"
     if server is None:
         pytest.skip(POSTGRES_SKIP_REASON)
-    return server.create(migrated=migrated)
+    return server.shared() if migrated else server.create(migrated=False)
 
 
 @pytest.fixture(params=BACKENDS)
@@ -111,7 +139,8 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def db_url(backend: str, tmp_path: Path, postgres_server: PostgresServer | None) -> str:
-    """A URL of a database at the current schema: a new SQLite file, or a new Postgres database."""
+    """A URL of an empty database at the current schema (a new SQLite file; on Postgres the
+    shared test database, emptied)."""
     url = _database_url(backend, tmp_path, postgres_server, migrated=True)
     if backend == "sqlite":
         upgrade_database(url)
