@@ -16,7 +16,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 
-from ._engine import create_engine_for_url
+from ._engine import WRITE, create_engine_for_url
 
 __all__ = ["current_revision", "downgrade_database", "head_revision", "upgrade_database"]
 
@@ -53,7 +53,10 @@ def current_revision(engine: Engine) -> str | None:
 
 def _run(engine: Engine, action: str, revision: str) -> None:
     config = _alembic_config()
-    with engine.begin() as conn:
+    # A write transaction from the start: on SQLite, BEGIN IMMEDIATE makes a second process
+    # that opens a new file at the same moment wait for the first one's migration (under the
+    # busy timeout) and then find the schema current, instead of failing with "locked".
+    with engine.connect() as conn, conn.execution_options(**WRITE).begin():
         config.attributes["connection"] = conn
         getattr(command, action)(config, revision)
 

@@ -192,6 +192,34 @@ def _check_str(value: Any, what: str, *, allow_empty: bool = True) -> str:
     return value
 
 
+# Column sizes of the short text fields (see _schema); Postgres enforces them, SQLite does
+# not, so they are checked here for both.
+_SHORT = 255
+_ID_LENGTH = 36
+_FINISH_REASON_MAX = 64
+
+
+def _check_field(value: Any, what: str, *, max_length: int | None = _SHORT, allow_empty: bool = True) -> str:
+    """A short text field (ids, names, models, titles): text, no NUL, within its column."""
+    _check_str(value, what, allow_empty=allow_empty)
+    if "\x00" in value:
+        raise ValueError(f"{what} must not contain NUL characters")
+    if max_length is not None and len(value) > max_length:
+        raise ValueError(f"{what} is {len(value)} characters long; at most {max_length} are stored")
+    return value
+
+
+def _lookup_key(value: str | None, max_length: int) -> bool:
+    """Whether ``value`` could be a stored id or owner at all (else it is simply not found)."""
+    return value is None or ("\x00" not in value and len(value) <= max_length)
+
+
+def _check_int(value: Any, what: str) -> int | None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        raise ValueError(f"{what} must be an integer (>= 0), not {value!r}")
+    return value
+
+
 def _check_json(value: Any, what: str) -> Any:
     """Check that ``value`` is plain JSON data with valid Unicode strings; return it."""
     if value is None or isinstance(value, bool | int):
@@ -266,7 +294,7 @@ def _check_tool_calls(tool_calls: Any) -> list[dict[str, Any]]:
         where = f"tool_calls[{index}]"
         if not isinstance(call, Mapping):
             raise ValueError(f"{where} must be an object")
-        _check_str(call.get("id"), f"{where}.id", allow_empty=False)
+        _check_field(call.get("id"), f"{where}.id", max_length=None, allow_empty=False)
         function = call.get("function")
         if call.get("type", "function") == "function":
             if not isinstance(function, Mapping):
@@ -286,8 +314,17 @@ def _validate_message(
     tool_calls: Any = None,
     tool_call_id: Any = None,
     status: Any = "complete",
+    pinned: Any = False,
 ) -> dict[str, Any]:
     """Check one message; return its columns. Raises ValueError, having touched nothing."""
+    if not isinstance(pinned, bool):
+        raise ValueError("pinned must be True or False")
+    if pinned and (role == "tool" or tool_calls is not None):
+        # Sent alone, half of a tool-call pair makes the API refuse the request.
+        raise ValueError(
+            "tool calls and tool results cannot be pinned on their own; "
+            "pin the user message or a plain reply instead"
+        )
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
     if status not in STATUSES:
@@ -298,11 +335,11 @@ def _validate_message(
     if role == "tool":
         if tool_call_id is None:
             raise ValueError("a tool message needs the tool_call_id of the call it answers")
-        _check_str(tool_call_id, "tool_call_id", allow_empty=False)
+        _check_field(tool_call_id, "tool_call_id", allow_empty=False)
     elif tool_call_id is not None:
         raise ValueError("only tool messages may have a tool_call_id")
     if name is not None:
-        _check_str(name, "name", allow_empty=False)
+        _check_field(name, "name", allow_empty=False)
     # An interrupted streamed reply may have no text yet; it is stored as "".
     checked = _check_content(role, content, has_tool_calls=calls is not None)
     return {
@@ -312,13 +349,33 @@ def _validate_message(
         "tool_calls": calls,
         "tool_call_id": tool_call_id,
         "status": status,
+        "pinned": pinned,
     }
+
+
+def _check_reply_fields(response_id: Any, model: Any, finish_reason: Any) -> None:
+    if response_id is not None:
+        _check_field(response_id, "response_id")
+    if model is not None:
+        _check_field(model, "model")
+    if finish_reason is not None:
+        _check_field(finish_reason, "finish_reason", max_length=_FINISH_REASON_MAX)
 
 
 def _check_conversation_id(conversation_id: Any) -> str:
     if not isinstance(conversation_id, str) or not conversation_id.strip():
         raise ValueError("conversation id must be a non-empty string")
     return conversation_id
+
+
+def _could_exist(conversation_id: Any, owner: Any, *, any_id: bool = False) -> bool:
+    """Check lookup arguments; False when no stored conversation can match them (an id or
+    owner with NUL or longer than its column), which callers report as not found."""
+    if not any_id:
+        _check_conversation_id(conversation_id)
+    if owner is not None and not isinstance(owner, str):
+        raise ValueError(f"owner must be a string or None, not {type(owner).__name__}")
+    return (any_id or _lookup_key(conversation_id, _ID_LENGTH)) and _lookup_key(owner, _SHORT)
 
 
 def _owner_clause(owner: str | None) -> Any:
@@ -563,11 +620,11 @@ class ConversationStore:
         owner: str | None = None,
     ) -> Conversation:
         """Start a conversation; ``system``, when given, is stored as its first message."""
-        _check_str(model, "model", allow_empty=False)
+        _check_field(model, "model", allow_empty=False)
         if title is not None:
-            _check_str(title, "title")
+            _check_field(title, "title", max_length=None)
         if owner is not None:
-            _check_str(owner, "owner", allow_empty=False)
+            _check_field(owner, "owner", allow_empty=False)
         if metadata is not None and not isinstance(metadata, Mapping):
             raise ValueError("metadata must be a dict")
         _check_json(metadata, "metadata")
@@ -608,7 +665,8 @@ class ConversationStore:
 
     def get(self, conversation_id: str, *, owner: str | None = None) -> Conversation:
         """The conversation with this id; raises ConversationNotFound (also for another owner)."""
-        _check_conversation_id(conversation_id)
+        if not _could_exist(conversation_id, owner):
+            raise ConversationNotFound(conversation_id)
         with self._read() as conn:
             row = conn.execute(
                 select(_conversations).where(_conversations.c.id == conversation_id, _owner_clause(owner))
@@ -621,6 +679,8 @@ class ConversationStore:
         """This owner's conversations, most recently active (``updated_at``) first."""
         if not isinstance(limit, int) or limit < 1:
             raise ValueError("limit must be a positive integer")
+        if not _could_exist(None, owner, any_id=True):
+            return []
         with self._read() as conn:
             rows = conn.execute(
                 select(_conversations)
@@ -636,6 +696,8 @@ class ConversationStore:
         return found[0] if found else None
 
     def count(self, *, owner: str | None = None) -> int:
+        if not _could_exist(None, owner, any_id=True):
+            return 0
         with self._read() as conn:
             return int(
                 conn.execute(
@@ -645,7 +707,8 @@ class ConversationStore:
 
     def delete(self, conversation_id: str, *, owner: str | None = None) -> None:
         """Delete a conversation and all its messages; raises ConversationNotFound."""
-        _check_conversation_id(conversation_id)
+        if not _could_exist(conversation_id, owner):
+            raise ConversationNotFound(conversation_id)
         with self._write() as conn:
             deleted = conn.execute(
                 delete(_conversations).where(_conversations.c.id == conversation_id, _owner_clause(owner))
@@ -676,10 +739,12 @@ class ConversationStore:
         else:
             raise ValueError("expected an exported conversation object or a list of messages")
         model = model or header.get("model") or DEFAULT_MODEL
-        _check_str(model, "model", allow_empty=False)
+        _check_field(model, "model", allow_empty=False)
         title = header.get("title")
         if title is not None:
-            _check_str(title, "title")
+            _check_field(title, "title", max_length=None)
+        if owner is not None:
+            _check_field(owner, "owner", allow_empty=False)
         metadata = header.get("metadata")
         if metadata is not None and not isinstance(metadata, Mapping):
             raise ValueError("metadata must be an object")
@@ -761,17 +826,22 @@ class ConversationStore:
         """Append one message (see Conversation.append); ``model`` is the model that answered."""
         _check_conversation_id(conversation_id)
         columns = _validate_message(
-            role, content, name=name, tool_calls=tool_calls, tool_call_id=tool_call_id, status=status
+            role,
+            content,
+            name=name,
+            tool_calls=tool_calls,
+            tool_call_id=tool_call_id,
+            status=status,
+            pinned=pinned,
         )
-        for key, value in (("response_id", response_id), ("model", model), ("finish_reason", finish_reason)):
-            if value is not None:
-                _check_str(value, key)
+        _check_reply_fields(response_id, model, finish_reason)
+        _check_int(predicted_prompt_tokens, "predicted_prompt_tokens")
+        _check_int(reply_to, "reply_to")
         if usage is not None and not isinstance(usage, Mapping):
             raise ValueError("usage must be a dict")
         _check_json(usage, "usage")
         _check_json(extra, "extra")
         columns.update(
-            pinned=bool(pinned),
             response_id=response_id,
             model=model,
             finish_reason=finish_reason,
@@ -839,7 +909,7 @@ class ConversationStore:
 
     def _fork(self, source: Conversation, *, at: int | None, title: str | None) -> Conversation:
         if title is not None:
-            _check_str(title, "title")
+            _check_field(title, "title", max_length=None)
         now = _now()
         new_id = str(uuid.uuid4())
         copied = [c for c in _messages.c if c.name != "conversation_id"]
@@ -922,9 +992,9 @@ class ConversationStore:
     ) -> None:
         values: dict[str, Any] = {}
         if title is not None:
-            values["title"] = _check_str(title, "title")
+            values["title"] = _check_field(title, "title", max_length=None)
         if model is not None:
-            values["model"] = _check_str(model, "model", allow_empty=False)
+            values["model"] = _check_field(model, "model", allow_empty=False)
         if metadata is not None:
             if not isinstance(metadata, Mapping):
                 raise ValueError("metadata must be a dict")
@@ -1018,26 +1088,18 @@ def _import_message(raw: Any, model: str, now: dt.datetime) -> dict[str, Any]:
         tool_calls=raw.get("tool_calls"),
         tool_call_id=raw.get("tool_call_id"),
         status=raw.get("status", "complete"),
+        pinned=raw.get("pinned", False),
     )
+    _check_reply_fields(raw.get("response_id"), raw.get("model"), raw.get("finish_reason"))
     for key in ("response_id", "model", "finish_reason"):
-        value = raw.get(key)
-        if value is not None:
-            _check_str(value, key)
-        columns[key] = value
+        columns[key] = raw.get(key)
     for key in ("predicted_prompt_tokens", "reply_to"):
-        value = raw.get(key)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-            raise ValueError(f"{key} must be an integer")
-        columns[key] = value
+        columns[key] = _check_int(raw.get(key), key)
     usage = raw.get("usage")
     if usage is not None and not isinstance(usage, Mapping):
         raise ValueError("usage must be an object")
     columns["usage"] = _check_json(usage, "usage")
     columns["extra"] = _check_json(raw.get("extra"), "extra")
-    pinned = raw.get("pinned", False)
-    if not isinstance(pinned, bool):
-        raise ValueError("pinned must be true or false")
-    columns["pinned"] = pinned
     columns["created_at"] = (
         _parse_timestamp(raw["created_at"], "created_at") if raw.get("created_at") is not None else now
     )
