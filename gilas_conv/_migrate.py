@@ -7,16 +7,21 @@ without a checkout.
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import Engine
+from sqlalchemy import Engine, inspect, text
 
 from ._engine import WRITE, create_engine_for_url
+from ._schema import SCHEMA_REVISION
+
+_VERSION_TABLE = "alembic_version"
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+# Alembic is imported inside the functions: most processes (every CLI command but
+# `db upgrade`) only compare one revision string and never need it.
 
 __all__ = ["current_revision", "downgrade_database", "head_revision", "upgrade_database"]
 
@@ -32,26 +37,42 @@ def migrations_dir() -> Path:
 
 
 def _alembic_config() -> Config:
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(migrations_dir()))
     return config
 
 
-@functools.lru_cache(maxsize=1)
 def head_revision() -> str:
-    """The newest revision this version of gilas-conv knows (read once per process)."""
-    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
-    assert head is not None, "the migration scripts have no head"
-    return head
+    """The newest schema revision this version of gilas-conv knows and needs."""
+    return SCHEMA_REVISION
+
+
+def script_head_revision() -> str | None:
+    """The head of the shipped migration scripts (what SCHEMA_REVISION must equal)."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(_alembic_config()).get_current_head()
 
 
 def current_revision(engine: Engine) -> str | None:
-    """The revision the database is at, or None when it has no gilas-conv schema."""
+    """The revision the database is at, or None when it has no gilas-conv schema.
+
+    Read with plain SQL, so opening a store never has to load Alembic.
+    """
     with engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+        if not inspect(conn).has_table(_VERSION_TABLE):
+            return None
+        versions = conn.execute(text(f"SELECT version_num FROM {_VERSION_TABLE}")).scalars().all()
+    if len(versions) > 1:
+        raise RuntimeError(f"the database has several schema heads: {', '.join(versions)}")
+    return versions[0] if versions else None
 
 
 def _run(engine: Engine, action: str, revision: str) -> None:
+    from alembic import command
+
     config = _alembic_config()
     # A write transaction from the start: on SQLite, BEGIN IMMEDIATE makes a second process
     # that opens a new file at the same moment wait for the first one's migration (under the

@@ -53,7 +53,20 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["ROLES", "STATUSES", "Base", "ConversationRow", "MessageRow", "SummaryRow", "metadata"]
+__all__ = [
+    "ROLES",
+    "SCHEMA_REVISION",
+    "STATUSES",
+    "Base",
+    "ConversationRow",
+    "MessageRow",
+    "SummaryRow",
+    "metadata",
+]
+
+# The Alembic revision these models describe: a new migration bumps it (a test checks that
+# it equals the head of migrations/), so opening a store compares one string.
+SCHEMA_REVISION = "0001"
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 STATUSES = ("complete", "incomplete")

@@ -126,8 +126,9 @@ class StoreIntegrityError(StoreError):
 class ContextWindowExceeded(GilasConvError):
     """Even the minimal context (system messages plus the newest user turn) does not fit.
 
-    ``needed`` is the number of prompt tokens that minimal context takes, ``available`` the
-    prompt budget: the context limit minus the tokens reserved for the reply and the tools.
+    ``needed`` is the number of prompt tokens that minimal context takes, tool definitions
+    and reply priming included; ``available`` is the most the prompt may take: the context
+    limit minus the tokens reserved for the reply.
     """
 
     def __init__(self, needed: int, available: int, *, model: str | None = None) -> None:

@@ -68,8 +68,6 @@ DEFAULT_REPLY_RESERVE = 1024
 # The longest summary the summarize policy asks for, and so the room it keeps for one.
 SUMMARY_MAX_TOKENS = 600
 SUMMARY_PREFIX = "Summary of the earlier part of this conversation, which is not repeated here:\n"
-# An upper bound on the prefix's tokens in any encoding (it is short English text).
-_SUMMARY_PREFIX_TOKENS = 24
 
 # Newest rows are read in batches that grow by this factor until the budget is spent.
 _FIRST_BATCH = 64
@@ -242,25 +240,37 @@ def _resolve_budget(
     return encoding, limit, reserved, tools_cost, available
 
 
-def _turns_newest_first(reader: _Reader, anchor_seqs: set[int]) -> Iterator[tuple[list[_Row], int]]:
-    """Yield the non-anchor history as whole turns, newest turn first, each oldest row first,
-    with the highest seq seen so far. Rows are read lazily, newest first, in growing batches;
-    the last thing yielded may be the rows before the first user message (a preamble)."""
+@dataclass(slots=True)
+class _Turn:
+    start: int  # seq of the message that opens the turn (its user message, or the first row)
+    rows: list[_Row]  # the turn's non-anchor rows that may be sent, oldest first
+    cost: int
+
+
+def _turns_newest_first(
+    reader: _Reader, anchors: dict[int, _Row], include_incomplete: bool
+) -> Iterator[tuple[_Turn, int]]:
+    """Yield the history as whole turns, newest first, with the highest seq seen so far.
+
+    A turn opens at a user message (pinned or not) and runs to the next one; anchors are
+    sent anyway, so only a turn's other rows are in it. Rows are read lazily, newest first,
+    in growing batches. The last turn may be the rows before the first user message.
+    """
     before: int | None = None
     batch = _FIRST_BATCH
     current: list[_Row] = []  # the turn being gathered, newest row first
-    top = max(anchor_seqs, default=0)
+    top = max(anchors, default=0)
     while True:
         rows = reader.newest(before, batch)
         if rows:
             top = max(top, rows[0].seq)
         for row in rows:
-            if row.seq in anchor_seqs:
-                continue
-            current.append(row)
+            anchor = row.seq in anchors
+            if not anchor:
+                current.append(row)
             if row.role == "user":
                 current.reverse()
-                yield current, top
+                yield _make_turn(row.seq, current, include_incomplete), top
                 current = []
         if len(rows) < batch:
             break
@@ -268,13 +278,16 @@ def _turns_newest_first(reader: _Reader, anchor_seqs: set[int]) -> Iterator[tupl
         batch = min(batch * _BATCH_GROWTH, _MAX_BATCH)
     if current:
         current.reverse()
-        yield current, top
-    elif top == 0:
-        yield [], 0
+        yield _make_turn(current[0].seq, current, include_incomplete), top
 
 
-def _sendable(turn: list[_Row], include_incomplete: bool) -> tuple[list[_Row], int]:
-    """The rows of a turn that may be sent, and how many were left out."""
+def _make_turn(start: int, rows: list[_Row], include_incomplete: bool) -> _Turn:
+    sendable = _sendable(rows, include_incomplete)
+    return _Turn(start, sendable, sum(r.tokens for r in sendable))
+
+
+def _sendable(turn: list[_Row], include_incomplete: bool) -> list[_Row]:
+    """The rows of a turn that may be sent."""
     keep = [r for r in turn if include_incomplete or r.status == "complete"]
     answered = {r.tool_call_id for r in keep if r.role == "tool"}
     sent_calls: set[str] = set()
@@ -288,7 +301,7 @@ def _sendable(turn: list[_Row], include_incomplete: bool) -> tuple[list[_Row], i
         elif row.role == "tool" and row.tool_call_id not in sent_calls:
             continue  # ... and a tool result without its call
         result.append(row)
-    return result, len(turn) - len(result)
+    return result
 
 
 def build_context(
@@ -317,61 +330,61 @@ def build_context(
         model, context_limit=context_limit, max_tokens=max_tokens, tools=tools
     )
     store = conv.store
-    allowance = 0
-    if policy == "summarize":
-        # Room for the summary message itself, should one be needed.
-        allowance = SUMMARY_MAX_TOKENS + _tokens.TOKENS_PER_MESSAGE + _SUMMARY_PREFIX_TOKENS
     with store.engine.connect() as conn:
         reader = _Reader(conn, conv.id, encoding)
-        anchors = reader.anchors()
-        anchor_seqs = {r.seq for r in anchors}
-        anchor_tokens = sum(r.tokens for r in anchors)
+        anchors = {r.seq: r for r in reader.anchors() if include_incomplete or r.status == "complete"}
+        anchor_tokens = sum(r.tokens for r in anchors.values())
         left = available - anchor_tokens
-        kept: list[_Row] = []
-        boundary: int | None = None  # seq of the oldest message of the oldest kept turn
+        kept: list[_Turn] = []  # newest first
         truncated = False
-        top = max(anchor_seqs, default=0)
-        for turn, seen in _turns_newest_first(reader, anchor_seqs):
-            top = seen
-            if not turn:
-                break
-            sendable, _skipped = _sendable(turn, include_incomplete)
-            cost = sum(r.tokens for r in sendable)
-            if boundary is None:
+        top = max(anchors, default=0)
+        for turn, top in _turns_newest_first(reader, anchors, include_incomplete):  # noqa: B007
+            if not kept and turn.cost > left:
                 # The newest turn is the one being answered: it must be sent whole.
-                if cost > left:
-                    raise ContextWindowExceeded(
-                        anchor_tokens + cost + tools_cost + _tokens.REPLY_PRIMING_TOKENS,
-                        limit - reserved,
-                        model=model,
-                    )
-            elif cost > left - allowance:
+                raise ContextWindowExceeded(
+                    anchor_tokens + turn.cost + tools_cost + _tokens.REPLY_PRIMING_TOKENS,
+                    limit - reserved,
+                    model=model,
+                )
+            if turn.cost > left:
                 truncated = True
                 break
-            left -= cost
-            kept.extend(sendable)
-            boundary = turn[0].seq
-        if anchor_tokens > available:
+            left -= turn.cost
+            kept.append(turn)
+        if left < 0:  # only anchors, and they alone do not fit
             raise ContextWindowExceeded(
                 anchor_tokens + tools_cost + _tokens.REPLY_PRIMING_TOKENS, limit - reserved, model=model
             )
-        chosen = sorted([*anchors, *kept], key=lambda r: r.seq)
         summary = None
-        if policy == "summarize" and truncated and boundary is not None and boundary > 1:
-            summary = _ensure_summary(
-                store, reader, conv, model, encoding, boundary - 1, anchor_seqs, summarizer
-            )
+        summary_tokens = 0
+        if policy == "summarize" and truncated and kept and kept[-1].start > 1:
+            assert summarizer is not None
+            # Make room for the summary by dropping more of the oldest kept turns (never the
+            # newest); each drop widens what the summary must cover, so measure again.
+            while True:
+                summary = _ensure_summary(
+                    store, reader, conv, model, encoding, kept[-1].start - 1, anchors, summarizer
+                )
+                if summary is None:
+                    break
+                summary_tokens = _tokens.message_tokens(_summary_message(summary), encoding)
+                if summary_tokens <= left:
+                    break
+                if len(kept) == 1:
+                    summary, summary_tokens = None, 0  # no room at all: send without it
+                    break
+                left += kept.pop().cost
         reader.save_recounts(store)
+    chosen = sorted([*anchors.values(), *(r for turn in kept for r in turn.rows)], key=lambda r: r.seq)
     messages = [r.to_openai() for r in chosen]
     prompt_tokens = sum(r.tokens for r in chosen) + tools_cost + _tokens.REPLY_PRIMING_TOKENS
     if summary is not None:
-        summary_message = {"role": "system", "content": SUMMARY_PREFIX + summary.content}
         # After the leading system/developer messages, before the kept history.
         at = 0
         while at < len(messages) and messages[at]["role"] in ("system", "developer"):
             at += 1
-        messages.insert(at, summary_message)
-        prompt_tokens += _tokens.message_tokens(summary_message, encoding)
+        messages.insert(at, _summary_message(summary))
+        prompt_tokens += summary_tokens
     return Context(
         messages=messages,
         prompt_tokens=prompt_tokens,
@@ -389,6 +402,10 @@ def build_context(
     )
 
 
+def _summary_message(summary: Summary) -> dict[str, Any]:
+    return {"role": "system", "content": SUMMARY_PREFIX + summary.content}
+
+
 def _ensure_summary(
     store: Any,
     reader: _Reader,
@@ -396,11 +413,10 @@ def _ensure_summary(
     model: str,
     encoding: str,
     cut: int,
-    anchor_seqs: set[int],
-    summarizer: Summarizer | None,
+    anchors: Mapping[int, _Row],
+    summarizer: Summarizer,
 ) -> Summary | None:
     """The stored summary covering messages up to ``cut``, extended or made if needed."""
-    assert summarizer is not None
     existing = [s for s in store._summaries(conv.id) if s.to_seq <= cut]
     latest = existing[-1] if existing else None
     if latest is not None and latest.to_seq == cut:
@@ -420,7 +436,7 @@ def _ensure_summary(
         used = 0
         last = first - 1
         for row in rows:
-            if row.seq in anchor_seqs or row.status != "complete":
+            if row.seq in anchors or row.status != "complete":
                 last = row.seq
                 continue
             if chunk and used + row.tokens > slice_budget:
