@@ -54,6 +54,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
+    "ANCHOR_PREDICATE",
     "ROLES",
     "SCHEMA_REVISION",
     "STATUSES",
@@ -67,6 +68,11 @@ __all__ = [
 # The Alembic revision these models describe: a new migration bumps it (a test checks that
 # it equals the head of migrations/), so opening a store compares one string.
 SCHEMA_REVISION = "0001"
+
+# The rows every context keeps: system and developer messages and pinned ones. The partial
+# index below holds exactly these; a query must repeat this predicate word for word (in
+# parentheses) for SQLite to use that index instead of walking the whole conversation.
+ANCHOR_PREDICATE = "role IN ('system', 'developer') OR pinned"
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 STATUSES = ("complete", "incomplete")
@@ -173,8 +179,8 @@ class MessageRow(Base):
             "ix_messages_anchor",
             "conversation_id",
             "seq",
-            postgresql_where=text("role IN ('system', 'developer') OR pinned"),
-            sqlite_where=text("role IN ('system', 'developer') OR pinned"),
+            postgresql_where=text(ANCHOR_PREDICATE),
+            sqlite_where=text(ANCHOR_PREDICATE),
         ),
         # One reply per response id in a conversation: a retried request that got the same
         # completion back can never be stored twice.

@@ -28,7 +28,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sqlalchemy import Engine, Row, delete, func, insert, literal, select, update
+from sqlalchemy import Engine, Row, bindparam, delete, func, insert, literal, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from . import tokens as _tokens
@@ -351,6 +351,25 @@ def _validate_message(
         "status": status,
         "pinned": pinned,
     }
+
+
+def _bump_statement(*, owned: bool) -> Any:
+    """``UPDATE conversations SET last_seq = last_seq + 1 ... RETURNING last_seq``: the one
+    statement that numbers a new message and locks the conversation until commit."""
+    c = _conversations.c
+    owner = c.owner == bindparam("b_owner") if owned else c.owner.is_(None)
+    return (
+        update(_conversations)
+        .where(c.id == bindparam("b_cid"), owner)
+        .values(last_seq=c.last_seq + 1, updated_at=bindparam("b_now", type_=c.updated_at.type))
+        .returning(c.last_seq)
+    )
+
+
+# Built once: constructing statements per append costs more than executing them.
+_BUMP_OWNED = _bump_statement(owned=True)
+_BUMP_UNOWNED = _bump_statement(owned=False)
+_INSERT_MESSAGE = insert(_messages)
 
 
 def _check_reply_fields(response_id: Any, model: Any, finish_reason: Any) -> None:
@@ -854,18 +873,13 @@ class ConversationStore:
         now = _now()
         try:
             with self._write() as conn:
-                seq = conn.execute(
-                    update(_conversations)
-                    .where(_conversations.c.id == conversation_id, _owner_clause(owner))
-                    .values(last_seq=_conversations.c.last_seq + 1, updated_at=now)
-                    .returning(_conversations.c.last_seq)
-                ).scalar()
+                bump = _BUMP_UNOWNED if owner is None else _BUMP_OWNED
+                seq = conn.execute(bump, {"b_cid": conversation_id, "b_owner": owner, "b_now": now}).scalar()
                 if seq is None:
                     raise ConversationNotFound(conversation_id)
                 conn.execute(
-                    insert(_messages).values(
-                        conversation_id=conversation_id, seq=seq, created_at=now, **columns
-                    )
+                    _INSERT_MESSAGE,
+                    {"conversation_id": conversation_id, "seq": seq, "created_at": now, **columns},
                 )
         except StoreIntegrityError:
             if response_id is None:

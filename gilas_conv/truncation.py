@@ -43,10 +43,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from sqlalchemy import Connection, and_, bindparam, or_, select, update
+from sqlalchemy import Connection, bindparam, select, text, update
 
 from . import tokens as _tokens
-from ._schema import MessageRow
+from ._schema import ANCHOR_PREDICATE, MessageRow
 from .exceptions import ContextWindowExceeded
 from .store import openai_message
 
@@ -75,7 +75,7 @@ _BATCH_GROWTH = 4
 _MAX_BATCH = 4096
 
 _m = MessageRow.__table__
-_ROW_COLUMNS = (
+_FULL_COLUMNS = (
     _m.c.seq,
     _m.c.role,
     _m.c.content,
@@ -87,7 +87,46 @@ _ROW_COLUMNS = (
     _m.c.tokens,
     _m.c.tokens_encoding,
 )
-_ANCHOR = or_(_m.c.role.in_(("system", "developer")), _m.c.pinned)
+# Choosing the window needs no content: the newest rows are read without it, and the
+# content of just the rows chosen is read afterwards in one range scan.
+_LIGHT_COLUMNS = (
+    _m.c.seq,
+    _m.c.role,
+    _m.c.tool_calls,
+    _m.c.tool_call_id,
+    _m.c.pinned,
+    _m.c.status,
+    _m.c.tokens,
+    _m.c.tokens_encoding,
+)
+_of_conversation = _m.c.conversation_id == bindparam("cid")
+# Statements are built once: building them per call costs more than running them.
+_SELECT_ANCHORS = (
+    select(*_FULL_COLUMNS).where(_of_conversation, text(f"({ANCHOR_PREDICATE})")).order_by(_m.c.seq)
+)
+_SELECT_NEWEST = (
+    select(*_LIGHT_COLUMNS).where(_of_conversation).order_by(_m.c.seq.desc()).limit(bindparam("n"))
+)
+_SELECT_NEWEST_BEFORE = (
+    select(*_LIGHT_COLUMNS)
+    .where(_of_conversation, _m.c.seq < bindparam("before"))
+    .order_by(_m.c.seq.desc())
+    .limit(bindparam("n"))
+)
+_SELECT_BETWEEN = (
+    select(*_FULL_COLUMNS)
+    .where(_of_conversation, _m.c.seq >= bindparam("lo"), _m.c.seq <= bindparam("hi"))
+    .order_by(_m.c.seq)
+)
+_SELECT_CONTENT_BETWEEN = select(_m.c.seq, _m.c.content, _m.c.name).where(
+    _of_conversation, _m.c.seq >= bindparam("lo"), _m.c.seq <= bindparam("hi")
+)
+_UPDATE_TOKENS = (
+    update(_m)
+    .where(_m.c.conversation_id == bindparam("b_cid"), _m.c.seq == bindparam("b_seq"))
+    .values(tokens=bindparam("b_tokens"), tokens_encoding=bindparam("b_encoding"))
+)
+_UNLOADED: Any = object()
 
 Policy = Literal["truncate", "summarize"]
 
@@ -163,56 +202,68 @@ class _Reader:
         self.encoding = encoding
         self.recounted: list[dict[str, Any]] = []
 
-    def _rows(self, query: Any) -> list[_Row]:
+    def _full_rows(self, statement: Any, **params: Any) -> list[_Row]:
         rows = []
-        for seq, role, content, name, calls, call_id, pinned, status, count, enc in self.conn.execute(query):
+        for seq, role, content, name, calls, call_id, pinned, status, count, enc in self.conn.execute(
+            statement, {"cid": self.conversation_id, **params}
+        ):
             row = _Row(seq, role, content, name, calls, call_id, bool(pinned), status, count or 0)
             if enc != self.encoding or count is None:
-                row.tokens = _tokens.message_tokens(row._stored(), self.encoding)
-                self.recounted.append({"b_seq": seq, "b_tokens": row.tokens})
+                self._recount(row)
             rows.append(row)
         return rows
 
+    def _recount(self, row: _Row) -> None:
+        row.tokens = _tokens.message_tokens(row._stored(), self.encoding)
+        self.recounted.append({"b_seq": row.seq, "b_tokens": row.tokens})
+
     def anchors(self) -> list[_Row]:
-        return self._rows(
-            select(*_ROW_COLUMNS)
-            .where(_m.c.conversation_id == self.conversation_id, _ANCHOR)
-            .order_by(_m.c.seq)
-        )
+        return self._full_rows(_SELECT_ANCHORS)
 
     def newest(self, before: int | None, limit: int) -> list[_Row]:
-        """Up to ``limit`` rows with seq < ``before`` (all when None), newest first."""
-        query = select(*_ROW_COLUMNS).where(_m.c.conversation_id == self.conversation_id)
-        if before is not None:
-            query = query.where(_m.c.seq < before)
-        return self._rows(query.order_by(_m.c.seq.desc()).limit(limit))
+        """Up to ``limit`` rows with seq < ``before`` (all when None), newest first, without
+        their content (see :meth:`load_content`)."""
+        params = {"cid": self.conversation_id, "n": limit}
+        if before is None:
+            result = self.conn.execute(_SELECT_NEWEST, params)
+        else:
+            result = self.conn.execute(_SELECT_NEWEST_BEFORE, {**params, "before": before})
+        rows = []
+        stale = []
+        for seq, role, calls, call_id, pinned, status, count, enc in result:
+            row = _Row(seq, role, _UNLOADED, _UNLOADED, calls, call_id, bool(pinned), status, count or 0)
+            if enc != self.encoding or count is None:
+                stale.append(row)
+            rows.append(row)
+        if stale:
+            # Counted under another encoding: their content is needed to count them again.
+            self.load_content(stale)
+            for row in stale:
+                self._recount(row)
+        return rows
+
+    def load_content(self, rows: Sequence[_Row]) -> None:
+        """Fill in the content and name of ``rows`` with one range scan."""
+        wanted = {row.seq: row for row in rows if row.content is _UNLOADED}
+        if not wanted:
+            return
+        for seq, content, name in self.conn.execute(
+            _SELECT_CONTENT_BETWEEN, {"cid": self.conversation_id, "lo": min(wanted), "hi": max(wanted)}
+        ):
+            row = wanted.get(seq)
+            if row is not None:
+                row.content = content
+                row.name = name
 
     def between(self, first: int, last: int) -> list[_Row]:
-        return self._rows(
-            select(*_ROW_COLUMNS)
-            .where(
-                _m.c.conversation_id == self.conversation_id,
-                _m.c.seq >= first,
-                _m.c.seq <= last,
-            )
-            .order_by(_m.c.seq)
-        )
+        return self._full_rows(_SELECT_BETWEEN, lo=first, hi=last)
 
     def save_recounts(self, store: Any) -> None:
         if not self.recounted:
             return
+        extra = {"b_cid": self.conversation_id, "b_encoding": self.encoding}
         with store._write() as conn:
-            conn.execute(
-                update(_m)
-                .where(
-                    and_(
-                        _m.c.conversation_id == self.conversation_id,
-                        _m.c.seq == bindparam("b_seq"),
-                    )
-                )
-                .values(tokens=bindparam("b_tokens"), tokens_encoding=self.encoding),
-                self.recounted,
-            )
+            conn.execute(_UPDATE_TOKENS, [{**row, **extra} for row in self.recounted])
         self.recounted = []
 
 
@@ -374,8 +425,9 @@ def build_context(
                     summary, summary_tokens = None, 0  # no room at all: send without it
                     break
                 left += kept.pop().cost
-        reader.save_recounts(store)
-    chosen = sorted([*anchors.values(), *(r for turn in kept for r in turn.rows)], key=lambda r: r.seq)
+        chosen = sorted([*anchors.values(), *(r for turn in kept for r in turn.rows)], key=lambda r: r.seq)
+        reader.load_content(chosen)
+    reader.save_recounts(store)
     messages = [r.to_openai() for r in chosen]
     prompt_tokens = sum(r.tokens for r in chosen) + tools_cost + _tokens.REPLY_PRIMING_TOKENS
     if summary is not None:
