@@ -39,11 +39,13 @@ Cost
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from sqlalchemy import Connection, bindparam, select, text, update
+from sqlalchemy import Connection, Text, bindparam, select, text, type_coerce, update
 
 from . import tokens as _tokens
 from ._schema import ANCHOR_PREDICATE, MessageRow
@@ -69,10 +71,14 @@ DEFAULT_REPLY_RESERVE = 1024
 SUMMARY_MAX_TOKENS = 600
 SUMMARY_PREFIX = "Summary of the earlier part of this conversation, which is not repeated here:\n"
 
-# Newest rows are read in batches that grow by this factor until the budget is spent.
+# SQLite steps its cursor on demand, so the newest rows are read from one open query, a
+# chunk at a time, until the budget is spent. Postgres drivers fetch a whole result at
+# once, so there rows are read in batches sized from the tokens still to fill.
+_CHUNK = 64
 _FIRST_BATCH = 64
-_BATCH_GROWTH = 4
+_MIN_BATCH = 16
 _MAX_BATCH = 4096
+_BATCH_MARGIN = 1.25
 
 _m = MessageRow.__table__
 _FULL_COLUMNS = (
@@ -92,7 +98,8 @@ _FULL_COLUMNS = (
 _LIGHT_COLUMNS = (
     _m.c.seq,
     _m.c.role,
-    _m.c.tool_calls,
+    # Raw JSON text: nearly always NULL, and decoded here only when it is not.
+    type_coerce(_m.c.tool_calls, Text),
     _m.c.tool_call_id,
     _m.c.pinned,
     _m.c.status,
@@ -104,9 +111,8 @@ _of_conversation = _m.c.conversation_id == bindparam("cid")
 _SELECT_ANCHORS = (
     select(*_FULL_COLUMNS).where(_of_conversation, text(f"({ANCHOR_PREDICATE})")).order_by(_m.c.seq)
 )
-_SELECT_NEWEST = (
-    select(*_LIGHT_COLUMNS).where(_of_conversation).order_by(_m.c.seq.desc()).limit(bindparam("n"))
-)
+_SELECT_NEWEST = select(*_LIGHT_COLUMNS).where(_of_conversation).order_by(_m.c.seq.desc())
+_SELECT_NEWEST_LIMITED = _SELECT_NEWEST.limit(bindparam("n"))
 _SELECT_NEWEST_BEFORE = (
     select(*_LIGHT_COLUMNS)
     .where(_of_conversation, _m.c.seq < bindparam("before"))
@@ -220,17 +226,40 @@ class _Reader:
     def anchors(self) -> list[_Row]:
         return self._full_rows(_SELECT_ANCHORS)
 
-    def newest(self, before: int | None, limit: int) -> list[_Row]:
-        """Up to ``limit`` rows with seq < ``before`` (all when None), newest first, without
-        their content (see :meth:`load_content`)."""
-        params = {"cid": self.conversation_id, "n": limit}
-        if before is None:
+    def newest(self, tokens_wanted: Callable[[], int]) -> Iterator[list[_Row]]:
+        """The rows, newest first, in chunks, without their content (see :meth:`load_content`),
+        read only as far as the caller iterates; ``tokens_wanted`` says how many tokens the
+        caller can still take, to size the next batch."""
+        params = {"cid": self.conversation_id}
+        if self.conn.dialect.name == "sqlite":
             result = self.conn.execute(_SELECT_NEWEST, params)
-        else:
-            result = self.conn.execute(_SELECT_NEWEST_BEFORE, {**params, "before": before})
+            try:
+                while chunk := result.fetchmany(_CHUNK):
+                    yield self._light_rows(chunk)
+            finally:
+                result.close()
+            return
+        statement, size, seen, tokens = _SELECT_NEWEST_LIMITED, _FIRST_BATCH, 0, 0
+        while True:
+            chunk = self.conn.execute(statement, {**params, "n": size}).all()
+            rows = self._light_rows(chunk)
+            yield rows
+            if len(chunk) < size:
+                return
+            seen += len(rows)
+            tokens += sum(r.tokens for r in rows)
+            per_row = max(tokens / seen, 1.0)
+            size = int(tokens_wanted() / per_row * _BATCH_MARGIN) + 1
+            size = max(_MIN_BATCH, min(size, _MAX_BATCH))
+            statement = _SELECT_NEWEST_BEFORE
+            params["before"] = rows[-1].seq
+
+    def _light_rows(self, chunk: Sequence[Any]) -> list[_Row]:
         rows = []
         stale = []
-        for seq, role, calls, call_id, pinned, status, count, enc in result:
+        for seq, role, calls, call_id, pinned, status, count, enc in chunk:
+            if isinstance(calls, str):
+                calls = json.loads(calls)
             row = _Row(seq, role, _UNLOADED, _UNLOADED, calls, call_id, bool(pinned), status, count or 0)
             if enc != self.encoding or count is None:
                 stale.append(row)
@@ -299,34 +328,31 @@ class _Turn:
 
 
 def _turns_newest_first(
-    reader: _Reader, anchors: dict[int, _Row], include_incomplete: bool
+    reader: _Reader,
+    anchors: dict[int, _Row],
+    include_incomplete: bool,
+    tokens_wanted: Callable[[], int],
 ) -> Iterator[tuple[_Turn, int]]:
     """Yield the history as whole turns, newest first, with the highest seq seen so far.
 
     A turn opens at a user message (pinned or not) and runs to the next one; anchors are
-    sent anyway, so only a turn's other rows are in it. Rows are read lazily, newest first,
-    in growing batches. The last turn may be the rows before the first user message.
+    sent anyway, so only a turn's other rows are in it. Rows are read lazily, newest first
+    (stop iterating and nothing more is read). The last turn may be the rows before the
+    first user message.
     """
-    before: int | None = None
-    batch = _FIRST_BATCH
     current: list[_Row] = []  # the turn being gathered, newest row first
     top = max(anchors, default=0)
-    while True:
-        rows = reader.newest(before, batch)
-        if rows:
-            top = max(top, rows[0].seq)
-        for row in rows:
-            anchor = row.seq in anchors
-            if not anchor:
-                current.append(row)
-            if row.role == "user":
-                current.reverse()
-                yield _make_turn(row.seq, current, include_incomplete), top
-                current = []
-        if len(rows) < batch:
-            break
-        before = rows[-1].seq
-        batch = min(batch * _BATCH_GROWTH, _MAX_BATCH)
+    with closing(reader.newest(tokens_wanted)) as chunks:
+        for rows in chunks:
+            if rows:
+                top = max(top, rows[0].seq)
+            for row in rows:
+                if row.seq not in anchors:
+                    current.append(row)
+                if row.role == "user":
+                    current.reverse()
+                    yield _make_turn(row.seq, current, include_incomplete), top
+                    current = []
     if current:
         current.reverse()
         yield _make_turn(current[0].seq, current, include_incomplete), top
@@ -389,7 +415,8 @@ def build_context(
         kept: list[_Turn] = []  # newest first
         truncated = False
         top = max(anchors, default=0)
-        for turn, top in _turns_newest_first(reader, anchors, include_incomplete):  # noqa: B007
+        turns = _turns_newest_first(reader, anchors, include_incomplete, lambda: left)
+        for turn, top in turns:  # noqa: B007
             if not kept and turn.cost > left:
                 # The newest turn is the one being answered: it must be sent whole.
                 raise ContextWindowExceeded(
@@ -399,6 +426,7 @@ def build_context(
                 )
             if turn.cost > left:
                 truncated = True
+                turns.close()  # stop reading: on SQLite this ends the open query
                 break
             left -= turn.cost
             kept.append(turn)
