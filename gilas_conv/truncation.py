@@ -45,7 +45,7 @@ from contextlib import closing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from sqlalchemy import Connection, Text, bindparam, select, text, type_coerce, update
+from sqlalchemy import Connection, Text, bindparam, cast, select, text, type_coerce, update
 
 from . import tokens as _tokens
 from ._schema import ANCHOR_PREDICATE, MessageRow
@@ -73,9 +73,11 @@ SUMMARY_PREFIX = "Summary of the earlier part of this conversation, which is not
 
 # SQLite steps its cursor on demand, so the newest rows are read from one open query, a
 # chunk at a time, until the budget is spent. Postgres drivers fetch a whole result at
-# once, so there rows are read in batches sized from the tokens still to fill.
+# once, so there rows are read in batches sized from the tokens still to fill: the first
+# guessing a short message, the next from the average so far.
 _CHUNK = 64
-_FIRST_BATCH = 64
+_FIRST_BATCH = 512
+_FIRST_BATCH_TOKENS_PER_ROW = 48
 _MIN_BATCH = 16
 _MAX_BATCH = 4096
 _BATCH_MARGIN = 1.25
@@ -93,8 +95,7 @@ _FULL_COLUMNS = (
     _m.c.tokens,
     _m.c.tokens_encoding,
 )
-# Choosing the window needs no content: the newest rows are read without it, and the
-# content of just the rows chosen is read afterwards in one range scan.
+# What choosing the window needs of each of the newest rows (their content is added below).
 _LIGHT_COLUMNS = (
     _m.c.seq,
     _m.c.role,
@@ -111,21 +112,25 @@ _of_conversation = _m.c.conversation_id == bindparam("cid")
 _SELECT_ANCHORS = (
     select(*_FULL_COLUMNS).where(_of_conversation, text(f"({ANCHOR_PREDICATE})")).order_by(_m.c.seq)
 )
-_SELECT_NEWEST = select(*_LIGHT_COLUMNS).where(_of_conversation).order_by(_m.c.seq.desc())
-_SELECT_NEWEST_LIMITED = _SELECT_NEWEST.limit(bindparam("n"))
-_SELECT_NEWEST_BEFORE = (
-    select(*_LIGHT_COLUMNS)
-    .where(_of_conversation, _m.c.seq < bindparam("before"))
+# The newest rows carry their content (and name) as raw JSON text: fetching a row too many
+# costs little, and only the rows sent are decoded. On Postgres the cast happens in the
+# server, so the driver does not decode every row's JSON either.
+_SELECT_NEWEST_SQLITE = (
+    select(*_LIGHT_COLUMNS, type_coerce(_m.c.content, Text), _m.c.name)
+    .where(_of_conversation)
+    .order_by(_m.c.seq.desc())
+)
+_SELECT_NEWEST_BATCH = (
+    select(*_LIGHT_COLUMNS, cast(_m.c.content, Text), _m.c.name)
+    .where(_of_conversation)
     .order_by(_m.c.seq.desc())
     .limit(bindparam("n"))
 )
+_SELECT_NEWEST_BATCH_BEFORE = _SELECT_NEWEST_BATCH.where(_m.c.seq < bindparam("before"))
 _SELECT_BETWEEN = (
     select(*_FULL_COLUMNS)
     .where(_of_conversation, _m.c.seq >= bindparam("lo"), _m.c.seq <= bindparam("hi"))
     .order_by(_m.c.seq)
-)
-_SELECT_CONTENT_BETWEEN = select(_m.c.seq, _m.c.content, _m.c.name).where(
-    _of_conversation, _m.c.seq >= bindparam("lo"), _m.c.seq <= bindparam("hi")
 )
 _UPDATE_TOKENS = (
     update(_m)
@@ -186,6 +191,7 @@ class _Row:
     pinned: bool
     status: str
     tokens: int
+    raw: str | None = None  # content as stored JSON text, decoded only if the row is sent
 
     def to_openai(self) -> dict[str, Any]:
         return openai_message(self.role, self.content, self.name, self.tool_calls, self.tool_call_id)
@@ -227,19 +233,20 @@ class _Reader:
         return self._full_rows(_SELECT_ANCHORS)
 
     def newest(self, tokens_wanted: Callable[[], int]) -> Iterator[list[_Row]]:
-        """The rows, newest first, in chunks, without their content (see :meth:`load_content`),
+        """The rows, newest first, in chunks, content still JSON text (see :meth:`load_content`),
         read only as far as the caller iterates; ``tokens_wanted`` says how many tokens the
         caller can still take, to size the next batch."""
         params = {"cid": self.conversation_id}
         if self.conn.dialect.name == "sqlite":
-            result = self.conn.execute(_SELECT_NEWEST, params)
+            result = self.conn.execute(_SELECT_NEWEST_SQLITE, params)
             try:
                 while chunk := result.fetchmany(_CHUNK):
                     yield self._light_rows(chunk)
             finally:
                 result.close()
             return
-        statement, size, seen, tokens = _SELECT_NEWEST_LIMITED, _FIRST_BATCH, 0, 0
+        statement, seen, tokens = _SELECT_NEWEST_BATCH, 0, 0
+        size = max(_MIN_BATCH, min(tokens_wanted() // _FIRST_BATCH_TOKENS_PER_ROW, _FIRST_BATCH))
         while True:
             chunk = self.conn.execute(statement, {**params, "n": size}).all()
             rows = self._light_rows(chunk)
@@ -251,16 +258,18 @@ class _Reader:
             per_row = max(tokens / seen, 1.0)
             size = int(tokens_wanted() / per_row * _BATCH_MARGIN) + 1
             size = max(_MIN_BATCH, min(size, _MAX_BATCH))
-            statement = _SELECT_NEWEST_BEFORE
+            statement = _SELECT_NEWEST_BATCH_BEFORE
             params["before"] = rows[-1].seq
 
     def _light_rows(self, chunk: Sequence[Any]) -> list[_Row]:
         rows = []
         stale = []
-        for seq, role, calls, call_id, pinned, status, count, enc in chunk:
+        for seq, role, calls, call_id, pinned, status, count, enc, raw, name in chunk:
             if isinstance(calls, str):
                 calls = json.loads(calls)
-            row = _Row(seq, role, _UNLOADED, _UNLOADED, calls, call_id, bool(pinned), status, count or 0)
+            row = _Row(seq, role, _UNLOADED, name, calls, call_id, bool(pinned), status, count or 0, raw)
+            if raw is None:
+                row.content = None
             if enc != self.encoding or count is None:
                 stale.append(row)
             rows.append(row)
@@ -271,18 +280,12 @@ class _Reader:
                 self._recount(row)
         return rows
 
-    def load_content(self, rows: Sequence[_Row]) -> None:
-        """Fill in the content and name of ``rows`` with one range scan."""
-        wanted = {row.seq: row for row in rows if row.content is _UNLOADED}
-        if not wanted:
-            return
-        for seq, content, name in self.conn.execute(
-            _SELECT_CONTENT_BETWEEN, {"cid": self.conversation_id, "lo": min(wanted), "hi": max(wanted)}
-        ):
-            row = wanted.get(seq)
-            if row is not None:
-                row.content = content
-                row.name = name
+    @staticmethod
+    def load_content(rows: Sequence[_Row]) -> None:
+        """Decode the content of ``rows`` (read as JSON text with them) where not done yet."""
+        for row in rows:
+            if row.content is _UNLOADED:
+                row.content = json.loads(row.raw) if row.raw is not None else None
 
     def between(self, first: int, last: int) -> list[_Row]:
         return self._full_rows(_SELECT_BETWEEN, lo=first, hi=last)
