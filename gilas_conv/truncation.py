@@ -285,7 +285,7 @@ class _Reader:
         """Decode the content of ``rows`` (read as JSON text with them) where not done yet."""
         for row in rows:
             if row.content is _UNLOADED:
-                row.content = json.loads(row.raw) if row.raw is not None else None
+                row.content = _decode(row.raw)
 
     def between(self, first: int, last: int) -> list[_Row]:
         return self._full_rows(_SELECT_BETWEEN, lo=first, hi=last)
@@ -330,6 +330,16 @@ class _Turn:
     cost: int
 
 
+def _decode(raw: str | None) -> Any:
+    """Stored JSON content back to Python. A string with no backslash has no escapes, so
+    (the usual case) it is just the text between its quotes."""
+    if raw is None:
+        return None
+    if raw[0] == '"' and raw[-1] == '"' and "\\" not in raw:
+        return raw[1:-1]
+    return json.loads(raw)
+
+
 def _turns_newest_first(
     reader: _Reader,
     anchors: dict[int, _Row],
@@ -368,6 +378,8 @@ def _make_turn(start: int, rows: list[_Row], include_incomplete: bool) -> _Turn:
 
 def _sendable(turn: list[_Row], include_incomplete: bool) -> list[_Row]:
     """The rows of a turn that may be sent."""
+    if all(r.status == "complete" and r.tool_calls is None and r.role != "tool" for r in turn):
+        return turn  # the usual turn: nothing to leave out
     keep = [r for r in turn if include_incomplete or r.status == "complete"]
     answered = {r.tool_call_id for r in keep if r.role == "tool"}
     sent_calls: set[str] = set()
