@@ -39,6 +39,7 @@ Cost
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import closing
@@ -205,6 +206,13 @@ class _Row:
         return out
 
 
+@functools.cache
+def _sqlite_sql(dialect: Any) -> str:
+    compiled = _SELECT_NEWEST_SQLITE.compile(dialect=dialect)
+    assert compiled.positiontup == ["cid"], compiled.positiontup
+    return compiled.string
+
+
 class _Reader:
     """Reads rows of one conversation, recounting those stored under another encoding."""
 
@@ -238,12 +246,15 @@ class _Reader:
         caller can still take, to size the next batch."""
         params = {"cid": self.conversation_id}
         if self.conn.dialect.name == "sqlite":
-            result = self.conn.execute(_SELECT_NEWEST_SQLITE, params)
+            # The driver's own cursor, inside the transaction the anchors query began: rows
+            # come straight from sqlite3, with no result processing (nothing here needs it).
+            cursor = self.conn.connection.driver_connection.cursor()
             try:
-                while chunk := result.fetchmany(_CHUNK):
+                cursor.execute(_sqlite_sql(self.conn.dialect), (self.conversation_id,))
+                while chunk := cursor.fetchmany(_CHUNK):
                     yield self._light_rows(chunk)
             finally:
-                result.close()
+                cursor.close()
             return
         statement, seen, tokens = _SELECT_NEWEST_BATCH, 0, 0
         size = max(_MIN_BATCH, min(tokens_wanted() // _FIRST_BATCH_TOKENS_PER_ROW, _FIRST_BATCH))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sqlite3
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -95,21 +96,32 @@ class StatementLog:
     def __enter__(self) -> StatementLog:
         event.listen(self.engine, "before_cursor_execute", self._record)
         event.listen(self.engine, "after_cursor_execute", self._count)
+        event.listen(self.engine, "checkout", self._on_checkout)
+        self._factories: list[Any] = []
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         event.remove(self.engine, "before_cursor_execute", self._record)
         event.remove(self.engine, "after_cursor_execute", self._count)
+        event.remove(self.engine, "checkout", self._on_checkout)
+        for dbapi_connection in self._factories:
+            dbapi_connection.row_factory = None
 
     def _record(self, conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
         self.statements.append((statement, parameters))
-        if conn.dialect.name == "sqlite" and _is_message_select(statement):
-            # sqlite3 steps its cursor on demand: count the rows as they are really fetched.
+
+    def _on_checkout(self, dbapi_connection: Any, *args: Any) -> None:
+        # sqlite3 steps a cursor on demand, and the hot path may read through the driver's own
+        # cursor: count rows as sqlite3 really hands them over, on every cursor of the
+        # connection (build_context reads nothing but messages).
+        if isinstance(dbapi_connection, sqlite3.Connection):
+
             def count_row(_cursor: Any, row: tuple[Any, ...]) -> tuple[Any, ...]:
                 self.fetched += 1
                 return row
 
-            cursor.row_factory = count_row
+            dbapi_connection.row_factory = count_row
+            self._factories.append(dbapi_connection)
 
     def _count(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         # Postgres drivers receive a whole result at execute time.
