@@ -441,21 +441,21 @@ def build_context(
         kept: list[_Turn] = []  # newest first
         truncated = False
         top = max(anchors, default=0)
-        turns = _turns_newest_first(reader, anchors, include_incomplete, lambda: left)
-        for turn, top in turns:  # noqa: B007
-            if not kept and turn.cost > left:
-                # The newest turn is the one being answered: it must be sent whole.
-                raise ContextWindowExceeded(
-                    anchor_tokens + turn.cost + tools_cost + _tokens.REPLY_PRIMING_TOKENS,
-                    limit - reserved,
-                    model=model,
-                )
-            if turn.cost > left:
-                truncated = True
-                turns.close()  # stop reading: on SQLite this ends the open query
-                break
-            left -= turn.cost
-            kept.append(turn)
+        # Closed on every way out, so the open query ends before its connection does.
+        with closing(_turns_newest_first(reader, anchors, include_incomplete, lambda: left)) as turns:
+            for turn, top in turns:  # noqa: B007
+                if not kept and turn.cost > left:
+                    # The newest turn is the one being answered: it must be sent whole.
+                    raise ContextWindowExceeded(
+                        anchor_tokens + turn.cost + tools_cost + _tokens.REPLY_PRIMING_TOKENS,
+                        limit - reserved,
+                        model=model,
+                    )
+                if turn.cost > left:
+                    truncated = True
+                    break
+                left -= turn.cost
+                kept.append(turn)
         if left < 0:  # only anchors, and they alone do not fit
             raise ContextWindowExceeded(
                 anchor_tokens + tools_cost + _tokens.REPLY_PRIMING_TOKENS, limit - reserved, model=model
