@@ -22,13 +22,14 @@ What is guaranteed
 
 from __future__ import annotations
 
+import builtins
 import datetime as dt
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
-from sqlalchemy import Engine, Row, bindparam, delete, func, insert, literal, select, update
+from sqlalchemy import Engine, Row, Table, bindparam, delete, func, insert, literal, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from . import tokens as _tokens
@@ -49,9 +50,9 @@ __all__ = ["Conversation", "ConversationStore", "Message", "Role", "Summary"]
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 
-_conversations = ConversationRow.__table__
-_messages = MessageRow.__table__
-_summaries = SummaryRow.__table__
+_conversations = cast(Table, ConversationRow.__table__)
+_messages = cast(Table, MessageRow.__table__)
+_summaries = cast(Table, SummaryRow.__table__)
 
 # Content-part types the chat-completions API accepts, per role.
 _USER_PART_TYPES = frozenset({"text", "image_url", "input_audio", "file"})
@@ -694,7 +695,9 @@ class ConversationStore:
             raise ConversationNotFound(conversation_id)
         return self._conversation_from_row(row)
 
-    def list(self, *, owner: str | None = None, limit: int = DEFAULT_LIST_LIMIT) -> list[Conversation]:
+    def list(
+        self, *, owner: str | None = None, limit: int = DEFAULT_LIST_LIMIT
+    ) -> builtins.list[Conversation]:
         """This owner's conversations, most recently active (``updated_at``) first."""
         if not isinstance(limit, int) or limit < 1:
             raise ValueError("limit must be a positive integer")
@@ -830,7 +833,7 @@ class ConversationStore:
         content: Any,
         *,
         name: str | None = None,
-        tool_calls: list[dict[str, Any]] | None = None,
+        tool_calls: builtins.list[dict[str, Any]] | None = None,
         tool_call_id: str | None = None,
         pinned: bool = False,
         status: str = "complete",
@@ -900,7 +903,9 @@ class ConversationStore:
             ).first()
         return _message_from_row(row) if row is not None else None
 
-    def _messages(self, conversation_id: str, *, after: int = 0, limit: int | None = None) -> list[Message]:
+    def _messages(
+        self, conversation_id: str, *, after: int = 0, limit: int | None = None
+    ) -> builtins.list[Message]:
         query = (
             select(*_MESSAGE_COLUMNS)
             .where(_messages.c.conversation_id == conversation_id, _messages.c.seq > after)
@@ -1025,7 +1030,7 @@ class ConversationStore:
         if not changed:
             raise ConversationNotFound(conversation_id)
 
-    def _summaries(self, conversation_id: str) -> list[Summary]:
+    def _summaries(self, conversation_id: str) -> builtins.list[Summary]:
         with self._read() as conn:
             rows = conn.execute(
                 select(_summaries)
@@ -1050,7 +1055,7 @@ class ConversationStore:
     ) -> Summary:
         _check_str(content, "summary")
         now = _now()
-        values = dict(
+        values: dict[str, Any] = dict(
             conversation_id=conversation_id,
             from_seq=from_seq,
             to_seq=to_seq,

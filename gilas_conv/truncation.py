@@ -41,12 +41,13 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
-from sqlalchemy import Connection, Text, bindparam, cast, select, text, type_coerce, update
+from sqlalchemy import Connection, Table, Text, bindparam, select, text, type_coerce, update
+from sqlalchemy import cast as sql_cast
 
 from . import tokens as _tokens
 from ._schema import ANCHOR_PREDICATE, MessageRow
@@ -83,7 +84,7 @@ _MIN_BATCH = 16
 _MAX_BATCH = 4096
 _BATCH_MARGIN = 1.25
 
-_m = MessageRow.__table__
+_m = cast(Table, MessageRow.__table__)
 _FULL_COLUMNS = (
     _m.c.seq,
     _m.c.role,
@@ -122,7 +123,7 @@ _SELECT_NEWEST_SQLITE = (
     .order_by(_m.c.seq.desc())
 )
 _SELECT_NEWEST_BATCH = (
-    select(*_LIGHT_COLUMNS, cast(_m.c.content, Text), _m.c.name)
+    select(*_LIGHT_COLUMNS, sql_cast(_m.c.content, Text), _m.c.name)
     .where(_of_conversation)
     .order_by(_m.c.seq.desc())
     .limit(bindparam("n"))
@@ -240,15 +241,17 @@ class _Reader:
     def anchors(self) -> list[_Row]:
         return self._full_rows(_SELECT_ANCHORS)
 
-    def newest(self, tokens_wanted: Callable[[], int]) -> Iterator[list[_Row]]:
+    def newest(self, tokens_wanted: Callable[[], int]) -> Generator[list[_Row], None, None]:
         """The rows, newest first, in chunks, content still JSON text (see :meth:`load_content`),
         read only as far as the caller iterates; ``tokens_wanted`` says how many tokens the
         caller can still take, to size the next batch."""
-        params = {"cid": self.conversation_id}
+        params: dict[str, Any] = {"cid": self.conversation_id}
         if self.conn.dialect.name == "sqlite":
             # The driver's own cursor, inside the transaction the anchors query began: rows
             # come straight from sqlite3, with no result processing (nothing here needs it).
-            cursor = self.conn.connection.driver_connection.cursor()
+            driver = self.conn.connection.driver_connection
+            assert driver is not None, "a checked-out connection has a driver connection"
+            cursor = driver.cursor()
             try:
                 cursor.execute(_sqlite_sql(self.conn.dialect), (self.conversation_id,))
                 while chunk := cursor.fetchmany(_CHUNK):
@@ -356,7 +359,7 @@ def _turns_newest_first(
     anchors: dict[int, _Row],
     include_incomplete: bool,
     tokens_wanted: Callable[[], int],
-) -> Iterator[tuple[_Turn, int]]:
+) -> Generator[tuple[_Turn, int], None, None]:
     """Yield the history as whole turns, newest first, with the highest seq seen so far.
 
     A turn opens at a user message (pinned or not) and runs to the next one; anchors are
@@ -397,7 +400,7 @@ def _sendable(turn: list[_Row], include_incomplete: bool) -> list[_Row]:
     result = []
     for row in keep:
         if row.role == "assistant" and row.tool_calls:
-            ids = {call.get("id") for call in row.tool_calls}
+            ids = {str(call.get("id")) for call in row.tool_calls}
             if not ids <= answered:
                 continue  # the API refuses a tool call without all its results
             sent_calls |= ids
