@@ -680,18 +680,6 @@ def _line_json(number: int, line: str) -> Any:
         raise ValueError(f"line {number}, column {err.colno}: {err.msg}") from None
 
 
-def _validate_imports(items: list[_ImportItem], model: str | None, output: Output) -> None:
-    """Import every conversation into a scratch in-memory store, so that a bad one is found
-    before anything is written to the real database (the store validates one at a time)."""
-    with ConversationStore("sqlite://") as scratch, output.progress("checking", len(items)) as advance:
-        for item in items:
-            try:
-                scratch.import_conversation(item.data, model=model)
-            except ValueError as err:
-                raise ValueError(f"{item.where}: {err}; nothing was imported") from err
-            advance()
-
-
 @main.command("import")
 @click.argument("file", type=click.File("rb"))
 @click.option("-m", "--model", help="Store the conversations under this model (default: the file's).")
@@ -715,20 +703,17 @@ def import_(settings: _Settings, file: Any, model: str | None) -> None:
         raise ValueError(f"{err}; nothing was imported") from None
     output = Output()
     store = settings.store()
-    _validate_imports(items, model, output)
-    imported: list[Conversation] = []
-    try:
-        with output.progress("importing", len(items)) as advance:
-            for item in items:
-                imported.append(store.import_conversation(item.data, model=model))
-                advance()
-    except BaseException:
-        # A database failure (or Ctrl-C) half-way: take back what was stored, so the file
-        # is either all in or not at all.
-        for conv in imported:
-            with contextlib.suppress(GilasConvError):
-                store.delete(conv.id)
-        raise
+    # Every conversation is checked before the one transaction that stores them all.
+    with output.progress("importing", len(items)) as advance:
+        try:
+            imported = store.import_conversations(
+                [item.data for item in items],
+                model=model,
+                labels=[item.where for item in items],
+                progress=advance,
+            )
+        except ValueError as err:
+            raise ValueError(f"{err}; nothing was imported") from err
     for conv in imported:
         click.echo(conv.id)
     output.note(f"imported {_plural(len(imported), 'conversation', 'conversations')}")

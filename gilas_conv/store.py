@@ -25,7 +25,7 @@ from __future__ import annotations
 import builtins
 import datetime as dt
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
@@ -751,55 +751,53 @@ class ConversationStore:
         two conversations. Every message is validated first; a bad one raises ValueError
         naming it, and nothing is written.
         """
-        if isinstance(data, Mapping):
-            if not isinstance(data.get("messages"), list):
-                raise ValueError('expected an object with a "messages" list')
-            raw_messages = data["messages"]
-            header = data
-        elif isinstance(data, list):
-            raw_messages, header = data, {}
-        else:
-            raise ValueError("expected an exported conversation object or a list of messages")
-        model = model or header.get("model") or DEFAULT_MODEL
-        _check_field(model, "model", allow_empty=False)
-        title = header.get("title")
-        if title is not None:
-            _check_field(title, "title", max_length=None)
+        return self.import_conversations([data], owner=owner, model=model, labels=[""])[0]
+
+    def import_conversations(
+        self,
+        conversations: Iterable[Mapping[str, Any] | Sequence[Mapping[str, Any]]],
+        *,
+        owner: str | None = None,
+        model: str | None = None,
+        labels: Sequence[str] | None = None,
+        progress: Callable[[], object] | None = None,
+    ) -> builtins.list[Conversation]:
+        """Store several conversations (each as :meth:`import_conversation` takes one), all or
+        none: every one is validated before the single transaction that writes them.
+
+        A bad conversation raises ValueError prefixed with its label (``labels[i]``, else
+        "conversation i+1"). ``progress`` is called once per conversation written.
+        """
         if owner is not None:
             _check_field(owner, "owner", allow_empty=False)
-        metadata = header.get("metadata")
-        if metadata is not None and not isinstance(metadata, Mapping):
-            raise ValueError("metadata must be an object")
-        _check_json(metadata, "metadata")
-        now = _now()
-        created_at = _parse_timestamp(header["created_at"], "created_at") if "created_at" in header else now
-        rows = []
-        for index, raw in enumerate(raw_messages):
+        prepared = []
+        for index, data in enumerate(conversations):
+            label = labels[index] if labels is not None else f"conversation {index + 1}"
             try:
-                rows.append(_import_message(raw, model, now))
+                prepared.append(_prepare_import(data, model))
             except ValueError as err:
-                raise ValueError(f"message {index + 1}: {err}") from err
-        for seq, row in enumerate(rows, start=1):
-            row["seq"] = seq
-            created_at = min(created_at, row["created_at"])
-        conversation_id = str(uuid.uuid4())
-        updated_at = max([now, *(r["created_at"] for r in rows)])
+                raise ValueError(f"{label}: {err}" if label else str(err)) from err
         with self._write() as conn:
-            conn.execute(
-                insert(_conversations).values(
-                    id=conversation_id,
-                    owner=owner,
-                    title=title,
-                    model=model,
-                    metadata=dict(metadata) if metadata is not None else None,
-                    last_seq=len(rows),
-                    created_at=created_at,
-                    updated_at=updated_at,
-                )
+            for header, rows in prepared:
+                conn.execute(insert(_conversations).values(owner=owner, **header))
+                if rows:
+                    conn.execute(insert(_messages), [{"conversation_id": header["id"], **r} for r in rows])
+                if progress is not None:
+                    progress()
+        return [
+            Conversation(
+                store=self,
+                id=header["id"],
+                model=header["model"],
+                owner=owner,
+                title=header["title"],
+                metadata=header["metadata"],
+                created_at=header["created_at"],
+                updated_at=header["updated_at"],
+                message_count=header["last_seq"],
             )
-            if rows:
-                conn.execute(insert(_messages), [{"conversation_id": conversation_id, **r} for r in rows])
-        return self.get(conversation_id, owner=owner)
+            for header, _rows in prepared
+        ]
 
     # -- internals used by Conversation and the other modules -----------------------------------
 
@@ -1085,6 +1083,49 @@ def _token_columns(columns: Mapping[str, Any], model: str) -> dict[str, Any]:
         if columns.get(key) is not None:
             message[key] = columns[key]
     return {"tokens": _tokens.message_tokens(message, encoding), "tokens_encoding": encoding}
+
+
+def _prepare_import(data: Any, model: str | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Validate one conversation to import: its ``conversations`` row and its message rows."""
+    if isinstance(data, Mapping):
+        if not isinstance(data.get("messages"), list):
+            raise ValueError('expected an object with a "messages" list')
+        raw_messages = data["messages"]
+        header: Mapping[str, Any] = data
+    elif isinstance(data, list):
+        raw_messages, header = data, {}
+    else:
+        raise ValueError("expected an exported conversation object or a list of messages")
+    model = model or header.get("model") or DEFAULT_MODEL
+    _check_field(model, "model", allow_empty=False)
+    title = header.get("title")
+    if title is not None:
+        _check_field(title, "title", max_length=None)
+    metadata = header.get("metadata")
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise ValueError("metadata must be an object")
+    _check_json(metadata, "metadata")
+    now = _now()
+    created_at = _parse_timestamp(header["created_at"], "created_at") if "created_at" in header else now
+    rows = []
+    for index, raw in enumerate(raw_messages):
+        try:
+            rows.append(_import_message(raw, model, now))
+        except ValueError as err:
+            raise ValueError(f"message {index + 1}: {err}") from err
+    for seq, row in enumerate(rows, start=1):
+        row["seq"] = seq
+        created_at = min(created_at, row["created_at"])
+    conversation = {
+        "id": str(uuid.uuid4()),
+        "title": title,
+        "model": model,
+        "metadata": dict(metadata) if metadata is not None else None,
+        "last_seq": len(rows),
+        "created_at": created_at,
+        "updated_at": max([now, *(r["created_at"] for r in rows)]),
+    }
+    return conversation, rows
 
 
 def _import_message(raw: Any, model: str, now: dt.datetime) -> dict[str, Any]:

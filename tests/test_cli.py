@@ -7,6 +7,7 @@ check the documented exit code and that stderr holds one ``Error:`` line, no tra
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
@@ -20,6 +21,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
+from sqlalchemy import Engine, event
 from stub_server import StubServer
 
 from gilas_conv import (
@@ -423,17 +425,10 @@ def test_bad_import_files_are_refused_whole(
     existing = new_conversation(cli, "kept")
     path = tmp_path / "bad.jsonl"
     path.write_bytes(content)
-    real = ConversationStore.import_conversation
-    writes: list[str] = []
-
-    def spy(self: ConversationStore, data: Any, **kwargs: Any) -> Any:
-        if self.url != "sqlite://":  # the in-memory scratch store that validates
-            writes.append(self.url)
-        return real(self, data, **kwargs)
-
-    monkeypatch.setattr(ConversationStore, "import_conversation", spy)
-    result = cli("import", str(path), code=1)
-    assert writes == []  # refused before the first write, not rolled back after
+    with _statements_on_every_engine() as statements:
+        result = cli("import", str(path), code=1)
+    # Refused before the first write, not rolled back after.
+    assert not [sql for sql in statements if sql.lstrip().upper().startswith("INSERT")]
     line = error_line(result)
     assert expected in line and "nothing was imported" in line
     assert result.stdout == ""
@@ -446,29 +441,44 @@ def test_import_missing_file_is_a_usage_error(cli: CLI, tmp_path: Path) -> None:
     assert "nope.json" in result.stderr
 
 
-def test_import_failure_half_way_takes_back_what_was_stored(
-    cli: CLI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_import_failure_half_way_stores_nothing(cli: CLI, tmp_path: Path) -> None:
+    """The database refuses the third conversation's row: the one transaction that stores
+    them all rolls back, so the first two are not left behind."""
     good = json.dumps({"messages": [{"role": "user", "content": "ok"}]})
     path = tmp_path / "three.jsonl"
     path.write_text("\n".join([good] * 3), encoding="utf-8")
-    real = ConversationStore.import_conversation
-    calls = {"real": 0}
+    inserted = {"conversations": 0}
 
-    def flaky(self: ConversationStore, data: Any, **kwargs: Any) -> Any:
-        if self.url != "sqlite://":  # the scratch store that validates is left alone
-            calls["real"] += 1
-            if calls["real"] == 3:
-                from gilas_conv import StoreIntegrityError
+    def fail_third(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().upper().startswith("INSERT INTO CONVERSATIONS"):
+            inserted["conversations"] += 1
+            if inserted["conversations"] == 3:
+                raise conn.dialect.loaded_dbapi.OperationalError("disk I/O error")
 
-                raise StoreIntegrityError("the database refused the write: disk I/O error")
-        return real(self, data, **kwargs)
-
-    monkeypatch.setattr(ConversationStore, "import_conversation", flaky)
-    line = error_line(cli("import", str(path), code=1))
+    event.listen(Engine, "before_cursor_execute", fail_third)
+    try:
+        line = error_line(cli("import", str(path), code=1))
+    finally:
+        event.remove(Engine, "before_cursor_execute", fail_third)
+    assert inserted["conversations"] == 3
     assert "disk I/O error" in line
     with cli.store() as store:
         assert store.count() == 0
+
+
+@contextlib.contextmanager
+def _statements_on_every_engine() -> Iterator[list[str]]:
+    """The SQL every engine runs meanwhile (the CLI makes its own engine)."""
+    statements: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", record)
+    try:
+        yield statements
+    finally:
+        event.remove(Engine, "before_cursor_execute", record)
 
 
 def test_parse_import_formats() -> None:

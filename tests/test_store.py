@@ -1030,3 +1030,18 @@ def test_a_bad_message_in_the_middle_refuses_the_whole_import(
     with pytest.raises(ValueError, match=rf"^message 4: .*{match}"):
         shared_store.import_conversation(exported)
     assert _snapshot(shared_store) == before
+
+
+def test_import_conversations_is_all_or_nothing(store: ConversationStore) -> None:
+    good = {"title": "a", "messages": [{"role": "user", "content": "سلام"}]}
+    bad = {"messages": [{"role": "user", "content": "ok"}, {"role": "wizard", "content": "x"}]}
+    with pytest.raises(ValueError, match=r"^line 2: message 2: unknown role 'wizard'"):
+        store.import_conversations([good, bad, good], labels=["line 1", "line 2", "line 3"])
+    assert store.count() == 0
+    seen: list[int] = []
+    imported = store.import_conversations([good, good], progress=lambda: seen.append(1))
+    assert len(seen) == 2 and len({c.id for c in imported}) == 2
+    assert sorted(c.id for c in store.list()) == sorted(c.id for c in imported)
+    assert [m.content for m in store.get(imported[0].id).messages()] == ["سلام"]
+    with pytest.raises(ValueError, match=r"^conversation 1: expected an exported conversation"):
+        store.import_conversations(["not a conversation"])  # type: ignore[list-item]
