@@ -373,6 +373,26 @@ def main(
 # send, retry
 
 
+_REPLY_OPTIONS = (
+    click.option("--max-tokens", type=click.IntRange(min=1), metavar="N", help="Longest reply, in tokens."),
+    click.option(
+        "--context-limit",
+        type=click.IntRange(min=1),
+        metavar="N",
+        help="Send at most N tokens of prompt and reply (default: the model's window).",
+    ),
+    click.option("--no-stream", is_flag=True, help="Wait for the whole reply instead of streaming it."),
+    click.option("--json", "as_json", is_flag=True, help="Print the stored reply as one JSON object."),
+)
+
+
+def _reply_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The options of every command that asks for a reply (send, retry)."""
+    for option in reversed(_REPLY_OPTIONS):
+        command = option(command)
+    return command
+
+
 @main.command()
 @click.argument("text", nargs=-1, required=True)
 @click.option("-c", "--conversation", "conversation_id", metavar="ID", help="Continue this conversation.")
@@ -380,15 +400,7 @@ def main(
     "-m", "--model", help=f"Model for this turn (a new conversation keeps it). Default: {DEFAULT_MODEL}."
 )
 @click.option("-s", "--system", metavar="TEXT", help="A system message, stored before TEXT.")
-@click.option("--max-tokens", type=click.IntRange(min=1), metavar="N", help="Longest reply, in tokens.")
-@click.option(
-    "--context-limit",
-    type=click.IntRange(min=1),
-    metavar="N",
-    help="Send at most N tokens of prompt and reply (default: the model's window).",
-)
-@click.option("--no-stream", is_flag=True, help="Wait for the whole reply instead of streaming it.")
-@click.option("--json", "as_json", is_flag=True, help="Print the stored reply as one JSON object.")
+@_reply_options
 @pass_settings
 def send(
     settings: _Settings,
@@ -436,15 +448,7 @@ def send(
 @main.command()
 @click.argument("conversation_id", metavar="ID")
 @click.option("-m", "--model", help="Model for this turn (default: the conversation's).")
-@click.option("--max-tokens", type=click.IntRange(min=1), metavar="N", help="Longest reply, in tokens.")
-@click.option(
-    "--context-limit",
-    type=click.IntRange(min=1),
-    metavar="N",
-    help="Send at most N tokens of prompt and reply (default: the model's window).",
-)
-@click.option("--no-stream", is_flag=True, help="Wait for the whole reply instead of streaming it.")
-@click.option("--json", "as_json", is_flag=True, help="Print the stored reply as one JSON object.")
+@_reply_options
 @pass_settings
 def retry(
     settings: _Settings,
