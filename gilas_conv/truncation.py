@@ -77,7 +77,7 @@ SUMMARY_PREFIX = "Summary of the earlier part of this conversation, which is not
 # chunk at a time, until the budget is spent. Postgres drivers fetch a whole result at
 # once, so there rows are read in batches sized from the tokens still to fill: the first
 # guessing a short message, the next from the average so far.
-_CHUNK = 64
+_CHUNK = 32
 _FIRST_BATCH = 512
 _FIRST_BATCH_TOKENS_PER_ROW = 48
 _MIN_BATCH = 16
