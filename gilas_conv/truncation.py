@@ -368,6 +368,8 @@ def _turns_newest_first(
     first user message.
     """
     current: list[_Row] = []  # the turn being gathered, newest row first
+    cost = 0
+    plain = True  # nothing in the turn that might be left out (the usual case: no filtering)
     top = max(anchors, default=0)
     with closing(reader.newest(tokens_wanted)) as chunks:
         for rows in chunks:
@@ -376,10 +378,16 @@ def _turns_newest_first(
             for row in rows:
                 if row.seq not in anchors:
                     current.append(row)
+                    cost += row.tokens
+                    if row.status != "complete" or row.tool_calls is not None or row.role == "tool":
+                        plain = False
                 if row.role == "user":
                     current.reverse()
-                    yield _make_turn(row.seq, current, include_incomplete), top
-                    current = []
+                    if plain:
+                        yield _Turn(row.seq, current, cost), top
+                    else:
+                        yield _make_turn(row.seq, current, include_incomplete), top
+                    current, cost, plain = [], 0, True
     if current:
         current.reverse()
         yield _make_turn(current[0].seq, current, include_incomplete), top
