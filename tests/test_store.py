@@ -1045,3 +1045,23 @@ def test_import_conversations_is_all_or_nothing(store: ConversationStore) -> Non
     assert [m.content for m in store.get(imported[0].id).messages()] == ["سلام"]
     with pytest.raises(ValueError, match=r"^conversation 1: expected an exported conversation"):
         store.import_conversations(["not a conversation"])  # type: ignore[list-item]
+
+
+def test_sqlite_appends_store_values_exactly_as_core_inserts_do(tmp_path: Path) -> None:
+    """On SQLite an append runs on the driver's cursor; create() inserts its system message
+    through SQLAlchemy Core. Both must leave byte-for-byte the same kind of row."""
+    url = f"sqlite:///{tmp_path / 'formats.db'}"
+    with ConversationStore(url) as store:
+        conv = store.create(model=MODEL, system="سلام\x00")
+        conv.append("system", "سلام\x00", pinned=True)
+        conv.pin(1)
+    with sqlite3.connect(tmp_path / "formats.db") as raw:
+        rows = raw.execute(
+            "SELECT typeof(created_at), length(created_at), content, typeof(pinned), pinned, status,"
+            " tokens, tokens_encoding, typeof(tool_calls) FROM messages ORDER BY seq"
+        ).fetchall()
+        bumped = raw.execute("SELECT typeof(updated_at), length(updated_at) FROM conversations").fetchone()
+    core, driver = rows
+    assert core == driver
+    assert core[:2] == bumped
+    assert core[2] == '"سلام\\u0000"' and core[3:5] == ("integer", 1)
