@@ -48,7 +48,7 @@ from gilas_conv.cli import error_message, main, parse_import, read_message
 
 API_KEY = "sk-cli-test-5b1e0c"
 PERSIAN = "سلام! کتاب\u200cها را می\u200cخواهم؛ the API و English هم\u200cزمان."
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -967,9 +967,14 @@ def _help_flags(text: str) -> set[str]:
     }
 
 
+def _cli_reference() -> str:
+    """The README's "Command line" section, the command reference."""
+    text = README.read_text(encoding="utf-8")
+    return text.split("\n## Command line\n", 1)[1].split("\n## ", 1)[0]
+
+
 def _doc_sections() -> dict[str, str]:
-    text = DOCS.read_text(encoding="utf-8")
-    parts = re.split(r"^## `gilas-conv ([a-z ]+?)`[^\n]*$", text, flags=re.M)
+    parts = re.split(r"^### `gilas-conv ([a-z ]+?)`[^\n]*$", _cli_reference(), flags=re.M)
     return {parts[i]: parts[i + 1] for i in range(1, len(parts), 2)}
 
 
@@ -991,22 +996,22 @@ def test_the_command_reference_matches_the_help() -> None:
     sections = _doc_sections()
     commands = {" ".join(path) for path in _commands()}
     assert set(sections) == commands, (
-        f"docs/cli.md sections {sorted(sections)} != commands {sorted(commands)}"
+        f"README command sections {sorted(sections)} != commands {sorted(commands)}"
     )
     for name in commands:
         section = sections[name]
-        documented = {f for f in FLAG.findall(section.split("### Example")[0]) if f not in ("-", "--")}
+        documented = {f for f in FLAG.findall(section.split("#### Example")[0]) if f not in ("-", "--")}
         in_help = _help_flags(_help(name.split())) - {"-h", "--help"}
         assert documented == in_help, (
-            f"{name}: docs/cli.md names {sorted(documented - in_help)} that --help does not, "
-            f"and --help names {sorted(in_help - documented)} that docs/cli.md does not"
+            f"{name}: the README names {sorted(documented - in_help)} that --help does not, "
+            f"and --help names {sorted(in_help - documented)} that the README does not"
         )
         usage = _help(name.split()).splitlines()[0].replace("Usage: ", "")
-        assert usage in section, f"{name}: the usage line {usage!r} is not in docs/cli.md"
+        assert usage in section, f"{name}: the usage line {usage!r} is not in the README"
     global_flags = _help_flags(_help([])) - {"-h", "--help"}
-    intro = DOCS.read_text(encoding="utf-8").split("\n## `gilas-conv ")[0]
+    intro = _cli_reference().split("\n### `gilas-conv ")[0]
     for flag in global_flags:
-        assert f"`{flag}" in intro, f"the global option {flag} is not described in docs/cli.md"
+        assert f"`{flag}" in intro, f"the global option {flag} is not described in the README"
 
 
 def test_main_module_runs_the_cli(
