@@ -31,8 +31,10 @@ Default policy (``policy="truncate"``)
 
 Cost
     Reading is two indexed range scans: the anchors (system/developer/pinned, through a
-    partial index) and the newest rows, newest first, in growing batches, stopping as soon
-    as the budget is spent. Token counts are stored per message at append time, so nothing
+    partial index) and the newest rows, newest first, stopping as soon as the budget is
+    spent (SQLite steps one query lazily; Postgres reads batches sized from the tokens still
+    to fill). Content comes as JSON text and is decoded only for the messages sent. Token
+    counts are stored per message at append time, so nothing
     is tokenized here unless the conversation moved to another encoding; then only the rows
     read are recounted, and written back once.
 """
