@@ -18,6 +18,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
+from stub_server import StubServer
 
 from gilas_conv import ConversationStore, head_revision, upgrade_database
 
@@ -157,3 +158,18 @@ def empty_db_url(backend: str, tmp_path: Path, postgres_server: PostgresServer |
 def store(db_url: str) -> Iterator[ConversationStore]:
     with ConversationStore(db_url) as opened:
         yield opened
+
+
+@pytest.fixture(scope="module")
+def _stub_server(request: pytest.FixtureRequest) -> Iterator[StubServer]:
+    """One stub server per test module (stopping one takes half a second), accepting that
+    module's ``API_KEY``."""
+    with StubServer(api_key=request.module.API_KEY) as server:
+        yield server
+
+
+@pytest.fixture
+def stub(_stub_server: StubServer) -> StubServer:
+    """The local OpenAI-compatible stub server, with no script and no recorded requests."""
+    _stub_server.reset()
+    return _stub_server

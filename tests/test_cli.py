@@ -70,20 +70,6 @@ def sqlite_url(_sqlite_template: Path, tmp_path: Path) -> str:
     return f"sqlite:///{path}"
 
 
-@pytest.fixture(scope="module")
-def _stub_server() -> Iterator[StubServer]:
-    # One server for the module: stopping one takes half a second (its poll interval).
-    with StubServer(api_key=API_KEY) as server:
-        yield server
-
-
-@pytest.fixture
-def stub(_stub_server: StubServer) -> StubServer:
-    """The stub server with no script and no recorded requests."""
-    _stub_server.reset()
-    return _stub_server
-
-
 class CLI:
     """Runs ``gilas-conv --db URL ...`` in-process with the API key and the stub's URL."""
 

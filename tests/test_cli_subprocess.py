@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,18 +38,6 @@ def backend() -> str:
 
 
 both_backends = pytest.mark.parametrize("backend", ["sqlite", "postgres"])
-
-
-@pytest.fixture(scope="module")
-def _stub_server() -> Iterator[StubServer]:
-    with StubServer(api_key=API_KEY) as server:
-        yield server
-
-
-@pytest.fixture
-def stub(_stub_server: StubServer) -> StubServer:
-    _stub_server.reset()
-    return _stub_server
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ import json
 import logging
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,18 +38,6 @@ from gilas_conv.sender import AsyncSender
 pytest_plugins = ["_sender_fixtures"]
 
 STUB_SCRIPT = Path(__file__).resolve().parent / "stub_server.py"
-
-
-@pytest.fixture(scope="module")
-def _stub() -> Iterator[StubServer]:
-    with StubServer(api_key=API_KEY) as server:
-        yield server
-
-
-@pytest.fixture
-def stub(_stub: StubServer) -> StubServer:
-    _stub.reset()
-    return _stub
 
 
 @pytest.fixture
