@@ -819,6 +819,16 @@ def test_summarize_does_nothing_when_everything_fits(store: ConversationStore) -
     assert conv.summaries() == []
 
 
+def _assert_summarized_context_fits(ctx: Any, conv: Conversation, stored: list[Message], limit: int) -> None:
+    """Exactly counted, within the window, the newest message sent, the history untouched."""
+    assert ctx.prompt_tokens == count_tokens(ctx.messages, MODEL)
+    assert ctx.prompt_tokens + ctx.reserved <= limit, (
+        f"prompt {ctx.prompt_tokens} + reserve {ctx.reserved} > limit {limit}"
+    )
+    assert stored[-1].to_openai() in ctx.messages
+    assert conv.messages() == stored
+
+
 def test_summary_never_overflows_the_window(store: ConversationStore) -> None:
     """The newest turn leaves less room than a summary takes; an older turn must go. The
     prompt must still fit: a summary that does not fit cannot be sent."""
@@ -831,12 +841,7 @@ def test_summary_never_overflows_the_window(store: ConversationStore) -> None:
 
     ctx = build_context(conv, context_limit=limit, max_tokens=100, policy="summarize", summarizer=summarize)
 
-    assert ctx.prompt_tokens == count_tokens(ctx.messages, MODEL)
-    assert ctx.prompt_tokens + ctx.reserved <= limit, (
-        f"prompt {ctx.prompt_tokens} + reserve {ctx.reserved} > limit {limit}"
-    )
-    assert stored[-1].to_openai() in ctx.messages
-    assert conv.messages() == stored
+    _assert_summarized_context_fits(ctx, conv, stored, limit)
 
 
 def test_summary_longer_than_asked_never_overflows_the_window(store: ConversationStore) -> None:
@@ -845,12 +850,7 @@ def test_summary_longer_than_asked_never_overflows_the_window(store: Conversatio
 
     ctx = build_context(conv, context_limit=limit, max_tokens=100, policy="summarize", summarizer=wordy)
 
-    assert ctx.prompt_tokens == count_tokens(ctx.messages, MODEL)
-    assert ctx.prompt_tokens + ctx.reserved <= limit, (
-        f"prompt {ctx.prompt_tokens} + reserve {ctx.reserved} > limit {limit}"
-    )
-    assert stored[-1].to_openai() in ctx.messages
-    assert conv.messages() == stored
+    _assert_summarized_context_fits(ctx, conv, stored, limit)
 
 
 def test_fork_copies_the_summaries_of_its_range(store: ConversationStore) -> None:
