@@ -200,16 +200,21 @@ def _assert_intended(messages: list[Message], size: int) -> dict[tuple[int, int]
 # Many writers
 
 
+def _run_workers(mode: str, url: str, conversation_id: str, *, workers: int, count: int) -> list[Any]:
+    """Start ``workers`` worker processes at the same moment and return what each reported."""
+    procs = [_Worker(mode, url, conversation_id, worker=w, count=count) for w in range(workers)]
+    try:
+        _start_together(procs)
+        return [proc.finish() for proc in procs]
+    finally:
+        _kill(procs)
+
+
 def test_processes_appending_to_one_conversation_store_every_message_once(db_url: str) -> None:
     workers, each = 4, 250
     with ConversationStore(db_url) as store:
         conversation = store.create(model=MODEL)
-    procs = [_Worker("append", db_url, conversation.id, worker=w, count=each) for w in range(workers)]
-    try:
-        _start_together(procs)
-        events = [proc.finish() for proc in procs]
-    finally:
-        _kill(procs)
+    events = _run_workers("append", db_url, conversation.id, workers=workers, count=each)
 
     messages = _check_consistent(db_url, conversation.id)
     assert len(messages) == workers * each
@@ -264,12 +269,7 @@ def test_processes_racing_to_store_the_same_replies_store_each_once(db_url: str)
     workers, replies = 3, 40
     with ConversationStore(db_url) as store:
         conversation = store.create(model=MODEL)
-    procs = [_Worker("replies", db_url, conversation.id, worker=w, count=replies) for w in range(workers)]
-    try:
-        _start_together(procs)
-        events = [proc.finish() for proc in procs]
-    finally:
-        _kill(procs)
+    events = _run_workers("replies", db_url, conversation.id, workers=workers, count=replies)
 
     messages = _check_consistent(db_url, conversation.id)
     # resp-i is only attempted once resp-(i-1) is stored, so seq i+1 holds resp-i.
@@ -287,12 +287,7 @@ def test_processes_opening_a_new_sqlite_file_at_once_all_succeed(tmp_path: Path)
     (workers of one app starting together), and none of them may fail."""
     workers, each = 4, 5
     url = f"sqlite:///{tmp_path / 'first-use.db'}"
-    procs = [_Worker("open", url, "-", worker=w, count=each) for w in range(workers)]
-    try:
-        _start_together(procs)
-        events = [proc.finish() for proc in procs]
-    finally:
-        _kill(procs)
+    events = _run_workers("open", url, "-", workers=workers, count=each)
     assert [[e["seq"] for e in worker_events] for worker_events in events] == [
         list(range(1, each + 1))
     ] * workers
