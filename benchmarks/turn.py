@@ -58,7 +58,7 @@ from sqlalchemy.engine import make_url
 
 from gilas_conv import Conversation, ConversationStore, build_context
 from gilas_conv import tokens as gc_tokens
-from gilas_conv._schema import ConversationRow, MessageRow
+from gilas_conv.store._schema import ConversationRow, MessageRow
 from gilas_conv.truncation import DEFAULT_REPLY_RESERVE
 
 _MESSAGES = cast(Table, MessageRow.__table__)

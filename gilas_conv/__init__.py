@@ -5,7 +5,6 @@ the API bills them, send each turn with the history trimmed to the model's windo
 store the reply: nothing lost, nothing stored twice.
 """
 
-from ._migrate import downgrade_database, head_revision, upgrade_database
 from .exceptions import (
     APIConnectionError,
     APIError,
@@ -33,6 +32,7 @@ from .exceptions import (
 )
 from .sender import AsyncReplyStream, AsyncSender, ReplyStream, Sender, StreamChunk
 from .store import Conversation, ConversationStore, Message, Summary
+from .store._migrate import downgrade_database, head_revision, upgrade_database
 from .tokens import ModelInfo, ModelRegistry, count_tokens, get_model_info
 from .truncation import Context, SummaryRequest, build_context, conversation_tokens
 

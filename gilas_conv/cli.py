@@ -42,8 +42,6 @@ from ._config import (
     default_data_dir,
     resolve_database_url,
 )
-from ._engine import redact_url
-from ._migrate import upgrade_database
 from ._render import Output, ReplyPrinter, content_text
 from .exceptions import (
     APIConnectionError,
@@ -65,6 +63,8 @@ from .exceptions import (
 )
 from .sender import DEFAULT_TIMEOUT, Sender
 from .store import Conversation, ConversationStore, Message
+from .store._engine import redact_url
+from .store._migrate import upgrade_database
 from .truncation import DEFAULT_REPLY_RESERVE, build_context, conversation_tokens
 
 if TYPE_CHECKING:

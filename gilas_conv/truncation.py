@@ -52,9 +52,9 @@ from sqlalchemy import Connection, Table, Text, bindparam, select, text, type_co
 from sqlalchemy import cast as sql_cast
 
 from . import tokens as _tokens
-from ._schema import ANCHOR_PREDICATE, MessageRow
 from .exceptions import ContextWindowExceeded
 from .store import openai_message
+from .store._schema import ANCHOR_PREDICATE, MessageRow
 
 if TYPE_CHECKING:
     from .store import Conversation, Summary

@@ -13,8 +13,8 @@ from alembic import context
 from sqlalchemy.engine import Connection
 
 from gilas_conv._config import ENV_DATABASE_URL
-from gilas_conv._engine import create_engine_for_url
-from gilas_conv._schema import metadata
+from gilas_conv.store._engine import create_engine_for_url
+from gilas_conv.store._schema import metadata
 
 config = context.config
 

@@ -31,9 +31,9 @@ from gilas_conv import (
     head_revision,
     upgrade_database,
 )
-from gilas_conv._engine import create_engine_for_url
-from gilas_conv._migrate import current_revision, migrations_dir
-from gilas_conv._schema import metadata
+from gilas_conv.store._engine import create_engine_for_url
+from gilas_conv.store._migrate import current_revision, migrations_dir
+from gilas_conv.store._schema import metadata
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TABLES = {"conversations", "messages", "summaries"}

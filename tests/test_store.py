@@ -30,7 +30,7 @@ from gilas_conv import (
     StoreError,
     head_revision,
 )
-from gilas_conv._schema import metadata
+from gilas_conv.store._schema import metadata
 
 # As conftest.py words it, so every skipped Postgres test gives the same reason.
 POSTGRES_SKIP_REASON = (

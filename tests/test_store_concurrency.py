@@ -29,7 +29,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from gilas_conv import ConversationStore, Message
-from gilas_conv._engine import create_engine_for_url
+from gilas_conv.store._engine import create_engine_for_url
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKER_SCRIPT = Path(__file__).with_name("_store_workers.py")

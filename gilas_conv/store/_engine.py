@@ -24,8 +24,8 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from ._config import DEFAULT_SQLITE_BUSY_TIMEOUT_MS, DEFAULT_SQLITE_SYNCHRONOUS
-from .exceptions import ConfigurationError
+from .._config import DEFAULT_SQLITE_BUSY_TIMEOUT_MS, DEFAULT_SQLITE_SYNCHRONOUS
+from ..exceptions import ConfigurationError
 
 __all__ = ["WRITE", "create_engine_for_url", "normalize_url", "redact_url"]
 

@@ -30,21 +30,35 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 from sqlalchemy import Engine, Row, Table, bindparam, delete, func, insert, literal, select, update
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError
 
-from . import tokens as _tokens
-from ._config import DEFAULT_MODEL, DEFAULT_SQLITE_BUSY_TIMEOUT_MS, DEFAULT_SQLITE_SYNCHRONOUS
-from ._config import resolve_database_url as _resolve_database_url
-from ._engine import WRITE, create_engine_for_url, redact_url
-from ._migrate import current_revision, head_revision, upgrade_database
-from ._schema import ROLES, STATUSES, ConversationRow, MessageRow, SummaryRow
-from .exceptions import (
+from .._config import DEFAULT_MODEL, DEFAULT_SQLITE_BUSY_TIMEOUT_MS, DEFAULT_SQLITE_SYNCHRONOUS
+from .._config import resolve_database_url as _resolve_database_url
+from ..exceptions import (
     ConversationNotFound,
     MessageNotFound,
     SchemaOutOfDate,
     StoreError,
     StoreIntegrityError,
 )
+from ._engine import create_engine_for_url, redact_url
+from ._io import _prepare_import
+from ._migrate import current_revision, head_revision, upgrade_database
+from ._schema import ConversationRow, MessageRow, SummaryRow
+from ._tx import _Transaction
+from ._validate import (
+    _check_conversation_id,
+    _check_field,
+    _check_int,
+    _check_json,
+    _check_reply_fields,
+    _check_str,
+    _could_exist,
+    _token_columns,
+    _validate_message,
+)
+from ._values import Message, Summary
+from ._values import now as _now
 
 __all__ = ["Conversation", "ConversationStore", "Message", "Role", "Summary"]
 
@@ -54,116 +68,7 @@ _conversations = cast(Table, ConversationRow.__table__)
 _messages = cast(Table, MessageRow.__table__)
 _summaries = cast(Table, SummaryRow.__table__)
 
-# Content-part types the chat-completions API accepts, per role.
-_USER_PART_TYPES = frozenset({"text", "image_url", "input_audio", "file"})
-_TEXT_PART_TYPES = frozenset({"text"})
-_ASSISTANT_PART_TYPES = frozenset({"text", "refusal"})
-
 DEFAULT_LIST_LIMIT = 50
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
-
-
-# Keys gilas-conv lets callers add to an image part for token estimates only (the pixel size
-# of an image the API would otherwise have to fetch); stored, but never sent.
-_IMAGE_HINT_KEYS = ("width", "height")
-
-
-def openai_message(
-    role: str,
-    content: Any,
-    name: str | None = None,
-    tool_calls: list[dict[str, Any]] | None = None,
-    tool_call_id: str | None = None,
-) -> dict[str, Any]:
-    """A message dict exactly as the chat-completions API accepts it."""
-    if isinstance(content, list):
-        content = [_api_part(part) for part in content]
-    out: dict[str, Any] = {"role": role, "content": content}
-    if name is not None:
-        out["name"] = name
-    if tool_calls:
-        out["tool_calls"] = tool_calls
-    if tool_call_id is not None:
-        out["tool_call_id"] = tool_call_id
-    return out
-
-
-def _api_part(part: dict[str, Any]) -> dict[str, Any]:
-    image = part.get("image_url") if part.get("type") == "image_url" else None
-    if isinstance(image, dict) and any(key in image for key in _IMAGE_HINT_KEYS):
-        image = {k: v for k, v in image.items() if k not in _IMAGE_HINT_KEYS}
-        return {**part, "image_url": image}
-    return part
-
-
-# ---------------------------------------------------------------------------------------------
-# Values
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    """One stored message. ``seq`` counts from 1 within its conversation."""
-
-    conversation_id: str
-    seq: int
-    role: str
-    content: Any
-    created_at: dt.datetime
-    name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
-    tool_call_id: str | None = None
-    pinned: bool = False
-    status: str = "complete"
-    tokens: int | None = None
-    tokens_encoding: str | None = None
-    response_id: str | None = None
-    model: str | None = None
-    finish_reason: str | None = None
-    usage: dict[str, Any] | None = None
-    predicted_prompt_tokens: int | None = None
-    reply_to: int | None = None
-    extra: dict[str, Any] | None = None
-
-    @property
-    def complete(self) -> bool:
-        return self.status == "complete"
-
-    def to_openai(self) -> dict[str, Any]:
-        """The message as the chat-completions API expects it in ``messages``."""
-        return openai_message(self.role, self.content, self.name, self.tool_calls, self.tool_call_id)
-
-    def to_export(self) -> dict[str, Any]:
-        """The message in gilas-conv's export format (see :meth:`Conversation.export`)."""
-        out = self.to_openai()
-        out["created_at"] = self.created_at.isoformat()
-        out["status"] = self.status
-        for key in ("pinned", "response_id", "model", "finish_reason", "usage"):
-            value = getattr(self, key)
-            if value:
-                out[key] = value
-        for key in ("predicted_prompt_tokens", "reply_to", "extra"):
-            value = getattr(self, key)
-            if value is not None:
-                out[key] = value
-        return out
-
-
-@dataclass(frozen=True, slots=True)
-class Summary:
-    """A stored summary standing in for messages ``from_seq``..``to_seq`` (inclusive)."""
-
-    conversation_id: str
-    from_seq: int
-    to_seq: int
-    content: str
-    created_at: dt.datetime
-    model: str | None = None
-    tokens: int | None = None
-    tokens_encoding: str | None = None
-    usage: dict[str, Any] | None = None
 
 
 _MESSAGE_COLUMNS = tuple(_messages.c[name] for name in Message.__dataclass_fields__)
@@ -176,182 +81,6 @@ def _message_from_row(row: Row[Any] | Mapping[str, Any]) -> Message:
 
 # ---------------------------------------------------------------------------------------------
 # Validation: everything is checked before a transaction starts.
-
-
-def _check_str(value: Any, what: str, *, allow_empty: bool = True) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"{what} must be a string, not {type(value).__name__}")
-    if not allow_empty and not value.strip():
-        raise ValueError(f"{what} must not be empty")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise ValueError(
-            f"{what} contains a lone surrogate at index {err.start} ({value[err.start]!r}); "
-            "it is not valid Unicode text and cannot be stored"
-        ) from err
-    return value
-
-
-# Column sizes of the short text fields (see _schema); Postgres enforces them, SQLite does
-# not, so they are checked here for both.
-_SHORT = 255
-_ID_LENGTH = 36
-_FINISH_REASON_MAX = 64
-
-
-def _check_field(value: Any, what: str, *, max_length: int | None = _SHORT, allow_empty: bool = True) -> str:
-    """A short text field (ids, names, models, titles): text, no NUL, within its column."""
-    _check_str(value, what, allow_empty=allow_empty)
-    if "\x00" in value:
-        raise ValueError(f"{what} must not contain NUL characters")
-    if max_length is not None and len(value) > max_length:
-        raise ValueError(f"{what} is {len(value)} characters long; at most {max_length} are stored")
-    return value
-
-
-def _lookup_key(value: str | None, max_length: int) -> bool:
-    """Whether ``value`` could be a stored id or owner at all (else it is simply not found)."""
-    return value is None or ("\x00" not in value and len(value) <= max_length)
-
-
-def _check_int(value: Any, what: str) -> int | None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-        raise ValueError(f"{what} must be an integer (>= 0), not {value!r}")
-    return value
-
-
-def _check_json(value: Any, what: str) -> Any:
-    """Check that ``value`` is plain JSON data with valid Unicode strings; return it."""
-    if value is None or isinstance(value, bool | int):
-        return value
-    if isinstance(value, float):
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ValueError(f"{what} contains {value!r}, which JSON cannot represent")
-        return value
-    if isinstance(value, str):
-        return _check_str(value, what)
-    if isinstance(value, Mapping):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise ValueError(f"{what} has a non-string key {key!r}")
-            _check_str(key, f"a key of {what}")
-            _check_json(item, f"{what}[{key!r}]")
-        return value
-    if isinstance(value, list | tuple):
-        for index, item in enumerate(value):
-            _check_json(item, f"{what}[{index}]")
-        return value
-    raise ValueError(f"{what} must be JSON data (str, number, list, dict), not {type(value).__name__}")
-
-
-def _check_content(role: str, content: Any, *, has_tool_calls: bool) -> Any:
-    if content is None:
-        if role == "assistant" and has_tool_calls:
-            return None
-        raise ValueError(
-            f"content of a {role} message must be a string"
-            + (" (only an assistant message with tool_calls may have null content)")
-        )
-    if isinstance(content, str):
-        return _check_str(content, "content")
-    if isinstance(content, list | tuple):
-        allowed = (
-            _USER_PART_TYPES
-            if role == "user"
-            else _ASSISTANT_PART_TYPES
-            if role == "assistant"
-            else _TEXT_PART_TYPES
-        )
-        parts = []
-        for index, part in enumerate(content):
-            where = f"content[{index}]"
-            if not isinstance(part, Mapping):
-                raise ValueError(f"{where} must be a content part object, not {type(part).__name__}")
-            kind = part.get("type")
-            if kind not in allowed:
-                raise ValueError(
-                    f"{where} has type {kind!r}; a {role} message accepts {', '.join(sorted(allowed))}"
-                )
-            if kind == "text":
-                _check_str(part.get("text"), f"{where}.text")
-            elif kind == "refusal":
-                _check_str(part.get("refusal"), f"{where}.refusal")
-            elif kind == "image_url":
-                image = part.get("image_url")
-                if not isinstance(image, Mapping) or not isinstance(image.get("url"), str):
-                    raise ValueError(f'{where} must look like {{"image_url": {{"url": "..."}}}}')
-            _check_json(part, where)
-            parts.append(dict(part))
-        return parts
-    raise ValueError(f"content must be a string or a list of content parts, not {type(content).__name__}")
-
-
-def _check_tool_calls(tool_calls: Any) -> list[dict[str, Any]]:
-    if not isinstance(tool_calls, list | tuple) or not tool_calls:
-        raise ValueError("tool_calls must be a non-empty list")
-    out = []
-    for index, call in enumerate(tool_calls):
-        where = f"tool_calls[{index}]"
-        if not isinstance(call, Mapping):
-            raise ValueError(f"{where} must be an object")
-        _check_field(call.get("id"), f"{where}.id", max_length=None, allow_empty=False)
-        function = call.get("function")
-        if call.get("type", "function") == "function":
-            if not isinstance(function, Mapping):
-                raise ValueError(f"{where}.function must be an object with name and arguments")
-            _check_str(function.get("name"), f"{where}.function.name", allow_empty=False)
-            _check_str(function.get("arguments"), f"{where}.function.arguments")
-        _check_json(call, where)
-        out.append(dict(call))
-    return out
-
-
-def _validate_message(
-    role: Any,
-    content: Any,
-    *,
-    name: Any = None,
-    tool_calls: Any = None,
-    tool_call_id: Any = None,
-    status: Any = "complete",
-    pinned: Any = False,
-) -> dict[str, Any]:
-    """Check one message; return its columns. Raises ValueError, having touched nothing."""
-    if not isinstance(pinned, bool):
-        raise ValueError("pinned must be True or False")
-    if pinned and (role == "tool" or tool_calls is not None):
-        # Sent alone, half of a tool-call pair makes the API refuse the request.
-        raise ValueError(
-            "tool calls and tool results cannot be pinned on their own; "
-            "pin the user message or a plain reply instead"
-        )
-    if role not in ROLES:
-        raise ValueError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
-    if status not in STATUSES:
-        raise ValueError(f"unknown status {status!r}; expected one of {', '.join(STATUSES)}")
-    if tool_calls is not None and role != "assistant":
-        raise ValueError("only assistant messages may have tool_calls")
-    calls = _check_tool_calls(tool_calls) if tool_calls is not None else None
-    if role == "tool":
-        if tool_call_id is None:
-            raise ValueError("a tool message needs the tool_call_id of the call it answers")
-        _check_field(tool_call_id, "tool_call_id", allow_empty=False)
-    elif tool_call_id is not None:
-        raise ValueError("only tool messages may have a tool_call_id")
-    if name is not None:
-        _check_field(name, "name", allow_empty=False)
-    # An interrupted streamed reply may have no text yet; it is stored as "".
-    checked = _check_content(role, content, has_tool_calls=calls is not None)
-    return {
-        "role": role,
-        "content": checked,
-        "name": name,
-        "tool_calls": calls,
-        "tool_call_id": tool_call_id,
-        "status": status,
-        "pinned": pinned,
-    }
 
 
 def _bump_statement(*, owned: bool) -> Any:
@@ -426,53 +155,9 @@ class _DriverAppend:
             cursor.close()
 
 
-def _check_reply_fields(response_id: Any, model: Any, finish_reason: Any) -> None:
-    if response_id is not None:
-        _check_field(response_id, "response_id")
-    if model is not None:
-        _check_field(model, "model")
-    if finish_reason is not None:
-        _check_field(finish_reason, "finish_reason", max_length=_FINISH_REASON_MAX)
-
-
-def _check_conversation_id(conversation_id: Any) -> str:
-    if not isinstance(conversation_id, str) or not conversation_id.strip():
-        raise ValueError("conversation id must be a non-empty string")
-    return conversation_id
-
-
-def _could_exist(conversation_id: Any, owner: Any, *, any_id: bool = False) -> bool:
-    """Check lookup arguments; False when no stored conversation can match them (an id or
-    owner with NUL or longer than its column), which callers report as not found."""
-    if not any_id:
-        _check_conversation_id(conversation_id)
-    if owner is not None and not isinstance(owner, str):
-        raise ValueError(f"owner must be a string or None, not {type(owner).__name__}")
-    return (any_id or _lookup_key(conversation_id, _ID_LENGTH)) and _lookup_key(owner, _SHORT)
-
-
 def _owner_clause(owner: str | None) -> Any:
     column = _conversations.c.owner
     return column.is_(None) if owner is None else column == owner
-
-
-def _parse_timestamp(value: Any, what: str) -> dt.datetime:
-    if isinstance(value, dt.datetime):
-        parsed = value
-    elif isinstance(value, str):
-        try:
-            parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError as err:
-            raise ValueError(f"{what} is not an ISO 8601 timestamp: {value!r}") from err
-    else:
-        raise ValueError(f"{what} must be an ISO 8601 timestamp string")
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=dt.timezone.utc)
-    return parsed.astimezone(dt.timezone.utc)
-
-
-# ---------------------------------------------------------------------------------------------
-# The conversation handle
 
 
 @dataclass(eq=False)
@@ -1131,148 +816,3 @@ class ConversationStore:
                     return summary
             raise
         return Summary(**values)
-
-
-def _token_columns(columns: Mapping[str, Any], model: str) -> dict[str, Any]:
-    encoding = _tokens.encoding_name_for_model(model)
-    message = {"role": columns["role"], "content": columns.get("content")}
-    for key in ("name", "tool_calls", "tool_call_id"):
-        if columns.get(key) is not None:
-            message[key] = columns[key]
-    return {"tokens": _tokens.message_tokens(message, encoding), "tokens_encoding": encoding}
-
-
-def _prepare_import(data: Any, model: str | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Validate one conversation to import: its ``conversations`` row and its message rows."""
-    if isinstance(data, Mapping):
-        if not isinstance(data.get("messages"), list):
-            raise ValueError('expected an object with a "messages" list')
-        raw_messages = data["messages"]
-        header: Mapping[str, Any] = data
-    elif isinstance(data, list):
-        raw_messages, header = data, {}
-    else:
-        raise ValueError("expected an exported conversation object or a list of messages")
-    model = model or header.get("model") or DEFAULT_MODEL
-    _check_field(model, "model", allow_empty=False)
-    title = header.get("title")
-    if title is not None:
-        _check_field(title, "title", max_length=None)
-    metadata = header.get("metadata")
-    if metadata is not None and not isinstance(metadata, Mapping):
-        raise ValueError("metadata must be an object")
-    _check_json(metadata, "metadata")
-    now = _now()
-    created_at = _parse_timestamp(header["created_at"], "created_at") if "created_at" in header else now
-    rows = []
-    for index, raw in enumerate(raw_messages):
-        try:
-            rows.append(_import_message(raw, model, now))
-        except ValueError as err:
-            raise ValueError(f"message {index + 1}: {err}") from err
-    for seq, row in enumerate(rows, start=1):
-        row["seq"] = seq
-        created_at = min(created_at, row["created_at"])
-    conversation = {
-        "id": str(uuid.uuid4()),
-        "title": title,
-        "model": model,
-        "metadata": dict(metadata) if metadata is not None else None,
-        "last_seq": len(rows),
-        "created_at": created_at,
-        "updated_at": max([now, *(r["created_at"] for r in rows)]),
-    }
-    return conversation, rows
-
-
-def _import_message(raw: Any, model: str, now: dt.datetime) -> dict[str, Any]:
-    if not isinstance(raw, Mapping):
-        raise ValueError("each message must be an object")
-    known = {
-        "role", "content", "name", "tool_calls", "tool_call_id", "created_at", "status", "pinned",
-        "response_id", "model", "finish_reason", "usage", "predicted_prompt_tokens", "reply_to", "extra",
-        "refusal", "seq", "tokens", "tokens_encoding",
-    }  # fmt: skip
-    unknown = set(raw) - known
-    if unknown:
-        raise ValueError(f"unknown field(s) {', '.join(sorted(map(str, unknown)))}")
-    if "content" not in raw and not raw.get("tool_calls"):
-        raise ValueError('missing "content"')
-    columns = _validate_message(
-        raw.get("role"),
-        raw.get("content"),
-        name=raw.get("name"),
-        tool_calls=raw.get("tool_calls"),
-        tool_call_id=raw.get("tool_call_id"),
-        status=raw.get("status", "complete"),
-        pinned=raw.get("pinned", False),
-    )
-    _check_reply_fields(raw.get("response_id"), raw.get("model"), raw.get("finish_reason"))
-    for key in ("response_id", "model", "finish_reason"):
-        columns[key] = raw.get(key)
-    for key in ("predicted_prompt_tokens", "reply_to"):
-        columns[key] = _check_int(raw.get(key), key)
-    usage = raw.get("usage")
-    if usage is not None and not isinstance(usage, Mapping):
-        raise ValueError("usage must be an object")
-    columns["usage"] = _check_json(usage, "usage")
-    columns["extra"] = _check_json(raw.get("extra"), "extra")
-    columns["created_at"] = (
-        _parse_timestamp(raw["created_at"], "created_at") if raw.get("created_at") is not None else now
-    )
-    columns.update(_token_columns(columns, model))
-    return columns
-
-
-class _Transaction:
-    """``with store._write() as conn``: one transaction, database errors translated.
-
-    Write transactions ask SQLite for the write lock up front (BEGIN IMMEDIATE).
-    """
-
-    def __init__(self, engine: Engine, *, write: bool) -> None:
-        self._engine = engine
-        self._write = write
-        self._conn: Any = None
-        self._tx: Any = None
-
-    def __enter__(self) -> Any:
-        try:
-            self._conn = self._engine.connect()
-            if self._write:
-                self._conn.execution_options(**WRITE)
-            self._tx = self._conn.begin()
-        except DBAPIError as err:
-            if self._conn is not None:
-                self._conn.close()
-            raise StoreError(f"database error: {_describe(err)}") from err
-        return self._conn
-
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        driver_errors = self._engine.dialect.loaded_dbapi
-        if isinstance(exc, driver_errors.Error) and not isinstance(exc, DBAPIError):
-            # Raised by the driver's own cursor (the SQLite append path): wrap it as
-            # SQLAlchemy would have, so one translation below serves both.
-            exc = DBAPIError.instance(None, None, exc, driver_errors.Error)
-        try:
-            if exc is None:
-                self._tx.commit()
-            else:
-                self._tx.rollback()
-        except IntegrityError as err:
-            raise StoreIntegrityError(f"the database refused the write: {_describe(err)}") from err
-        except DBAPIError as err:
-            if exc is None:
-                raise StoreError(f"database error: {_describe(err)}") from err
-        finally:
-            self._conn.close()
-        if isinstance(exc, IntegrityError):
-            raise StoreIntegrityError(f"the database refused the write: {_describe(exc)}") from exc
-        if isinstance(exc, DBAPIError):
-            raise StoreError(f"database error: {_describe(exc)}") from exc
-
-
-def _describe(err: DBAPIError) -> str:
-    """The driver's message alone: SQLAlchemy's text would echo every bound parameter."""
-    text = str(err.orig).strip().splitlines()
-    return text[0][:500] if text else type(err.orig).__name__

@@ -27,8 +27,8 @@ __all__ = ["current_revision", "downgrade_database", "head_revision", "upgrade_d
 
 
 def migrations_dir() -> Path:
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "migrations", here.parent / "migrations"):
+    package = Path(__file__).resolve().parent.parent  # gilas_conv/
+    for candidate in (package / "migrations", package.parent / "migrations"):
         if (candidate / "env.py").is_file():
             return candidate
     raise FileNotFoundError(  # a broken install, not a user error
@@ -88,7 +88,7 @@ def upgrade_database(url: str | Engine | None = None, revision: str = "head") ->
     ``url`` defaults like ConversationStore's: $GILAS_CONV_DATABASE_URL, else the embedded
     SQLite file. Safe to call on an up-to-date database. Returns the resulting revision.
     """
-    from ._config import resolve_database_url
+    from .._config import resolve_database_url
 
     if isinstance(url, Engine):
         engine, owned = url, False

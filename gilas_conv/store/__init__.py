@@ -1,0 +1,21 @@
+"""The conversation store: every message of every conversation, on SQLite or Postgres.
+
+This package owns persistence: every SQL statement gilas-conv runs is here, transactions
+open in one place (:mod:`._tx`) where database errors are translated, and the other
+modules get rows or values, never a connection.
+
+Layout
+    ``_store``     :class:`ConversationStore` and the :class:`Conversation` handle
+    ``_values``    the immutable values handed out (:class:`Message`, :class:`Summary`)
+    ``_validate``  checks of everything written or looked up (pure; run before a transaction)
+    ``_io``        import: export data checked and turned into rows
+    ``_tx``        the one transaction context and error translation
+    ``_schema``    the tables (SQLAlchemy models; Alembic migrations build exactly these)
+    ``_engine``    engines configured per backend (SQLite pragmas, the Postgres driver)
+    ``_migrate``   running the shipped Alembic migrations
+"""
+
+from ._store import Conversation, ConversationStore, Role
+from ._values import Message, Summary, openai_message
+
+__all__ = ["Conversation", "ConversationStore", "Message", "Role", "Summary", "openai_message"]
