@@ -21,9 +21,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from _store_workers import content_for, parse_marker
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
@@ -40,6 +42,17 @@ WORKER_TIMEOUT_S = 120
 
 # ---------------------------------------------------------------------------------------------
 # Driving the workers
+
+
+_WORKERS: list[_Worker] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_workers() -> Iterator[None]:
+    """Every worker of a test is ended and its pipes closed when the test ends."""
+    yield
+    while _WORKERS:
+        _WORKERS.pop().close()
 
 
 class _Worker:
@@ -75,6 +88,17 @@ class _Worker:
         ]
         for reader in self._readers:
             reader.start()
+        _WORKERS.append(self)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=WORKER_TIMEOUT_S)
+        for reader in self._readers:
+            reader.join(timeout=WORKER_TIMEOUT_S)
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
 
     def _read_stdout(self) -> None:
         for line in self.proc.stdout:
