@@ -614,7 +614,11 @@ class StreamAccumulator:
         choices = chunk.get("choices", [])
         if not isinstance(choices, list):
             raise _invalid(
-                "a streamed chunk has no choices list", chunk, status=200, request_id=self.request_id, secrets=self._secrets
+                "a streamed chunk has no choices list",
+                chunk,
+                status=200,
+                request_id=self.request_id,
+                secrets=self._secrets,
             )
         if self.response_id is None and isinstance(chunk.get("id"), str) and chunk["id"]:
             self.response_id = chunk["id"]
@@ -632,7 +636,11 @@ class StreamAccumulator:
         for position, choice in enumerate(choices):
             if not isinstance(choice, dict):
                 raise _invalid(
-                    "a streamed choice is not an object", chunk, status=200, request_id=self.request_id, secrets=self._secrets
+                    "a streamed choice is not an object",
+                    chunk,
+                    status=200,
+                    request_id=self.request_id,
+                    secrets=self._secrets,
                 )
             index = choice.get("index", position)
             if not isinstance(index, int):
@@ -641,7 +649,11 @@ class StreamAccumulator:
             delta = choice.get("delta") or {}
             if not isinstance(delta, dict):
                 raise _invalid(
-                    "a streamed delta is not an object", chunk, status=200, request_id=self.request_id, secrets=self._secrets
+                    "a streamed delta is not an object",
+                    chunk,
+                    status=200,
+                    request_id=self.request_id,
+                    secrets=self._secrets,
                 )
             content = delta.get("content")
             if isinstance(content, str):
