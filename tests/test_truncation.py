@@ -46,6 +46,7 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine, event
 
 from gilas_conv import (
+    Context,
     ContextWindowExceeded,
     Conversation,
     ConversationStore,
@@ -59,7 +60,7 @@ from gilas_conv import (
     get_model_info,
 )
 from gilas_conv.tokens import REPLY_PRIMING_TOKENS, message_tokens, tools_tokens
-from gilas_conv.truncation import DEFAULT_REPLY_RESERVE
+from gilas_conv.truncation import DEFAULT_REPLY_RESERVE, plan_context, save_summary
 
 MODEL = "gpt-4o-mini"
 ANCHOR_ROLES = ("system", "developer")
@@ -785,6 +786,36 @@ def test_summarize_stores_a_summary_reuses_it_and_extends_it(store: Conversation
     assert latest.content == summarize.replies[1]
 
 
+def test_step_wise_planning_asks_for_the_summary_then_sends_it(store: ConversationStore) -> None:
+    """plan_context says which summary it needs and stores nothing; once save_summary has
+    stored the answer, planning again sends it (what the senders do around their request)."""
+    conv, stored, limit = _summarized_conversation(store)
+    options: dict[str, Any] = {"context_limit": limit, "max_tokens": 100, "policy": "summarize"}
+
+    request = plan_context(conv, **options)
+
+    assert isinstance(request, SummaryRequest)
+    assert (request.previous, request.to_seq) == (None, 9)
+    assert request.messages == [m.to_openai() for m in stored[1:9]]
+    assert conv.summaries() == [], "planning writes no summary"
+    assert plan_context(conv, **options) == request, "and asks again until one is stored"
+    with pytest.raises(ValueError, match="no text"):
+        save_summary(conv, request, "  ")
+    assert conv.summaries() == []
+
+    saved = save_summary(conv, request, "They talked at length.")
+    ctx = plan_context(conv, **options)
+
+    assert isinstance(ctx, Context)
+    assert conv.summaries() == [saved] and ctx.summary == saved
+    assert (saved.from_seq, saved.to_seq) == (request.from_seq, 9)
+    assert ctx.seqs == (1, 10, 11, 12, 13, 14)
+    assert ctx.messages[1]["content"].endswith("They talked at length.")
+    assert ctx.prompt_tokens == count_tokens(ctx.messages, MODEL)
+    # The truncate policy never asks.
+    assert isinstance(plan_context(conv, **{**options, "policy": "truncate"}), Context)
+
+
 def test_summarize_does_nothing_when_everything_fits(store: ConversationStore) -> None:
     """Summaries are for what must be dropped; a history that fits is sent as it is."""
     conv = store.create(model=MODEL, system="s")
@@ -1106,7 +1137,7 @@ def test_summarize_works_on_an_in_memory_database() -> None:
         ctx = build_context(conv, **options, summarizer=summarize)  # type: ignore[arg-type]
 
         _check_summary_context(conv, stored, ctx, limit=limit, summarizer=summarize)
-        assert [s.to_seq for s in conv.summaries()] == [ctx.summary.to_seq if ctx.summary else None]
+        assert conv.summaries() == [ctx.summary]
 
 
 def test_database_errors_while_choosing_the_window_are_store_errors(store: ConversationStore) -> None:
@@ -1137,3 +1168,22 @@ def test_an_exhausted_pool_is_a_store_error(db_url: str) -> None:
             with pytest.raises(StoreError, match="no database connection free"):
                 conversation_tokens(conv)
         assert build_context(conv).seqs == (1,)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "what"),
+    [
+        ({"content": "", "from_seq": 1, "to_seq": 2}, "summary"),
+        ({"content": "s", "from_seq": 0, "to_seq": 2}, "from_seq"),
+        ({"content": "s", "from_seq": 3, "to_seq": 2}, "from_seq"),
+        ({"content": "s", "from_seq": 1, "to_seq": "2"}, "to_seq"),
+        ({"content": "s", "from_seq": 1, "to_seq": 2, "usage": [1]}, "usage"),
+    ],
+)
+def test_add_summary_refuses_bad_values_and_writes_nothing(
+    store: ConversationStore, kwargs: dict[str, Any], what: str
+) -> None:
+    conv = store.create(model=MODEL, system="s")
+    with pytest.raises(ValueError, match=what):
+        conv.add_summary(**kwargs)
+    assert conv.summaries() == []

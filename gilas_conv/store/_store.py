@@ -409,7 +409,7 @@ class ConversationStore:
 
     @property
     def engine(self) -> Engine:
-        """The SQLAlchemy engine (for the truncation fast path and advanced use)."""
+        """The SQLAlchemy engine (for advanced use: events, pool inspection)."""
         return self._engine
 
     def close(self) -> None:

@@ -145,7 +145,8 @@ class WindowRow:
 
     def to_openai(self) -> dict[str, Any]:
         """The message as the chat-completions API takes it."""
-        return openai_message(self.role, self.content, self.name, self.tool_calls, self.tool_call_id)
+        content = self._content if self._content is not _UNLOADED else self.content
+        return openai_message(self.role, content, self.name, self.tool_calls, self.tool_call_id)
 
     def _stored(self) -> dict[str, Any]:
         """The message as stored (image size hints kept), for counting its tokens."""
