@@ -26,6 +26,7 @@ import builtins
 import datetime as dt
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
@@ -59,6 +60,9 @@ from ._validate import (
 )
 from ._values import Message, Summary
 from ._values import now as _now
+from ._window import WindowReader
+from ._window import read_window as _read_window
+from ._window import summary_rows as _summary_rows
 
 __all__ = ["Conversation", "ConversationStore", "Message", "Role", "Summary"]
 
@@ -265,7 +269,61 @@ class Conversation:
         return self
 
     def summaries(self) -> list[Summary]:
+        """The stored summaries, ordered by the last seq they cover."""
         return self.store._summaries(self.id)
+
+    def add_summary(
+        self,
+        content: str,
+        *,
+        from_seq: int,
+        to_seq: int,
+        model: str | None = None,
+        tokens: int | None = None,
+        tokens_encoding: str | None = None,
+        usage: dict[str, Any] | None = None,
+    ) -> Summary:
+        """Store a summary standing in for messages ``from_seq``..``to_seq`` and return it.
+
+        ``model`` wrote it; ``tokens`` is its cost as sent, under ``tokens_encoding``. If a
+        summary ending at ``to_seq`` is already stored (another process summarized the same
+        range first), that one is returned and nothing is written. Bad values raise
+        ValueError, with nothing written. Summaries are what ``policy="summarize"`` sends
+        in place of dropped history (see :func:`gilas_conv.truncation.plan_context`).
+        """
+        _check_str(content, "summary", allow_empty=False)
+        for value, what in ((from_seq, "from_seq"), (to_seq, "to_seq")):
+            if _check_int(value, what) is None or value < 1:
+                raise ValueError(f"{what} must be a positive integer, not {value!r}")
+        if from_seq > to_seq:
+            raise ValueError(f"from_seq ({from_seq}) must not be after to_seq ({to_seq})")
+        if model is not None:
+            _check_field(model, "model", allow_empty=False)
+        _check_int(tokens, "tokens")
+        if tokens_encoding is not None:
+            _check_field(tokens_encoding, "tokens_encoding", allow_empty=False)
+        if usage is not None and not isinstance(usage, Mapping):
+            raise ValueError("usage must be a dict")
+        _check_json(usage, "usage")
+        return self.store._add_summary(
+            self.id,
+            from_seq=from_seq,
+            to_seq=to_seq,
+            content=content,
+            model=model,
+            tokens=tokens,
+            tokens_encoding=tokens_encoding,
+            usage=dict(usage) if usage is not None else None,
+        )
+
+    def read_window(self, *, encoding: str) -> AbstractContextManager[WindowReader]:
+        """Rows for choosing a context window, counted under ``encoding``: the planner's
+        reader (:mod:`gilas_conv.truncation` uses it; see :class:`WindowReader`).
+
+        ``with conv.read_window(encoding=...) as reader``: one read transaction, so run
+        nothing slow (an API request) inside the block. Database errors are StoreError.
+        """
+        return _read_window(self.store, self.id, encoding)
 
     def export(self) -> dict[str, Any]:
         """The conversation as gilas-conv's JSON export format.
@@ -351,7 +409,7 @@ class ConversationStore:
 
     @property
     def engine(self) -> Engine:
-        """The SQLAlchemy engine (for the truncation fast path and advanced use)."""
+        """The SQLAlchemy engine (for advanced use: events, pool inspection)."""
         return self._engine
 
     def close(self) -> None:
@@ -772,14 +830,7 @@ class ConversationStore:
 
     def _summaries(self, conversation_id: str) -> builtins.list[Summary]:
         with self._read() as conn:
-            rows = conn.execute(
-                select(_summaries)
-                .where(_summaries.c.conversation_id == conversation_id)
-                .order_by(_summaries.c.to_seq)
-            ).all()
-        return [
-            Summary(**{name: row._mapping[name] for name in Summary.__dataclass_fields__}) for row in rows
-        ]
+            return _summary_rows(conn, conversation_id)
 
     def _add_summary(
         self,

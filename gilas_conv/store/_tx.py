@@ -6,6 +6,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from ..exceptions import StoreError, StoreIntegrityError
 from ._engine import WRITE
@@ -33,6 +34,9 @@ class _Transaction:
             if self._conn is not None:
                 self._conn.close()
             raise StoreError(f"database error: {_describe(err)}") from err
+        except PoolTimeoutError as err:
+            # Every pooled connection stayed checked out for the whole pool timeout.
+            raise StoreError(f"no database connection free: {str(err).splitlines()[0]}") from err
         return self._conn
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
