@@ -446,6 +446,7 @@ def build_context(
         model, context_limit=context_limit, max_tokens=max_tokens, tools=tools
     )
     store = conv.store
+    store._check_owner(conv.id, conv.owner)
     with store.engine.connect() as conn:
         reader = _Reader(conn, conv.id, encoding)
         anchors = {r.seq: r for r in reader.anchors() if include_incomplete or r.status == "complete"}
@@ -536,7 +537,7 @@ def _ensure_summary(
     summarizer: Summarizer,
 ) -> Summary | None:
     """The stored summary covering messages up to ``cut``, extended or made if needed."""
-    existing = [s for s in store._summaries(conv.id) if s.to_seq <= cut]
+    existing = [s for s in store._summaries(conv.id, conv.owner) if s.to_seq <= cut]
     latest = existing[-1] if existing else None
     if latest is not None and latest.to_seq == cut:
         return latest
@@ -598,6 +599,7 @@ def conversation_tokens(conv: Conversation, *, model: str | None = None) -> int:
     """Prompt tokens the whole stored history would take (every message, plus priming)."""
     encoding = _tokens.get_model_info(model or conv.model).encoding
     total = 0
+    conv.store._check_owner(conv.id, conv.owner)
     with conv.store.engine.connect() as conn:
         reader = _Reader(conn, conv.id, encoding)
         after = 0

@@ -102,59 +102,6 @@ _BUMP_UNOWNED = _bump_statement(owned=False)
 _INSERT_MESSAGE = insert(_messages)
 
 
-class _DriverAppend:
-    """An append's two statements run on the SQLite driver's own cursor.
-
-    An append is the hot path of every turn, and SQLAlchemy's per-statement machinery costs
-    about three times what SQLite itself spends on the UPDATE and INSERT. The SQL is compiled
-    by SQLAlchemy once per dialect and the values go through the columns' own bind
-    processors (JSON, timestamps, booleans), so what is stored is exactly what the Core
-    statements would store; the transaction is the one ``_Transaction`` began.
-    """
-
-    def __init__(self, dialect: Any) -> None:
-        self._bump = {
-            owned: self._prepare(_BUMP_OWNED if owned else _BUMP_UNOWNED, dialect) for owned in (True, False)
-        }
-        self._insert = self._prepare(_INSERT_MESSAGE, dialect)
-
-    @staticmethod
-    def _prepare(statement: Any, dialect: Any) -> tuple[str, list[tuple[str, Any, Any]]]:
-        """The SQL, and per positional parameter: its name, its type's bind processor, and
-        the value bound in the statement itself (the 1 of ``last_seq + 1``)."""
-        compiled = statement.compile(dialect=dialect)
-        binds = compiled.binds
-        return compiled.string, [
-            (key, binds[key].type.bind_processor(dialect), binds[key].value) for key in compiled.positiontup
-        ]
-
-    @staticmethod
-    def _args(prepared: tuple[str, list[tuple[str, Any, Any]]], values: Mapping[str, Any]) -> list[Any]:
-        args = []
-        for key, process, default in prepared[1]:
-            if key in values:
-                value = values[key]
-            elif default is not None:
-                value = default
-            else:  # every column is given explicitly; a missing one is a bug here
-                raise KeyError(f"no value for {key!r}")
-            args.append(process(value) if process is not None else value)
-        return args
-
-    def run(self, conn: Any, bump: Mapping[str, Any], row: dict[str, Any], *, owned: bool) -> int | None:
-        cursor = conn.connection.dbapi_connection.cursor()
-        try:
-            sql, _ = prepared = self._bump[owned]
-            found = cursor.execute(sql, self._args(prepared, bump)).fetchone()
-            if found is None:
-                return None
-            row["seq"] = seq = found[0]
-            cursor.execute(self._insert[0], self._args(self._insert, row))
-            return int(seq)
-        finally:
-            cursor.close()
-
-
 def _owner_clause(owner: str | None) -> Any:
     column = _conversations.c.owner
     return column.is_(None) if owner is None else column == owner
@@ -217,13 +164,13 @@ class Conversation:
 
     def messages(self, *, after: int = 0, limit: int | None = None) -> list[Message]:
         """The stored history in order (all of it by default), as Message values."""
-        return self.store._messages(self.id, after=after, limit=limit)
+        return self.store._messages(self.id, self.owner, after=after, limit=limit)
 
     def iter_messages(self, *, batch_size: int = 1000) -> Iterator[Message]:
         """The history in order, read in batches, for conversations too long to hold at once."""
         after = 0
         while True:
-            batch = self.store._messages(self.id, after=after, limit=batch_size)
+            batch = self.store._messages(self.id, self.owner, after=after, limit=batch_size)
             yield from batch
             if len(batch) < batch_size:
                 return
@@ -231,13 +178,13 @@ class Conversation:
 
     def message(self, seq: int) -> Message:
         """The message with sequence number ``seq``; raises MessageNotFound."""
-        found = self.store._messages(self.id, after=seq - 1, limit=1)
+        found = self.store._messages(self.id, self.owner, after=seq - 1, limit=1)
         if not found or found[0].seq != seq:
             raise MessageNotFound(self.id, seq)
         return found[0]
 
     def last_message(self) -> Message | None:
-        return self.store._last_message(self.id)
+        return self.store._last_message(self.id, self.owner)
 
     def fork(self, at: int | None = None, *, title: str | None = None) -> Conversation:
         """A new conversation holding a copy of messages 1..``at`` (all when None)."""
@@ -245,7 +192,7 @@ class Conversation:
 
     def pin(self, seq: int, pinned: bool = True) -> None:
         """Mark a message to be kept in every context window (or unmark it)."""
-        self.store._pin(self.id, seq, pinned)
+        self.store._pin(self.id, self.owner, seq, pinned)
 
     def update(
         self,
@@ -265,7 +212,7 @@ class Conversation:
         return self
 
     def summaries(self) -> list[Summary]:
-        return self.store._summaries(self.id)
+        return self.store._summaries(self.id, self.owner)
 
     def export(self) -> dict[str, Any]:
         """The conversation as gilas-conv's JSON export format.
@@ -327,7 +274,6 @@ class ConversationStore:
         )
         self.url = redact_url(self._engine.url.render_as_string(hide_password=False))
         self.dialect = self._engine.dialect.name
-        self._driver_append = _DriverAppend(self._engine.dialect) if self.dialect == "sqlite" else None
         if auto_upgrade is None:
             auto_upgrade = self.dialect == "sqlite"
         try:
@@ -615,13 +561,10 @@ class ConversationStore:
             with self._write() as conn:
                 bump = {"b_cid": conversation_id, "b_owner": owner, "b_now": now}
                 row = {"conversation_id": conversation_id, "created_at": now, **columns}
-                if self._driver_append is not None:
-                    seq = self._driver_append.run(conn, bump, row, owned=owner is not None)
-                else:
-                    statement = _BUMP_UNOWNED if owner is None else _BUMP_OWNED
-                    seq = conn.execute(statement, bump).scalar()
-                    if seq is not None:
-                        conn.execute(_INSERT_MESSAGE, {**row, "seq": seq})
+                statement = _BUMP_UNOWNED if owner is None else _BUMP_OWNED
+                seq = conn.execute(statement, bump).scalar()
+                if seq is not None:
+                    conn.execute(_INSERT_MESSAGE, {**row, "seq": seq})
                 if seq is None:
                     raise ConversationNotFound(conversation_id)
         except StoreIntegrityError:
@@ -643,8 +586,24 @@ class ConversationStore:
             ).first()
         return _message_from_row(row) if row is not None else None
 
+    def _check_owner(self, conversation_id: str, owner: str | None, conn: Any = None) -> None:
+        """Raise ConversationNotFound unless this owner has this conversation: every read
+        through a handle checks it, so a handle whose ``id`` was swapped (for instance with
+        ``dataclasses.replace``) reads nothing of another owner's. An id never changes
+        owner, so checking in a transaction of its own is as good as in the reader's."""
+        if not _could_exist(conversation_id, owner):
+            raise ConversationNotFound(conversation_id)
+        query = select(literal(1)).where(_conversations.c.id == conversation_id, _owner_clause(owner))
+        if conn is None:
+            with self._read() as conn:
+                found = conn.execute(query).first()
+        else:
+            found = conn.execute(query).first()
+        if found is None:
+            raise ConversationNotFound(conversation_id)
+
     def _messages(
-        self, conversation_id: str, *, after: int = 0, limit: int | None = None
+        self, conversation_id: str, owner: str | None, *, after: int = 0, limit: int | None = None
     ) -> builtins.list[Message]:
         query = (
             select(*_MESSAGE_COLUMNS)
@@ -654,10 +613,12 @@ class ConversationStore:
         if limit is not None:
             query = query.limit(limit)
         with self._read() as conn:
+            self._check_owner(conversation_id, owner, conn)
             return [_message_from_row(row) for row in conn.execute(query)]
 
-    def _last_message(self, conversation_id: str) -> Message | None:
+    def _last_message(self, conversation_id: str, owner: str | None) -> Message | None:
         with self._read() as conn:
+            self._check_owner(conversation_id, owner, conn)
             row = conn.execute(
                 select(*_MESSAGE_COLUMNS)
                 .where(_messages.c.conversation_id == conversation_id)
@@ -717,8 +678,9 @@ class ConversationStore:
             )
         return self.get(new_id, owner=source.owner)
 
-    def _pin(self, conversation_id: str, seq: int, pinned: bool) -> None:
+    def _pin(self, conversation_id: str, owner: str | None, seq: int, pinned: bool) -> None:
         with self._write() as conn:
+            self._check_owner(conversation_id, owner, conn)
             row = conn.execute(
                 select(_messages.c.role, _messages.c.tool_calls).where(
                     _messages.c.conversation_id == conversation_id, _messages.c.seq == seq
@@ -770,8 +732,9 @@ class ConversationStore:
         if not changed:
             raise ConversationNotFound(conversation_id)
 
-    def _summaries(self, conversation_id: str) -> builtins.list[Summary]:
+    def _summaries(self, conversation_id: str, owner: str | None) -> builtins.list[Summary]:
         with self._read() as conn:
+            self._check_owner(conversation_id, owner, conn)
             rows = conn.execute(
                 select(_summaries)
                 .where(_summaries.c.conversation_id == conversation_id)
@@ -811,8 +774,13 @@ class ConversationStore:
                 conn.execute(insert(_summaries).values(**values))
         except StoreIntegrityError:
             # Another process summarized the same range first; theirs is as good as ours.
-            for summary in self._summaries(conversation_id):
-                if summary.to_seq == to_seq:
-                    return summary
-            raise
+            with self._read() as conn:
+                row = conn.execute(
+                    select(_summaries).where(
+                        _summaries.c.conversation_id == conversation_id, _summaries.c.to_seq == to_seq
+                    )
+                ).first()
+            if row is None:
+                raise
+            return Summary(**{name: row._mapping[name] for name in Summary.__dataclass_fields__})
         return Summary(**values)

@@ -49,8 +49,17 @@ def _check_field(value: Any, what: str, *, max_length: int | None = _SHORT, allo
 
 
 def _lookup_key(value: str | None, max_length: int) -> bool:
-    """Whether ``value`` could be a stored id or owner at all (else it is simply not found)."""
-    return value is None or ("\x00" not in value and len(value) <= max_length)
+    """Whether ``value`` could be a stored id or owner at all (else it is simply not found):
+    stored ones are valid Unicode (no lone surrogate), with no NUL, within their column."""
+    if value is None:
+        return True
+    if "\x00" in value or len(value) > max_length:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_int(value: Any, what: str) -> int | None:
