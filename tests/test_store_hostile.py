@@ -3,8 +3,14 @@ malformed imports, bad database URLs, odd schema states, file permissions, huge 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import shutil
 import sqlite3
+import stat
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -86,3 +92,71 @@ def test_lone_surrogate_ids_and_owners_are_simply_not_found(store: ConversationS
     assert store.list(owner=bad) == []
     assert store.count(owner=bad) == 0
     assert store.get(conv.id).id == conv.id
+
+
+# -- files ---------------------------------------------------------------------------------------
+
+
+def test_new_database_files_are_private_to_their_user(tmp_path: Path) -> None:
+    with ConversationStore() as store:  # the default: a file in the per-user data directory
+        store.create(model=MODEL).append("user", "private")
+        path = Path(store.engine.url.database or "")
+        created = [path, Path(f"{path}-wal"), Path(f"{path}-shm")]
+        assert all(p.exists() for p in created)
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+        assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in created} == {"0o600"}
+
+
+def test_an_existing_file_keeps_the_permissions_its_owner_chose(tmp_path: Path) -> None:
+    path = tmp_path / "shared.db"
+    path.touch()
+    path.chmod(0o640)
+    with ConversationStore(f"sqlite:///{path}") as store:
+        store.create(model=MODEL)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+
+
+@contextlib.contextmanager
+def _read_only(*paths: Path) -> Iterator[None]:
+    """Make files and directories unwritable, even for root (chattr +i) when run as root."""
+    if os.geteuid() == 0:
+        if shutil.which("chattr") is None:
+            pytest.skip("running as root without chattr: cannot make a file read-only")
+        done = []
+        try:
+            for p in paths:
+                if subprocess.run(["chattr", "+i", str(p)], capture_output=True).returncode != 0:
+                    pytest.skip("chattr +i is not permitted here")
+                done.append(p)
+            yield
+        finally:
+            for p in done:
+                subprocess.run(["chattr", "-i", str(p)], check=True)
+    else:
+        modes = {p: p.stat().st_mode for p in paths}
+        try:
+            for p in paths:
+                p.chmod(0o555 if p.is_dir() else 0o444)
+            yield
+        finally:
+            for p, mode in modes.items():
+                p.chmod(mode)
+
+
+@pytest.mark.parametrize("directory_writable", [True, False])
+def test_a_read_only_sqlite_file_can_still_be_read(tmp_path: Path, directory_writable: bool) -> None:
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    path = folder / "history.db"
+    with ConversationStore(f"sqlite:///{path}") as store:
+        conv = store.create(model=MODEL, title="kept")
+        conv.append("user", "read me")
+    for leftover in (Path(f"{path}-wal"), Path(f"{path}-shm")):
+        leftover.unlink(missing_ok=True)
+    unwritable = [path, *([] if directory_writable else [folder])]
+    with _read_only(*unwritable), ConversationStore(f"sqlite:///{path}") as store:
+        [found] = store.list()
+        assert found.title == "kept"
+        assert [m.content for m in store.get(conv.id).messages()] == ["read me"]
+        with pytest.raises(StoreError, match="readonly database"):
+            found.append("user", "no room")

@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 from sqlalchemy import Engine, Row, Table, bindparam, delete, func, insert, literal, select, update
-from sqlalchemy.exc import DBAPIError
 
 from .._config import DEFAULT_MODEL, DEFAULT_SQLITE_BUSY_TIMEOUT_MS, DEFAULT_SQLITE_SYNCHRONOUS
 from .._config import resolve_database_url as _resolve_database_url
@@ -38,14 +37,13 @@ from ..exceptions import (
     ConversationNotFound,
     MessageNotFound,
     SchemaOutOfDate,
-    StoreError,
     StoreIntegrityError,
 )
 from ._engine import create_engine_for_url, redact_url
 from ._io import _prepare_import
-from ._migrate import current_revision, head_revision, upgrade_database
+from ._migrate import check_schema_state, current_revision, head_revision, upgrade_database
 from ._schema import ConversationRow, MessageRow, SummaryRow
-from ._tx import _Transaction
+from ._tx import _opening, _Transaction
 from ._validate import (
     _check_conversation_id,
     _check_field,
@@ -283,16 +281,15 @@ class ConversationStore:
             raise
 
     def _ensure_schema(self, auto_upgrade: bool) -> None:
-        try:
+        with _opening(self._engine, self.url):
             current = current_revision(self._engine)
             head = head_revision()
             if current == head:
                 return
+            check_schema_state(self._engine, current)
             if auto_upgrade:
                 upgrade_database(self._engine)
                 return
-        except DBAPIError as err:
-            raise StoreError(f"cannot open the database {self.url}: {err.orig}") from err
         raise SchemaOutOfDate(self.url, current, head)
 
     @property

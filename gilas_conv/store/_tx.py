@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, cast
 
 from sqlalchemy import Engine
@@ -60,6 +62,19 @@ class _Transaction:
             raise StoreIntegrityError(f"the database refused the write: {_describe(exc)}") from exc
         if isinstance(exc, DBAPIError):
             raise StoreError(f"database error: {_describe(exc)}") from exc
+
+
+@contextmanager
+def _opening(engine: Engine, shown_url: str) -> Iterator[None]:
+    """Translate database errors raised while a database is opened, checked or migrated
+    (outside a :class:`_Transaction`) into one-line StoreErrors naming the database."""
+    try:
+        yield
+    except Exception as err:
+        wrapped = _as_dbapi_error(engine, err)
+        if wrapped is None:
+            raise
+        raise StoreError(f"cannot open the database {shown_url}: {_describe(wrapped)}") from err
 
 
 def _as_dbapi_error(engine: Engine, err: Exception) -> DBAPIError | None:
