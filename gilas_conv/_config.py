@@ -25,6 +25,13 @@ DEFAULT_DATABASE_FILENAME = "conversations.db"
 # The data directory is created private to its user (the database file inside is 0600).
 DATA_DIR_MODE = 0o700
 
+# The longest message the store accepts, in characters (of its text, tool-call arguments
+# and any other strings in it). Ten million is several times the largest context window
+# of any model (about a million tokens); longer content could never be sent whole, and
+# refusing it up front keeps one message from exhausting a small host's memory. Change it
+# with ConversationStore(max_message_chars=...).
+DEFAULT_MAX_MESSAGE_CHARS = 10_000_000
+
 # SQLite: how long a writer waits for another process's write lock before giving up.
 # Appends hold the lock for one short transaction, so 30 s is only reached when something
 # is badly stuck.

@@ -1061,7 +1061,7 @@ def test_sqlite_appends_store_values_exactly_as_core_inserts_do(
         conv = store.create(model=MODEL, system="سلام\x00")
         conv.append("system", "سلام\x00", pinned=True)
         conv.pin(1)
-    with sqlite3.connect(tmp_path / "formats.db") as raw:
+    with contextlib.closing(sqlite3.connect(tmp_path / "formats.db")) as raw:
         rows = raw.execute(
             "SELECT created_at, content, typeof(pinned), pinned, status,"
             " tokens, tokens_encoding, typeof(tool_calls) FROM messages ORDER BY seq"

@@ -160,3 +160,60 @@ def test_a_read_only_sqlite_file_can_still_be_read(tmp_path: Path, directory_wri
         assert [m.content for m in store.get(conv.id).messages()] == ["read me"]
         with pytest.raises(StoreError, match="readonly database"):
             found.append("user", "no room")
+
+
+# -- size limits and pool ------------------------------------------------------------------------
+
+
+def test_a_message_over_the_limit_is_refused_before_anything_is_stored(store: ConversationStore) -> None:
+    limited = ConversationStore(store.engine.url.render_as_string(hide_password=False), max_message_chars=100)
+    try:
+        conv = limited.create(model=MODEL)
+        conv.append("user", "x" * 100)
+        too_long = "y" * 101
+        with pytest.raises(
+            ValueError, match=r"101 characters long; the store accepts at most 100 .*max_message_chars"
+        ):
+            conv.append("user", too_long)
+        with pytest.raises(ValueError, match="at most 100"):
+            conv.append("user", [{"type": "text", "text": too_long}])
+        with pytest.raises(ValueError, match="at most 100"):
+            limited.create(model=MODEL, system=too_long)
+        with pytest.raises(ValueError, match=r"^message 2: the message is 101 characters"):
+            limited.import_conversation(
+                [{"role": "user", "content": "ok"}, {"role": "user", "content": too_long}]
+            )
+        assert [m.content for m in conv.messages()] == ["x" * 100]
+        assert limited.count() == 1
+    finally:
+        limited.close()
+
+
+def test_long_text_is_counted_exactly_in_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counting a long message piece by piece (to bound memory) gives the whole count."""
+    from gilas_conv import tokens
+
+    lines = [
+        "def f(x):\n",
+        "    return x + 1\n\n",
+        "سلام دنیا  \n",
+        "  \n",
+        "}\r\n",
+        "x = '1234567'\n",
+        "\n\n\n",
+    ]
+    text = "".join(lines[i * 7 % len(lines)] + "word " * (i % 5) for i in range(4000))
+    for name in ("o200k_base", "cl100k_base"):
+        whole = tokens.text_tokens(text, name)
+        monkeypatch.setattr(tokens, "_COUNT_CHUNK_CHARS", 50)
+        assert tokens.text_tokens(text, name) == whole
+        monkeypatch.undo()
+
+
+def test_pool_size_is_a_setting(store: ConversationStore) -> None:
+    url = store.engine.url.render_as_string(hide_password=False)
+    with ConversationStore(url, pool_size=3, max_overflow=7) as sized:
+        assert (sized.engine.pool.size(), sized.engine.pool._max_overflow) == (3, 7)  # type: ignore[attr-defined]
+        sized.create(model=MODEL)
+    with pytest.raises(ValueError, match="pool_size"):
+        ConversationStore(url, pool_size=-1)

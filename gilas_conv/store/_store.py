@@ -31,7 +31,12 @@ from typing import Any, Literal, cast
 
 from sqlalchemy import Engine, Row, Table, bindparam, delete, func, insert, literal, select, update
 
-from .._config import DEFAULT_MODEL, DEFAULT_SQLITE_BUSY_TIMEOUT_MS, DEFAULT_SQLITE_SYNCHRONOUS
+from .._config import (
+    DEFAULT_MAX_MESSAGE_CHARS,
+    DEFAULT_MODEL,
+    DEFAULT_SQLITE_BUSY_TIMEOUT_MS,
+    DEFAULT_SQLITE_SYNCHRONOUS,
+)
 from .._config import resolve_database_url as _resolve_database_url
 from ..exceptions import (
     ConversationNotFound,
@@ -50,6 +55,7 @@ from ._validate import (
     _check_int,
     _check_json,
     _check_reply_fields,
+    _check_size,
     _check_str,
     _could_exist,
     _token_columns,
@@ -252,6 +258,18 @@ class ConversationStore:
     ``sqlite_synchronous``: ``"NORMAL"`` (default; in WAL mode a crashed process loses
     nothing committed, a power cut may lose the newest commits but never corrupts the
     file) or ``"FULL"`` (survives power cuts too, at an fsync per commit).
+
+    ``max_message_chars``: the longest message accepted (default
+    ``DEFAULT_MAX_MESSAGE_CHARS``, ten million characters); a longer one raises
+    ValueError naming the limit before anything is stored.
+
+    ``pool_size`` and ``max_overflow``: the database connection pool (SQLAlchemy's
+    defaults, 5 and 10, when not given). A connection is held only for one short
+    transaction, never while waiting for the API, so a server needs about as many as it
+    has requests writing at the same moment, not as many as open streams: for a gateway
+    with a few hundred concurrent streams, ``pool_size=20, max_overflow=20`` is plenty,
+    and the total over all processes must stay under Postgres's ``max_connections``.
+    ``engine_options`` passes any other option to SQLAlchemy's ``create_engine``.
     """
 
     def __init__(
@@ -262,13 +280,29 @@ class ConversationStore:
         sqlite_synchronous: str = DEFAULT_SQLITE_SYNCHRONOUS,
         sqlite_busy_timeout_ms: int = DEFAULT_SQLITE_BUSY_TIMEOUT_MS,
         engine_options: Mapping[str, Any] | None = None,
+        max_message_chars: int = DEFAULT_MAX_MESSAGE_CHARS,
+        pool_size: int | None = None,
+        max_overflow: int | None = None,
     ) -> None:
+        if (
+            not isinstance(max_message_chars, int)
+            or isinstance(max_message_chars, bool)
+            or max_message_chars < 1
+        ):
+            raise ValueError("max_message_chars must be a positive integer")
+        self.max_message_chars = max_message_chars
+        options = dict(engine_options or {})
+        for name, value in (("pool_size", pool_size), ("max_overflow", max_overflow)):
+            if value is not None:
+                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                    raise ValueError(f"{name} must be an integer >= 0")
+                options[name] = value
         resolved, _embedded = _resolve_database_url(url)
         self._engine = create_engine_for_url(
             resolved,
             sqlite_synchronous=sqlite_synchronous,
             sqlite_busy_timeout_ms=sqlite_busy_timeout_ms,
-            **dict(engine_options or {}),
+            **options,
         )
         self.url = redact_url(self._engine.url.render_as_string(hide_password=False))
         self.dialect = self._engine.dialect.name
@@ -333,6 +367,7 @@ class ConversationStore:
         first = None
         if system is not None:
             first = _validate_message("system", system)
+            _check_size(first, self.max_message_chars)
             first.update(_token_columns(first, model))
         now = _now()
         conversation_id = str(uuid.uuid4())
@@ -456,7 +491,7 @@ class ConversationStore:
         for index, data in enumerate(conversations):
             label = labels[index] if labels is not None else f"conversation {index + 1}"
             try:
-                prepared.append(_prepare_import(data, model))
+                prepared.append(_prepare_import(data, model, max_message_chars=self.max_message_chars))
             except ValueError as err:
                 raise ValueError(f"{label}: {err}" if label else str(err)) from err
         with self._write() as conn:
@@ -536,6 +571,7 @@ class ConversationStore:
             status=status,
             pinned=pinned,
         )
+        _check_size(columns, self.max_message_chars)
         _check_reply_fields(response_id, model, finish_reason)
         _check_int(predicted_prompt_tokens, "predicted_prompt_tokens")
         _check_int(reply_to, "reply_to")

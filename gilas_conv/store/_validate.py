@@ -201,6 +201,36 @@ def _validate_message(
     }
 
 
+def _json_chars(value: Any) -> int:
+    """The characters of every string (keys included) in JSON data."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, Mapping):
+        return sum(len(k) + _json_chars(v) for k, v in value.items() if isinstance(k, str))
+    if isinstance(value, list | tuple):
+        return sum(_json_chars(item) for item in value)
+    return 0
+
+
+def _check_size(columns: Mapping[str, Any], limit: int) -> None:
+    """Refuse a message longer than ``limit`` characters, before it is counted or stored."""
+    size = _json_chars(columns.get("content")) + _json_chars(columns.get("tool_calls"))
+    if size > limit:
+        raise MessageTooLarge(size, limit)
+
+
+class MessageTooLarge(ValueError):
+    """A message is longer than the store's ``max_message_chars``."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            f"the message is {size:,} characters long; the store accepts at most {limit:,} "
+            "(raise it with ConversationStore(max_message_chars=...))"
+        )
+
+
 def _check_reply_fields(response_id: Any, model: Any, finish_reason: Any) -> None:
     if response_id is not None:
         _check_field(response_id, "response_id")
