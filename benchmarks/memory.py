@@ -73,7 +73,10 @@ def main() -> None:
     for case, megs in (("append", args.append_mb), ("import", args.import_mb)):
         chars = int(megs * 1_000_000)
         out = subprocess.run(
-            [sys.executable, __file__, "--child", case, str(chars)], capture_output=True, text=True, check=True
+            [sys.executable, __file__, "--child", case, str(chars)],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
         result = json.loads(out)
         print(

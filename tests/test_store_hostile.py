@@ -217,3 +217,44 @@ def test_pool_size_is_a_setting(store: ConversationStore) -> None:
         sized.create(model=MODEL)
     with pytest.raises(ValueError, match="pool_size"):
         ConversationStore(url, pool_size=-1)
+
+
+# -- import: values both backends can store ------------------------------------------------------
+
+
+def _nested(depth: int) -> object:
+    value: object = 1
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+@pytest.mark.parametrize(
+    ("message", "match"),
+    [
+        ({"created_at": "9999-12-31T23:59:59-05:00"}, r"created_at is out of range"),
+        ({"created_at": "0001-01-01T00:00:00+05:00"}, r"created_at is out of range"),
+        ({"reply_to": 2**31}, r"reply_to is 2147483648; at most 2147483647"),
+        ({"reply_to": 2**64}, r"reply_to is .*; at most 2147483647"),
+        ({"predicted_prompt_tokens": 2**63}, r"predicted_prompt_tokens is .*; at most"),
+        ({"extra": _nested(990)}, r"extra nests deeper than 64 levels"),
+        ({"usage": {"deep": _nested(200)}}, r"usage nests deeper than 64 levels"),
+    ],
+)
+def test_import_refuses_values_either_backend_cannot_store(
+    store: ConversationStore, message: dict[str, object], match: str
+) -> None:
+    data = {
+        "title": "t",
+        "messages": [{"role": "user", "content": "ok"}, {"role": "assistant", "content": "a", **message}],
+    }
+    with pytest.raises(ValueError, match=rf"^backup\.jsonl: message 2: {match}"):
+        store.import_conversations([data], labels=["backup.jsonl"])
+    assert store.count() == 0
+
+
+def test_append_refuses_integers_postgres_cannot_store(store: ConversationStore) -> None:
+    conv = store.create(model=MODEL)
+    with pytest.raises(ValueError, match="at most 2147483647"):
+        conv.append("assistant", "a", reply_to=2**31)
+    assert conv.messages() == []
