@@ -39,6 +39,7 @@ from ._config import (
     ENV_API_KEY,
     ENV_BASE_URL,
     ENV_DATABASE_URL,
+    check_cli_database_url,
     default_data_dir,
     resolve_database_url,
 )
@@ -218,6 +219,7 @@ class _Settings:
 
     def store(self) -> ConversationStore:
         if self._store is None:
+            check_cli_database_url(resolve_database_url(self.db)[0])
             self._store = ConversationStore(self.db)
             click.get_current_context().call_on_close(self._store.close)
         return self._store

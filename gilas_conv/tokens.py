@@ -316,7 +316,43 @@ def get_encoding(name: str) -> tiktoken.Encoding:
 def text_tokens(text: str, encoding: str | tiktoken.Encoding) -> int:
     """The number of tokens of ``text`` alone, special-token strings counted as plain text."""
     enc = encoding if isinstance(encoding, tiktoken.Encoding) else get_encoding(encoding)
-    return len(enc.encode_ordinary(text))
+    return _count_ordinary(enc, text)
+
+
+# Long text is counted in pieces of about this many characters: encoding a whole text at
+# once holds every token (and every pre-token string) of it in memory at the same time,
+# about 17 bytes per character, where pieces keep the cost to the text itself.
+_COUNT_CHUNK_CHARS = 1 << 20
+
+
+def _count_ordinary(enc: tiktoken.Encoding, text: str) -> int:
+    """``len(enc.encode_ordinary(text))``, counted piece by piece for long text.
+
+    Pieces are cut only where every encoding's pre-tokenizer cuts anyway: right after a
+    line break followed by a non-space character (no pre-token crosses into such a
+    character from a line break). BPE merges never cross pre-tokens, so the sum of the
+    pieces' counts is the count of the whole. Text with no such point is counted whole.
+    """
+    if len(text) <= _COUNT_CHUNK_CHARS:
+        return len(enc.encode_ordinary(text))
+    total = 0
+    start = 0
+    while len(text) - start > _COUNT_CHUNK_CHARS:
+        cut = start + _COUNT_CHUNK_CHARS
+        while True:
+            newline = text.find("\n", cut)
+            if newline < 0 or newline + 1 >= len(text):
+                cut = -1
+                break
+            if not text[newline + 1].isspace():
+                cut = newline + 1
+                break
+            cut = newline + 1
+        if cut < 0:
+            break
+        total += len(enc.encode_ordinary(text[start:cut]))
+        start = cut
+    return total + len(enc.encode_ordinary(text[start:]))
 
 
 # --------------------------------------------------------------------------------------
@@ -721,7 +757,7 @@ def _content_tokens(content: object, enc: tiktoken.Encoding) -> int:
     if content is None:
         return 0
     if isinstance(content, str):
-        return len(enc.encode_ordinary(content))
+        return _count_ordinary(enc, content)
     if not isinstance(content, Sequence):
         raise ValueError(
             f"message content must be a string, None or a list of parts, not {type(content).__name__}"
@@ -732,7 +768,7 @@ def _content_tokens(content: object, enc: tiktoken.Encoding) -> int:
             raise ValueError(f"a content part must be an object, not {type(part).__name__}")
         part_type = part.get("type")
         if part_type == "text":
-            total += len(enc.encode_ordinary(_str_field(part, "text", "a text part's text")))
+            total += _count_ordinary(enc, _str_field(part, "text", "a text part's text"))
         elif part_type == "refusal":
             total += len(enc.encode_ordinary(_str_field(part, "refusal", "a refusal part")))
         elif part_type == "image_url":

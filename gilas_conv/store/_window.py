@@ -256,9 +256,13 @@ def summary_rows(conn: Any, conversation_id: str) -> list[Summary]:
 
 
 @contextmanager
-def read_window(store: ConversationStore, conversation_id: str, encoding: str) -> Iterator[WindowReader]:
-    """A :class:`WindowReader` on one read transaction; recounts written back after it."""
+def read_window(
+    store: ConversationStore, conversation_id: str, owner: str | None, encoding: str
+) -> Iterator[WindowReader]:
+    """A :class:`WindowReader` on one read transaction, for this owner's conversation only
+    (else ConversationNotFound); recounts written back after it."""
     with store._read() as conn:
+        store._check_owner(conversation_id, owner, conn)
         reader = WindowReader(conn, conversation_id, encoding)
         yield reader
     # After the read transaction: on a one-connection pool (``sqlite://``) the write needs
