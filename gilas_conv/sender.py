@@ -77,3 +77,8 @@ __all__ = [
     "StreamChunk",
     "pending_reply_to",
 ]
+
+# Shown where they are imported from (help(), reprs of the classes, tracebacks' readers).
+for _public in (AsyncReplyStream, AsyncSender, ReplyStream, Sender, StreamChunk, pending_reply_to):
+    _public.__module__ = __name__
+del _public
