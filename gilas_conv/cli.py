@@ -296,9 +296,12 @@ def _print_stream(stream: ReplyStream, printer: ReplyPrinter | None) -> Message 
     _StreamStopped. A stream cut off by the network raises StreamInterrupted (stored too).
     """
     try:
-        for chunk in stream:
-            if printer is not None:
-                printer.feed(chunk.delta or chunk.refusal)
+        # The with block stores what arrived whatever ends the loop early (an unclosed stream
+        # is only warned about when collected, never stored).
+        with stream:
+            for chunk in stream:
+                if printer is not None:
+                    printer.feed(chunk.delta or chunk.refusal)
     except KeyboardInterrupt:
         if printer is not None:
             printer.finish()

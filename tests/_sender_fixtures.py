@@ -357,7 +357,7 @@ class Driver:
             return chunks, opened.message
 
         async def consume() -> tuple[list[StreamChunk], Any]:
-            opened = (
+            opened = await (
                 self.sender.stream_retry(conversation, **options)
                 if again
                 else self.sender.stream(conversation, content, **options)
