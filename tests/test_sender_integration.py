@@ -331,3 +331,4 @@ def test_stub_server_runs_as_a_script(tmp_path: Path) -> None:
     finally:
         process.terminate()
         process.wait(timeout=5)
+        process.stdout.close()
