@@ -43,8 +43,9 @@ from gilas_conv import (
     upgrade_database,
 )
 from gilas_conv import cli as cli_module
-from gilas_conv._render import Output, ReplyPrinter, content_text
+from gilas_conv.cli._render import Output, ReplyPrinter, content_text
 from gilas_conv.cli import error_message, main, parse_import, read_message
+from gilas_conv.cli._app import GLOBAL_OPTIONS
 
 API_KEY = "sk-cli-test-5b1e0c"
 PERSIAN = "سلام! کتاب\u200cها را می\u200cخواهم؛ the API و English هم\u200cزمان."
@@ -184,7 +185,7 @@ def test_send_json_prints_one_object_with_the_stored_reply(cli: CLI, stream: boo
 @both_backends
 def test_send_continue_replays_the_history_and_system(cli: CLI) -> None:
     conv_id = new_conversation(cli, "-s", "Answer in Persian.", "first question")
-    result = cli("send", "-c", conv_id, "--no-stream", "second question")
+    result = cli("send", "--cid", conv_id, "--no-stream", "second question")
     assert result.stdout == "echo: second question\n"
     assert not re.search("^conversation", result.stderr, re.M)  # no new conversation was started
     assert cli.stub is not None
@@ -209,7 +210,7 @@ def test_send_reads_stdin_and_passes_max_tokens_and_model(cli: CLI) -> None:
 
 def test_send_context_limit_drops_old_turns(cli: CLI) -> None:
     conv_id = new_conversation(cli, "one " * 200)
-    cli("send", "-c", conv_id, "--context-limit", "300", "--max-tokens", "50", "short")
+    cli("send", "--cid", conv_id, "--context-limit", "300", "--max-tokens", "50", "short")
     assert cli.stub is not None
     assert user_texts(cli.stub.requests[-1]["body"]) == ["short"]
 
@@ -269,7 +270,7 @@ def test_list_is_empty_then_most_recent_first(cli: CLI) -> None:
     assert json.loads(cli("list", "--json").stdout) == []
     first = new_conversation(cli, "first")
     second = new_conversation(cli, "second")
-    cli("send", "-c", first, "again")  # first is now the most recently active
+    cli("send", "--cid", first, "again")  # first is now the most recently active
     data = json.loads(cli("list", "--json").stdout)
     assert [c["id"] for c in data] == [first, second]
     assert data[0]["message_count"] == 4 and data[0]["title"] == "first"
@@ -485,7 +486,7 @@ def test_parse_import_formats() -> None:
 
 def test_fork_copies_up_to_seq(cli: CLI) -> None:
     conv_id = new_conversation(cli, "one")
-    cli("send", "-c", conv_id, "two")
+    cli("send", "--cid", conv_id, "two")
     copy_id = cli("fork", conv_id, "--at", "2", "--title", "branch").stdout.strip()
     whole_id = cli("fork", conv_id).stdout.strip()
     with cli.store() as store:
@@ -522,7 +523,7 @@ def test_rm_asks_unless_yes(cli: CLI) -> None:
 @both_backends
 def test_tokens_reports_history_window_and_drift(cli: CLI) -> None:
     conv_id = new_conversation(cli, "-s", "be brief", "word " * 300)
-    cli("send", "-c", conv_id, "short question")
+    cli("send", "--cid", conv_id, "short question")
     report = json.loads(cli("tokens", conv_id, "--json").stdout)
     with cli.store() as store:
         conv = store.get(conv_id)
@@ -612,7 +613,7 @@ def test_base_url_option_beats_the_environment(cli: CLI) -> None:
         pytest.param(["chat"], {"GILAS_API_KEY": ""}, 1, "GILAS_API_KEY is not set", id="chat-no-key"),
         pytest.param(["show", "nope"], {}, 1, "conversation not found: 'nope'", id="not-found"),
         pytest.param(["tokens", "nope"], {}, 1, "`gilas-conv list` shows", id="tokens-not-found"),
-        pytest.param(["send", "-c", "nope", "hi"], {}, 1, "not found", id="send-not-found"),
+        pytest.param(["send", "--cid", "nope", "hi"], {}, 1, "not found", id="send-not-found"),
         pytest.param(["send", "hi"], {"GILAS_API_KEY": "sk-bad"}, 1, "the API refused the key", id="401"),
         pytest.param(["--base-url", "ftp://x", "send", "hi"], {}, 1, "must start with http", id="base-url"),
         pytest.param(["--db", "not a url", "list"], {}, 1, "not a database URL", id="bad-db-url"),
@@ -786,7 +787,7 @@ def test_chat_commands_and_turns(cli: CLI) -> None:
 def test_chat_resume_shows_the_last_messages_and_replays(cli: CLI) -> None:
     conv_id = new_conversation(cli, "-s", "sys", "first")
     for n in range(3):
-        cli("send", "-c", conv_id, f"turn {n}")
+        cli("send", "--cid", conv_id, f"turn {n}")
     result = cli("chat", conv_id, input="next\n")
     assert "Resuming “first”" in result.stdout and "... 3 earlier messages" in result.stdout
     assert "[4] user\nturn 0" in result.stdout and "[2] user" not in result.stdout
@@ -986,15 +987,18 @@ def test_the_command_reference_matches_the_help() -> None:
     )
     for name in commands:
         section = sections[name]
+        # The global options, accepted after every command too, are described once, above.
         documented = {f for f in FLAG.findall(section.split("#### Example")[0]) if f not in ("-", "--")}
-        in_help = _help_flags(_help(name.split())) - {"-h", "--help"}
+        documented -= set(GLOBAL_OPTIONS)
+        in_help = _help_flags(_help(name.split())) - {"-h", "--help"} - set(GLOBAL_OPTIONS)
         assert documented == in_help, (
             f"{name}: the README names {sorted(documented - in_help)} that --help does not, "
             f"and --help names {sorted(in_help - documented)} that the README does not"
         )
         usage = _help(name.split()).splitlines()[0].replace("Usage: ", "")
         assert usage in section, f"{name}: the usage line {usage!r} is not in the README"
-    global_flags = _help_flags(_help([])) - {"-h", "--help"}
+    global_flags = _help_flags(_help([])) - {"-h", "--help", "--version"}
+    assert global_flags == set(GLOBAL_OPTIONS)
     intro = _cli_reference().split("\n### `gilas-conv ")[0]
     for flag in global_flags:
         assert f"`{flag}" in intro, f"the global option {flag} is not described in the README"

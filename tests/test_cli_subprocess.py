@@ -160,7 +160,7 @@ def test_send_in_two_processes_replays_and_prints_exact_bytes(
     first = run(env, "send", "--no-stream", "--json", PERSIAN)  # a JSON answer
     conv_id = json.loads(first.stdout)["conversation_id"]
     assert not stub.requests[-1]["body"].get("stream")
-    second = run(env, "send", "-c", conv_id, "-", input=f"دوم {PERSIAN}".encode())  # SSE
+    second = run(env, "send", "--cid", conv_id, "-", input=f"دوم {PERSIAN}".encode())  # SSE
     assert stub.requests[-1]["body"]["stream"] is True
     # Piped: the reply exactly as stored, byte for byte, ZWNJ included.
     assert second.stdout == f"echo: دوم {PERSIAN}\n".encode()
