@@ -43,9 +43,9 @@ from gilas_conv import (
     upgrade_database,
 )
 from gilas_conv import cli as cli_module
-from gilas_conv.cli._render import Output, ReplyPrinter, content_text
 from gilas_conv.cli import error_message, main, parse_import, read_message
 from gilas_conv.cli._app import GLOBAL_OPTIONS
+from gilas_conv.cli._render import Output, ReplyPrinter, content_text
 
 API_KEY = "sk-cli-test-5b1e0c"
 PERSIAN = "سلام! کتاب\u200cها را می\u200cخواهم؛ the API و English هم\u200cزمان."

@@ -113,9 +113,7 @@ def error_message(
     a multi-line server message is folded (:func:`fold_line`).
     """
     return fold_line(
-        _error_message(
-            err, base_url=base_url, timeout=timeout, conversation_id=conversation_id, owner=owner
-        )
+        _error_message(err, base_url=base_url, timeout=timeout, conversation_id=conversation_id, owner=owner)
     )
 
 
@@ -240,8 +238,10 @@ def check_kept(url: str) -> None:
     if parsed.get_backend_name() != "sqlite":
         return
     database = parsed.database or ""
-    if database in ("", ":memory:") or database.startswith("file::memory:") or parsed.query.get("mode") == (
-        "memory"
+    if (
+        database in ("", ":memory:")
+        or database.startswith("file::memory:")
+        or parsed.query.get("mode") == ("memory")
     ):
         raise ConfigurationError(
             f"{url!r} is an in-memory database: nothing would be kept after this command; "
@@ -337,9 +337,7 @@ class _GlobalOption:
         # No envvar here: the group reads it, and an unset option must not overwrite the
         # value given before the command.
         kwargs = {k: v for k, v in self.kwargs.items() if k not in ("envvar", "show_envvar")}
-        return click.option(
-            *self.decls, help=self.help, expose_value=False, callback=self._late, **kwargs
-        )
+        return click.option(*self.decls, help=self.help, expose_value=False, callback=self._late, **kwargs)
 
     def _late(self, ctx: click.Context, _param: click.Parameter, value: Any) -> None:
         if value is None or value is False:

@@ -28,7 +28,15 @@ from ._app import (
 )
 from ._manage import token_lines, token_report
 from ._render import Output, ReplyPrinter
-from ._turns import StreamStopped, print_stream, stopped_note, switch_model, turn_options, turn_params
+from ._turns import (
+    StreamStopped,
+    ignore_stop_signals,
+    print_stream,
+    stopped_note,
+    switch_model,
+    turn_options,
+    turn_params,
+)
 
 if TYPE_CHECKING:
     from ..sender import ReplyStream
@@ -64,8 +72,8 @@ CHAT_HELP = "\n".join(
         "Commands:",
         *(f"  {f'{name} {args}'.strip():<15} {what}" for name, args, what in _COMMANDS),
         "Input:",
-        "  End a line with \\ to continue on the next line; a line starting with \"\"\" opens a",
-        "  block that ends at a line ending with \"\"\". Start a message with a space to send text",
+        '  End a line with \\ to continue on the next line; a line starting with """ opens a',
+        '  block that ends at a line ending with """. Start a message with a space to send text',
         '  beginning with "/". Ctrl-C stops a reply while it streams; what arrived is kept.',
     ]
 )
@@ -220,6 +228,7 @@ class _Chat:
                 self.output.line(stopped_note(stopped.message), style="dim")
             if stopped.signum != signal.SIGINT:
                 # SIGTERM or a closed terminal: the session is over, the partial reply is stored.
+                ignore_stop_signals()
                 raise SystemExit(128 + stopped.signum) from None
             return True
         except KeyboardInterrupt:

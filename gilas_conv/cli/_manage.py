@@ -107,8 +107,9 @@ def show(
 ) -> None:
     """Show a conversation, message by message.
 
-    The conversation is ID, --cid ID, or -c for the most recent one. On a terminal replies are rendered as Markdown; piped, each message's text is printed
-    exactly as stored, under a "[SEQ] ROLE" line.
+    The conversation is ID, --cid ID, or -c for the most recent one. On a terminal replies
+    are rendered as Markdown; piped, each message's text is printed exactly as stored, under
+    a "[SEQ] ROLE" line.
     """
     conv = pick_conversation(settings, positional=conversation_id, cid=cid, continue_latest=continue_latest)
     assert conv is not None
@@ -234,7 +235,9 @@ def _line_json(number: int, line: str) -> Any:
 @main.command("import")
 @click.argument("file", type=click.File("rb"))
 @click.option(
-    "-m", "--model", help=f"Store the conversations under this model (default: the file's, else {DEFAULT_MODEL})."
+    "-m",
+    "--model",
+    help=f"Store the conversations under this model (default: the file's, else {DEFAULT_MODEL}).",
 )
 @owner_options
 @pass_settings
@@ -295,8 +298,9 @@ def fork(
 ) -> None:
     """Copy a conversation into a new one and print its id.
 
-    The conversation is ID, --cid ID, or -c for the most recent one. With --at SEQ only messages 1..SEQ are copied. The copy can then go its own way
-    (`gilas-conv chat NEW_ID`); the original is untouched.
+    The conversation is ID, --cid ID, or -c for the most recent one. With --at SEQ only
+    messages 1..SEQ are copied. The copy can then go its own way (`gilas-conv chat NEW_ID`);
+    the original is untouched.
     """
     conv = pick_conversation(settings, positional=conversation_id, cid=cid, continue_latest=continue_latest)
     assert conv is not None
@@ -343,8 +347,9 @@ def rm(settings: Settings, conversation_ids: tuple[str, ...], yes: bool) -> None
 def pin(settings: Settings, conversation_id: str, seqs: tuple[int, ...], unpin: bool) -> None:
     """Pin messages, so every later turn sends them.
 
-    A pinned message is sent however long the conversation grows. SEQ is a message's number, as `gilas-conv show` lists it; --unpin takes the pin off.
-    A pinned message is marked "pinned" in `show`.
+    A pinned message is sent however long the conversation grows. SEQ is a message's number,
+    as `gilas-conv show` lists it; --unpin takes the pin off. A pinned message is marked
+    "pinned" in `show`.
     """
     conv = settings.get(conversation_id)
     for seq in seqs:
@@ -363,8 +368,8 @@ def pin(settings: Settings, conversation_id: str, seqs: tuple[int, ...], unpin: 
 def rename(settings: Settings, conversation_id: str, title: tuple[str, ...]) -> None:
     """Give a conversation a new title.
 
-    Several words are joined with spaces. The title is what `gilas-conv list` shows; a conversation started here is titled after
-    its first message until renamed.
+    Several words are joined with spaces. The title is what `gilas-conv list` shows; a
+    conversation started here is titled after its first message until renamed.
     """
     text = " ".join(title).strip()
     if not text:
@@ -489,9 +494,10 @@ def tokens(
 ) -> None:
     """Show the token budget of a conversation.
 
-    The conversation is ID, --cid ID, or -c for the most recent one. The full history's tokens; the window the next request would send (prompt tokens,
-    the room reserved for the reply, messages kept and dropped); and the drift between the
-    prompt tokens predicted before each past reply and those the API reported.
+    The conversation is ID, --cid ID, or -c for the most recent one. The full history's
+    tokens; the window the next request would send (prompt tokens, the room reserved for the
+    reply, messages kept and dropped); and the drift between the prompt tokens predicted
+    before each past reply and those the API reported.
     """
     conv = pick_conversation(settings, positional=conversation_id, cid=cid, continue_latest=continue_latest)
     assert conv is not None

@@ -102,6 +102,13 @@ def _signals_wait() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def ignore_stop_signals() -> None:
+    """From now on Ctrl-C, SIGTERM and SIGHUP are ignored: the process is on its way out."""
+    if _in_main_thread():
+        for sig in (signal.SIGINT, *STOP_SIGNALS):
+            signal.signal(sig, signal.SIG_IGN)
+
+
 def print_stream(stream: ReplyStream, printer: ReplyPrinter | None) -> Message | None:
     """Print a streamed reply as it arrives; return the stored reply.
 
@@ -311,9 +318,10 @@ def retry(
 ) -> None:
     """Answer the unanswered last message of a conversation.
 
-    The conversation is ID, --cid ID, or -c for the most recent one. A message is left unanswered when a send fails after storing it (a timeout, a rate
-    limit, a refused key); an interrupted, incomplete reply after it is skipped, and the new
-    reply is stored after it.
+    The conversation is ID, --cid ID, or -c for the most recent one. A message is left
+    unanswered when a send fails after storing it (a timeout, a rate limit, a refused key);
+    an interrupted, incomplete reply after it is skipped, and the new reply is stored after
+    it.
     """
     params = turn_params(max_tokens=max_tokens, context_limit=context_limit, policy=policy, options=options)
     output = Output()
@@ -367,6 +375,8 @@ def _deliver(
     try:
         streamed_reply = print_stream(streamed(), None if as_json else ReplyPrinter(output))
     except StreamStopped as stopped:
+        # The command is ending: a further Ctrl-C must not interrupt closing the database.
+        ignore_stop_signals()
         with contextlib.suppress(OSError):
             output.note(stopped_note(stopped.message))
         raise SystemExit(128 + stopped.signum) from None
