@@ -124,7 +124,7 @@ def test_the_sh_blocks_hold_no_other_gilas_conv_example() -> None:
 
 
 def test_the_readme_sessions_run(tmp_path: Path) -> None:
-    """How the README's ``console`` sessions are run (``test_the_readme_sessions_run``).
+    """The README's ``console`` sessions run.
 
     Every ``$ `` line runs in bash, in order, in one scratch directory, against one scratch
     SQLite database and the stub server (whose replies are ``echo: ...``, so the replies shown
