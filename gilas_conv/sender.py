@@ -22,8 +22,12 @@ One turn, step by step (``send``)
 
 If anything fails after step 2, the user message stays stored, unanswered, and the error
 is raised: :meth:`Sender.retry` answers it later, and a next ``send`` replays it as part of
-the history before the new message. Replies are stored under the API's response id, which
-the store keeps unique per conversation, so the same reply is never stored twice.
+the history before the new message.
+
+One request answers a conversation at a time: step 2 takes the conversation's turn lease
+(in the database, so it holds across processes and hosts) and storing the reply releases
+it; a failed request releases it too. A second ``send``, ``stream`` or ``retry`` on the
+conversation meanwhile raises :class:`~gilas_conv.ConversationBusy` and stores nothing.
 
 Streams (``stream``)
     Chunks are yielded as they arrive; the reply is stored when the stream ends. A stream
@@ -59,7 +63,7 @@ from typing import Any
 import httpx
 
 from . import _api
-from ._config import resolve_api_key, resolve_base_url
+from ._config import DEFAULT_TURN_LEASE_SECONDS, resolve_api_key, resolve_base_url
 from ._retry import DEFAULT_MAX_RETRIES, decide
 from ._sse import SSEDecoder
 from .exceptions import (
@@ -69,6 +73,7 @@ from .exceptions import (
     APIStatusError,
     APITimeoutError,
     ConfigurationError,
+    StoreError,
     StreamInterrupted,
 )
 from .store import Conversation, ConversationStore, Message
@@ -138,6 +143,7 @@ class _Turn:
     reply_to: int | None
     body: dict[str, Any]
     predicted_prompt_tokens: int
+    lease: str | None = None  # the conversation's turn lease, released with the reply
 
 
 def _as_timeout(value: float | httpx.Timeout) -> httpx.Timeout:
@@ -345,6 +351,7 @@ class _SenderBase:
     """
 
     _client: Any
+    _lease_seconds: float = DEFAULT_TURN_LEASE_SECONDS
 
     def __init__(
         self,
@@ -418,23 +425,49 @@ class _SenderBase:
         stream: bool,
         summarizer: Callable[[SummaryRequest], str] | None,
     ) -> _Turn:
-        """Store the user message (``_PENDING``: find the pending turn) and build the body."""
+        """Take the turn lease with the user message (``_PENDING``: then find the pending
+        turn) and build the body. ConversationBusy if another request holds the lease."""
         conv = self._conversation(conversation)
-        reply_to = self._pending(conv) if content is _PENDING else conv.append("user", content).seq
-        params = call.params
-        context = build_context(
-            conv,
-            model=params.get("model"),
-            context_limit=call.context_limit,
-            max_tokens=params.get("max_completion_tokens") or params.get("max_tokens"),
-            tools=params.get("tools"),
-            policy=call.policy,
-            summarizer=summarizer,
+        new = [] if content is _PENDING else [{"role": "user", "content": content}]
+        lease, _, added = self._store._begin_turn(
+            conv.id, owner=conv.owner, lease_seconds=self._lease_seconds, messages=new
         )
-        body = _api.build_request_body(
-            model=context.model, messages=context.messages, params=params, stream=stream
-        )
-        return _Turn(conv, reply_to, body, context.prompt_tokens)
+        try:
+            for message in added:
+                conv._saw(message)
+            reply_to = self._pending(conv) if content is _PENDING else added[0].seq
+            params = call.params
+            context = build_context(
+                conv,
+                model=params.get("model"),
+                context_limit=call.context_limit,
+                max_tokens=params.get("max_completion_tokens") or params.get("max_tokens"),
+                tools=params.get("tools"),
+                policy=call.policy,
+                summarizer=summarizer,
+            )
+            body = _api.build_request_body(
+                model=context.model, messages=context.messages, params=params, stream=stream
+            )
+        except BaseException:
+            self._release(conv.id, lease)
+            raise
+        return _Turn(conv, reply_to, body, context.prompt_tokens, lease)
+
+    def _abandon(self, turn: _Turn) -> None:
+        """End a turn that stores no reply (the request failed, nothing arrived): release its lease."""
+        if turn.lease is not None:
+            self._release(turn.conversation.id, turn.lease)
+
+    def _release(self, conversation_id: str, lease: str) -> None:
+        # Called while another error is on its way up: a failed release must not replace it,
+        # and the lease expires by itself.
+        try:
+            self._store._end_turn(conversation_id, lease)
+        except StoreError:
+            logger.warning(
+                "could not release the turn lease of conversation %s", conversation_id, exc_info=True
+            )
 
     @staticmethod
     def _pending(conv: Conversation) -> int | None:
@@ -450,19 +483,24 @@ class _SenderBase:
                 window *= 4
 
     def _store_reply(self, turn: _Turn, reply: _api.Reply, *, status: str) -> Message:
-        message = turn.conversation.append(
-            "assistant",
-            reply.content,
-            tool_calls=reply.tool_calls,
-            status=status,
-            response_id=reply.response_id,
-            model=reply.model or turn.body["model"],
-            finish_reason=reply.finish_reason,
-            usage=reply.usage,
-            predicted_prompt_tokens=turn.predicted_prompt_tokens,
-            reply_to=turn.reply_to,
-            extra=reply.extra,
-        )
+        try:  # the reply is stored and the turn's lease released in one transaction
+            message = turn.conversation.append(
+                "assistant",
+                reply.content,
+                tool_calls=reply.tool_calls,
+                status=status,
+                response_id=reply.response_id,
+                model=reply.model or turn.body["model"],
+                finish_reason=reply.finish_reason,
+                usage=reply.usage,
+                predicted_prompt_tokens=turn.predicted_prompt_tokens,
+                reply_to=turn.reply_to,
+                extra=reply.extra,
+                lease=turn.lease,
+            )
+        except BaseException:
+            self._abandon(turn)
+            raise
         logger.debug(
             "stored %s reply %s as message %s of conversation %s (answering %s)",
             status,
@@ -692,11 +730,24 @@ class Sender(_SenderBase):
         )
 
     def _complete(self, turn: _Turn, call: _Call) -> Message:
-        response = self._request(turn.body, stream=False, max_retries=call.max_retries, timeout=call.timeout)
-        return self._store_reply(turn, self._completion(response), status="complete")
+        try:
+            response = self._request(
+                turn.body, stream=False, max_retries=call.max_retries, timeout=call.timeout
+            )
+            reply = self._completion(response)
+        except BaseException:
+            self._abandon(turn)
+            raise
+        return self._store_reply(turn, reply, status="complete")
 
     def _open_stream(self, turn: _Turn, call: _Call) -> ReplyStream:
-        response = self._request(turn.body, stream=True, max_retries=call.max_retries, timeout=call.timeout)
+        try:
+            response = self._request(
+                turn.body, stream=True, max_retries=call.max_retries, timeout=call.timeout
+            )
+        except BaseException:
+            self._abandon(turn)
+            raise
         return ReplyStream(self, turn, response)
 
     def _summarizer(self, call: _Call) -> Callable[[SummaryRequest], str] | None:
@@ -831,6 +882,8 @@ class ReplyStream:
         if outcome.status is not None:
             assert outcome.reply is not None
             self.message = self._sender._store_reply(self._turn, outcome.reply, status=outcome.status)
+        else:
+            self._sender._abandon(self._turn)
         if outcome.error is not None:
             if self.message is None:
                 raise outcome.error
@@ -986,10 +1039,15 @@ class AsyncSender(_SenderBase):
         return self._summary_text(self._completion(response))
 
     async def _complete(self, turn: _Turn, call: _Call) -> Message:
-        response = await self._request(
-            turn.body, stream=False, max_retries=call.max_retries, timeout=call.timeout
-        )
-        reply = self._completion(response)
+        try:
+            response = await self._request(
+                turn.body, stream=False, max_retries=call.max_retries, timeout=call.timeout
+            )
+            reply = self._completion(response)
+        except BaseException:
+            # A thread runs to its end even if this task is cancelled again: the lease is freed.
+            await asyncio.to_thread(self._abandon, turn)
+            raise
         return await asyncio.to_thread(self._store_reply, turn, reply, status="complete")
 
     async def _request(
@@ -1073,6 +1131,8 @@ class AsyncReplyStream:
             )
         except BaseException:
             self._settled = True
+            if self._turn is not None:
+                await asyncio.to_thread(self._sender._abandon, self._turn)
             raise
         self._core = _StreamCore(self._response.headers.get("x-request-id"), (self._sender._api_key,))
         self._bytes = self._response.aiter_bytes()
@@ -1140,6 +1200,8 @@ class AsyncReplyStream:
                 "an AsyncReplyStream was abandoned outside its event loop; its reply was not stored "
                 "(use async with or aclose())"
             )
+            if self._turn is not None:
+                self._sender._abandon(self._turn)  # no loop to wait on: free the conversation now
             return
         self._sender._track(loop.create_task(self.aclose()))
 
@@ -1158,6 +1220,8 @@ class AsyncReplyStream:
                 self.message = await asyncio.to_thread(
                     self._sender._store_reply, self._turn, outcome.reply, status=outcome.status
                 )
+            else:
+                await asyncio.to_thread(self._sender._abandon, self._turn)
         finally:
             self._settling.set_result(None)
         if outcome.error is not None:
