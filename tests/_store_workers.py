@@ -12,8 +12,9 @@ Protocol, one JSON object per stdout line, flushed at once:
     {"done": true}           every append returned
 
 ``append`` stores ``content_for(worker, i, size)`` as user messages; ``--count 0`` appends
-forever (the crash test kills it with SIGKILL). ``replies`` stores assistant message ``i`` (the same reply in every worker:
-``response_id`` ``resp-<i>``, content ``reply <i>``), to race the reply dedupe.
+forever (the crash test kills it with SIGKILL). ``replies`` stores assistant messages, the
+same replies in every worker (``response_id`` ``resp-<i>``, content ``reply <i>``), to race
+the reply dedupe.
 ``open`` is ready before it opens the store: released, it opens the (possibly new) database,
 creates a conversation and appends ``--count`` messages to it, to race the first use.
 
