@@ -32,6 +32,9 @@ list); each one answers one request, in order, then the default behaviour resume
     {"html": true}                       an HTML error page (status 502 unless given)
     {"drop": true}                       close the connection without answering
     {"delay": 2.0}                       wait before answering (combine with anything)
+    {"hold": true}                       wait until ``release()`` (or ``POST /_stub/release``;
+                                         at most HOLD_LIMIT_S), then answer: a request kept
+                                         in flight for exactly as long as a test needs
     {"reply": "text"}                    the reply text
     {"tool_calls": [{"name": "f", "arguments": "{}", "id": "call_1"}]}   a tool-call reply
     {"finish_reason": "length"}, {"response_id": "chatcmpl-x"}, {"usage": {...} | null}
@@ -46,7 +49,8 @@ list); each one answers one request, in order, then the default behaviour resume
     {"line_ending": "\\r\\n"}            the SSE line ending ("\\n" by default)
 
 Control endpoints: ``POST /_stub/script``, ``POST /_stub/reset`` (clears the script and the
-recorded requests), ``GET /_stub/requests`` (the recorded requests as JSON).
+recorded requests), ``POST /_stub/release`` (ends every hold), ``GET /_stub/requests`` (the
+recorded requests as JSON).
 """
 
 from __future__ import annotations
@@ -69,6 +73,8 @@ from typing import Any
 __all__ = ["StubServer"]
 
 DEFAULT_HOST = "127.0.0.1"
+# The longest a held request waits for release(): a test that forgets it still ends.
+HOLD_LIMIT_S = 30.0
 HTML_PAGE = (
     "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
     "<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
@@ -102,6 +108,7 @@ class StubServer:
         self._ids = itertools.count(1)
         self._prefix = uuid.uuid4().hex[:8]
         self._closing = threading.Event()
+        self._released = threading.Event()
         self._httpd = _Server((host, port), _Handler)
         self._httpd.stub = self
         self._thread: threading.Thread | None = None
@@ -121,6 +128,7 @@ class StubServer:
 
     def close(self) -> None:
         self._closing.set()
+        self._released.set()
         if self._thread is not None:
             self._httpd.shutdown()
             self._thread.join(timeout=5)
@@ -141,6 +149,11 @@ class StubServer:
         with self._lock:
             self._actions.clear()
             self.requests.clear()
+            self._released.clear()
+
+    def release(self) -> None:
+        """Let every held request (``{"hold": true}``) answer, now and until ``reset()``."""
+        self._released.set()
 
     @property
     def pending_actions(self) -> int:
@@ -241,6 +254,10 @@ class _Handler(BaseHTTPRequestHandler):
             stub.reset()
             self._send_json(200, {"ok": True})
             return
+        if self.path == "/_stub/release":
+            stub.release()
+            self._send_json(200, {"ok": True})
+            return
         try:
             body = json.loads(raw) if raw else None
         except ValueError:
@@ -280,6 +297,8 @@ class _Handler(BaseHTTPRequestHandler):
             )
             return
         action = stub._next_action()
+        if action.get("hold"):
+            stub._released.wait(HOLD_LIMIT_S)
         if action.get("delay"):
             stub._sleep(float(action["delay"]))
         if action.get("drop"):

@@ -292,7 +292,9 @@ def test_show_prints_each_message_exactly_when_piped(cli: CLI) -> None:
     assert f"[2] user\n{PERSIAN}\n\n".encode() in out
     assert f"[3] assistant (gpt-4o)\n{markdown}\n".encode() in out
     assert out.startswith(f"conversation {conv.id}\n".encode())
-    assert json.loads(cli("show", conv.id, "--json").stdout) == json.loads(json.dumps(conv.export()))
+    with cli.store() as store:
+        exported = store.get(conv.id).export()
+    assert json.loads(cli("show", conv.id, "--json").stdout) == json.loads(json.dumps(exported))
 
 
 def test_export_one_and_all(cli: CLI) -> None:

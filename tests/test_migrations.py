@@ -187,6 +187,35 @@ def test_downgrade_to_base_and_up_again(empty_db_url: str) -> None:
         assert store.create(model=MODEL, system="again").append("user", "x").seq == 2
 
 
+def test_downgrade_below_0002_keeps_replies_that_share_a_response_id(empty_db_url: str) -> None:
+    """Revision 0001 allows one reply per response id; going back to it keeps every reply
+    and leaves the id on the earliest, and going up again changes nothing."""
+    upgrade_database(empty_db_url)
+    with ConversationStore(empty_db_url, auto_upgrade=False) as store:
+        conversation = store.create(model=MODEL)
+        for question, answer in (("2+2?", "4"), ("Capital of Iran?", "Tehran")):
+            asked = conversation.append("user", question)
+            conversation.append("assistant", answer, response_id="chatcmpl-same", reply_to=asked.seq)
+        conversation_id = conversation.id
+    assert downgrade_database(empty_db_url, "0001") == "0001"
+    engine = _engine(empty_db_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT seq, response_id FROM messages WHERE conversation_id = :c ORDER BY seq"),
+                {"c": conversation_id},
+            ).all()
+            columns = {c["name"] for c in inspect(conn).get_columns("conversations")}
+    finally:
+        engine.dispose()
+    assert [tuple(r) for r in rows] == [(1, None), (2, "chatcmpl-same"), (3, None), (4, None)]
+    assert not columns & {"lease_token", "lease_expires_at"}
+    assert upgrade_database(empty_db_url) == head_revision()
+    with ConversationStore(empty_db_url, auto_upgrade=False) as store:
+        stored = store.get(conversation_id).messages()
+    assert [m.content for m in stored] == ["2+2?", "4", "Capital of Iran?", "Tehran"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Opening a database that is not at the head
 
@@ -334,8 +363,9 @@ def test_partial_indexes_exist(migrated_url: str) -> None:
         indexes = {ix["name"]: ix for ix in inspect(engine).get_indexes("messages")}
         assert indexes["ix_messages_anchor"]["column_names"] == ["conversation_id", "seq"]
         assert not indexes["ix_messages_anchor"]["unique"]
-        assert indexes["uq_messages_response"]["column_names"] == ["conversation_id", "response_id"]
-        assert indexes["uq_messages_response"]["unique"]
+        # Not unique: servers reuse response ids, and every reply is stored.
+        assert indexes["ix_messages_response"]["column_names"] == ["conversation_id", "response_id"]
+        assert not indexes["ix_messages_response"]["unique"]
         with engine.connect() as conn:
             if engine.dialect.name == "sqlite":
                 definitions = dict(
@@ -357,7 +387,7 @@ def test_partial_indexes_exist(migrated_url: str) -> None:
     anchor = definitions["ix_messages_anchor"].replace('"', "")
     assert " WHERE " in anchor
     assert "'system'" in anchor and "'developer'" in anchor and "pinned" in anchor
-    assert "response_id IS NOT NULL" in definitions["uq_messages_response"].split(" WHERE ", 1)[1]
+    assert "response_id IS NOT NULL" in definitions["ix_messages_response"].split(" WHERE ", 1)[1]
 
 
 def _postgres_plan(conn: Any, query: str, cid: str) -> dict[str, Any]:

@@ -189,22 +189,32 @@ class AsyncSender(_SenderBase):
         return self._summary_text(self._completion(response))
 
     async def _complete(self, turn: _Turn, call: _Call) -> Message:
-        response = await self._request(
-            turn.body,
-            stream=False,
-            max_retries=call.max_retries,
-            timeout=call.timeout,
-        )
-        reply = self._completion(response)
+        try:
+            response = await self._request(
+                turn.body,
+                stream=False,
+                max_retries=call.max_retries,
+                timeout=call.timeout,
+            )
+            reply = self._completion(response)
+        except BaseException:
+            # No reply to store: free the conversation (a worker thread runs to its end even
+            # if this task is cancelled again).
+            await AsyncBackend.run_blocking(self._abandon, turn)
+            raise
         return await AsyncBackend.run_blocking(self._store_reply, turn, reply, status="complete")
 
     async def _open_stream(self, turn: _Turn, call: _Call) -> AsyncReplyStream:
-        response = await self._request(
-            turn.body,
-            stream=True,
-            max_retries=call.max_retries,
-            timeout=call.timeout,
-        )
+        try:
+            response = await self._request(
+                turn.body,
+                stream=True,
+                max_retries=call.max_retries,
+                timeout=call.timeout,
+            )
+        except BaseException:
+            await AsyncBackend.run_blocking(self._abandon, turn)
+            raise
         return AsyncReplyStream(self, turn, response)
 
     async def _sleep(self, seconds: float) -> None:
@@ -339,6 +349,8 @@ class AsyncReplyStream:
             self.message = await AsyncBackend.run_blocking(
                 self._sender._store_reply, self._turn, outcome.reply, status=outcome.status
             )
+        else:
+            await AsyncBackend.run_blocking(self._sender._abandon, self._turn)
         if outcome.error is not None:
             if self.message is None:
                 raise outcome.error

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 
 from .. import _api
-from .._config import resolve_api_key, resolve_base_url
+from .._config import DEFAULT_TURN_LEASE_SECONDS, resolve_api_key, resolve_base_url
 from .._retry import decide
 from .._sse import SSEDecoder
 from ..exceptions import (
@@ -28,6 +28,7 @@ from ..exceptions import (
     APIStatusError,
     APITimeoutError,
     ConfigurationError,
+    StoreError,
 )
 from ..store import Conversation, ConversationStore, Message
 from ..truncation import Policy, SummaryRequest, build_context
@@ -87,6 +88,7 @@ class _Turn:
     reply_to: int | None
     body: dict[str, Any]
     predicted_prompt_tokens: int
+    lease: str | None = None  # the conversation's turn lease, released with the reply
 
 
 def _as_timeout(value: float | httpx.Timeout) -> httpx.Timeout:
@@ -295,6 +297,7 @@ class _SenderBase:
     """
 
     _client: Any
+    _lease_seconds: float = DEFAULT_TURN_LEASE_SECONDS
 
     def __init__(
         self,
@@ -370,23 +373,49 @@ class _SenderBase:
         stream: bool,
         summarizer: Callable[[SummaryRequest], str] | None,
     ) -> _Turn:
-        """Store the user message (``_PENDING``: find the pending turn) and build the body."""
+        """Take the turn lease with the user message (``_PENDING``: then find the pending
+        turn) and build the body. ConversationBusy if another request holds the lease."""
         conv = self._conversation(conversation, owner)
-        reply_to = self._pending(conv) if content is _PENDING else conv.append("user", content).seq
-        params = call.params
-        context = build_context(
-            conv,
-            model=params.get("model"),
-            context_limit=call.context_limit,
-            max_tokens=params.get("max_completion_tokens") or params.get("max_tokens"),
-            tools=params.get("tools"),
-            policy=call.policy,
-            summarizer=summarizer,
+        new = [] if content is _PENDING else [{"role": "user", "content": content}]
+        lease, _, added = self._store._begin_turn(
+            conv.id, owner=conv.owner, lease_seconds=self._lease_seconds, messages=new
         )
-        body = _api.build_request_body(
-            model=context.model, messages=context.messages, params=params, stream=stream
-        )
-        return _Turn(conv, reply_to, body, context.prompt_tokens)
+        try:
+            for message in added:
+                conv._saw(message)
+            reply_to = self._pending(conv) if content is _PENDING else added[0].seq
+            params = call.params
+            context = build_context(
+                conv,
+                model=params.get("model"),
+                context_limit=call.context_limit,
+                max_tokens=params.get("max_completion_tokens") or params.get("max_tokens"),
+                tools=params.get("tools"),
+                policy=call.policy,
+                summarizer=summarizer,
+            )
+            body = _api.build_request_body(
+                model=context.model, messages=context.messages, params=params, stream=stream
+            )
+        except BaseException:
+            self._release(conv.id, lease)
+            raise
+        return _Turn(conv, reply_to, body, context.prompt_tokens, lease)
+
+    def _abandon(self, turn: _Turn) -> None:
+        """End a turn that stores no reply (the request failed, nothing arrived): release its lease."""
+        if turn.lease is not None:
+            self._release(turn.conversation.id, turn.lease)
+
+    def _release(self, conversation_id: str, lease: str) -> None:
+        # Called while another error is on its way up: a failed release must not replace it,
+        # and the lease expires by itself.
+        try:
+            self._store._end_turn(conversation_id, lease)
+        except StoreError:
+            logger.warning(
+                "could not release the turn lease of conversation %s", conversation_id, exc_info=True
+            )
 
     @staticmethod
     def _pending(conv: Conversation) -> int | None:
@@ -402,19 +431,24 @@ class _SenderBase:
                 window *= 4
 
     def _store_reply(self, turn: _Turn, reply: _api.Reply, *, status: str) -> Message:
-        message = turn.conversation.append(
-            "assistant",
-            reply.content,
-            tool_calls=reply.tool_calls,
-            status=status,
-            response_id=reply.response_id,
-            model=reply.model or turn.body["model"],
-            finish_reason=reply.finish_reason,
-            usage=reply.usage,
-            predicted_prompt_tokens=turn.predicted_prompt_tokens,
-            reply_to=turn.reply_to,
-            extra=reply.extra,
-        )
+        try:  # the reply is stored and the turn's lease released in one transaction
+            message = turn.conversation.append(
+                "assistant",
+                reply.content,
+                tool_calls=reply.tool_calls,
+                status=status,
+                response_id=reply.response_id,
+                model=reply.model or turn.body["model"],
+                finish_reason=reply.finish_reason,
+                usage=reply.usage,
+                predicted_prompt_tokens=turn.predicted_prompt_tokens,
+                reply_to=turn.reply_to,
+                extra=reply.extra,
+                lease=turn.lease,
+            )
+        except BaseException:
+            self._abandon(turn)
+            raise
         logger.debug(
             "stored %s reply %s as message %s of conversation %s (answering %s)",
             status,

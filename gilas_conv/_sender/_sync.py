@@ -183,22 +183,32 @@ class Sender(_SenderBase):
         return self._summary_text(self._completion(response))
 
     def _complete(self, turn: _Turn, call: _Call) -> Message:
-        response = self._request(
-            turn.body,
-            stream=False,
-            max_retries=call.max_retries,
-            timeout=call.timeout,
-        )
-        reply = self._completion(response)
+        try:
+            response = self._request(
+                turn.body,
+                stream=False,
+                max_retries=call.max_retries,
+                timeout=call.timeout,
+            )
+            reply = self._completion(response)
+        except BaseException:
+            # No reply to store: free the conversation (a worker thread runs to its end even
+            # if this task is cancelled again).
+            SyncBackend.run_blocking(self._abandon, turn)
+            raise
         return SyncBackend.run_blocking(self._store_reply, turn, reply, status="complete")
 
     def _open_stream(self, turn: _Turn, call: _Call) -> ReplyStream:
-        response = self._request(
-            turn.body,
-            stream=True,
-            max_retries=call.max_retries,
-            timeout=call.timeout,
-        )
+        try:
+            response = self._request(
+                turn.body,
+                stream=True,
+                max_retries=call.max_retries,
+                timeout=call.timeout,
+            )
+        except BaseException:
+            SyncBackend.run_blocking(self._abandon, turn)
+            raise
         return ReplyStream(self, turn, response)
 
     def _sleep(self, seconds: float) -> None:
@@ -333,6 +343,8 @@ class ReplyStream:
             self.message = SyncBackend.run_blocking(
                 self._sender._store_reply, self._turn, outcome.reply, status=outcome.status
             )
+        else:
+            SyncBackend.run_blocking(self._sender._abandon, self._turn)
         if outcome.error is not None:
             if self.message is None:
                 raise outcome.error

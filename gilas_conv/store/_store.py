@@ -18,6 +18,16 @@ What is guaranteed
 * ``owner`` scopes every call: a conversation created for owner A does not exist for
   owner B (or for ``owner=None``, which is its own scope, not a wildcard).
 * The store keeps the full history; truncation only chooses what is sent.
+* A reply's ``response_id`` is the server's label, not a key: servers reuse ids, so a new
+  reply is stored whatever its id. Only a repeated append of the same reply (same
+  response id, same message answered, same content and tool calls) returns the stored
+  message instead of storing it twice.
+* One request answers a conversation at a time: a turn takes the conversation's lease
+  (:meth:`ConversationStore._begin_turn`), which lives in the conversation's row, so it
+  holds across threads, processes and hosts sharing the database. The reply is stored and
+  the lease released in one transaction; a request that fails releases it
+  (:meth:`ConversationStore._end_turn`); a process that dies holding it leaves it to
+  expire. Plain appends neither check nor take the lease.
 """
 
 from __future__ import annotations
@@ -30,16 +40,18 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
-from sqlalchemy import Engine, Row, Table, bindparam, delete, func, insert, literal, select, update
+from sqlalchemy import Engine, Row, Table, bindparam, delete, func, insert, literal, or_, select, update
 
 from .._config import (
     DEFAULT_MAX_MESSAGE_CHARS,
     DEFAULT_MODEL,
     DEFAULT_SQLITE_BUSY_TIMEOUT_MS,
     DEFAULT_SQLITE_SYNCHRONOUS,
+    DEFAULT_TURN_LEASE_SECONDS,
 )
 from .._config import resolve_database_url as _resolve_database_url
 from ..exceptions import (
+    ConversationBusy,
     ConversationNotFound,
     MessageNotFound,
     SchemaOutOfDate,
@@ -110,6 +122,68 @@ _BUMP_UNOWNED = _bump_statement(owned=False)
 _INSERT_MESSAGE = insert(_messages)
 
 
+def _lease_held(token: str | None, expires_at: dt.datetime | None, now: dt.datetime) -> bool:
+    return token is not None and expires_at is not None and expires_at > now
+
+
+def _stored_reply(conn: Any, conversation_id: str, columns: Mapping[str, Any]) -> Message | None:
+    """The stored message this reply repeats: same response id, same message answered,
+    same role, content and tool calls. A reply that only shares the id is a new one."""
+    if columns["response_id"] is None:
+        return None
+    found = conn.execute(
+        select(*_MESSAGE_COLUMNS)
+        .where(
+            _messages.c.conversation_id == conversation_id, _messages.c.response_id == columns["response_id"]
+        )
+        .order_by(_messages.c.seq)
+    ).all()
+    for row in found:
+        message = _message_from_row(row)
+        if (message.role, message.reply_to, message.content, message.tool_calls) == (
+            columns["role"],
+            columns["reply_to"],
+            columns["content"],
+            columns["tool_calls"],
+        ):
+            return message
+    return None
+
+
+_TURN_MESSAGE_KEYS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "pinned"})
+
+
+def _turn_message_columns(
+    message: Mapping[str, Any], model: str, *, max_message_chars: int
+) -> dict[str, Any]:
+    """The columns of one new message of a turn (see ``_begin_turn``), validated and counted."""
+    if not isinstance(message, Mapping):
+        raise ValueError(f"a message must be a dict, not {type(message).__name__}")
+    unknown = set(message) - _TURN_MESSAGE_KEYS
+    if unknown:
+        raise ValueError(f"unknown message field(s): {', '.join(sorted(map(str, unknown)))}")
+    columns = _validate_message(
+        message.get("role"),
+        message.get("content"),
+        name=message.get("name"),
+        tool_calls=message.get("tool_calls"),
+        tool_call_id=message.get("tool_call_id"),
+        pinned=message.get("pinned", False),
+    )
+    _check_size(columns, max_message_chars)
+    columns.update(
+        response_id=None,
+        model=None,
+        finish_reason=None,
+        usage=None,
+        predicted_prompt_tokens=None,
+        reply_to=None,
+        extra=None,
+    )
+    columns.update(_token_columns(columns, model))
+    return columns
+
+
 def _owner_clause(owner: str | None) -> Any:
     column = _conversations.c.owner
     return column.is_(None) if owner is None else column == owner
@@ -150,8 +224,10 @@ class Conversation:
 
         ``reply_fields`` (``status``, ``response_id``, ``model``, ``finish_reason``,
         ``usage``, ``predicted_prompt_tokens``, ``reply_to``, ``extra``) record what the API
-        said about a reply. Appending a reply whose ``response_id`` is already stored in
-        this conversation returns the stored message instead of storing it twice.
+        said about a reply. Appending the same reply again (same ``response_id``,
+        ``reply_to``, role, content and tool calls) returns the stored message instead of
+        storing it twice; a reply that only shares the response id is a new reply, stored.
+        (``lease``, for the senders: see ``ConversationStore._append``.)
         """
         message = self.store._append(
             self.id,
@@ -165,10 +241,14 @@ class Conversation:
             pinned=pinned,
             **reply_fields,
         )
+        self._saw(message)
+        return message
+
+    def _saw(self, message: Message) -> None:
+        """Keep ``message_count`` and ``updated_at`` current after a write of this conversation."""
         if message.seq > self.message_count:
             self.message_count = message.seq
             self.updated_at = max(self.updated_at, message.created_at)
-        return message
 
     def messages(self, *, after: int = 0, limit: int | None = None) -> list[Message]:
         """The stored history in order (all of it by default), as Message values."""
@@ -618,8 +698,16 @@ class ConversationStore:
         predicted_prompt_tokens: int | None = None,
         reply_to: int | None = None,
         extra: dict[str, Any] | None = None,
+        lease: str | None = None,
     ) -> Message:
-        """Append one message (see Conversation.append); ``model`` is the model that answered."""
+        """Append one message (see Conversation.append); ``model`` is the model that answered.
+
+        ``lease``: the token of the conversation's turn lease (:meth:`_begin_turn`). The
+        message is stored and the lease released in one transaction. If another request
+        holds the lease now (this one's expired and was taken over), ConversationBusy is
+        raised and nothing is stored. Without ``lease`` the lease is neither checked nor
+        touched.
+        """
         _check_conversation_id(conversation_id)
         columns = _validate_message(
             role,
@@ -648,35 +736,185 @@ class ConversationStore:
             extra=extra,
         )
         columns.update(_token_columns(columns, conversation_model))
+        if lease is not None:
+            _check_str(lease, "lease")
         now = _now()
-        try:
-            with self._write() as conn:
-                bump = {"b_cid": conversation_id, "b_owner": owner, "b_now": now}
-                row = {"conversation_id": conversation_id, "created_at": now, **columns}
-                statement = _BUMP_UNOWNED if owner is None else _BUMP_OWNED
-                seq = conn.execute(statement, bump).scalar()
-                if seq is not None:
-                    conn.execute(_INSERT_MESSAGE, {**row, "seq": seq})
-                if seq is None:
-                    raise ConversationNotFound(conversation_id)
-        except StoreIntegrityError:
-            if response_id is None:
-                raise
-            existing = self._by_response_id(conversation_id, response_id)
-            if existing is None:
-                raise
-            return existing
+        if response_id is not None or lease is not None:
+            return self._append_reply(conversation_id, owner, columns, now, lease=lease)
+        with self._write() as conn:
+            bump = {"b_cid": conversation_id, "b_owner": owner, "b_now": now}
+            row = {"conversation_id": conversation_id, "created_at": now, **columns}
+            statement = _BUMP_UNOWNED if owner is None else _BUMP_OWNED
+            seq = conn.execute(statement, bump).scalar()
+            if seq is not None:
+                conn.execute(_INSERT_MESSAGE, {**row, "seq": seq})
+            if seq is None:
+                raise ConversationNotFound(conversation_id)
         return Message(conversation_id=conversation_id, seq=seq, created_at=now, **columns)
 
-    def _by_response_id(self, conversation_id: str, response_id: str) -> Message | None:
-        with self._read() as conn:
-            row = conn.execute(
-                select(*_MESSAGE_COLUMNS).where(
-                    _messages.c.conversation_id == conversation_id,
-                    _messages.c.response_id == response_id,
-                )
+    def _append_reply(
+        self,
+        conversation_id: str,
+        owner: str | None,
+        columns: dict[str, Any],
+        now: dt.datetime,
+        *,
+        lease: str | None,
+    ) -> Message:
+        """The append of a reply (a response id or a lease given), checked under the lock.
+
+        The conversation's row is locked first (FOR UPDATE on Postgres; SQLite's write
+        transaction holds the database lock), so the check for the same reply already
+        stored and the lease check cannot race another append.
+        """
+        c = _conversations.c
+        with self._write() as conn:
+            state = conn.execute(
+                select(c.lease_token, c.lease_expires_at)
+                .where(c.id == conversation_id, _owner_clause(owner))
+                .with_for_update()
             ).first()
-        return _message_from_row(row) if row is not None else None
+            if state is None:
+                raise ConversationNotFound(conversation_id)
+            ours = lease is not None and state.lease_token == lease
+            release = {"lease_token": None, "lease_expires_at": None} if lease is not None else {}
+            stored = _stored_reply(conn, conversation_id, columns)
+            if stored is not None:
+                if ours:
+                    conn.execute(update(_conversations).where(c.id == conversation_id).values(**release))
+                return stored
+            if lease is not None and not ours and _lease_held(state.lease_token, state.lease_expires_at, now):
+                raise ConversationBusy(conversation_id, expires_at=state.lease_expires_at)
+            seq = conn.execute(
+                update(_conversations)
+                .where(c.id == conversation_id)
+                .values(last_seq=c.last_seq + 1, updated_at=now, **release)
+                .returning(c.last_seq)
+            ).scalar_one()
+            conn.execute(
+                _INSERT_MESSAGE,
+                {"conversation_id": conversation_id, "created_at": now, "seq": seq, **columns},
+            )
+        return Message(conversation_id=conversation_id, seq=seq, created_at=now, **columns)
+
+    # -- the turn lease: one request answers a conversation at a time ---------------------------
+    #
+    # Private to the package but used by the senders and the gateway. A turn is
+    # ``token, conv, added = store._begin_turn(id, owner=..., messages=[...])``, the request,
+    # then ``conv.append("assistant", ..., lease=token)`` (stores the reply and releases the
+    # lease) or, if the request failed, ``store._end_turn(id, token)``.
+
+    def _begin_turn(
+        self,
+        conversation_id: str,
+        *,
+        owner: str | None = None,
+        lease_seconds: float = DEFAULT_TURN_LEASE_SECONDS,
+        messages: Sequence[Mapping[str, Any]] = (),
+    ) -> tuple[str, Conversation, builtins.list[Message]]:
+        """Take the conversation's turn lease and append ``messages``, in one transaction.
+
+        The lease is taken if it is free or expired (its holder died); otherwise
+        :class:`~gilas_conv.ConversationBusy` is raised and nothing is written, so a refused
+        request stores nothing. ``messages`` are the turn's new messages (``role``,
+        ``content``, and optionally ``name``, ``tool_calls``, ``tool_call_id``,
+        ``pinned``), all validated before the transaction (ValueError, nothing written).
+
+        Returns the lease token (a random string: whoever holds it owns the turn), the
+        conversation as it is now, and the messages appended. The lease lasts
+        ``lease_seconds`` (:data:`~gilas_conv._config.DEFAULT_TURN_LEASE_SECONDS` by
+        default: longer than any whole turn may take); expiry is judged by this process's
+        clock, so hosts sharing a database need clocks in step to well under that.
+        """
+        if not _could_exist(conversation_id, owner):
+            raise ConversationNotFound(conversation_id)
+        if (
+            isinstance(lease_seconds, bool)
+            or not isinstance(lease_seconds, int | float)
+            or not lease_seconds > 0
+        ):
+            raise ValueError(f"lease_seconds must be a positive number, not {lease_seconds!r}")
+        rows = []
+        if messages:
+            # Counted before the transaction, under the model read here: if the model changes
+            # meanwhile, the stored encoding says so and the count is redone when read.
+            model = self.get(conversation_id, owner=owner).model
+            for message in messages:
+                rows.append(_turn_message_columns(message, model, max_message_chars=self.max_message_chars))
+        token = str(uuid.uuid4())
+        now = _now()
+        c = _conversations.c
+        values: dict[str, Any] = {
+            "lease_token": token,
+            "lease_expires_at": now + dt.timedelta(seconds=lease_seconds),
+        }
+        if rows:
+            values.update(last_seq=c.last_seq + len(rows), updated_at=now)
+        with self._write() as conn:
+            # One UPDATE takes the lease only where it is free, so two requests racing for it
+            # are ordered by the row lock (Postgres) or the write lock (SQLite): one wins.
+            row = conn.execute(
+                update(_conversations)
+                .where(
+                    c.id == conversation_id,
+                    _owner_clause(owner),
+                    or_(c.lease_token.is_(None), c.lease_expires_at <= now),
+                )
+                .values(**values)
+                .returning(*_conversations.c)
+            ).first()
+            if row is None:
+                holder = conn.execute(
+                    select(c.lease_expires_at).where(c.id == conversation_id, _owner_clause(owner))
+                ).first()
+                if holder is None:
+                    raise ConversationNotFound(conversation_id)
+                raise ConversationBusy(conversation_id, expires_at=holder.lease_expires_at)
+            first = row.last_seq - len(rows) + 1
+            added = [
+                Message(conversation_id=conversation_id, seq=first + i, created_at=now, **columns)
+                for i, columns in enumerate(rows)
+            ]
+            if rows:
+                conn.execute(
+                    insert(_messages),
+                    [
+                        {"conversation_id": conversation_id, "seq": m.seq, "created_at": now, **r}
+                        for m, r in zip(added, rows, strict=True)
+                    ],
+                )
+        return token, self._conversation_from_row(row), added
+
+    def _end_turn(self, conversation_id: str, token: str) -> bool:
+        """Release the lease ``token`` without storing a reply (the request failed).
+
+        True if it was released; a lease that is not (or no longer) this token's is left
+        alone, so a late release can never free another request's turn.
+        """
+        c = _conversations.c
+        with self._write() as conn:
+            released = conn.execute(
+                update(_conversations)
+                .where(c.id == conversation_id, c.lease_token == token)
+                .values(lease_token=None, lease_expires_at=None)
+            ).rowcount
+        return bool(released)
+
+    def _renew_turn(
+        self, conversation_id: str, token: str, *, lease_seconds: float = DEFAULT_TURN_LEASE_SECONDS
+    ) -> bool:
+        """Extend the lease ``token`` to ``lease_seconds`` from now (a turn that runs long).
+
+        False, and nothing changed, when the lease is no longer this token's.
+        """
+        c = _conversations.c
+        with self._write() as conn:
+            renewed = conn.execute(
+                update(_conversations)
+                .where(c.id == conversation_id, c.lease_token == token)
+                .values(lease_expires_at=_now() + dt.timedelta(seconds=lease_seconds))
+            ).rowcount
+        return bool(renewed)
 
     def _check_owner(self, conversation_id: str, owner: str | None, conn: Any = None) -> None:
         """Raise ConversationNotFound unless this owner has this conversation: every read
