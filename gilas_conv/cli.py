@@ -1288,3 +1288,11 @@ def chat(
             f"Chatting with {model or DEFAULT_MODEL}. /help for commands, Ctrl-D to exit.", style="dim"
         )
     session.run()
+
+
+# The gateway's commands live with the gateway (gilas_conv/server/_cli.py).
+from .server._cli import keys as _keys_command  # noqa: E402
+from .server._cli import serve as _serve_command  # noqa: E402
+
+main.add_command(_serve_command)
+main.add_command(_keys_command)

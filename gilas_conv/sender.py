@@ -95,8 +95,17 @@ DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
 # How far back retry() first looks for the turn to answer; it widens the window if needed.
 _RETRY_TAIL = 64
 POLICIES = ("truncate", "summarize")
-# ``content`` of a call that answers the pending turn instead of adding a user message.
-_PENDING: Any = object()
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """``content`` of a call that answers the pending turn instead of adding a user message,
+    after appending ``messages`` (retry's ``messages=``) as part of the turn."""
+
+    messages: tuple[Mapping[str, Any], ...] = ()
+
+
+_PENDING: Any = _Answer()
 
 ConversationRef = str | Conversation
 
@@ -138,6 +147,12 @@ class _Turn:
     reply_to: int | None
     body: dict[str, Any]
     predicted_prompt_tokens: int
+
+
+def _answer(messages: Sequence[Mapping[str, Any]]) -> _Answer:
+    if isinstance(messages, str | bytes | Mapping):
+        raise ValueError("messages must be a list of message dicts")
+    return _Answer(tuple(messages))
 
 
 def _as_timeout(value: float | httpx.Timeout) -> httpx.Timeout:
@@ -418,9 +433,15 @@ class _SenderBase:
         stream: bool,
         summarizer: Callable[[SummaryRequest], str] | None,
     ) -> _Turn:
-        """Store the user message (``_PENDING``: find the pending turn) and build the body."""
+        """Store the user message (an ``_Answer``: its messages, then find the pending turn)
+        and build the body."""
         conv = self._conversation(conversation)
-        reply_to = self._pending(conv) if content is _PENDING else conv.append("user", content).seq
+        if isinstance(content, _Answer):
+            for message in content.messages:
+                conv.append(**message)
+            reply_to = self._pending(conv)
+        else:
+            reply_to = conv.append("user", content).seq
         params = call.params
         context = build_context(
             conv,
@@ -494,13 +515,15 @@ class _SenderBase:
         return _translate(err, self._url, (self._api_key,))
 
     def _status_error(self, response: httpx.Response, payload: bytes) -> APIStatusError:
-        return _api.status_error(
+        error = _api.status_error(
             response.status_code,
             response.headers.get("content-type", ""),
             payload,
             request_id=response.headers.get("x-request-id"),
             secrets=(self._api_key,),
         )
+        error.retry_after = response.headers.get("retry-after")
+        return error
 
     def _retry_delay(
         self, error: APIError, *, retries_done: int, max_retries: int, headers: httpx.Headers | None = None
@@ -633,6 +656,7 @@ class Sender(_SenderBase):
         self,
         conversation: ConversationRef,
         *,
+        messages: Sequence[Mapping[str, Any]] = (),
         max_retries: int | None = None,
         timeout: float | httpx.Timeout | None = None,
         context_limit: int | None = None,
@@ -642,12 +666,20 @@ class Sender(_SenderBase):
         """Answer the pending turn: a last user message left unanswered by a failure, or
         tool results appended after an assistant's tool calls (interrupted replies after
         either are passed over). ValueError if there is none, e.g. when the last message is
-        a complete assistant reply."""
+        a complete assistant reply.
+
+        ``messages``: new messages to store first, as part of this turn (dicts with
+        ``role``, ``content`` and optionally ``name``, ``tool_calls``, ``tool_call_id``,
+        ``pinned``), e.g. the results of the tool calls the last reply asked for; the turn
+        they end is then answered."""
         call = self._call(
             params, max_retries=max_retries, timeout=timeout, context_limit=context_limit, policy=policy
         )
         return self._complete(
-            self._prepare(conversation, _PENDING, call, stream=False, summarizer=self._summarizer(call)), call
+            self._prepare(
+                conversation, _answer(messages), call, stream=False, summarizer=self._summarizer(call)
+            ),
+            call,
         )
 
     def stream(
@@ -677,6 +709,7 @@ class Sender(_SenderBase):
         self,
         conversation: ConversationRef,
         *,
+        messages: Sequence[Mapping[str, Any]] = (),
         max_retries: int | None = None,
         timeout: float | httpx.Timeout | None = None,
         context_limit: int | None = None,
@@ -688,7 +721,10 @@ class Sender(_SenderBase):
             params, max_retries=max_retries, timeout=timeout, context_limit=context_limit, policy=policy
         )
         return self._open_stream(
-            self._prepare(conversation, _PENDING, call, stream=True, summarizer=self._summarizer(call)), call
+            self._prepare(
+                conversation, _answer(messages), call, stream=True, summarizer=self._summarizer(call)
+            ),
+            call,
         )
 
     def _complete(self, turn: _Turn, call: _Call) -> Message:
@@ -912,6 +948,7 @@ class AsyncSender(_SenderBase):
         self,
         conversation: ConversationRef,
         *,
+        messages: Sequence[Mapping[str, Any]] = (),
         max_retries: int | None = None,
         timeout: float | httpx.Timeout | None = None,
         context_limit: int | None = None,
@@ -923,7 +960,7 @@ class AsyncSender(_SenderBase):
             params, max_retries=max_retries, timeout=timeout, context_limit=context_limit, policy=policy
         )
         return await self._complete(
-            await self._prepare_in_thread(conversation, _PENDING, call, stream=False), call
+            await self._prepare_in_thread(conversation, _answer(messages), call, stream=False), call
         )
 
     def stream(
@@ -951,6 +988,7 @@ class AsyncSender(_SenderBase):
         self,
         conversation: ConversationRef,
         *,
+        messages: Sequence[Mapping[str, Any]] = (),
         max_retries: int | None = None,
         timeout: float | httpx.Timeout | None = None,
         context_limit: int | None = None,
@@ -962,7 +1000,7 @@ class AsyncSender(_SenderBase):
             params, max_retries=max_retries, timeout=timeout, context_limit=context_limit, policy=policy
         )
         return AsyncReplyStream(
-            self, lambda: self._prepare_in_thread(conversation, _PENDING, call, stream=True), call
+            self, lambda: self._prepare_in_thread(conversation, _answer(messages), call, stream=True), call
         )
 
     async def _prepare_in_thread(

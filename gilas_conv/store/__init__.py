@@ -13,9 +13,20 @@ Layout
     ``_schema``    the tables (SQLAlchemy models; Alembic migrations build exactly these)
     ``_engine``    engines configured per backend (SQLite pragmas, the Postgres driver)
     ``_migrate``   running the shipped Alembic migrations
+    ``_keys``      the gateway's client keys (:class:`APIKeys`; hashes only)
 """
 
+from ._keys import APIKey, APIKeys
 from ._store import Conversation, ConversationStore, Role
 from ._values import Message, Summary, openai_message
 
-__all__ = ["Conversation", "ConversationStore", "Message", "Role", "Summary", "openai_message"]
+__all__ = [
+    "APIKey",
+    "APIKeys",
+    "Conversation",
+    "ConversationStore",
+    "Message",
+    "Role",
+    "Summary",
+    "openai_message",
+]
