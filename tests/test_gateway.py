@@ -319,3 +319,41 @@ def test_a_body_over_the_limit_gets_413(store: ConversationStore, stub: StubServ
         )
     assert caught.value.status_code == 413
     assert store.count(owner="alice") == 0 and stub.requests == []
+
+
+def test_another_tenants_conversation_does_not_exist_on_any_endpoint(
+    gateway: GatewayServer, store: ConversationStore, stub: StubServer, alice_key: str, bob_key: str
+) -> None:
+    alice = client(gateway, alice_key)
+    cid = alice.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "secret"}]
+    ).conversation  # type: ignore[attr-defined]
+    before, sent = stored(store, cid), len(stub.requests)
+    bob = client(gateway, bob_key)
+    attempts = [
+        lambda: bob.conversations.retrieve(cid),
+        lambda: bob.conversations.update(cid, metadata={"x": "y"}),
+        lambda: bob.conversations.delete(cid),
+        lambda: bob.conversations.items.create(cid, items=[{"role": "user", "content": "hi"}]),
+        lambda: bob.conversations.items.list(cid),
+        lambda: bob.conversations.items.retrieve("msg_1", conversation_id=cid),
+        lambda: bob.conversations.items.delete("msg_1", conversation_id=cid),
+        lambda: bob.conversations.create(extra_body={"fork_from": cid}),
+        lambda: bob.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}], extra_body={"conversation": cid}
+        ),
+        lambda: bob.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "x"}],
+            extra_body={"conversation": cid},
+            stream=True,
+        ),
+    ]
+    for attempt in attempts:
+        with pytest.raises(openai.NotFoundError):
+            attempt()
+    assert bob.conversations.with_raw_response.create().http_response.status_code == 200
+    listed = httpx.get(f"{gateway.url}/conversations", headers={"Authorization": f"Bearer {bob_key}"}).json()
+    assert [c["id"] for c in listed["data"]] != [cid] and cid not in {c["id"] for c in listed["data"]}
+    assert stored(store, cid) == before and len(stub.requests) == sent
+    assert alice.conversations.retrieve(cid).id == cid

@@ -67,6 +67,8 @@ DEFAULT_PAGE_LIMIT = 20
 MAX_PAGE_LIMIT = 100
 # How far back the pending turn is looked for before a completion is accepted.
 _TAIL = 64
+# At shutdown, how long the streams cut by the server may take to store what arrived.
+_SHUTDOWN_STORE_SECONDS = 10.0
 # Titles of conversations a completion creates: the first user line, cut to this length.
 _TITLE_LENGTH = 60
 # Body fields of a completion that are not sent upstream as parameters.
@@ -152,19 +154,52 @@ class _EventStream(StreamingResponse):
     so the upstream request is cancelled at once (the body iterator is cancelled)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async with anyio.create_task_group() as group:
+        try:
+            async with anyio.create_task_group() as group:
 
-            async def pump() -> None:
-                with contextlib.suppress(OSError):
-                    await self.stream_response(send)
-                group.cancel_scope.cancel()
-
-            group.start_soon(pump)
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
+                async def pump() -> None:
+                    with contextlib.suppress(OSError):
+                        await self.stream_response(send)
                     group.cancel_scope.cancel()
-                    break
+
+                group.start_soon(pump)
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        group.cancel_scope.cancel()
+                        break
+        except asyncio.CancelledError:
+            # The server cut this response (its shutdown grace period ended); the stream
+            # stored what arrived on its way out, and there is no one left to tell.
+            return
+
+
+class _InFlight:
+    """The streams being answered, so that shutdown waits until each has stored its reply.
+
+    A server cancels the requests still running when its grace period ends, then shuts the
+    app down and may exit at once (uvicorn re-raises SIGTERM): the streams' replies are
+    stored on their way out, and shutdown waits for those writes.
+    """
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._idle: asyncio.Event | None = None
+
+    def enter(self) -> None:
+        self._count += 1
+
+    def exit(self) -> None:
+        self._count -= 1
+        if self._count == 0 and self._idle is not None:
+            self._idle.set()
+
+    async def wait(self, timeout: float) -> None:
+        if self._count == 0:
+            return
+        self._idle = asyncio.Event()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
 
 
 class _KeyCache:
@@ -215,6 +250,7 @@ class _Gateway:
         self.key_cache = _KeyCache(key_cache_seconds)
         self.sender: AsyncSender | None = None
         self.http: httpx.AsyncClient | None = None
+        self.streams = _InFlight()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -231,6 +267,7 @@ class _Gateway:
         try:
             yield
         finally:
+            await self.streams.wait(_SHUTDOWN_STORE_SECONDS)
             await self.sender.aclose()  # waits for abandoned streams to store what arrived
             await self.http.aclose()
             if self.owns_store:
@@ -405,7 +442,7 @@ class _Gateway:
             error.headers.update(header)
             raise error from err
         return _EventStream(
-            _events(started, conv.id, include_usage=include_usage),
+            _events(started, conv.id, include_usage=include_usage, in_flight=self.streams),
             media_type="text/event-stream",
             headers={**header, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -591,13 +628,16 @@ def _metadata(value: Any) -> dict[str, Any] | None:
     return dict(value)
 
 
-async def _events(stream: Any, conversation_id: str, *, include_usage: bool) -> AsyncIterator[str]:
+async def _events(
+    stream: Any, conversation_id: str, *, include_usage: bool, in_flight: _InFlight
+) -> AsyncIterator[str]:
     """The reply's chunks as server-sent events, each naming the conversation, as they arrive.
 
     However the response ends -- the reply finished, the upstream cut off, the client gone
     (this generator is cancelled), the server shutting down -- the stream is closed under a
     shield, which stores what arrived (as incomplete unless the reply finished).
     """
+    in_flight.enter()
     try:
         try:
             async for chunk in stream:
@@ -619,9 +659,11 @@ async def _events(stream: Any, conversation_id: str, *, include_usage: bool) -> 
             return
         yield "data: [DONE]\n\n"
     finally:
-        with anyio.CancelScope(shield=True):
-            with contextlib.suppress(APIError, StreamInterrupted):
+        try:
+            with anyio.CancelScope(shield=True), contextlib.suppress(APIError, StreamInterrupted):
                 await stream.aclose()
+        finally:
+            in_flight.exit()
 
 
 def _handler(gateway: _Gateway, name: str) -> Callable[[Request], Awaitable[Response]]:
