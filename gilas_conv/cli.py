@@ -39,6 +39,7 @@ from ._config import (
     ENV_API_KEY,
     ENV_BASE_URL,
     ENV_DATABASE_URL,
+    check_cli_database_url,
     default_data_dir,
     resolve_database_url,
 )
@@ -218,6 +219,7 @@ class _Settings:
 
     def store(self) -> ConversationStore:
         if self._store is None:
+            check_cli_database_url(resolve_database_url(self.db)[0])
             self._store = ConversationStore(self.db)
             click.get_current_context().call_on_close(self._store.close)
         return self._store
@@ -294,9 +296,12 @@ def _print_stream(stream: ReplyStream, printer: ReplyPrinter | None) -> Message 
     _StreamStopped. A stream cut off by the network raises StreamInterrupted (stored too).
     """
     try:
-        for chunk in stream:
-            if printer is not None:
-                printer.feed(chunk.delta or chunk.refusal)
+        # The with block stores what arrived whatever ends the loop early (an unclosed stream
+        # is only warned about when collected, never stored).
+        with stream:
+            for chunk in stream:
+                if printer is not None:
+                    printer.feed(chunk.delta or chunk.refusal)
     except KeyboardInterrupt:
         if printer is not None:
             printer.finish()

@@ -680,6 +680,26 @@ def test_stream_cut_off_is_stored_and_reported(cli: CLI) -> None:
         assert conv.last_message().status == "incomplete"  # type: ignore[union-attr]
 
 
+def test_a_stream_ended_by_an_output_error_stores_what_arrived(
+    cli: CLI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shown: list[str] = []
+
+    def feed(self: Any, delta: str | None) -> None:
+        if delta:
+            shown.append(delta)
+        if len(shown) == 2:
+            raise OSError("the terminal went away")
+
+    monkeypatch.setattr(cli_module.ReplyPrinter, "feed", feed)
+    cli("send", "one two three four five", code=1)
+    with cli.store() as store:
+        [conv] = store.list()
+        last = conv.last_message()
+    assert last is not None and (last.role, last.status) == ("assistant", "incomplete")
+    assert last.content.startswith("".join(shown))
+
+
 def test_library_warnings_are_one_line(cli: CLI) -> None:
     model = f"in-house-{uuid.uuid4().hex[:6]}"  # warned about once per process
     result = cli("send", "-m", model, "hi", debug=False)
