@@ -203,7 +203,13 @@ class APIResponseValidationError(APIError):
 
 
 class APIStatusError(APIError):
-    """The API answered with an error status (4xx or 5xx)."""
+    """The API answered with an error status (4xx or 5xx).
+
+    ``retry_after``: the answer's ``Retry-After`` header, when it had one (the gateway
+    passes it on to its clients).
+    """
+
+    retry_after: str | None = None
 
     def __init__(
         self,

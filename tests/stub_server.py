@@ -48,6 +48,8 @@ list); each one answers one request, in order, then the default behaviour resume
     {"stall_after": 1, "stall": 2.0}     1 content chunk, then a 2 s silence, then the rest
     {"line_ending": "\\r\\n"}            the SSE line ending ("\\n" by default)
 
+``GET <anything>/models`` lists :data:`STUB_MODELS`.
+
 Control endpoints: ``POST /_stub/script``, ``POST /_stub/reset`` (clears the script and the
 recorded requests), ``POST /_stub/release`` (ends every hold), ``GET /_stub/requests`` (the
 recorded requests as JSON).
@@ -79,6 +81,8 @@ HTML_PAGE = (
     "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
     "<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
 )
+# What ``GET <anything>/models`` lists.
+STUB_MODELS = ("gpt-4o-mini", "stub-model")
 _WORDS = re.compile(r"\S+\s*|\s+")
 
 
@@ -239,6 +243,9 @@ class _Handler(BaseHTTPRequestHandler):
             with self.server.stub._lock:
                 data = list(self.server.stub.requests)
             self._send_json(200, data)
+        elif self.path.endswith("/models"):
+            models = [{"id": m, "object": "model", "created": 0, "owned_by": "stub"} for m in STUB_MODELS]
+            self._send_json(200, {"object": "list", "data": models})
         else:
             self._send_json(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
 

@@ -27,14 +27,15 @@ def _python_blocks() -> list[str]:
 
 def test_the_readme_has_the_examples_this_test_runs() -> None:
     blocks = _python_blocks()
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     assert "build_context" in blocks[0] and "sender.stream" in blocks[1] and "tool_calls" in blocks[2]
+    assert "extra_body" in blocks[3]
 
 
 def test_the_readme_examples_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("GILAS_CONV_DATABASE_URL", f"sqlite:///{tmp_path / 'readme.db'}")
     monkeypatch.setenv("GILAS_API_KEY", API_KEY)
-    store_only, streaming, tools = _python_blocks()
+    store_only, streaming, tools, _gateway = _python_blocks()
     namespace: dict[str, Any] = {}
     exec(compile(store_only, "README.md (store)", "exec"), namespace)
     ctx = namespace["ctx"]
@@ -209,3 +210,28 @@ def test_the_readme_sessions_run(tmp_path: Path) -> None:
             new_real = [u for u in dict.fromkeys(_UUID.findall(out)) if u not in ids.values()]
             ids.update(zip(new_readme, new_real, strict=False))
     assert len(ids) >= 5  # the conversations the sessions name were all created
+
+
+def test_the_readme_gateway_example_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from _gateway import running_gateway
+
+    from gilas_conv import ConversationStore
+    from gilas_conv.store import APIKeys
+
+    example = _python_blocks()[3]
+    with (
+        StubServer(api_key="sk-gateway-upstream") as server,
+        ConversationStore(f"sqlite:///{tmp_path / 'gateway.db'}") as store,
+    ):
+        key = APIKeys(store).create(owner="me")[0]
+        with running_gateway(store, server.base_url) as gateway:
+            code = example.replace("http://127.0.0.1:8080/v1", gateway.url)
+            namespace: dict[str, Any] = {"KEY": key}
+            exec(compile(code, "README.md (gateway)", "exec"), namespace)
+        conv = store.get(namespace["conversation"], owner="me")
+        assert [m.role for m in conv.messages()] == ["system", "user", "assistant"] + [
+            "user",
+            "assistant",
+        ] * 2
+        assert server.requests[-1]["body"]["messages"][-1]["content"] == "One more fact."
+    assert capsys.readouterr().out.endswith("echo: One more fact.")

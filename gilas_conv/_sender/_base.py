@@ -45,8 +45,24 @@ DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
 # How far back retry() first looks for the turn to answer; it widens the window if needed.
 _RETRY_TAIL = 64
 POLICIES = ("truncate", "summarize")
-# ``content`` of a call that answers the pending turn instead of adding a user message.
-_PENDING: Any = object()
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """``content`` of a call that answers the pending turn instead of adding a user message,
+    after appending ``messages`` (retry's ``messages=``) as part of the turn."""
+
+    messages: tuple[Mapping[str, Any], ...] = ()
+
+
+_PENDING: Any = _Answer()
+
+
+def _answer(messages: Sequence[Mapping[str, Any]]) -> _Answer:
+    """The ``content`` of ``retry(messages=...)``: answer the turn these messages end."""
+    if isinstance(messages, str | bytes | Mapping):
+        raise ValueError("messages must be a list of message dicts")
+    return _Answer(tuple(messages))
 
 ConversationRef = str | Conversation
 
@@ -373,17 +389,19 @@ class _SenderBase:
         stream: bool,
         summarizer: Callable[[SummaryRequest], str] | None,
     ) -> _Turn:
-        """Take the turn lease with the user message (``_PENDING``: then find the pending
-        turn) and build the body. ConversationBusy if another request holds the lease."""
+        """Take the turn lease with the turn's new messages (the user message; or, for an
+        ``_Answer``, its messages, then find the pending turn) and build the body, all or
+        nothing. ConversationBusy if another request holds the lease."""
         conv = self._conversation(conversation, owner)
-        new = [] if content is _PENDING else [{"role": "user", "content": content}]
+        answering = isinstance(content, _Answer)
+        new = list(content.messages) if answering else [{"role": "user", "content": content}]
         lease, _, added = self._store._begin_turn(
             conv.id, owner=conv.owner, lease_seconds=self._lease_seconds, messages=new
         )
         try:
             for message in added:
                 conv._saw(message)
-            reply_to = self._pending(conv) if content is _PENDING else added[0].seq
+            reply_to = self._pending(conv) if answering else added[0].seq
             params = call.params
             context = build_context(
                 conv,
@@ -480,13 +498,15 @@ class _SenderBase:
         return _translate(err, self._url, (self._api_key,))
 
     def _status_error(self, response: httpx.Response, payload: bytes) -> APIStatusError:
-        return _api.status_error(
+        error = _api.status_error(
             response.status_code,
             response.headers.get("content-type", ""),
             payload,
             request_id=response.headers.get("x-request-id"),
             secrets=(self._api_key,),
         )
+        error.retry_after = response.headers.get("retry-after")
+        return error
 
     def _retry_delay(
         self, error: APIError, *, retries_done: int, max_retries: int, headers: httpx.Headers | None = None

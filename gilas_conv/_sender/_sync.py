@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -16,11 +17,11 @@ from ..store import Conversation, ConversationStore, Message
 from ..truncation import Policy, SummaryRequest
 from ._backend import SyncBackend
 from ._base import (
-    _PENDING,
     DEFAULT_LIMITS,
     DEFAULT_TIMEOUT,
     ConversationRef,
     StreamChunk,
+    _answer,
     _Call,
     _SenderBase,
     _StreamCore,
@@ -110,6 +111,7 @@ class Sender(_SenderBase):
         conversation: ConversationRef,
         *,
         owner: str | None = None,
+        messages: Sequence[Mapping[str, Any]] = (),
         max_retries: int | None = None,
         timeout: float | httpx.Timeout | None = None,
         context_limit: int | None = None,
@@ -119,11 +121,16 @@ class Sender(_SenderBase):
         """Answer the pending turn: a last user message left unanswered by a failure, or
         tool results appended after an assistant's tool calls (interrupted replies after
         either are passed over). ValueError if there is none, e.g. when the last message is
-        a complete assistant reply."""
+        a complete assistant reply.
+
+        ``messages``: new messages to store first, as part of this turn (dicts with
+        ``role``, ``content`` and optionally ``name``, ``tool_calls``, ``tool_call_id``,
+        ``pinned``), e.g. the results of the tool calls the last reply asked for; the turn
+        they end is then answered."""
         call = self._call(
             params, max_retries=max_retries, timeout=timeout, context_limit=context_limit, policy=policy
         )
-        turn = self._prepare_turn(conversation, _PENDING, call, owner=owner, stream=False)
+        turn = self._prepare_turn(conversation, _answer(messages), call, owner=owner, stream=False)
         return self._complete(turn, call)
 
     def stream(
@@ -154,6 +161,7 @@ class Sender(_SenderBase):
         conversation: ConversationRef,
         *,
         owner: str | None = None,
+        messages: Sequence[Mapping[str, Any]] = (),
         max_retries: int | None = None,
         timeout: float | httpx.Timeout | None = None,
         context_limit: int | None = None,
@@ -164,7 +172,7 @@ class Sender(_SenderBase):
         call = self._call(
             params, max_retries=max_retries, timeout=timeout, context_limit=context_limit, policy=policy
         )
-        turn = self._prepare_turn(conversation, _PENDING, call, owner=owner, stream=True)
+        turn = self._prepare_turn(conversation, _answer(messages), call, owner=owner, stream=True)
         return self._open_stream(turn, call)
 
     def _prepare_turn(

@@ -11,6 +11,7 @@ Sender, build_context, ...) and prints. The package is laid out by concern:
 * :mod:`._manage`: ``list``, ``show``, ``export``, ``import``, ``fork``, ``rm``, ``pin``,
   ``rename``, ``tokens``, ``db upgrade``;
 * :mod:`._chat`: the interactive ``chat`` REPL;
+* ``serve`` and ``keys``: the gateway's commands, in :mod:`gilas_conv.server._cli`;
 * :mod:`._render`: what is printed: rich on a terminal (control characters made visible),
   the exact stored text when piped.
 
@@ -21,10 +22,16 @@ The dialect, the same in every command: ``-c/--continue`` is the most recent con
 
 from __future__ import annotations
 
+# The gateway's commands live with the gateway; they import its ASGI stack only when run.
+from ..server._cli import keys as _keys_command
+from ..server._cli import serve as _serve_command
 from . import _chat, _manage, _turns  # noqa: F401  (they register their commands on main)
 from ._app import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, TITLE_LENGTH, error_message, fold_line, main
 from ._chat import read_message
 from ._manage import parse_import, token_report
+
+main.add_command(_serve_command)
+main.add_command(_keys_command)
 
 __all__ = [
     "EXIT_ERROR",

@@ -29,6 +29,13 @@ Data model
     ``usage.prompt_tokens`` so the counting error stays visible). ``extra`` keeps
     anything else worth keeping (other choices when n > 1).
 
+``api_keys``
+    The gateway's client keys (``gilas-conv keys``): one row per key, naming the
+    ``owner`` whose conversations the key reaches. Only the SHA-256 of a key is stored
+    (``key_hash``, looked up directly: a key is 256 random bits, so its hash needs no
+    constant-time comparison), beside a short ``prefix`` of the key for people to tell
+    keys apart. ``revoked_at`` set: the key no longer works.
+
 ``summaries``
     Stored summaries of dropped history: each covers messages ``from_seq``..``to_seq``
     of one conversation. The originals are never deleted.
@@ -62,6 +69,7 @@ __all__ = [
     "ROLES",
     "SCHEMA_REVISION",
     "STATUSES",
+    "APIKeyRow",
     "Base",
     "ConversationRow",
     "MessageRow",
@@ -71,7 +79,7 @@ __all__ = [
 
 # The Alembic revision these models describe: a new migration bumps it (a test checks that
 # it equals the head of migrations/), so opening a store compares one string.
-SCHEMA_REVISION = "0002"
+SCHEMA_REVISION = "0003"
 
 # The rows every context keeps: system and developer messages and pinned ones. The partial
 # index below holds exactly these; a query must repeat this predicate word for word (in
@@ -217,4 +225,21 @@ class SummaryRow(Base):
     __table_args__ = (
         ForeignKeyConstraint(["conversation_id"], ["conversations.id"], ondelete="CASCADE"),
         CheckConstraint("from_seq >= 1 AND to_seq >= from_seq", name="range_valid"),
+    )
+
+
+class APIKeyRow(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(255))
+    key_hash: Mapped[str] = mapped_column(String(64))
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[dt.datetime]
+    revoked_at: Mapped[dt.datetime | None]
+
+    __table_args__ = (
+        # Every request looks its key up by hash.
+        Index(None, "key_hash", unique=True),
+        Index(None, "owner"),
     )

@@ -40,7 +40,20 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
-from sqlalchemy import Engine, Row, Table, bindparam, delete, func, insert, literal, or_, select, update
+from sqlalchemy import (
+    Engine,
+    Row,
+    Table,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    update,
+)
 
 from .._config import (
     DEFAULT_MAX_MESSAGE_CHARS,
@@ -277,6 +290,14 @@ class Conversation:
     def fork(self, at: int | None = None, *, title: str | None = None) -> Conversation:
         """A new conversation holding a copy of messages 1..``at`` (all when None)."""
         return self.store._fork(self, at=at, title=title)
+
+    def delete_message(self, seq: int) -> None:
+        """Delete one message (MessageNotFound if there is none). The others keep their seq.
+
+        Half of a tool-call pair cannot be deleted alone (ValueError): the API refuses a
+        history holding the other half. Summaries already made are kept.
+        """
+        self.store._delete_message(self.id, self.owner, seq)
 
     def pin(self, seq: int, pinned: bool = True) -> None:
         """Mark a message to be kept in every context window (or unmark it)."""
@@ -552,20 +573,35 @@ class ConversationStore:
         return self._conversation_from_row(row)
 
     def list(
-        self, *, owner: str | None = None, limit: int = DEFAULT_LIST_LIMIT
+        self, *, owner: str | None = None, limit: int = DEFAULT_LIST_LIMIT, after: str | None = None
     ) -> builtins.list[Conversation]:
-        """This owner's conversations, most recently active (``updated_at``) first."""
+        """This owner's conversations, most recently active (``updated_at``) first.
+
+        ``after``: the id of a conversation of a previous page; the list continues after
+        it (ConversationNotFound if this owner has no such conversation).
+        """
         if not isinstance(limit, int) or limit < 1:
             raise ValueError("limit must be a positive integer")
         if not _could_exist(None, owner, any_id=True):
             return []
+        c = _conversations.c
+        query = select(_conversations).where(_owner_clause(owner))
         with self._read() as conn:
-            rows = conn.execute(
-                select(_conversations)
-                .where(_owner_clause(owner))
-                .order_by(_conversations.c.updated_at.desc(), _conversations.c.id.desc())
-                .limit(limit)
-            ).all()
+            if after is not None:
+                if not _could_exist(after, owner):
+                    raise ConversationNotFound(after)
+                cursor = conn.execute(
+                    select(c.updated_at, c.id).where(c.id == after, _owner_clause(owner))
+                ).first()
+                if cursor is None:
+                    raise ConversationNotFound(after)
+                query = query.where(
+                    or_(
+                        c.updated_at < cursor.updated_at,
+                        and_(c.updated_at == cursor.updated_at, c.id < cursor.id),
+                    )
+                )
+            rows = conn.execute(query.order_by(c.updated_at.desc(), c.id.desc()).limit(limit)).all()
         return [self._conversation_from_row(row) for row in rows]
 
     def latest(self, *, owner: str | None = None) -> Conversation | None:
@@ -1007,6 +1043,31 @@ class ConversationStore:
                 )
             )
         return self.get(new_id, owner=source.owner)
+
+    def _delete_message(self, conversation_id: str, owner: str | None, seq: int) -> None:
+        if not isinstance(seq, int) or isinstance(seq, bool) or not _could_exist(conversation_id, owner):
+            raise MessageNotFound(conversation_id, seq)
+        m = _messages.c
+        with self._write() as conn:
+            owned = conn.execute(
+                select(_conversations.c.id).where(
+                    _conversations.c.id == conversation_id, _owner_clause(owner)
+                )
+            ).first()
+            row = conn.execute(
+                select(m.role, m.tool_calls).where(m.conversation_id == conversation_id, m.seq == seq)
+            ).first()
+            if owned is None or row is None:
+                raise MessageNotFound(conversation_id, seq)
+            if row.role == "tool" or row.tool_calls:
+                raise ValueError(
+                    "tool calls and tool results cannot be deleted on their own: the API refuses a "
+                    "history holding only half of the pair; fork the conversation before them instead"
+                )
+            conn.execute(delete(_messages).where(m.conversation_id == conversation_id, m.seq == seq))
+            conn.execute(
+                update(_conversations).where(_conversations.c.id == conversation_id).values(updated_at=_now())
+            )
 
     def _pin(self, conversation_id: str, owner: str | None, seq: int, pinned: bool) -> None:
         with self._write() as conn:
