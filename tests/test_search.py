@@ -89,7 +89,7 @@ def test_indexed_terms_are_bounded() -> None:
 
 _persian = st.text(
     alphabet=st.sampled_from(
-        list("ابپتثجچحخدذرزژسشصضطظعغفقکگلمنوهیيكىةۀأإآؤئء٠١٢۳۴ـًٌٍَُِّْٰ \u200c\u200d.،؛!؟") + ["\u200f", "A", "é"]
+        [*"ابپتثجچحخدذرزژسشصضطظعغفقکگلمنوهیيكىةۀأإآؤئء٠١٢۳۴ـًٌٍَُِّْٰ \u200c\u200d.،؛!؟", "\u200f", "A", "é"]
     ),
     max_size=40,
 )
@@ -329,7 +329,8 @@ def test_migration_indexes_existing_messages(empty_db_url: str) -> None:
             for seq, role, content in ((1, "system", '"پنهان"'), (2, "user", '"سلام دنيا"')):
                 conn.execute(
                     text(
-                        "INSERT INTO messages (conversation_id, seq, role, content, status, pinned, created_at)"
+                        "INSERT INTO messages"
+                        " (conversation_id, seq, role, content, status, pinned, created_at)"
                         " VALUES ('c1', :seq, :role, :content, 'complete', false, CURRENT_TIMESTAMP)"
                     ),
                     {"seq": seq, "role": role, "content": content},
