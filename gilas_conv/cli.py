@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from . import __version__
+from . import __version__, _search_command, portable
 from ._config import (
     DEFAULT_BASE_URL,
     DEFAULT_MODEL,
@@ -61,6 +61,7 @@ from .exceptions import (
     SchemaOutOfDate,
     StreamInterrupted,
 )
+from .portable import parse_import
 from .sender import DEFAULT_TIMEOUT, Sender
 from .store import Conversation, ConversationStore, Message
 from .store._engine import redact_url
@@ -602,125 +603,102 @@ def _print_header(output: Output, conv: Conversation) -> None:
 
 @main.command()
 @click.argument("conversation_id", metavar="[ID]", required=False)
-@click.option("--all", "export_all", is_flag=True, help="Every conversation, as JSON Lines.")
+@click.option("--all", "export_all", is_flag=True, help="Every conversation (JSON Lines by default).")
+@click.option(
+    "--format",
+    "out_format",
+    type=click.Choice(["json", "jsonl", "markdown"]),
+    help="json (one object, indented; the default for one ID), jsonl (one line per conversation; "
+    "the default for --all) or markdown (a readable document).",
+)
 @pass_settings
-def export(settings: _Settings, conversation_id: str | None, export_all: bool) -> None:
-    """Print a conversation as JSON, or all of them as JSON Lines.
+def export(
+    settings: _Settings, conversation_id: str | None, export_all: bool, out_format: str | None
+) -> None:
+    """Print a conversation as JSON or Markdown, or all of them.
 
-    The format: {"id", "title", "model", "created_at", "updated_at", "metadata",
+    The JSON format: {"id", "title", "model", "created_at", "updated_at", "metadata",
     "messages": [{"role", "content", "name"?, "tool_calls"?, "tool_call_id"?,
     "created_at", "status", "usage"?, "finish_reason"?, ...}]}. `gilas-conv import` reads it.
+    Markdown gives a document: title, model, each message under its role and time.
     """
     if export_all == bool(conversation_id):
         raise click.UsageError("give a conversation ID or --all (not both)")
+    out_format = out_format or ("jsonl" if export_all else "json")
+    if export_all and out_format == "json":
+        raise click.UsageError("--all prints jsonl or markdown")
     store = settings.store()
     if conversation_id:
-        click.echo(_dumps(store.get(conversation_id).export(), pretty=True))
+        data = store.get(conversation_id).export()
+        click.echo(_export_text(data, out_format), nl=False)
         return
     output = Output()
     total = store.count()
     conversations = store.list(limit=total) if total else []
     stdout = sys.stdout
     with output.progress("exporting", len(conversations)) as advance:
-        for conv in conversations:
-            stdout.write(_dumps(conv.export()) + "\n")
+        for index, conv in enumerate(conversations):
+            if out_format == "markdown" and index:
+                stdout.write("\n")
+            stdout.write(_export_text(conv.export(), out_format))
             advance()
     stdout.flush()
+
+
+def _export_text(data: dict[str, Any], out_format: str) -> str:
+    if out_format == "markdown":
+        return portable.to_markdown(data)
+    return _dumps(data, pretty=out_format == "json") + "\n"
 
 
 # ---------------------------------------------------------------------------------------------
 # import
 
 
-@dataclass(frozen=True)
-class _ImportItem:
-    where: str  # "line 3", "conversation 2", "the file": how an error names it
-    data: Any
-
-
-def parse_import(text: str) -> list[_ImportItem]:
-    """The conversations in an import file; ValueError naming the line or item at fault.
-
-    Accepted: one exported conversation (an object with "messages"), a JSON array of them,
-    a plain OpenAI messages array (objects with "role"), or JSON Lines of either.
-    """
-    if not text.strip():
-        raise ValueError("the file is empty")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as whole_err:
-        lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
-        if len(lines) > 1 and _parses(lines[0][1]):
-            return [_ImportItem(f"line {n}", _line_json(n, line)) for n, line in lines]
-        raise ValueError(f"line {whole_err.lineno}, column {whole_err.colno}: {whole_err.msg}") from None
-    if isinstance(data, dict):
-        return [_ImportItem("the file", data)]
-    if isinstance(data, list) and data and all(isinstance(item, dict) and "role" in item for item in data):
-        return [_ImportItem("the file", data)]  # one conversation as an OpenAI messages array
-    if (
-        isinstance(data, list)
-        and data
-        and all(isinstance(item, dict) and "messages" in item for item in data)
-    ):
-        return [_ImportItem(f"conversation {n}", item) for n, item in enumerate(data, start=1)]
-    raise ValueError(
-        "expected an exported conversation, JSON Lines of them, or an OpenAI messages array "
-        '(objects with "role" and "content")'
-    )
-
-
-def _parses(line: str) -> bool:
-    try:
-        json.loads(line)
-    except json.JSONDecodeError:
-        return False
-    return True
-
-
-def _line_json(number: int, line: str) -> Any:
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"line {number}, column {err.colno}: {err.msg}") from None
-
-
 @main.command("import")
 @click.argument("file", type=click.File("rb"))
 @click.option("-m", "--model", help="Store the conversations under this model (default: the file's).")
+@click.option(
+    "--format",
+    "file_format",
+    type=click.Choice(["chatgpt", "openai-items", "gilas"]),
+    help="Read FILE as this format (default: recognized by its content).",
+)
 @pass_settings
-def import_(settings: _Settings, file: Any, model: str | None) -> None:
-    """Import conversations from a file and print their new ids.
+def import_(settings: _Settings, file: Any, model: str | None, file_format: str | None) -> None:
+    """Import conversations from a file and print their new ids, one a line.
 
-    FILE (- reads stdin) holds one conversation in the export format, JSON Lines of them (`export --all`),
-    or a plain OpenAI messages array. Every conversation is checked before any is stored:
-    a bad file is refused whole, naming the line and the reason. Importing a file twice
-    makes new conversations each time.
+    FILE (- reads stdin) holds one conversation in the export format, JSON Lines of them
+    (`export --all`), a plain OpenAI messages array, a ChatGPT data export
+    (conversations.json, or the ZIP ChatGPT sends: the branch last seen of each
+    conversation; images, files and tool output kept as placeholders; hidden messages
+    skipped and reported), or OpenAI conversation items (the JSON of
+    `client.conversations.items.list`, listed oldest first). Every conversation is checked
+    before any is stored: a bad file is refused whole, naming the line, conversation or
+    item and the reason. Importing a file twice makes new conversations each time.
     """
-    raw = file.read()
     try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"the file is not UTF-8 text (byte {err.start}); nothing was imported") from None
-    try:
-        items = parse_import(text)
+        found, converted = portable.load(file.read(), format=file_format or "auto")
     except ValueError as err:
         raise ValueError(f"{err}; nothing was imported") from None
     output = Output()
     store = settings.store()
     # Every conversation is checked before the one transaction that stores them all.
-    with output.progress("importing", len(items)) as advance:
+    with output.progress("importing", len(converted.conversations)) as advance:
         try:
             imported = store.import_conversations(
-                [item.data for item in items],
-                model=model,
-                labels=[item.where for item in items],
-                progress=advance,
+                converted.conversations, model=model, labels=converted.labels, progress=advance
             )
         except ValueError as err:
             raise ValueError(f"{err}; nothing was imported") from err
     for conv in imported:
         click.echo(conv.id)
-    output.note(f"imported {_plural(len(imported), 'conversation', 'conversations')}")
+    for where, reason in converted.skipped:
+        output.note(f"skipped {where}: {reason}")
+    output.note(
+        f"imported {_plural(len(imported), 'conversation', 'conversations')} ({found} format)"
+        + (f"; skipped {len(converted.skipped)} item(s), listed above" if converted.skipped else "")
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1288,3 +1266,6 @@ def chat(
             f"Chatting with {model or DEFAULT_MODEL}. /help for commands, Ctrl-D to exit.", style="dim"
         )
     session.run()
+
+
+main.add_command(_search_command.search)

@@ -14,7 +14,7 @@ from sqlalchemy import text
 
 from gilas_conv import ConversationStore, downgrade_database, upgrade_database
 from gilas_conv.search import make_snippet, normalize, parse_query, tokenize
-from gilas_conv.search._normalize import MAX_INDEXED_TOKENS, MAX_TOKEN_CHARS, index_terms
+from gilas_conv.search._normalize import MAX_INDEXED_TOKENS, MAX_TOKEN_CHARS, index_terms, words_and_parts
 from gilas_conv.store._engine import create_engine_for_url
 
 MODEL = "gpt-4o-mini"
@@ -110,6 +110,13 @@ def test_tokens_of_normalized_text_are_the_tokens_of_the_text(value: str) -> Non
     for token in tokenize(value):
         assert 0 <= token.start < token.end <= len(value)
         assert token.text and all(ch.isalnum() for ch in token.text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=40), _persian))
+def test_the_fast_indexing_path_agrees_with_tokenize(value: str) -> None:
+    expected = [(t.text, tuple(p for p, _, _ in t.parts)) for t in tokenize(value)]
+    assert words_and_parts(value) == expected
 
 
 # ---------------------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ they keep a Postgres ``tsvector`` under its 1 MB limit and its 16,383 positions.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -123,6 +124,20 @@ def _fold_char(ch: str) -> str:
     return folded
 
 
+class _FoldTable(dict[int, str]):
+    """A ``str.translate`` table filled on demand: each character folded once per process."""
+
+    def __missing__(self, codepoint: int) -> str:
+        folded = self[codepoint] = _fold_char(chr(codepoint))
+        return folded
+
+
+_TABLE = _FoldTable()
+# A run of letters, digits and joiners (``[^\W_]`` is exactly ``str.isalnum``).
+_RUN = re.compile(r"(?:[^\W_]|[\u200c\u200d])+")
+_JOINER_SPLIT = re.compile(r"[\u200c\u200d]+")
+
+
 def normalize(text: str) -> str:
     """The text with every character folded as the module docstring describes.
 
@@ -131,7 +146,7 @@ def normalize(text: str) -> str:
     """
     if text.isascii():
         return text.lower()
-    return "".join(_fold_char(ch) for ch in text)
+    return text.translate(_TABLE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,7 +223,7 @@ def tokenize(text: str) -> list[Token]:
     for pieces, start, end in raw:
         if merged:
             previous, p_start, p_end = merged[-1]
-            gap = text[p_end:start]
+            gap = normalize(text[p_end:start])
             only_spaces = gap.strip() == "" and "\n" not in gap
             word = "".join(p for p, _, _ in pieces)
             before = "".join(p for p, _, _ in previous)
@@ -229,24 +244,68 @@ def tokenize(text: str) -> list[Token]:
     return tokens
 
 
+def _merge(pieces: list[list[str]], gaps: list[str]) -> list[list[str]]:
+    """Affixes joined to their word (see the module docstring); ``gaps[i]`` is the normalized
+    text between word i-1 and word i."""
+    merged: list[list[str]] = []
+    for index, word_pieces in enumerate(pieces):
+        if merged:
+            gap = gaps[index]
+            previous = merged[-1]
+            word = "".join(word_pieces)
+            before = "".join(previous)
+            if (
+                gap.strip() == ""
+                and "\n" not in gap
+                and _arabic_script(word)
+                and _arabic_script(before)
+                and (
+                    (before in _PREFIXES and len(previous) == 1)
+                    or (word in _SUFFIXES and len(word_pieces) == 1)
+                )
+            ):
+                merged[-1] = previous + word_pieces
+                continue
+        merged.append(word_pieces)
+    return merged
+
+
+def words_and_parts(text: str) -> list[tuple[str, tuple[str, ...]]]:
+    """The canonical words of ``text`` with their parts: what :func:`tokenize` gives without
+    the offsets, computed with ``str.translate`` and one regular expression (the indexing
+    path of every append, so kept fast). A test checks the two agree."""
+    normalized = normalize(text)
+    pieces: list[list[str]] = []
+    gaps: list[str] = []
+    end = 0
+    for run in _RUN.finditer(normalized):
+        split = [piece for piece in _JOINER_SPLIT.split(run.group()) if piece]
+        if not split:
+            continue
+        gaps.append(normalized[end : run.start()])
+        end = run.end()
+        pieces.append(split)
+    return [("".join(p), tuple(p) if len(p) > 1 else ()) for p in _merge(pieces, gaps)]
+
+
 def index_terms(text: str) -> tuple[list[str], list[tuple[int, str]]]:
     """What the index holds for ``text``: its canonical words in order, and its parts, each
     with the index of the word it belongs to. Bounded as the module docstring says."""
     words: list[str] = []
     parts: list[tuple[int, str]] = []
     budget = MAX_INDEXED_BYTES
-    for token in tokenize(text):
+    for canonical, pieces in words_and_parts(text):
         if len(words) >= MAX_INDEXED_TOKENS:
             break
-        if len(token.text) > MAX_TOKEN_CHARS:
+        if len(canonical) > MAX_TOKEN_CHARS:
             continue
-        cost = len(token.text.encode())
-        token_parts = [p for p, _, _ in token.parts if p != token.text]
+        cost = len(canonical.encode())
+        token_parts = [p for p in pieces if p != canonical]
         cost += sum(len(p.encode()) for p in token_parts)
         budget -= cost
         if budget < 0:
             break
         position = len(words)
-        words.append(token.text)
+        words.append(canonical)
         parts.extend((position, p) for p in token_parts)
     return words, parts

@@ -95,7 +95,7 @@ def _matches(query: Query) -> Any:
 def _clean(text: str) -> str:
     """Whitespace folded to single spaces, control and format characters dropped (joiners
     kept: Persian needs them to render), so a snippet is one safe line."""
-    out = []
+    out: list[str] = []
     for ch in text:
         if ch.isspace():
             if not out or out[-1] != " ":

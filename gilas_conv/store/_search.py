@@ -47,6 +47,9 @@ __all__ = ["SEARCH_TABLE", "copy_rows", "index_values", "insert_rows", "search_r
 SEARCH_TABLE = "message_search"
 FTS_TABLE = "message_search_fts"
 
+# On SQLite, the newest this many matches are ranked (see _matches_sql).
+SQLITE_CANDIDATES = 2000
+
 # Postgres keeps at most 256 positions per lexeme and positions up to 16383.
 _PG_MAX_POSITIONS = 255
 _PG_MAX_POSITION = 16383
@@ -121,14 +124,19 @@ def _owner_sql(owner: str | None) -> str:
 def _matches_sql(dialect: str, *, owner: str | None, conversation: str | None) -> str:
     only = " AND c.id = :cid" if conversation is not None else ""
     if dialect == "sqlite":
-        # bm25 is lower-is-better; parts count half as much as whole words.
+        # bm25 is lower-is-better; parts count half as much as whole words. The inner query
+        # walks the matches newest first (FTS5 iterates rowids in either order) and stops
+        # after SQLITE_CANDIDATES of this owner: ranking every match of a frequent word
+        # would cost time in proportion to the whole history.
         return (
+            "SELECT conversation_id, seq, rank FROM ("
             f"SELECT d.conversation_id AS conversation_id, d.seq AS seq,"
             f" -bm25({FTS_TABLE}, 1.0, 0.5) AS rank"
             f" FROM {FTS_TABLE} JOIN {SEARCH_TABLE} d ON d.id = {FTS_TABLE}.rowid"
             f" JOIN conversations c ON c.id = d.conversation_id"
             f" WHERE {FTS_TABLE} MATCH :query AND {_owner_sql(owner)}{only}"
-            f" ORDER BY rank DESC, d.conversation_id, d.seq LIMIT :limit"
+            f" ORDER BY {FTS_TABLE}.rowid DESC LIMIT {SQLITE_CANDIDATES})"
+            " ORDER BY rank DESC, conversation_id, seq LIMIT :limit"
         )
     return (
         "SELECT s.conversation_id AS conversation_id, s.seq AS seq,"
