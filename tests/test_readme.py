@@ -20,16 +20,21 @@ def _python_blocks() -> list[str]:
 
 def test_the_readme_has_the_examples_this_test_runs() -> None:
     blocks = _python_blocks()
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     assert "build_context" in blocks[0] and "sender.stream" in blocks[1] and "tool_calls" in blocks[2]
+    assert "store.search" in blocks[3]
 
 
 def test_the_readme_examples_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("GILAS_CONV_DATABASE_URL", f"sqlite:///{tmp_path / 'readme.db'}")
     monkeypatch.setenv("GILAS_API_KEY", API_KEY)
-    store_only, streaming, tools = _python_blocks()
+    store_only, streaming, tools, search = _python_blocks()
     namespace: dict[str, Any] = {}
     exec(compile(store_only, "README.md (store)", "exec"), namespace)
+    search_namespace = dict(namespace)
+    exec(compile(search, "README.md (search)", "exec"), search_namespace)
+    (hit,) = namespace["store"].search('"به تهران" بهار* میخواهم')
+    assert hit.snippet == "[مي‌خواهم] در [بهار] [به] [تهران] بروم"
     ctx = namespace["ctx"]
     assert [m["role"] for m in ctx.messages] == ["system", "user", "assistant", "user"]
     assert ctx.dropped == 0
