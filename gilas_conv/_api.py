@@ -2,13 +2,17 @@
 
 * :func:`check_params` / :func:`build_request_body`: what is sent. The caller's
   parameters pass through untouched except that ``None`` values are left out (``None``
-  means "not given"), ``messages`` and ``stream`` are ours to set, and a stream asks for
-  ``stream_options: {"include_usage": true}`` so the last chunk carries the usage.
+  means "not given"), ``messages`` and ``stream`` are ours to set, a stream asks for
+  ``stream_options: {"include_usage": true}`` so the last chunk carries the usage, and a
+  reasoning model (o-series, gpt-5: the model registry knows) gets ``max_tokens`` as
+  ``max_completion_tokens``, the only reply limit it accepts.
 * :func:`parse_completion`: a non-streamed answer becomes a :class:`Reply`.
 * :class:`StreamAccumulator`: the chunks of a streamed answer, assembled into the same
   :class:`Reply` (content by concatenation, tool calls by their ``index``).
-* :func:`status_error` / :func:`decode_json_body`: error answers become the typed
-  exceptions of :mod:`gilas_conv.exceptions`.
+* :func:`is_event_stream` / :func:`answer_without_stream`: a streaming request answered
+  with JSON instead of events (a completion is the reply, an error object the error).
+* :func:`status_error` / :func:`decode_json_body` / :func:`stream_error`: error answers
+  become the typed exceptions of :mod:`gilas_conv.exceptions`.
 
 What a :class:`Reply` keeps (and so what is stored)
     Choice 0 is the reply: its content, tool calls and finish reason, with the response's
@@ -19,7 +23,9 @@ What a :class:`Reply` keeps (and so what is stored)
     ``logprobs``, ``annotations`` and ``audio`` and the response's ``system_fingerprint``
     and ``service_tier`` when the API sent them.
 
-Secrets (the API key) are passed in and scrubbed from everything an error carries.
+Secrets (the API key) are passed in and scrubbed (:func:`redact`) from everything an
+error carries: from the raw text in every escaped form it may be echoed in (JSON ``\\/``
+and ``\\uXXXX``, URL encoding), and again from every string decoded from it.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from http import HTTPStatus
 from typing import Any
 
@@ -45,6 +52,7 @@ from .exceptions import (
     RateLimitError,
     UnprocessableEntityError,
 )
+from .tokens import ModelRegistry, get_default_registry
 
 __all__ = [
     "DONE",
@@ -52,15 +60,22 @@ __all__ = [
     "Reply",
     "StreamAccumulator",
     "StreamDelta",
+    "answer_without_stream",
     "build_request_body",
     "check_params",
     "decode_json_body",
     "encode_body",
     "error_fields",
+    "is_event_stream",
+    "is_reasoning_model",
     "loads",
+    "output_limit_param",
     "parse_completion",
     "redact",
+    "redact_value",
     "status_error",
+    "stream_error",
+    "stream_error_event",
     "summary_request_body",
 ]
 
@@ -113,12 +128,44 @@ def check_params(params: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def is_reasoning_model(model: str, *, registry: ModelRegistry | None = None) -> bool:
+    """Whether ``model`` is a reasoning model (o-series, gpt-5 family) per the registry.
+
+    Unknown models are not (and are not warned about here: the token budget does that).
+    """
+    info = (registry if registry is not None else get_default_registry()).lookup(model)
+    return info is not None and info.reasoning
+
+
+def output_limit_param(model: str, *, registry: ModelRegistry | None = None) -> str:
+    """The name of the reply-length parameter ``model`` accepts.
+
+    ``max_completion_tokens`` for a reasoning model (which refuses ``max_tokens``),
+    ``max_tokens`` otherwise: older OpenAI-compatible servers know only that one.
+    """
+    return "max_completion_tokens" if is_reasoning_model(model, registry=registry) else "max_tokens"
+
+
 def build_request_body(
-    *, model: str, messages: list[dict[str, Any]], params: Mapping[str, Any], stream: bool
+    *,
+    model: str,
+    messages: list[dict[str, Any]],
+    params: Mapping[str, Any],
+    stream: bool,
+    registry: ModelRegistry | None = None,
 ) -> dict[str, Any]:
-    """The JSON body of ``POST /chat/completions``. ``params`` come from :func:`check_params`."""
+    """The JSON body of ``POST /chat/completions``. ``params`` come from :func:`check_params`.
+
+    For a reasoning model (``ModelInfo.reasoning`` in ``registry``, else the default
+    registry) a caller's ``max_tokens`` is sent as ``max_completion_tokens``, the only
+    one such a model accepts; when both are given, ``max_completion_tokens`` is kept and
+    ``max_tokens`` dropped. For any other model both pass through as the caller gave them.
+    """
     body: dict[str, Any] = {"model": model, "messages": messages}
     body.update((key, value) for key, value in params.items() if key != "model")
+    if "max_tokens" in body and is_reasoning_model(model, registry=registry):
+        limit = body.pop("max_tokens")
+        body.setdefault("max_completion_tokens", limit)
     if stream:
         body["stream"] = True
         options = dict(body.get("stream_options") or {})
@@ -156,9 +203,18 @@ def _transcript_line(message: Mapping[str, Any]) -> str:
 
 
 def summary_request_body(
-    *, model: str, previous: str | None, messages: Iterable[Mapping[str, Any]], max_tokens: int
+    *,
+    model: str,
+    previous: str | None,
+    messages: Iterable[Mapping[str, Any]],
+    max_tokens: int,
+    registry: ModelRegistry | None = None,
 ) -> dict[str, Any]:
-    """The request that asks the model to fold ``messages`` into the ``previous`` summary."""
+    """The request that asks the model to fold ``messages`` into the ``previous`` summary.
+
+    ``max_tokens`` bounds the summary; it is sent under the name the model accepts
+    (:func:`output_limit_param`).
+    """
     transcript = "\n".join(_transcript_line(m) for m in messages)
     prompt = f"Previous summary:\n{previous}\n\n" if previous else ""
     prompt += f"Messages to summarize:\n{transcript}"
@@ -168,7 +224,7 @@ def summary_request_body(
             {"role": "system", "content": SUMMARY_INSTRUCTIONS},
             {"role": "user", "content": prompt},
         ],
-        "max_tokens": max_tokens,
+        output_limit_param(model, registry=registry): max_tokens,
     }
 
 
@@ -193,11 +249,54 @@ class Reply:
     extra: dict[str, Any] | None
 
 
+def _char_forms(char: str) -> str:
+    """A regex matching ``char`` in any form a server or proxy may echo it in."""
+    forms = [re.escape(char)]
+    code = ord(char)
+    if code < 0x10000:
+        forms.append(rf"\\u(?i:{code:04x})")  # JSON's \uXXXX, either case
+    else:  # JSON escapes it as a surrogate pair
+        high, low = 0xD800 + ((code - 0x10000) >> 10), 0xDC00 + ((code - 0x10000) & 0x3FF)
+        forms.append(rf"\\u(?i:{high:04x})\\u(?i:{low:04x})")
+    if char == "/":
+        forms.append(r"\\/")  # JSON may escape a slash
+    forms.append("".join(f"%(?i:{byte:02x})" for byte in char.encode("utf-8")))  # URL-encoded
+    if char == " ":
+        forms.append(r"\+")  # form-encoded
+    return "(?:" + "|".join(forms) + ")"
+
+
+@lru_cache(maxsize=16)
+def _secret_pattern(secret: str) -> re.Pattern[str]:
+    return re.compile("".join(_char_forms(char) for char in secret))
+
+
 def redact(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every secret replaced by ``[REDACTED]``.
+
+    A secret is found in any mix of the forms it takes when echoed back: as is,
+    JSON-escaped (``\\/``, ``\\u0073`` in either case) and URL-encoded (``%2F``, ``+`` for
+    a space), so this is safe to run on a raw body before it is decoded. Run it again on
+    every string decoded from one: decoding can produce the secret from escapes.
+    """
     for secret in secrets:
         if secret:
-            text = text.replace(secret, REDACTED)
+            text = _secret_pattern(secret).sub(REDACTED, text)
     return text
+
+
+def redact_value(value: Any, secrets: Iterable[str]) -> Any:
+    """A decoded JSON value with :func:`redact` applied to every string in it, keys too."""
+    secrets = tuple(s for s in secrets if s)
+    if not secrets:
+        return value
+    if isinstance(value, str):
+        return redact(value, secrets)
+    if isinstance(value, dict):
+        return {redact_value(k, secrets): redact_value(v, secrets) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_value(item, secrets) for item in value]
+    return value
 
 
 def _reject_constant(name: str) -> Any:
@@ -237,7 +336,12 @@ def decode_json_body(
     request_id: str | None = None,
     secrets: Iterable[str] = (),
 ) -> Any:
-    """The JSON value of a 2xx body; APIResponseValidationError if it is HTML or not JSON."""
+    """The JSON value of a 2xx body; APIResponseValidationError if it is HTML or not JSON.
+
+    ``secrets`` are scrubbed, in every escaped form, from the raw text and again from the
+    decoded value, so an echoed key reaches neither an error nor the store.
+    """
+    secrets = tuple(secrets)
     text = redact(body.decode("utf-8", errors="replace"), secrets)
     if _looks_like_html(content_type, text):
         raise APIResponseValidationError(
@@ -248,7 +352,7 @@ def decode_json_body(
             request_id=request_id,
         )
     try:
-        return loads(text)
+        data = loads(text)
     except ValueError as err:
         raise APIResponseValidationError(
             f"the API answered HTTP {status} with a body that is not JSON: {_excerpt(text)[:100]!r}",
@@ -256,17 +360,68 @@ def decode_json_body(
             body=_excerpt(text),
             request_id=request_id,
         ) from err
+    return redact_value(data, secrets)
 
 
-def _invalid(problem: str, data: Any, *, status: int, request_id: str | None) -> APIResponseValidationError:
+def is_event_stream(content_type: str) -> bool:
+    """Whether an answer to a streaming request is to be read as server-sent events.
+
+    Only a body declared JSON (``application/json``, ``…+json``) or HTML is not: some
+    servers and proxies label an event stream ``text/plain`` or not at all, so anything
+    else is streamed as before.
+    """
+    media = content_type.split(";", 1)[0].strip().lower()
+    return not (media.endswith("json") or media.endswith("+json") or "html" in media)
+
+
+def answer_without_stream(
+    status: int,
+    content_type: str,
+    body: bytes,
+    *,
+    request_id: str | None = None,
+    secrets: Iterable[str] = (),
+) -> Reply:
+    """The reply in an answer to a streaming request that is not an event stream.
+
+    For a success ``status`` whose ``content_type`` :func:`is_event_stream` rejects: a
+    JSON completion is the reply, whole (the server chose not to stream); a JSON error
+    object raises APIResponseValidationError carrying the API's message; HTML or other
+    non-JSON raises APIResponseValidationError saying what came. An error status raises
+    the typed :func:`status_error`. ``secrets`` are scrubbed from every error.
+    """
+    secrets = tuple(secrets)
+    if status >= 400:
+        raise status_error(status, content_type, body, request_id=request_id, secrets=secrets)
+    data = decode_json_body(status, content_type, body, request_id=request_id, secrets=secrets)
+    return parse_completion(data, status=status, request_id=request_id, secrets=secrets)
+
+
+def _invalid(
+    problem: str, data: Any, *, status: int, request_id: str | None, secrets: Iterable[str] = ()
+) -> APIResponseValidationError:
     try:
         shown = json.dumps(data, ensure_ascii=False)
     except (TypeError, ValueError):
         shown = repr(data)
     return APIResponseValidationError(
-        f"the API's answer is not a valid chat completion: {problem}",
+        redact(f"the API's answer is not a valid chat completion: {problem}", secrets),
         status_code=status,
-        body=_excerpt(shown),
+        body=_excerpt(redact(shown, secrets)),
+        request_id=request_id,
+    )
+
+
+def _error_in_body(
+    data: dict[str, Any], *, status: int, request_id: str | None, secrets: Iterable[str]
+) -> APIResponseValidationError:
+    """A success status whose body is an error object: the error, with the API's message."""
+    message, _type, _code, _param = error_fields(data, secrets=secrets)
+    shown = message or redact(json.dumps(data.get("error"), ensure_ascii=False), secrets)
+    return APIResponseValidationError(
+        f"the API answered HTTP {status} with an error instead of a completion: {shown}",
+        status_code=status,
+        body=_excerpt(redact(json.dumps(data, ensure_ascii=False), secrets)),
         request_id=request_id,
     )
 
@@ -309,20 +464,29 @@ def _stored_content(content: Any, refusal: Any, has_tool_calls: bool) -> Any:
     return content
 
 
-def parse_completion(data: Any, *, status: int = 200, request_id: str | None = None) -> Reply:
-    """A ``chat.completion`` object as a :class:`Reply`; APIResponseValidationError if it is not one."""
+def parse_completion(
+    data: Any, *, status: int = 200, request_id: str | None = None, secrets: Iterable[str] = ()
+) -> Reply:
+    """A ``chat.completion`` object as a :class:`Reply`; APIResponseValidationError if it is not one.
+
+    An error object (``{"error": ...}``) sent with a success status raises that error with
+    the API's message. ``secrets`` are scrubbed from everything the error carries.
+    """
+    secrets = tuple(secrets)
     if not isinstance(data, dict):
-        raise _invalid("the body is not a JSON object", data, status=status, request_id=request_id)
+        raise _invalid(
+            "the body is not a JSON object", data, status=status, request_id=request_id, secrets=secrets
+        )
     if isinstance(data.get("error"), dict | str):
-        raise _invalid("it is an error object", data, status=status, request_id=request_id)
+        raise _error_in_body(data, status=status, request_id=request_id, secrets=secrets)
     choices = data.get("choices")
     if not isinstance(choices, list) or not choices or not all(isinstance(c, dict) for c in choices):
-        raise _invalid("no choices", data, status=status, request_id=request_id)
+        raise _invalid("no choices", data, status=status, request_id=request_id, secrets=secrets)
     ordered = sorted(choices, key=lambda c: c.get("index") if isinstance(c.get("index"), int) else 0)
     first, others = ordered[0], ordered[1:]
     message = first.get("message")
     if not isinstance(message, dict):
-        raise _invalid("choice 0 has no message", data, status=status, request_id=request_id)
+        raise _invalid("choice 0 has no message", data, status=status, request_id=request_id, secrets=secrets)
     response_id, model, usage = data.get("id"), data.get("model"), data.get("usage")
     try:
         if response_id is not None and (not isinstance(response_id, str) or not response_id):
@@ -337,7 +501,7 @@ def parse_completion(data: Any, *, status: int = 200, request_id: str | None = N
         tool_calls = _check_tool_calls(message.get("tool_calls"))
         content = _stored_content(message.get("content"), message.get("refusal"), tool_calls is not None)
     except ValueError as err:
-        raise _invalid(str(err), data, status=status, request_id=request_id) from err
+        raise _invalid(str(err), data, status=status, request_id=request_id, secrets=secrets) from err
     extra: dict[str, Any] = {}
     for key in _KEPT_RESPONSE_FIELDS:
         if data.get(key) is not None:
@@ -437,25 +601,30 @@ class StreamAccumulator:
                 request_id=self.request_id,
             ) from err
         if not isinstance(chunk, dict):
-            raise _invalid("a streamed chunk is not an object", chunk, status=200, request_id=self.request_id)
+            raise _invalid(
+                "a streamed chunk is not an object",
+                chunk,
+                status=200,
+                request_id=self.request_id,
+                secrets=self._secrets,
+            )
         error = chunk.get("error")
         if error is not None:
-            message, _type, _code, _param = error_fields({"error": error})
-            raise APIError(
-                redact(
-                    f"the API reported an error in the middle of the stream: {message or error}",
-                    self._secrets,
-                ),
-                request_id=self.request_id,
-            )
+            raise stream_error({"error": error}, data, request_id=self.request_id, secrets=self._secrets)
         choices = chunk.get("choices", [])
         if not isinstance(choices, list):
             raise _invalid(
-                "a streamed chunk has no choices list", chunk, status=200, request_id=self.request_id
+                "a streamed chunk has no choices list",
+                chunk,
+                status=200,
+                request_id=self.request_id,
+                secrets=self._secrets,
             )
         if self.response_id is None and isinstance(chunk.get("id"), str) and chunk["id"]:
             self.response_id = chunk["id"]
-        if self.model is None and isinstance(chunk.get("model"), str):
+        # Azure opens with a prompt_filter_results chunk whose model is "": the served
+        # model is the first non-empty one.
+        if not self.model and isinstance(chunk.get("model"), str) and chunk["model"]:
             self.model = chunk["model"]
         for key in _KEPT_RESPONSE_FIELDS:
             if chunk.get(key) is not None:
@@ -467,7 +636,11 @@ class StreamAccumulator:
         for position, choice in enumerate(choices):
             if not isinstance(choice, dict):
                 raise _invalid(
-                    "a streamed choice is not an object", chunk, status=200, request_id=self.request_id
+                    "a streamed choice is not an object",
+                    chunk,
+                    status=200,
+                    request_id=self.request_id,
+                    secrets=self._secrets,
                 )
             index = choice.get("index", position)
             if not isinstance(index, int):
@@ -476,7 +649,11 @@ class StreamAccumulator:
             delta = choice.get("delta") or {}
             if not isinstance(delta, dict):
                 raise _invalid(
-                    "a streamed delta is not an object", chunk, status=200, request_id=self.request_id
+                    "a streamed delta is not an object",
+                    chunk,
+                    status=200,
+                    request_id=self.request_id,
+                    secrets=self._secrets,
                 )
             content = delta.get("content")
             if isinstance(content, str):
@@ -513,15 +690,22 @@ class StreamAccumulator:
                 index if isinstance(index, int) else position,
                 {"id": "", "type": "function", "name": "", "arguments": ""},
             )
-            # Ids arrive once; some servers repeat them in every delta, so the first one wins.
-            if isinstance(call.get("id"), str) and call["id"] and not slot["id"]:
-                slot["id"] = call["id"]
+            # OpenAI sends a call's id, type and name once, in its first delta, and then only
+            # pieces of the arguments. Some servers (LiteLLM) restate id, type and name in
+            # every delta: the id and type are kept once, and a name is added only when it is
+            # new text (a name split across deltas), never when its delta restates the id or
+            # repeats the whole name so far, so "search" stays "search", not "searchsearch".
+            call_id = call.get("id")
+            restated = isinstance(call_id, str) and bool(call_id) and bool(slot["id"])
+            if isinstance(call_id, str) and call_id and not slot["id"]:
+                slot["id"] = call_id
             if isinstance(call.get("type"), str) and call["type"]:
                 slot["type"] = call["type"]
             function = call.get("function")
             if isinstance(function, dict):
-                if isinstance(function.get("name"), str):
-                    slot["name"] += function["name"]
+                name = function.get("name")
+                if isinstance(name, str) and name and not restated and name != slot["name"]:
+                    slot["name"] += name
                 if isinstance(function.get("arguments"), str):
                     slot["arguments"] += function["arguments"]
 
@@ -566,7 +750,9 @@ class StreamAccumulator:
                 message["content"] or None, message.get("refusal"), tool_calls is not None
             )
         except ValueError as err:
-            raise _invalid(str(err), message, status=200, request_id=self.request_id) from err
+            raise _invalid(
+                str(err), message, status=200, request_id=self.request_id, secrets=self._secrets
+            ) from err
         others = [
             {
                 "index": index,
@@ -592,13 +778,15 @@ class StreamAccumulator:
 # Errors
 
 
-def error_fields(data: Any) -> tuple[str | None, str | None, str | None, str | None]:
-    """(message, type, code, param) from the usual error shapes."""
+def error_fields(
+    data: Any, *, secrets: Iterable[str] = ()
+) -> tuple[str | None, str | None, str | None, str | None]:
+    """(message, type, code, param) from the usual error shapes, ``secrets`` scrubbed."""
     if not isinstance(data, dict):
         return None, None, None, None
     error = data.get("error", data)
     if isinstance(error, str):
-        return error, None, None, None
+        return redact(error, secrets), None, None, None
     if not isinstance(error, dict):
         return None, None, None, None
     message = error.get("message") or error.get("detail") or data.get("message") or data.get("detail")
@@ -606,9 +794,35 @@ def error_fields(data: Any) -> tuple[str | None, str | None, str | None, str | N
         message = json.dumps(message, ensure_ascii=False)
 
     def text(value: Any) -> str | None:
-        return None if value is None else str(value)
+        return None if value is None else redact(str(value), secrets)
 
-    return message, text(error.get("type")), text(error.get("code")), text(error.get("param"))
+    return text(message), text(error.get("type")), text(error.get("code")), text(error.get("param"))
+
+
+def stream_error(
+    data: Any, raw: str, *, request_id: str | None = None, secrets: Iterable[str] = ()
+) -> APIError:
+    """The error for an error reported in the middle of a stream: a chunk carrying
+    ``error``, or an ``event: error`` frame. ``data`` is the frame's decoded JSON (None if
+    it was not JSON) and ``raw`` its text, shown when no message can be found in it.
+    ``secrets`` are scrubbed, before and after decoding."""
+    message, _type, _code, _param = error_fields(data, secrets=secrets)
+    if not message and isinstance(data, dict) and data.get("error") is not None:
+        message = json.dumps(data["error"], ensure_ascii=False)
+    shown = message or _excerpt(raw)
+    return APIError(
+        redact(f"the API reported an error in the middle of the stream: {shown}", secrets),
+        request_id=request_id,
+    )
+
+
+def stream_error_event(data: str, *, request_id: str | None = None, secrets: Iterable[str] = ()) -> APIError:
+    """The error for a named ``event: error`` SSE frame whose data is ``data``."""
+    try:
+        decoded = loads(data)
+    except ValueError:
+        decoded = None
+    return stream_error(decoded, data, request_id=request_id, secrets=secrets)
 
 
 def status_error(
@@ -619,7 +833,12 @@ def status_error(
     request_id: str | None = None,
     secrets: Iterable[str] = (),
 ) -> APIStatusError:
-    """The typed exception for an error answer (status >= 400). The API key is scrubbed."""
+    """The typed exception for an error answer (status >= 400).
+
+    ``secrets`` (the API key) are scrubbed from the raw text, in every escaped form, and
+    again from every string decoded from it: the message, type, code, param and body.
+    """
+    secrets = tuple(secrets)
     text = redact(body.decode("utf-8", errors="replace"), secrets)
     try:
         reason = HTTPStatus(status).phrase
@@ -640,7 +859,8 @@ def status_error(
         except ValueError:
             message = f"{reason}: {_excerpt(text)[:200]}"
         else:
-            found, error_type, code, param = error_fields(parsed)
+            parsed = redact_value(parsed, secrets)
+            found, error_type, code, param = error_fields(parsed, secrets=secrets)
             message = found or f"{reason}: {_excerpt(text)[:200]}"
     cls = _STATUS_ERRORS.get(status) or (InternalServerError if status >= 500 else APIStatusError)
     return cls(

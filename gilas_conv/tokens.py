@@ -15,7 +15,9 @@ Published rules (exact; the tests check the cookbook's published API figures)
     (examples/How_to_count_tokens_with_tiktoken.ipynb), for cl100k_base and o200k_base
     models: every message costs ``TOKENS_PER_MESSAGE`` (3) plus the tokens of its role and
     content; a ``name`` costs its tokens plus ``TOKENS_PER_NAME`` (1); every reply is
-    primed with ``<|start|>assistant<|message|>``, ``REPLY_PRIMING_TOKENS`` (3).
+    primed with ``<|start|>assistant<|message|>``, ``REPLY_PRIMING_TOKENS`` (3). The one
+    exception, ``gpt-3.5-turbo-0301``, framed a message with 4 tokens and charged -1 for
+    a name (its registry entry says so: ``tokens_per_message``, ``tokens_per_name``).
     Tool definitions follow the notebook's section 7 ("Counting tokens for chat
     completions with tool calls"): per function 10 (cl100k_base) or 7 (o200k_base)
     tokens, the tokens of ``"name:description"`` (one trailing dot dropped), 3 when it
@@ -64,9 +66,11 @@ is loaded once per process.
 Model registry
 --------------
 ``gilas_conv/models.json`` maps model names to encoding, context window and maximum output
-tokens. A name resolves by exact match, else by the longest registered name that prefixes
-it at a ``-``, ``:``, ``_``, ``@`` or ``/`` boundary (``gpt-4o-2024-08-06`` -> ``gpt-4o``;
-a leading ``ft:`` is ignored). A ``ModelRegistry`` merges, lowest first: the built-in
+tokens, and says which models reason (``reasoning``: they take ``max_completion_tokens``)
+and which count messages with their own rule (see ``ModelInfo``). A name resolves by
+exact match, else by the longest registered name that prefixes it at a ``-``, ``:``,
+``_``, ``@`` or ``/`` boundary (``gpt-4o-2024-08-06`` -> ``gpt-4o``; a leading ``ft:`` is
+ignored). A ``ModelRegistry`` merges, lowest first: the built-in
 file, the JSON file named by ``$GILAS_CONV_MODELS`` (read when the registry is built,
 never at import), its ``models`` argument, then ``register()`` calls. An unknown model gets
 ``DEFAULT_ENCODING``, ``DEFAULT_CONTEXT_WINDOW`` and ``DEFAULT_MAX_OUTPUT_TOKENS`` and a
@@ -312,7 +316,43 @@ def get_encoding(name: str) -> tiktoken.Encoding:
 def text_tokens(text: str, encoding: str | tiktoken.Encoding) -> int:
     """The number of tokens of ``text`` alone, special-token strings counted as plain text."""
     enc = encoding if isinstance(encoding, tiktoken.Encoding) else get_encoding(encoding)
-    return len(enc.encode_ordinary(text))
+    return _count_ordinary(enc, text)
+
+
+# Long text is counted in pieces of about this many characters: encoding a whole text at
+# once holds every token (and every pre-token string) of it in memory at the same time,
+# about 17 bytes per character, where pieces keep the cost to the text itself.
+_COUNT_CHUNK_CHARS = 1 << 20
+
+
+def _count_ordinary(enc: tiktoken.Encoding, text: str) -> int:
+    """``len(enc.encode_ordinary(text))``, counted piece by piece for long text.
+
+    Pieces are cut only where every encoding's pre-tokenizer cuts anyway: right after a
+    line break followed by a non-space character (no pre-token crosses into such a
+    character from a line break). BPE merges never cross pre-tokens, so the sum of the
+    pieces' counts is the count of the whole. Text with no such point is counted whole.
+    """
+    if len(text) <= _COUNT_CHUNK_CHARS:
+        return len(enc.encode_ordinary(text))
+    total = 0
+    start = 0
+    while len(text) - start > _COUNT_CHUNK_CHARS:
+        cut = start + _COUNT_CHUNK_CHARS
+        while True:
+            newline = text.find("\n", cut)
+            if newline < 0 or newline + 1 >= len(text):
+                cut = -1
+                break
+            if not text[newline + 1].isspace():
+                cut = newline + 1
+                break
+            cut = newline + 1
+        if cut < 0:
+            break
+        total += len(enc.encode_ordinary(text[start:cut]))
+        start = cut
+    return total + len(enc.encode_ordinary(text[start:]))
 
 
 # --------------------------------------------------------------------------------------
@@ -322,17 +362,30 @@ def text_tokens(text: str, encoding: str | tiktoken.Encoding) -> int:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What the token budget needs to know about one model.
+    """What the token budget and the request builder need to know about one model.
 
     ``name`` is the registry entry that matched (``gpt-4o`` for ``gpt-4o-2024-08-06``), or
     the requested name when the defaults were used. ``context_window`` counts prompt and
     reply together; ``max_output_tokens`` is the most the model may generate.
+
+    ``reasoning``: a reasoning model (the o-series and the gpt-5 family). These take
+    ``max_completion_tokens`` and refuse ``max_tokens``, so the request builder renames it
+    (:func:`gilas_conv._api.build_request_body`). The gpt-5 ``*-chat-latest`` entries are
+    marked too: every OpenAI chat model accepts ``max_completion_tokens``, so marking one
+    too many costs nothing, while one too few is a 400. Unknown models: False.
+
+    ``tokens_per_message`` / ``tokens_per_name``: the per-message framing and the extra
+    cost of a ``name`` (``TOKENS_PER_MESSAGE`` and ``TOKENS_PER_NAME`` for every model but
+    ``gpt-3.5-turbo-0301``, which the cookbook counts with 4 and -1).
     """
 
     name: str
     encoding: str
     context_window: int
     max_output_tokens: int
+    reasoning: bool = False
+    tokens_per_message: int = TOKENS_PER_MESSAGE
+    tokens_per_name: int = TOKENS_PER_NAME
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -346,6 +399,12 @@ class ModelInfo:
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"model {self.name!r}: {field} must be a positive integer, not {value!r}")
+        if not isinstance(self.reasoning, bool):
+            raise ValueError(f"model {self.name!r}: reasoning must be true or false, not {self.reasoning!r}")
+        for field in ("tokens_per_message", "tokens_per_name"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"model {self.name!r}: {field} must be an integer, not {value!r}")
         if self.max_output_tokens > self.context_window:
             raise ValueError(
                 f"model {self.name!r}: max_output_tokens ({self.max_output_tokens}) exceeds "
@@ -358,7 +417,11 @@ _FINE_TUNED_PREFIX = "ft:"
 # Characters that may follow a family name in a snapshot or variant name. Not ".", which
 # starts a new version (gpt-5.4 is not gpt-5), and not alphanumerics (gpt-4o is not gpt-4).
 _PREFIX_BOUNDARIES = frozenset("-:_@/")
+# Every new entry gives these ...
 _MODEL_FIELDS = ("encoding", "context_window", "max_output_tokens")
+# ... and may give these (else the ModelInfo defaults, or what the name inherits).
+_OPTIONAL_MODEL_FIELDS = ("reasoning", "tokens_per_message", "tokens_per_name")
+_ALL_MODEL_FIELDS = _MODEL_FIELDS + _OPTIONAL_MODEL_FIELDS
 # Bounds the per-registry resolution cache against callers inventing model names.
 _RESOLVE_CACHE_MAX = 4096
 
@@ -454,13 +517,13 @@ class ModelRegistry:
     def _merge(self, entries: Mapping[str, Any], source: str) -> None:
         for name, entry in entries.items():
             if isinstance(entry, ModelInfo):
-                fields: Mapping[str, Any] = {f: getattr(entry, f) for f in _MODEL_FIELDS}
+                fields: Mapping[str, Any] = {f: getattr(entry, f) for f in _ALL_MODEL_FIELDS}
             elif isinstance(entry, Mapping):
-                unknown = set(entry) - set(_MODEL_FIELDS) - {"name"}
+                unknown = set(entry) - set(_ALL_MODEL_FIELDS) - {"name"}
                 if unknown:
                     raise ConfigurationError(
                         f"{source}: model {name!r} has unknown keys {sorted(unknown)}; "
-                        f"allowed: {', '.join(_MODEL_FIELDS)}"
+                        f"allowed: {', '.join(_ALL_MODEL_FIELDS)}"
                     )
                 fields = entry
             else:
@@ -468,7 +531,7 @@ class ModelRegistry:
                     f"{source}: model {name!r} must be an object with {', '.join(_MODEL_FIELDS)}"
                 )
             try:
-                self.register(str(name), **{f: fields.get(f) for f in _MODEL_FIELDS})
+                self.register(str(name), **{f: fields.get(f) for f in _ALL_MODEL_FIELDS})
             except ValueError as err:
                 raise ConfigurationError(f"{source}: {err}") from err
 
@@ -479,30 +542,35 @@ class ModelRegistry:
         encoding: str | None = None,
         context_window: int | None = None,
         max_output_tokens: int | None = None,
+        reasoning: bool | None = None,
+        tokens_per_message: int | None = None,
+        tokens_per_name: int | None = None,
     ) -> ModelInfo:
         """Add or override ``name`` (exact name; also the family of its snapshots).
 
         Fields left ``None`` are inherited from what ``name`` resolves to now; a name that
-        resolves to nothing needs all three. Returns the stored ``ModelInfo``; raises
-        ``ValueError`` for missing or invalid fields.
+        resolves to nothing needs ``encoding``, ``context_window`` and ``max_output_tokens``
+        (the others then take the ``ModelInfo`` defaults). Returns the stored ``ModelInfo``;
+        raises ``ValueError`` for missing or invalid fields.
         """
+        given: dict[str, Any] = {
+            "encoding": encoding,
+            "context_window": context_window,
+            "max_output_tokens": max_output_tokens,
+            "reasoning": reasoning,
+            "tokens_per_message": tokens_per_message,
+            "tokens_per_name": tokens_per_name,
+        }
         with self._lock:
             base = self._lookup_uncached(name)
             if base is not None:
-                info = ModelInfo(
-                    name=name,
-                    encoding=base.encoding if encoding is None else encoding,
-                    context_window=base.context_window if context_window is None else context_window,
-                    max_output_tokens=(
-                        base.max_output_tokens if max_output_tokens is None else max_output_tokens
-                    ),
-                )
-            elif encoding is None or context_window is None or max_output_tokens is None:
-                given = (encoding, context_window, max_output_tokens)
-                missing = [f for f, v in zip(_MODEL_FIELDS, given, strict=True) if v is None]
-                raise ValueError(f"model {name!r} is not known yet, so it needs {', '.join(missing)}")
+                fields = {f: getattr(base, f) if v is None else v for f, v in given.items()}
             else:
-                info = ModelInfo(name, encoding, context_window, max_output_tokens)
+                missing = [f for f in _MODEL_FIELDS if given[f] is None]
+                if missing:
+                    raise ValueError(f"model {name!r} is not known yet, so it needs {', '.join(missing)}")
+                fields = {f: v for f, v in given.items() if v is not None}
+            info = ModelInfo(name=name, **fields)
             self._models[name] = info
             self._resolved = {}  # a new entry can change how other names resolve
         return info
@@ -689,7 +757,7 @@ def _content_tokens(content: object, enc: tiktoken.Encoding) -> int:
     if content is None:
         return 0
     if isinstance(content, str):
-        return len(enc.encode_ordinary(content))
+        return _count_ordinary(enc, content)
     if not isinstance(content, Sequence):
         raise ValueError(
             f"message content must be a string, None or a list of parts, not {type(content).__name__}"
@@ -700,7 +768,7 @@ def _content_tokens(content: object, enc: tiktoken.Encoding) -> int:
             raise ValueError(f"a content part must be an object, not {type(part).__name__}")
         part_type = part.get("type")
         if part_type == "text":
-            total += len(enc.encode_ordinary(_str_field(part, "text", "a text part's text")))
+            total += _count_ordinary(enc, _str_field(part, "text", "a text part's text"))
         elif part_type == "refusal":
             total += len(enc.encode_ordinary(_str_field(part, "refusal", "a refusal part")))
         elif part_type == "image_url":
@@ -743,28 +811,36 @@ def _tool_call_tokens(call: object, enc: tiktoken.Encoding) -> int:
     return _call_tokens(str(function.get("name") or ""), function.get("arguments"), enc)
 
 
-def message_tokens(message: _MessageLike, encoding: str | tiktoken.Encoding) -> int:
+def message_tokens(
+    message: _MessageLike,
+    encoding: str | tiktoken.Encoding,
+    *,
+    tokens_per_message: int = TOKENS_PER_MESSAGE,
+    tokens_per_name: int = TOKENS_PER_NAME,
+) -> int:
     """The prompt cost of one message under ``encoding``, framing overhead included.
 
-    ``TOKENS_PER_MESSAGE`` + tokens of the role + tokens of the content (string, ``None``
-    or list of parts) + for a ``name`` its tokens and ``TOKENS_PER_NAME`` + the estimated
+    ``tokens_per_message`` + tokens of the role + tokens of the content (string, ``None``
+    or list of parts) + for a ``name`` its tokens and ``tokens_per_name`` + the estimated
     cost of ``tool_calls``/``function_call``/``refusal`` (see the module docstring). Keys
     the model never sees (``tool_call_id``, ids, anything else) cost nothing.
     ``message`` is an OpenAI message dict or an object with ``to_openai()``. Raises
-    ``ValueError`` for a malformed message.
+    ``ValueError`` for a malformed message. The two per-message figures default to every
+    current model's; pass a ``ModelInfo``'s to count for a model with its own rule
+    (``gpt-3.5-turbo-0301``).
     """
     msg = _as_message(message)
     enc = encoding if isinstance(encoding, tiktoken.Encoding) else get_encoding(encoding)
     role = msg.get("role")
     if not isinstance(role, str) or not role:
         raise ValueError(f"a message needs a role string, not {role!r}")
-    total = TOKENS_PER_MESSAGE + len(enc.encode_ordinary(role))
+    total = tokens_per_message + len(enc.encode_ordinary(role))
     total += _content_tokens(msg.get("content"), enc)
     name = msg.get("name")
     if name is not None:
         if not isinstance(name, str):
             raise ValueError(f"a message name must be a string, not {type(name).__name__}")
-        total += len(enc.encode_ordinary(name)) + TOKENS_PER_NAME
+        total += len(enc.encode_ordinary(name)) + tokens_per_name
     tool_calls = msg.get("tool_calls")
     if tool_calls:
         if isinstance(tool_calls, (str, Mapping)) or not isinstance(tool_calls, Sequence):
@@ -912,14 +988,22 @@ def count_tokens(
 
     ``messages`` are OpenAI message dicts or objects with ``to_openai()``; ``tools`` the
     request's tool definitions. Equal by construction to
-    ``sum(message_tokens(m, enc) for m in messages) + REPLY_PRIMING_TOKENS
-    + tools_tokens(tools, enc)`` with ``enc = encoding_name_for_model(model)``. Exact where
+    ``sum(message_tokens(m, enc, tokens_per_message=info.tokens_per_message,
+    tokens_per_name=info.tokens_per_name) for m in messages) + REPLY_PRIMING_TOKENS
+    + tools_tokens(tools, enc)`` with ``info = get_model_info(model)`` and
+    ``enc = info.encoding`` (the two per-message figures are the defaults for every model
+    but ``gpt-3.5-turbo-0301``). Exact where
     the module docstring says the rule is published, an estimate elsewhere. An unknown
     model is counted with ``DEFAULT_ENCODING`` (and warned about once).
     """
     if isinstance(messages, (str, Mapping)):
         raise ValueError("messages must be a list of messages, not a single message")
-    encoding = encoding_name_for_model(model, registry=registry)
-    enc = get_encoding(encoding)
-    total = REPLY_PRIMING_TOKENS + sum(message_tokens(m, enc) for m in messages)
-    return total + tools_tokens(tools, encoding)
+    info = get_model_info(model, registry=registry)
+    enc = get_encoding(info.encoding)
+    total = REPLY_PRIMING_TOKENS + sum(
+        message_tokens(
+            m, enc, tokens_per_message=info.tokens_per_message, tokens_per_name=info.tokens_per_name
+        )
+        for m in messages
+    )
+    return total + tools_tokens(tools, info.encoding)

@@ -8,6 +8,7 @@ on SQLite and Postgres.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import threading
@@ -39,6 +40,7 @@ from gilas_conv import (
     ConfigurationError,
     ConflictError,
     ContextWindowExceeded,
+    ConversationNotFound,
     ConversationStore,
     GilasConvError,
     InternalServerError,
@@ -50,8 +52,8 @@ from gilas_conv import (
     UnprocessableEntityError,
     _api,
 )
-from gilas_conv import sender as sender_module
 from gilas_conv._retry import INITIAL_RETRY_DELAY, JITTER, MAX_RETRY_AFTER
+from gilas_conv._sender import _base as sender_module  # where the context is chosen
 from gilas_conv.sender import AsyncSender, Sender, StreamChunk, pending_reply_to
 from gilas_conv.truncation import build_context
 
@@ -485,6 +487,43 @@ def test_refusal_is_stored_as_a_content_part(driver: Driver, api: FakeAPI, sqlit
 
 
 # ---------------------------------------------------------------------------------------------
+# Owners
+
+
+def _turn(driver: Driver, how: str, conversation: Any, **options: Any) -> Any:
+    """One turn through ``how`` (send, retry, stream, stream_retry); the stored reply."""
+    if how == "send":
+        return driver.send(conversation, "hi", **options)
+    if how == "retry":
+        return driver.retry(conversation, **options)
+    return driver.stream(conversation, "hi", again=how == "stream_retry", **options)[1]
+
+
+@pytest.mark.parametrize("how", ["send", "retry", "stream", "stream_retry"])
+def test_an_owned_conversation_is_found_only_for_its_owner(
+    driver: Driver, api: FakeAPI, sqlite_store: Store, how: str
+) -> None:
+    conv = sqlite_store.create(owner="alice")
+    if how.endswith("retry"):
+        conv.append("user", "pending question")  # what retry answers
+    before = conv.messages()
+    for owner in (None, "bob"):
+        with pytest.raises(ConversationNotFound):
+            _turn(driver, how, conv.id, owner=owner)
+    assert conv.messages() == before and api.requests == []
+
+    for _ in range(2):
+        api.script(stream_response(text_stream("ok")) if how.startswith("stream") else completion("ok"))
+    reply = _turn(driver, how, conv.id, owner="alice")
+    assert reply.conversation_id == conv.id and reply.content == "ok" and reply.status == "complete"
+    if how.endswith("retry"):
+        conv.append("user", "another")
+    # A handle carries its own owner: it is used as it is.
+    assert _turn(driver, how, sqlite_store.get(conv.id, owner="alice")).content == "ok"
+    assert len(api.requests) == 2
+
+
+# ---------------------------------------------------------------------------------------------
 # Errors
 
 
@@ -633,7 +672,10 @@ def test_retry_after_headers_are_honoured(driver: Driver, api: FakeAPI, sqlite_s
         error_response(503, headers={"retry-after": "86400"}),
     )
     driver.send(conv.id, "hi", max_retries=3)
-    assert driver.sleeps == [3.0, 0.25, MAX_RETRY_AFTER]
+    assert driver.sleeps[:2] == [3.0, 0.25]
+    # More than MAX_RETRY_AFTER asked: the third retry's usual backoff, not a day (nor a minute).
+    full = INITIAL_RETRY_DELAY * 2**2
+    assert full * (1 - JITTER) <= driver.sleeps[2] <= full < MAX_RETRY_AFTER
 
 
 def test_max_retries_default_and_per_call(make_driver: Any, sqlite_store: Store) -> None:
@@ -660,10 +702,10 @@ def test_one_debug_line_per_retry_decision(
     decisions = [
         r.getMessage() for r in caplog.records if r.name == "gilas_conv.sender" and "POST" in r.getMessage()
     ]
+    # One line per decision, naming what failed (the wording is free).
     assert len(decisions) == 3
-    assert "HTTP 500; retry 1 of 5" in decisions[0]
-    assert "APIConnectionError; retry 2 of 5" in decisions[1]
-    assert "HTTP 400 is not retryable" in decisions[2]
+    for line, failure in zip(decisions, ["HTTP 500", "APIConnectionError", "HTTP 400"], strict=True):
+        assert failure in line and "\n" not in line
 
 
 # ---------------------------------------------------------------------------------------------
@@ -691,7 +733,7 @@ def test_stream_yields_deltas_and_stores_the_reply_at_the_end(
     else:
 
         async def consume() -> tuple[list[StreamChunk], Any]:
-            stream = driver.sender.stream(conv.id, "Where?")
+            stream = await driver.sender.stream(conv.id, "Where?")
             chunks: list[StreamChunk] = []
             async for item in stream:
                 chunks.append(item)
@@ -848,27 +890,58 @@ def test_stream_closed_early_by_the_caller_stores_quietly(
     ]
 
 
-def test_breaking_out_of_the_loop_stores_the_partial_reply(
+def test_breaking_out_of_the_loop_inside_with_stores_the_partial_reply(
     sync: bool, sqlite_store: Store, api: FakeAPI
 ) -> None:
     conv = sqlite_store.create()
     api.script(stream_response(text_stream("alpha beta gamma delta"), split=1))
     if sync:
-        with Sender(sqlite_store, api_key="k", transport=api.transport()) as sender:
-            for item in sender.stream(conv.id, "go"):
+        with (
+            Sender(sqlite_store, api_key="k", transport=api.transport()) as sender,
+            sender.stream(conv.id, "go") as stream,
+        ):
+            for item in stream:
                 if item.delta == "beta ":
                     break
     else:
 
         async def run() -> None:
-            async with AsyncSender(sqlite_store, api_key="k", transport=api.transport()) as sender:
-                async for item in sender.stream(conv.id, "go"):
+            async with (
+                AsyncSender(sqlite_store, api_key="k", transport=api.transport()) as sender,
+                await sender.stream(conv.id, "go") as stream,
+            ):
+                async for item in stream:
                     if item.delta == "beta ":
                         break
 
         asyncio.run(run())
     last = sqlite_store.get(conv.id).messages()[-1]
     assert (last.role, last.status, last.content) == ("assistant", "incomplete", "alpha beta ")
+
+
+def test_a_stream_left_unclosed_warns_and_writes_nothing_when_collected(
+    sync: bool, sqlite_store: Store, api: FakeAPI
+) -> None:
+    conv = sqlite_store.create()
+    api.script(stream_response(text_stream("alpha beta gamma delta"), split=1))
+    with pytest.warns(ResourceWarning, match="unclosed stream .*reply was not stored"):
+        if sync:
+            with Sender(sqlite_store, api_key="k", transport=api.transport()) as sender:
+                for item in sender.stream(conv.id, "go"):
+                    if item.delta == "beta ":
+                        break
+                gc.collect()
+        else:
+
+            async def run() -> None:
+                async with AsyncSender(sqlite_store, api_key="k", transport=api.transport()) as sender:
+                    async for item in await sender.stream(conv.id, "go"):
+                        if item.delta == "beta ":
+                            break
+                    gc.collect()
+
+            asyncio.run(run())
+    assert roles(sqlite_store, conv.id) == [("user", "complete")]
 
 
 def test_stream_error_event_mid_stream(driver: Driver, api: FakeAPI, sqlite_store: Store) -> None:
@@ -931,27 +1004,18 @@ def test_stream_errors_before_the_first_chunk_are_raised(
     assert reply.content == "ok" and len(driver.sleeps) == 1
 
 
-def test_stream_final_message_and_await(sync: bool, sqlite_store: Store, api: FakeAPI) -> None:
+def test_stream_starts_before_it_returns_and_final_message_reads_the_rest(
+    driver: Driver, api: FakeAPI, sqlite_store: Store
+) -> None:
     conv = sqlite_store.create()
     api.script(stream_response(text_stream("whole thing")), stream_response(text_stream("second")))
-    if sync:
-        with Sender(sqlite_store, api_key="k", transport=api.transport()) as sender:
-            assert sender.stream(conv.id, "q").final_message().content == "whole thing"
-            stream = sender.stream(conv.id, "q2")
-            assert roles(sqlite_store, conv.id)[-1] == ("user", "complete")  # eager
-            assert stream.final_message().content == "second"
-        return
-
-    async def run() -> None:
-        async with AsyncSender(sqlite_store, api_key="k", transport=api.transport()) as sender:
-            assert (await sender.stream(conv.id, "q").final_message()).content == "whole thing"
-            lazy = sender.stream(conv.id, "q2")
-            assert len(api.requests) == 1  # nothing happens until it is awaited or iterated
-            stream = await lazy
-            assert len(api.requests) == 2 and stream.reply_to == 3
-            assert (await stream.final_message()).content == "second"
-
-    asyncio.run(run())
+    assert driver.run(driver.run(driver.sender.stream(conv.id, "q")).final_message()).content == "whole thing"
+    stream = driver.run(driver.sender.stream(conv.id, "q2"))
+    assert roles(sqlite_store, conv.id)[-1] == ("user", "complete")  # eager, for both senders
+    assert len(api.requests) == 2 and stream.reply_to == 3
+    assert stream.conversation.id == conv.id and not stream.closed
+    assert driver.run(stream.final_message()).content == "second"
+    assert stream.closed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1138,7 +1202,7 @@ def test_async_store_calls_run_off_the_event_loop(
         loop_thread = threading.current_thread().name
         async with AsyncSender(sqlite_store, api_key="k", transport=api.transport()) as sender:
             await sender.send(conv.id, "a")
-            async with sender.stream(conv.id, "b") as stream:
+            async with await sender.stream(conv.id, "b") as stream:
                 async for _ in stream:
                     pass
         return loop_thread

@@ -237,7 +237,7 @@ def test_concurrent_turns_on_50_conversations(store: ConversationStore, stub: St
             async def turn(i: int) -> Any:
                 if i % 2:
                     return await sender.send(convs[i].id, f"question {i}")
-                async with sender.stream(convs[i].id, f"question {i}") as stream:
+                async with await sender.stream(convs[i].id, f"question {i}") as stream:
                     async for _ in stream:
                         pass
                 return stream.message
@@ -331,3 +331,4 @@ def test_stub_server_runs_as_a_script(tmp_path: Path) -> None:
     finally:
         process.terminate()
         process.wait(timeout=5)
+        process.stdout.close()

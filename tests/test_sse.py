@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gilas_conv._sse import ServerSentEvent, SSEDecoder, aiter_events, iter_events
+from gilas_conv._sse import MAX_EVENT_SIZE, ServerSentEvent, SSEDecoder, aiter_events, iter_events
+from gilas_conv.exceptions import APIResponseValidationError
 
 
 def decode(*pieces: bytes) -> list[ServerSentEvent]:
@@ -177,3 +178,63 @@ def test_iter_helpers() -> None:
         return [event async for event in aiter_events(chunks())]
 
     assert asyncio.run(collect()) == SAMPLE_EVENTS
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost and bounds (speed itself is measured in benchmarks/sse.py, never here)
+
+PIECE = 64 * 1024
+
+
+def test_a_long_line_in_many_pieces_is_searched_once() -> None:
+    # 32 MB without a newline, in 64 KB pieces: the decoder used to search the whole open
+    # line again with every piece (quadratic: 16 MB took 0.9 s, 200 MB did not finish).
+    size = 32 * 1024 * 1024
+    decoder = SSEDecoder(max_event_size=size + 100)
+    body = b"data: " + b"x" * (size - len(b"data: "))
+    events = []
+    for start in range(0, len(body), PIECE):
+        events += decoder.feed(body[start : start + PIECE])
+    events += decoder.feed(b"\n\n")
+    assert decoder.scanned == len(body) + 2  # each character searched for a line end once
+    assert len(events) == 1 and len(events[0].data) == size - len(b"data: ")
+
+
+def test_many_short_lines_are_searched_once() -> None:
+    body = b"".join(b'data: {"n": %d}\n\n' % n for n in range(20_000))
+    decoder = SSEDecoder()
+    events = [e for start in range(0, len(body), PIECE) for e in decoder.feed(body[start : start + PIECE])]
+    assert len(events) == 20_000 and decoder.scanned == len(body)
+
+
+def test_a_line_longer_than_the_limit_is_a_clear_error() -> None:
+    decoder = SSEDecoder(max_event_size=1000)
+    assert decoder.feed(b"data: ok\n\n")[0].data == "ok"
+    decoder.feed(b"data: " + b"x" * 600)
+    with pytest.raises(APIResponseValidationError, match=r"longer than 1000 characters.*max_event_size"):
+        decoder.feed(b"x" * 600)  # still no newline: refused before the whole line is held
+    with pytest.raises(APIResponseValidationError):
+        decoder.feed(b"\n\n")  # the stream is abandoned
+    with pytest.raises(APIResponseValidationError):
+        decoder.flush()
+
+
+def test_an_event_larger_than_the_limit_is_a_clear_error() -> None:
+    decoder = SSEDecoder(max_event_size=1000)
+    line = b"data: " + b"y" * 300 + b"\n"
+    assert decoder.feed(line * 3 + b"\n")[0].data == "\n".join(["y" * 300] * 3)  # 902 characters
+    # The events completed before the oversized one, in the same bytes, are delivered first.
+    events = decoder.feed(b"data: first\n\n" + line * 4 + b"\n")
+    assert [e.data for e in events] == ["first"]
+    with pytest.raises(APIResponseValidationError, match="an event longer than 1000"):
+        decoder.feed(b"data: later\n\n")
+
+
+def test_the_limit_is_a_named_default_and_checked() -> None:
+    assert SSEDecoder().max_event_size == MAX_EVENT_SIZE == 16 * 1024 * 1024
+    exact = SSEDecoder(max_event_size=10)
+    assert exact.feed(b"data:" + b"z" * 5 + b"\n" + b"data:" + b"z" * 4 + b"\n\n")[0].data == "zzzzz\nzzzz"
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="max_event_size"):
+            SSEDecoder(max_event_size=bad)  # type: ignore[arg-type]
+    assert [e.data for e in iter_events([b"data: a\n\n"], max_event_size=7)] == ["a"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime as dt
 import json
 import os
 import sqlite3
@@ -1047,21 +1048,26 @@ def test_import_conversations_is_all_or_nothing(store: ConversationStore) -> Non
         store.import_conversations(["not a conversation"])  # type: ignore[list-item]
 
 
-def test_sqlite_appends_store_values_exactly_as_core_inserts_do(tmp_path: Path) -> None:
-    """On SQLite an append runs on the driver's cursor; create() inserts its system message
-    through SQLAlchemy Core. Both must leave byte-for-byte the same kind of row."""
+def test_sqlite_appends_store_values_exactly_as_core_inserts_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An append and create()'s system message leave byte-for-byte the same row. The clock
+    is frozen on microsecond zero, where sqlite3's own datetime adapter would have stored
+    ``10:00:00`` instead of ``10:00:00.000000``."""
+    frozen = dt.datetime(2026, 1, 1, 10, 0, 0, tzinfo=dt.timezone.utc)
+    monkeypatch.setattr("gilas_conv.store._store._now", lambda: frozen)
     url = f"sqlite:///{tmp_path / 'formats.db'}"
     with ConversationStore(url) as store:
         conv = store.create(model=MODEL, system="سلام\x00")
         conv.append("system", "سلام\x00", pinned=True)
         conv.pin(1)
-    with sqlite3.connect(tmp_path / "formats.db") as raw:
+    with contextlib.closing(sqlite3.connect(tmp_path / "formats.db")) as raw:
         rows = raw.execute(
-            "SELECT typeof(created_at), length(created_at), content, typeof(pinned), pinned, status,"
+            "SELECT created_at, content, typeof(pinned), pinned, status,"
             " tokens, tokens_encoding, typeof(tool_calls) FROM messages ORDER BY seq"
         ).fetchall()
-        bumped = raw.execute("SELECT typeof(updated_at), length(updated_at) FROM conversations").fetchone()
-    core, driver = rows
-    assert core == driver
-    assert core[:2] == bumped
-    assert core[2] == '"سلام\\u0000"' and core[3:5] == ("integer", 1)
+        bumped = raw.execute("SELECT updated_at FROM conversations").fetchone()
+    created, appended = rows
+    assert created == appended
+    assert created[0] == bumped[0] == "2026-01-01 10:00:00.000000"
+    assert created[1] == '"سلام\\u0000"' and created[2:4] == ("integer", 1)

@@ -160,6 +160,19 @@ def test_cookbook_example_matches_published_api_prompt_tokens(model: str, expect
     assert count_tokens(COOKBOOK_MESSAGES, model) == expected
 
 
+def test_gpt_35_turbo_0301_is_counted_with_its_own_rule() -> None:
+    # The cookbook's published figure: 4 tokens per message, -1 for a name (not 3 and +1).
+    assert count_tokens(COOKBOOK_MESSAGES, "gpt-3.5-turbo-0301") == 127
+    info = get_model_info("gpt-3.5-turbo-0301")
+    assert (info.tokens_per_message, info.tokens_per_name) == (4, -1)
+    enc = info.encoding
+    assert count_tokens(COOKBOOK_MESSAGES, "gpt-3.5-turbo-0301") == REPLY_PRIMING_TOKENS + sum(
+        message_tokens(m, enc, tokens_per_message=4, tokens_per_name=-1) for m in COOKBOOK_MESSAGES
+    )
+    # Its successors keep the later rule.
+    assert count_tokens(COOKBOOK_MESSAGES, "gpt-3.5-turbo-0613") == 129
+
+
 @pytest.mark.parametrize(
     ("model", "expected"),
     [("gpt-3.5-turbo", 105), ("gpt-4", 105), ("gpt-4o", 101), ("gpt-4o-mini", 101)],
@@ -611,7 +624,58 @@ def test_count_is_sum_of_message_costs_plus_priming_plus_tools(
     ],
 )
 def test_builtin_model_figures(model: str, encoding: str, window: int, output: int) -> None:
-    assert get_model_info(model) == ModelInfo(model, encoding, window, output)
+    info = get_model_info(model)
+    assert (info.name, info.encoding, info.context_window, info.max_output_tokens) == (
+        model,
+        encoding,
+        window,
+        output,
+    )
+
+
+@pytest.mark.parametrize(
+    ("model", "reasoning"),
+    [
+        ("o1", True),
+        ("o1-mini-2024-09-12", True),
+        ("o3-mini", True),
+        ("o4-mini-2025-04-16", True),
+        ("gpt-5", True),
+        ("gpt-5-mini-2025-08-07", True),
+        ("gpt-5.1", True),
+        ("gpt-5-chat-latest", True),
+        ("gpt-4o", False),
+        ("gpt-4.1", False),
+        ("gpt-3.5-turbo", False),
+    ],
+)
+def test_the_registry_knows_which_models_reason(model: str, reasoning: bool) -> None:
+    assert get_model_info(model).reasoning is reasoning
+
+
+def test_unknown_and_registered_models_do_not_reason_unless_told() -> None:
+    model = _unique_model()
+    with pytest.warns(GilasTokenWarning):
+        assert get_model_info(model).reasoning is False
+    registry = ModelRegistry(
+        {
+            "gilas-think": {
+                "encoding": "o200k_base",
+                "context_window": 8000,
+                "max_output_tokens": 4000,
+                "reasoning": True,
+            },
+            "gilas-plain": {"encoding": "o200k_base", "context_window": 8000, "max_output_tokens": 4000},
+        }
+    )
+    assert registry.get("gilas-think-2025").reasoning is True
+    assert registry.get("gilas-plain").reasoning is False
+    assert (
+        registry.register("gpt-5", context_window=1000, max_output_tokens=500).reasoning is True
+    )  # inherited
+    assert registry.register("gpt-4o", reasoning=True).reasoning is True
+    with pytest.raises(ValueError, match="reasoning"):
+        ModelInfo("m", "o200k_base", 1000, 100, reasoning="yes")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sqlite3
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -47,10 +46,13 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine, event
 
 from gilas_conv import (
+    Context,
     ContextWindowExceeded,
     Conversation,
     ConversationStore,
+    GilasConvError,
     Message,
+    StoreError,
     SummaryRequest,
     build_context,
     conversation_tokens,
@@ -58,7 +60,7 @@ from gilas_conv import (
     get_model_info,
 )
 from gilas_conv.tokens import REPLY_PRIMING_TOKENS, message_tokens, tools_tokens
-from gilas_conv.truncation import DEFAULT_REPLY_RESERVE
+from gilas_conv.truncation import DEFAULT_REPLY_RESERVE, plan_context, save_summary
 
 MODEL = "gpt-4o-mini"
 ANCHOR_ROLES = ("system", "developer")
@@ -86,47 +88,26 @@ class RecordingSummarizer:
 
 
 class StatementLog:
-    """Records the SQL an engine executes while open, and counts the message rows fetched."""
+    """Records the SQL an engine executes while open, as the driver receives it.
+
+    :meth:`rows_returned` measures what the recorded reads of a table returned by running
+    each again, counted (``SELECT count(*) FROM (...)``), on the unchanged data: an upper
+    bound on the rows read, whatever the driver or the way the rows were fetched.
+    """
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.statements: list[tuple[str, Any]] = []
-        self.fetched = 0  # rows the driver handed over for SELECTs on messages
 
     def __enter__(self) -> StatementLog:
         event.listen(self.engine, "before_cursor_execute", self._record)
-        event.listen(self.engine, "after_cursor_execute", self._count)
-        event.listen(self.engine, "checkout", self._on_checkout)
-        self._factories: list[Any] = []
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         event.remove(self.engine, "before_cursor_execute", self._record)
-        event.remove(self.engine, "after_cursor_execute", self._count)
-        event.remove(self.engine, "checkout", self._on_checkout)
-        for dbapi_connection in self._factories:
-            dbapi_connection.row_factory = None
 
     def _record(self, conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
         self.statements.append((statement, parameters))
-
-    def _on_checkout(self, dbapi_connection: Any, *args: Any) -> None:
-        # sqlite3 steps a cursor on demand, and the hot path may read through the driver's own
-        # cursor: count rows as sqlite3 really hands them over, on every cursor of the
-        # connection (build_context reads nothing but messages).
-        if isinstance(dbapi_connection, sqlite3.Connection):
-
-            def count_row(_cursor: Any, row: tuple[Any, ...]) -> tuple[Any, ...]:
-                self.fetched += 1
-                return row
-
-            dbapi_connection.row_factory = count_row
-            self._factories.append(dbapi_connection)
-
-    def _count(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        # Postgres drivers receive a whole result at execute time.
-        if conn.dialect.name != "sqlite" and _is_message_select(statement):
-            self.fetched += max(cursor.rowcount, 0)
 
     def of_kind(self, verb: str, table: str = "messages") -> list[tuple[str, Any]]:
         return [
@@ -135,9 +116,12 @@ class StatementLog:
             if sql.lstrip().upper().startswith(verb) and table in sql
         ]
 
-
-def _is_message_select(statement: str) -> bool:
-    return statement.lstrip().upper().startswith("SELECT") and "messages" in statement
+    def rows_returned(self, table: str = "messages") -> int:
+        with self.engine.connect() as conn:
+            return sum(
+                conn.exec_driver_sql(f"SELECT count(*) FROM ({sql}) AS returned", params).scalar_one()
+                for sql, params in self.of_kind("SELECT", table)
+            )
 
 
 def _anchor_seqs(stored: Sequence[Message]) -> set[int]:
@@ -713,7 +697,7 @@ def test_hot_path_reads_only_the_newest_rows(store: ConversationStore) -> None:
 
     assert ctx.dropped > 4500, "the window should be small next to the history"
     assert ctx.prompt_tokens == count_tokens(ctx.messages, MODEL)
-    rows = log.fetched
+    rows = log.rows_returned()
     assert 0 < rows < 600, f"read {rows} rows of a 5001-message history for a {len(ctx.seqs)}-message window"
     assert log.of_kind("UPDATE") == []
 
@@ -800,6 +784,36 @@ def test_summarize_stores_a_summary_reuses_it_and_extends_it(store: Conversation
     latest = conv.summaries()[-1]
     assert (latest.from_seq, latest.to_seq) == (saved.from_seq, 11)
     assert latest.content == summarize.replies[1]
+
+
+def test_step_wise_planning_asks_for_the_summary_then_sends_it(store: ConversationStore) -> None:
+    """plan_context says which summary it needs and stores nothing; once save_summary has
+    stored the answer, planning again sends it (what the senders do around their request)."""
+    conv, stored, limit = _summarized_conversation(store)
+    options: dict[str, Any] = {"context_limit": limit, "max_tokens": 100, "policy": "summarize"}
+
+    request = plan_context(conv, **options)
+
+    assert isinstance(request, SummaryRequest)
+    assert (request.previous, request.to_seq) == (None, 9)
+    assert request.messages == [m.to_openai() for m in stored[1:9]]
+    assert conv.summaries() == [], "planning writes no summary"
+    assert plan_context(conv, **options) == request, "and asks again until one is stored"
+    with pytest.raises(ValueError, match="no text"):
+        save_summary(conv, request, "  ")
+    assert conv.summaries() == []
+
+    saved = save_summary(conv, request, "They talked at length.")
+    ctx = plan_context(conv, **options)
+
+    assert isinstance(ctx, Context)
+    assert conv.summaries() == [saved] and ctx.summary == saved
+    assert (saved.from_seq, saved.to_seq) == (request.from_seq, 9)
+    assert ctx.seqs == (1, 10, 11, 12, 13, 14)
+    assert ctx.messages[1]["content"].endswith("They talked at length.")
+    assert ctx.prompt_tokens == count_tokens(ctx.messages, MODEL)
+    # The truncate policy never asks.
+    assert isinstance(plan_context(conv, **{**options, "policy": "truncate"}), Context)
 
 
 def test_summarize_does_nothing_when_everything_fits(store: ConversationStore) -> None:
@@ -1076,3 +1090,100 @@ def test_property_summarize_invariants(
     again = build_context(conv, **options)
     assert len(summarize.requests) == calls
     assert again.messages == ctx.messages and again.prompt_tokens == ctx.prompt_tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# Resources: the summarizer runs with no connection held; database errors are StoreError
+
+
+class PoolWatchingSummarizer(RecordingSummarizer):
+    """Records, at each call, how many pooled connections are checked out (the summarizer
+    is an HTTP request: holding a connection across it starves the pool)."""
+
+    def __init__(self, store: ConversationStore) -> None:
+        super().__init__()
+        self.store = store
+        self.checked_out: list[int] = []
+
+    def __call__(self, request: SummaryRequest) -> str:
+        self.checked_out.append(self.store.engine.pool.checkedout())  # type: ignore[attr-defined]
+        return super().__call__(request)
+
+
+def test_summarize_holds_no_connection_during_the_summarizer(db_url: str) -> None:
+    """A pool of one connection is enough for a summarizing turn, and the summarizer is
+    called with no connection checked out (it used to block, then raise TimeoutError)."""
+    pool = {"pool_size": 1, "max_overflow": 0, "pool_timeout": 2}
+    with ConversationStore(db_url, engine_options=pool) as store:
+        conv, stored, limit = _summarized_conversation(store)
+        summarize = PoolWatchingSummarizer(store)
+
+        options = {"context_limit": limit, "max_tokens": 100, "policy": "summarize"}
+        ctx = build_context(conv, **options, summarizer=summarize)  # type: ignore[arg-type]
+
+        assert summarize.checked_out == [0]
+        _check_summary_context(conv, stored, ctx, limit=limit, summarizer=summarize)
+        assert store.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+def test_summarize_works_on_an_in_memory_database() -> None:
+    """``sqlite://`` has one connection per thread: summarizing used to fail with "cannot
+    start a transaction within a transaction"."""
+    with ConversationStore("sqlite://") as store:
+        conv, stored, limit = _summarized_conversation(store)
+        summarize = RecordingSummarizer()
+
+        options = {"context_limit": limit, "max_tokens": 100, "policy": "summarize"}
+        ctx = build_context(conv, **options, summarizer=summarize)  # type: ignore[arg-type]
+
+        _check_summary_context(conv, stored, ctx, limit=limit, summarizer=summarize)
+        assert conv.summaries() == [ctx.summary]
+
+
+def test_database_errors_while_choosing_the_window_are_store_errors(store: ConversationStore) -> None:
+    conv = store.create(model=MODEL, system="s")
+    _append_turns(conv, [5, 5])
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE messages")
+
+    for call in (
+        lambda: build_context(conv),
+        lambda: build_context(conv, policy="summarize", summarizer=RecordingSummarizer()),
+        lambda: conversation_tokens(conv),
+    ):
+        with pytest.raises(StoreError) as raised:
+            call()
+        assert isinstance(raised.value, GilasConvError)
+        assert "SELECT" not in str(raised.value), "no SQL in the message"
+
+
+def test_an_exhausted_pool_is_a_store_error(db_url: str) -> None:
+    with ConversationStore(
+        db_url, engine_options={"pool_size": 1, "max_overflow": 0, "pool_timeout": 0.2}
+    ) as store:
+        conv = store.create(model=MODEL, system="s")
+        with store.engine.connect():  # the only connection, held elsewhere
+            with pytest.raises(StoreError, match="no database connection free"):
+                build_context(conv)
+            with pytest.raises(StoreError, match="no database connection free"):
+                conversation_tokens(conv)
+        assert build_context(conv).seqs == (1,)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "what"),
+    [
+        ({"content": "", "from_seq": 1, "to_seq": 2}, "summary"),
+        ({"content": "s", "from_seq": 0, "to_seq": 2}, "from_seq"),
+        ({"content": "s", "from_seq": 3, "to_seq": 2}, "from_seq"),
+        ({"content": "s", "from_seq": 1, "to_seq": "2"}, "to_seq"),
+        ({"content": "s", "from_seq": 1, "to_seq": 2, "usage": [1]}, "usage"),
+    ],
+)
+def test_add_summary_refuses_bad_values_and_writes_nothing(
+    store: ConversationStore, kwargs: dict[str, Any], what: str
+) -> None:
+    conv = store.create(model=MODEL, system="s")
+    with pytest.raises(ValueError, match=what):
+        conv.add_summary(**kwargs)
+    assert conv.summaries() == []

@@ -13,9 +13,21 @@ Layout
     ``_schema``    the tables (SQLAlchemy models; Alembic migrations build exactly these)
     ``_engine``    engines configured per backend (SQLite pragmas, the Postgres driver)
     ``_migrate``   running the shipped Alembic migrations
+    ``_window``    the planner's reader: anchors, newest rows, ranges, recount write-back
+                   (:class:`WindowReader`, opened by :meth:`Conversation.read_window`)
 """
 
 from ._store import Conversation, ConversationStore, Role
 from ._values import Message, Summary, openai_message
+from ._window import WindowReader, WindowRow
 
-__all__ = ["Conversation", "ConversationStore", "Message", "Role", "Summary", "openai_message"]
+__all__ = [
+    "Conversation",
+    "ConversationStore",
+    "Message",
+    "Role",
+    "Summary",
+    "WindowReader",
+    "WindowRow",
+    "openai_message",
+]

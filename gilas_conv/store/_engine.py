@@ -16,15 +16,18 @@ Postgres
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import urllib.parse
 from functools import partial
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-from .._config import DEFAULT_SQLITE_BUSY_TIMEOUT_MS, DEFAULT_SQLITE_SYNCHRONOUS
+from .._config import DEFAULT_SQLITE_BUSY_TIMEOUT_MS, DEFAULT_SQLITE_SYNCHRONOUS, redact_url
 from ..exceptions import ConfigurationError
 
 __all__ = ["WRITE", "create_engine_for_url", "normalize_url", "redact_url"]
@@ -38,26 +41,27 @@ _SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 _json_dumps = partial(json.dumps, ensure_ascii=False, separators=(",", ":"))
 
 
+SUPPORTED_BACKENDS = ("sqlite", "postgresql")
+_EXAMPLES = "sqlite:///path.db or postgresql://user@host/dbname"
+
+
 def normalize_url(url: str) -> str:
-    """Give bare Postgres URLs the psycopg 3 driver; refuse what is not a URL."""
+    """Give bare Postgres URLs the psycopg 3 driver; refuse what is not a URL of a supported
+    backend (SQLite or Postgres) with ConfigurationError."""
     try:
         parsed = make_url(url)
     except ArgumentError as err:
         raise ConfigurationError(
-            f"not a database URL: {redact_url(url)!r}; expected e.g. sqlite:///path.db "
-            "or postgresql+psycopg://user@host/dbname"
+            f"not a database URL: {redact_url(url)!r}; expected e.g. {_EXAMPLES}"
         ) from err
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.get_backend_name() not in SUPPORTED_BACKENDS:
+        raise ConfigurationError(
+            f"unsupported database {parsed.get_backend_name()!r} in {redact_url(url)!r}; "
+            f"gilas-conv supports sqlite and postgresql (e.g. {_EXAMPLES})"
+        )
     return parsed.render_as_string(hide_password=False)
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password masked, for messages and reprs."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return "<unparseable URL>"
 
 
 def create_engine_for_url(
@@ -79,22 +83,73 @@ def create_engine_for_url(
             )
         if sqlite_busy_timeout_ms < 0:
             raise ConfigurationError("sqlite_busy_timeout_ms must be >= 0")
-        engine = create_engine(url, **kwargs)
-        _configure_sqlite(engine, synchronous=mode, busy_timeout_ms=sqlite_busy_timeout_ms)
+        url, read_only = _prepare_sqlite_file(url)
+        engine = _create(url, kwargs)
+        _configure_sqlite(
+            engine, synchronous=mode, busy_timeout_ms=sqlite_busy_timeout_ms, read_only=read_only
+        )
         return engine
-    if backend == "postgresql":
-        kwargs.setdefault("pool_pre_ping", True)
-        try:
-            return create_engine(url, **kwargs)
-        except ModuleNotFoundError as err:
-            raise ConfigurationError(
-                "the Postgres driver is not installed; run: pip install 'gilas-conv[postgres]'"
-            ) from err
-    # Other SQLAlchemy backends may work but are not tested; let the user try.
-    return create_engine(url, **kwargs)
+    kwargs.setdefault("pool_pre_ping", True)
+    try:
+        return _create(url, kwargs)
+    except (ModuleNotFoundError, NoSuchModuleError) as err:
+        driver = make_url(url).get_driver_name()
+        hint = (
+            "run: pip install 'gilas-conv[postgres]'"
+            if driver == "psycopg"
+            else "use postgresql:// (psycopg 3, installed by pip install 'gilas-conv[postgres]')"
+        )
+        raise ConfigurationError(f"the Postgres driver {driver!r} is not installed; {hint}") from err
 
 
-def _configure_sqlite(engine: Engine, *, synchronous: str, busy_timeout_ms: int) -> None:
+def _create(url: str, kwargs: dict[str, Any]) -> Engine:
+    try:
+        return create_engine(url, **kwargs)
+    except TypeError as err:  # an engine option this pool or dialect does not take
+        raise ConfigurationError(f"invalid engine option for {redact_url(url)}: {err}") from err
+
+
+# Permissions of a SQLite file gilas-conv creates (its -wal and -shm files inherit them):
+# the history is private to its user.
+NEW_DATABASE_FILE_MODE = 0o600
+
+
+def _sqlite_path(url: str) -> str | None:
+    """The file of a plain ``sqlite:///path`` URL (not in-memory, not a ``file:`` URI)."""
+    parsed = make_url(url)
+    database = parsed.database
+    if not database or database == ":memory:" or database.startswith("file:") or parsed.query:
+        return None
+    return database
+
+
+def _prepare_sqlite_file(url: str) -> tuple[str, bool]:
+    """Create a new database file private to its user; open an existing file that this
+    process may not write read-only, so reading still works. Returns ``(url, read_only)``.
+
+    A file that exists keeps the permissions its owner gave it. Read-only access to a WAL
+    database needs its -shm file: when the directory is not writable either and there is
+    no -wal file to miss, the file is opened ``immutable`` (nobody can be writing it).
+    """
+    path = _sqlite_path(url)
+    if path is None:
+        return url, False
+    if not os.path.exists(path):
+        # On failure SQLite reports the problem in its own words when it opens the file.
+        with contextlib.suppress(OSError):
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, NEW_DATABASE_FILE_MODE))
+        return url, False
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.access(path, os.W_OK) and os.access(directory, os.W_OK):
+        return url, False
+    query = {"mode": "ro", "uri": "true"}
+    if not os.access(directory, os.W_OK) and not os.path.exists(path + "-wal"):
+        query["immutable"] = "1"
+    uri = "file:" + urllib.parse.quote(os.path.abspath(path))
+    return make_url(url).set(database=uri, query=query).render_as_string(hide_password=False), True
+
+
+def _configure_sqlite(engine: Engine, *, synchronous: str, busy_timeout_ms: int, read_only: bool) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Hand transaction control to the "begin" hook below.
@@ -102,7 +157,7 @@ def _configure_sqlite(engine: Engine, *, synchronous: str, busy_timeout_ms: int)
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-            if not _is_memory(engine):
+            if not _is_memory(engine) and not read_only:
                 cursor.execute("PRAGMA journal_mode = WAL")
             cursor.execute(f"PRAGMA synchronous = {synchronous}")
             cursor.execute("PRAGMA foreign_keys = ON")

@@ -14,6 +14,7 @@ from ._validate import (
     _check_int,
     _check_json,
     _check_reply_fields,
+    _check_size,
     _parse_timestamp,
     _token_columns,
     _validate_message,
@@ -21,7 +22,9 @@ from ._validate import (
 from ._values import now as _now
 
 
-def _prepare_import(data: Any, model: str | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _prepare_import(
+    data: Any, model: str | None, *, max_message_chars: int
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Validate one conversation to import: its ``conversations`` row and its message rows."""
     if isinstance(data, Mapping):
         if not isinstance(data.get("messages"), list):
@@ -46,7 +49,7 @@ def _prepare_import(data: Any, model: str | None) -> tuple[dict[str, Any], list[
     rows = []
     for index, raw in enumerate(raw_messages):
         try:
-            rows.append(_import_message(raw, model, now))
+            rows.append(_import_message(raw, model, now, max_message_chars=max_message_chars))
         except ValueError as err:
             raise ValueError(f"message {index + 1}: {err}") from err
     for seq, row in enumerate(rows, start=1):
@@ -64,7 +67,7 @@ def _prepare_import(data: Any, model: str | None) -> tuple[dict[str, Any], list[
     return conversation, rows
 
 
-def _import_message(raw: Any, model: str, now: dt.datetime) -> dict[str, Any]:
+def _import_message(raw: Any, model: str, now: dt.datetime, *, max_message_chars: int) -> dict[str, Any]:
     if not isinstance(raw, Mapping):
         raise ValueError("each message must be an object")
     known = {
@@ -86,6 +89,7 @@ def _import_message(raw: Any, model: str, now: dt.datetime) -> dict[str, Any]:
         status=raw.get("status", "complete"),
         pinned=raw.get("pinned", False),
     )
+    _check_size(columns, max_message_chars)
     _check_reply_fields(raw.get("response_id"), raw.get("model"), raw.get("finish_reason"))
     for key in ("response_id", "model", "finish_reason"):
         columns[key] = raw.get(key)

@@ -12,8 +12,11 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine, inspect, text
 
+from .._config import redact_url
+from ..exceptions import StoreError
 from ._engine import WRITE, create_engine_for_url
 from ._schema import SCHEMA_REVISION
+from ._tx import _opening
 
 _VERSION_TABLE = "alembic_version"
 
@@ -70,6 +73,37 @@ def current_revision(engine: Engine) -> str | None:
     return versions[0] if versions else None
 
 
+def known_revisions() -> set[str]:
+    """Every schema revision the shipped migrations know."""
+    from alembic.script import ScriptDirectory
+
+    return {script.revision for script in ScriptDirectory.from_config(_alembic_config()).walk_revisions()}
+
+
+def check_schema_state(engine: Engine, current: str | None) -> None:
+    """Raise StoreError for the states ``db upgrade`` cannot fix: a schema newer than this
+    gilas-conv, or gilas-conv's tables with no record of their revision."""
+    shown = redact_url(engine.url.render_as_string(hide_password=False))
+    if current is None:
+        with engine.connect() as conn:
+            tables = inspect(conn).has_table("conversations") or inspect(conn).has_table("messages")
+        if tables:
+            raise StoreError(
+                f"the database {shown} has gilas-conv tables but no record of their schema "
+                f"revision (the {_VERSION_TABLE} table is missing or empty), so it cannot be "
+                "upgraded safely; if this gilas-conv made them, record the revision with "
+                f"`CREATE TABLE IF NOT EXISTS {_VERSION_TABLE} (version_num VARCHAR(32) PRIMARY KEY); "
+                f"INSERT INTO {_VERSION_TABLE} VALUES ('{SCHEMA_REVISION}')`, "
+                "otherwise start over with a new database"
+            )
+    elif current != SCHEMA_REVISION and current not in known_revisions():
+        raise StoreError(
+            f"the database {shown} is at schema revision {current}, newer than this "
+            f"gilas-conv knows (it needs {SCHEMA_REVISION}); upgrade the package "
+            "(pip install -U gilas-conv), do not run `db upgrade`"
+        )
+
+
 def _run(engine: Engine, action: str, revision: str) -> None:
     from alembic import command
 
@@ -95,8 +129,10 @@ def upgrade_database(url: str | Engine | None = None, revision: str = "head") ->
     else:
         engine, owned = create_engine_for_url(resolve_database_url(url)[0]), True
     try:
-        _run(engine, "upgrade", revision)
-        return current_revision(engine) or "base"
+        with _opening(engine, redact_url(engine.url.render_as_string(hide_password=False))):
+            check_schema_state(engine, current_revision(engine))
+            _run(engine, "upgrade", revision)
+            return current_revision(engine) or "base"
     finally:
         if owned:
             engine.dispose()
@@ -106,8 +142,9 @@ def downgrade_database(url: str | Engine, revision: str) -> str:
     """Downgrade the schema to ``revision`` (``"base"`` drops every gilas-conv table)."""
     engine = url if isinstance(url, Engine) else create_engine_for_url(url)
     try:
-        _run(engine, "downgrade", revision)
-        return current_revision(engine) or "base"
+        with _opening(engine, redact_url(engine.url.render_as_string(hide_password=False))):
+            _run(engine, "downgrade", revision)
+            return current_revision(engine) or "base"
     finally:
         if not isinstance(url, Engine):
             engine.dispose()

@@ -26,19 +26,23 @@ import builtins
 import datetime as dt
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 from sqlalchemy import Engine, Row, Table, bindparam, delete, func, insert, literal, select, update
-from sqlalchemy.exc import DBAPIError
 
-from .._config import DEFAULT_MODEL, DEFAULT_SQLITE_BUSY_TIMEOUT_MS, DEFAULT_SQLITE_SYNCHRONOUS
+from .._config import (
+    DEFAULT_MAX_MESSAGE_CHARS,
+    DEFAULT_MODEL,
+    DEFAULT_SQLITE_BUSY_TIMEOUT_MS,
+    DEFAULT_SQLITE_SYNCHRONOUS,
+)
 from .._config import resolve_database_url as _resolve_database_url
 from ..exceptions import (
     ConversationNotFound,
     MessageNotFound,
     SchemaOutOfDate,
-    StoreError,
     StoreIntegrityError,
 )
 from ..search import SearchHit, make_snippet, parse_query, searchable_text
@@ -46,15 +50,16 @@ from ..search._snippet import marked as _marked
 from . import _search
 from ._engine import create_engine_for_url, redact_url
 from ._io import _prepare_import
-from ._migrate import current_revision, head_revision, upgrade_database
+from ._migrate import check_schema_state, current_revision, head_revision, upgrade_database
 from ._schema import ConversationRow, MessageRow, SummaryRow
-from ._tx import _Transaction
+from ._tx import _opening, _Transaction
 from ._validate import (
     _check_conversation_id,
     _check_field,
     _check_int,
     _check_json,
     _check_reply_fields,
+    _check_size,
     _check_str,
     _could_exist,
     _token_columns,
@@ -62,6 +67,9 @@ from ._validate import (
 )
 from ._values import Message, Summary
 from ._values import now as _now
+from ._window import WindowReader
+from ._window import read_window as _read_window
+from ._window import summary_rows as _summary_rows
 
 __all__ = ["Conversation", "ConversationStore", "Message", "Role", "Summary"]
 
@@ -107,59 +115,6 @@ def _bump_statement(*, owned: bool) -> Any:
 _BUMP_OWNED = _bump_statement(owned=True)
 _BUMP_UNOWNED = _bump_statement(owned=False)
 _INSERT_MESSAGE = insert(_messages)
-
-
-class _DriverAppend:
-    """An append's two statements run on the SQLite driver's own cursor.
-
-    An append is the hot path of every turn, and SQLAlchemy's per-statement machinery costs
-    about three times what SQLite itself spends on the UPDATE and INSERT. The SQL is compiled
-    by SQLAlchemy once per dialect and the values go through the columns' own bind
-    processors (JSON, timestamps, booleans), so what is stored is exactly what the Core
-    statements would store; the transaction is the one ``_Transaction`` began.
-    """
-
-    def __init__(self, dialect: Any) -> None:
-        self._bump = {
-            owned: self._prepare(_BUMP_OWNED if owned else _BUMP_UNOWNED, dialect) for owned in (True, False)
-        }
-        self._insert = self._prepare(_INSERT_MESSAGE, dialect)
-
-    @staticmethod
-    def _prepare(statement: Any, dialect: Any) -> tuple[str, list[tuple[str, Any, Any]]]:
-        """The SQL, and per positional parameter: its name, its type's bind processor, and
-        the value bound in the statement itself (the 1 of ``last_seq + 1``)."""
-        compiled = statement.compile(dialect=dialect)
-        binds = compiled.binds
-        return compiled.string, [
-            (key, binds[key].type.bind_processor(dialect), binds[key].value) for key in compiled.positiontup
-        ]
-
-    @staticmethod
-    def _args(prepared: tuple[str, list[tuple[str, Any, Any]]], values: Mapping[str, Any]) -> list[Any]:
-        args = []
-        for key, process, default in prepared[1]:
-            if key in values:
-                value = values[key]
-            elif default is not None:
-                value = default
-            else:  # every column is given explicitly; a missing one is a bug here
-                raise KeyError(f"no value for {key!r}")
-            args.append(process(value) if process is not None else value)
-        return args
-
-    def run(self, conn: Any, bump: Mapping[str, Any], row: dict[str, Any], *, owned: bool) -> int | None:
-        cursor = conn.connection.dbapi_connection.cursor()
-        try:
-            sql, _ = prepared = self._bump[owned]
-            found = cursor.execute(sql, self._args(prepared, bump)).fetchone()
-            if found is None:
-                return None
-            row["seq"] = seq = found[0]
-            cursor.execute(self._insert[0], self._args(self._insert, row))
-            return int(seq)
-        finally:
-            cursor.close()
 
 
 def _owner_clause(owner: str | None) -> Any:
@@ -224,13 +179,13 @@ class Conversation:
 
     def messages(self, *, after: int = 0, limit: int | None = None) -> list[Message]:
         """The stored history in order (all of it by default), as Message values."""
-        return self.store._messages(self.id, after=after, limit=limit)
+        return self.store._messages(self.id, self.owner, after=after, limit=limit)
 
     def iter_messages(self, *, batch_size: int = 1000) -> Iterator[Message]:
         """The history in order, read in batches, for conversations too long to hold at once."""
         after = 0
         while True:
-            batch = self.store._messages(self.id, after=after, limit=batch_size)
+            batch = self.store._messages(self.id, self.owner, after=after, limit=batch_size)
             yield from batch
             if len(batch) < batch_size:
                 return
@@ -238,13 +193,13 @@ class Conversation:
 
     def message(self, seq: int) -> Message:
         """The message with sequence number ``seq``; raises MessageNotFound."""
-        found = self.store._messages(self.id, after=seq - 1, limit=1)
+        found = self.store._messages(self.id, self.owner, after=seq - 1, limit=1)
         if not found or found[0].seq != seq:
             raise MessageNotFound(self.id, seq)
         return found[0]
 
     def last_message(self) -> Message | None:
-        return self.store._last_message(self.id)
+        return self.store._last_message(self.id, self.owner)
 
     def fork(self, at: int | None = None, *, title: str | None = None) -> Conversation:
         """A new conversation holding a copy of messages 1..``at`` (all when None)."""
@@ -252,7 +207,7 @@ class Conversation:
 
     def pin(self, seq: int, pinned: bool = True) -> None:
         """Mark a message to be kept in every context window (or unmark it)."""
-        self.store._pin(self.id, seq, pinned)
+        self.store._pin(self.id, self.owner, seq, pinned)
 
     def update(
         self,
@@ -272,7 +227,62 @@ class Conversation:
         return self
 
     def summaries(self) -> list[Summary]:
-        return self.store._summaries(self.id)
+        """The stored summaries, ordered by the last seq they cover."""
+        return self.store._summaries(self.id, self.owner)
+
+    def add_summary(
+        self,
+        content: str,
+        *,
+        from_seq: int,
+        to_seq: int,
+        model: str | None = None,
+        tokens: int | None = None,
+        tokens_encoding: str | None = None,
+        usage: dict[str, Any] | None = None,
+    ) -> Summary:
+        """Store a summary standing in for messages ``from_seq``..``to_seq`` and return it.
+
+        ``model`` wrote it; ``tokens`` is its cost as sent, under ``tokens_encoding``. If a
+        summary ending at ``to_seq`` is already stored (another process summarized the same
+        range first), that one is returned and nothing is written. Bad values raise
+        ValueError, with nothing written. Summaries are what ``policy="summarize"`` sends
+        in place of dropped history (see :func:`gilas_conv.truncation.plan_context`).
+        """
+        _check_str(content, "summary", allow_empty=False)
+        for value, what in ((from_seq, "from_seq"), (to_seq, "to_seq")):
+            if _check_int(value, what) is None or value < 1:
+                raise ValueError(f"{what} must be a positive integer, not {value!r}")
+        if from_seq > to_seq:
+            raise ValueError(f"from_seq ({from_seq}) must not be after to_seq ({to_seq})")
+        if model is not None:
+            _check_field(model, "model", allow_empty=False)
+        _check_int(tokens, "tokens")
+        if tokens_encoding is not None:
+            _check_field(tokens_encoding, "tokens_encoding", allow_empty=False)
+        if usage is not None and not isinstance(usage, Mapping):
+            raise ValueError("usage must be a dict")
+        _check_json(usage, "usage")
+        return self.store._add_summary(
+            self.id,
+            self.owner,
+            from_seq=from_seq,
+            to_seq=to_seq,
+            content=content,
+            model=model,
+            tokens=tokens,
+            tokens_encoding=tokens_encoding,
+            usage=dict(usage) if usage is not None else None,
+        )
+
+    def read_window(self, *, encoding: str) -> AbstractContextManager[WindowReader]:
+        """Rows for choosing a context window, counted under ``encoding``: the planner's
+        reader (:mod:`gilas_conv.truncation` uses it; see :class:`WindowReader`).
+
+        ``with conv.read_window(encoding=...) as reader``: one read transaction, so run
+        nothing slow (an API request) inside the block. Database errors are StoreError.
+        """
+        return _read_window(self.store, self.id, self.owner, encoding)
 
     def export(self) -> dict[str, Any]:
         """The conversation as gilas-conv's JSON export format.
@@ -314,6 +324,18 @@ class ConversationStore:
     ``sqlite_synchronous``: ``"NORMAL"`` (default; in WAL mode a crashed process loses
     nothing committed, a power cut may lose the newest commits but never corrupts the
     file) or ``"FULL"`` (survives power cuts too, at an fsync per commit).
+
+    ``max_message_chars``: the longest message accepted (default
+    ``DEFAULT_MAX_MESSAGE_CHARS``, ten million characters); a longer one raises
+    ValueError naming the limit before anything is stored.
+
+    ``pool_size`` and ``max_overflow``: the database connection pool (SQLAlchemy's
+    defaults, 5 and 10, when not given). A connection is held only for one short
+    transaction, never while waiting for the API, so a server needs about as many as it
+    has requests writing at the same moment, not as many as open streams: for a gateway
+    with a few hundred concurrent streams, ``pool_size=20, max_overflow=20`` is plenty,
+    and the total over all processes must stay under Postgres's ``max_connections``.
+    ``engine_options`` passes any other option to SQLAlchemy's ``create_engine``.
     """
 
     def __init__(
@@ -324,17 +346,32 @@ class ConversationStore:
         sqlite_synchronous: str = DEFAULT_SQLITE_SYNCHRONOUS,
         sqlite_busy_timeout_ms: int = DEFAULT_SQLITE_BUSY_TIMEOUT_MS,
         engine_options: Mapping[str, Any] | None = None,
+        max_message_chars: int = DEFAULT_MAX_MESSAGE_CHARS,
+        pool_size: int | None = None,
+        max_overflow: int | None = None,
     ) -> None:
+        if (
+            not isinstance(max_message_chars, int)
+            or isinstance(max_message_chars, bool)
+            or max_message_chars < 1
+        ):
+            raise ValueError("max_message_chars must be a positive integer")
+        self.max_message_chars = max_message_chars
+        options = dict(engine_options or {})
+        for name, value in (("pool_size", pool_size), ("max_overflow", max_overflow)):
+            if value is not None:
+                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                    raise ValueError(f"{name} must be an integer >= 0")
+                options[name] = value
         resolved, _embedded = _resolve_database_url(url)
         self._engine = create_engine_for_url(
             resolved,
             sqlite_synchronous=sqlite_synchronous,
             sqlite_busy_timeout_ms=sqlite_busy_timeout_ms,
-            **dict(engine_options or {}),
+            **options,
         )
         self.url = redact_url(self._engine.url.render_as_string(hide_password=False))
         self.dialect = self._engine.dialect.name
-        self._driver_append = _DriverAppend(self._engine.dialect) if self.dialect == "sqlite" else None
         if auto_upgrade is None:
             auto_upgrade = self.dialect == "sqlite"
         try:
@@ -344,21 +381,20 @@ class ConversationStore:
             raise
 
     def _ensure_schema(self, auto_upgrade: bool) -> None:
-        try:
+        with _opening(self._engine, self.url):
             current = current_revision(self._engine)
             head = head_revision()
             if current == head:
                 return
+            check_schema_state(self._engine, current)
             if auto_upgrade:
                 upgrade_database(self._engine)
                 return
-        except DBAPIError as err:
-            raise StoreError(f"cannot open the database {self.url}: {err.orig}") from err
         raise SchemaOutOfDate(self.url, current, head)
 
     @property
     def engine(self) -> Engine:
-        """The SQLAlchemy engine (for the truncation fast path and advanced use)."""
+        """The SQLAlchemy engine (for advanced use: events, pool inspection)."""
         return self._engine
 
     def close(self) -> None:
@@ -397,6 +433,7 @@ class ConversationStore:
         first = None
         if system is not None:
             first = _validate_message("system", system)
+            _check_size(first, self.max_message_chars)
             first.update(_token_columns(first, model))
         now = _now()
         conversation_id = str(uuid.uuid4())
@@ -568,7 +605,7 @@ class ConversationStore:
         for index, data in enumerate(conversations):
             label = labels[index] if labels is not None else f"conversation {index + 1}"
             try:
-                prepared.append(_prepare_import(data, model))
+                prepared.append(_prepare_import(data, model, max_message_chars=self.max_message_chars))
             except ValueError as err:
                 raise ValueError(f"{label}: {err}" if label else str(err)) from err
         with self._write() as conn:
@@ -659,6 +696,7 @@ class ConversationStore:
             status=status,
             pinned=pinned,
         )
+        _check_size(columns, self.max_message_chars)
         _check_reply_fields(response_id, model, finish_reason)
         _check_int(predicted_prompt_tokens, "predicted_prompt_tokens")
         _check_int(reply_to, "reply_to")
@@ -682,13 +720,10 @@ class ConversationStore:
             with self._write() as conn:
                 bump = {"b_cid": conversation_id, "b_owner": owner, "b_now": now}
                 row = {"conversation_id": conversation_id, "created_at": now, **columns}
-                if self._driver_append is not None:
-                    seq = self._driver_append.run(conn, bump, row, owned=owner is not None)
-                else:
-                    statement = _BUMP_UNOWNED if owner is None else _BUMP_OWNED
-                    seq = conn.execute(statement, bump).scalar()
-                    if seq is not None:
-                        conn.execute(_INSERT_MESSAGE, {**row, "seq": seq})
+                statement = _BUMP_UNOWNED if owner is None else _BUMP_OWNED
+                seq = conn.execute(statement, bump).scalar()
+                if seq is not None:
+                    conn.execute(_INSERT_MESSAGE, {**row, "seq": seq})
                 if seq is None:
                     raise ConversationNotFound(conversation_id)
                 if indexed is not None:
@@ -712,8 +747,24 @@ class ConversationStore:
             ).first()
         return _message_from_row(row) if row is not None else None
 
+    def _check_owner(self, conversation_id: str, owner: str | None, conn: Any = None) -> None:
+        """Raise ConversationNotFound unless this owner has this conversation: every read
+        through a handle checks it, so a handle whose ``id`` was swapped (for instance with
+        ``dataclasses.replace``) reads nothing of another owner's. An id never changes
+        owner, so checking in a transaction of its own is as good as in the reader's."""
+        if not _could_exist(conversation_id, owner):
+            raise ConversationNotFound(conversation_id)
+        query = select(literal(1)).where(_conversations.c.id == conversation_id, _owner_clause(owner))
+        if conn is None:
+            with self._read() as conn:
+                found = conn.execute(query).first()
+        else:
+            found = conn.execute(query).first()
+        if found is None:
+            raise ConversationNotFound(conversation_id)
+
     def _messages(
-        self, conversation_id: str, *, after: int = 0, limit: int | None = None
+        self, conversation_id: str, owner: str | None, *, after: int = 0, limit: int | None = None
     ) -> builtins.list[Message]:
         query = (
             select(*_MESSAGE_COLUMNS)
@@ -723,10 +774,12 @@ class ConversationStore:
         if limit is not None:
             query = query.limit(limit)
         with self._read() as conn:
+            self._check_owner(conversation_id, owner, conn)
             return [_message_from_row(row) for row in conn.execute(query)]
 
-    def _last_message(self, conversation_id: str) -> Message | None:
+    def _last_message(self, conversation_id: str, owner: str | None) -> Message | None:
         with self._read() as conn:
+            self._check_owner(conversation_id, owner, conn)
             row = conn.execute(
                 select(*_MESSAGE_COLUMNS)
                 .where(_messages.c.conversation_id == conversation_id)
@@ -787,8 +840,9 @@ class ConversationStore:
             )
         return self.get(new_id, owner=source.owner)
 
-    def _pin(self, conversation_id: str, seq: int, pinned: bool) -> None:
+    def _pin(self, conversation_id: str, owner: str | None, seq: int, pinned: bool) -> None:
         with self._write() as conn:
+            self._check_owner(conversation_id, owner, conn)
             row = conn.execute(
                 select(_messages.c.role, _messages.c.tool_calls).where(
                     _messages.c.conversation_id == conversation_id, _messages.c.seq == seq
@@ -840,20 +894,15 @@ class ConversationStore:
         if not changed:
             raise ConversationNotFound(conversation_id)
 
-    def _summaries(self, conversation_id: str) -> builtins.list[Summary]:
+    def _summaries(self, conversation_id: str, owner: str | None) -> builtins.list[Summary]:
         with self._read() as conn:
-            rows = conn.execute(
-                select(_summaries)
-                .where(_summaries.c.conversation_id == conversation_id)
-                .order_by(_summaries.c.to_seq)
-            ).all()
-        return [
-            Summary(**{name: row._mapping[name] for name in Summary.__dataclass_fields__}) for row in rows
-        ]
+            self._check_owner(conversation_id, owner, conn)
+            return _summary_rows(conn, conversation_id)
 
     def _add_summary(
         self,
         conversation_id: str,
+        owner: str | None,
         *,
         from_seq: int,
         to_seq: int,
@@ -878,11 +927,17 @@ class ConversationStore:
         )
         try:
             with self._write() as conn:
+                self._check_owner(conversation_id, owner, conn)
                 conn.execute(insert(_summaries).values(**values))
         except StoreIntegrityError:
             # Another process summarized the same range first; theirs is as good as ours.
-            for summary in self._summaries(conversation_id):
-                if summary.to_seq == to_seq:
-                    return summary
-            raise
+            with self._read() as conn:
+                row = conn.execute(
+                    select(_summaries).where(
+                        _summaries.c.conversation_id == conversation_id, _summaries.c.to_seq == to_seq
+                    )
+                ).first()
+            if row is None:
+                raise
+            return Summary(**{name: row._mapping[name] for name in Summary.__dataclass_fields__})
         return Summary(**values)

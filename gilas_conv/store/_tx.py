@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, cast
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from ..exceptions import StoreError, StoreIntegrityError
 from ._engine import WRITE
@@ -14,7 +17,10 @@ from ._engine import WRITE
 class _Transaction:
     """``with store._write() as conn``: one transaction, database errors translated.
 
-    Write transactions ask SQLite for the write lock up front (BEGIN IMMEDIATE).
+    Write transactions ask SQLite for the write lock up front (BEGIN IMMEDIATE). That
+    BEGIN runs on the driver's connection from an engine hook, outside SQLAlchemy's error
+    wrapping, so the driver's own errors (a busy timeout that ran out: "database is locked")
+    are translated here as well.
     """
 
     def __init__(self, engine: Engine, *, write: bool) -> None:
@@ -29,18 +35,21 @@ class _Transaction:
             if self._write:
                 self._conn.execution_options(**WRITE)
             self._tx = self._conn.begin()
-        except DBAPIError as err:
+        except PoolTimeoutError as err:
+            # Every pooled connection stayed checked out for the whole pool timeout.
+            raise StoreError(f"no database connection free: {str(err).splitlines()[0]}") from err
+        except Exception as err:
+            wrapped = _as_dbapi_error(self._engine, err)
+            if wrapped is None:
+                raise
             if self._conn is not None:
                 self._conn.close()
-            raise StoreError(f"database error: {_describe(err)}") from err
+            raise StoreError(f"database error: {_describe(wrapped)}") from err
         return self._conn
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        driver_errors = self._engine.dialect.loaded_dbapi
-        if isinstance(exc, driver_errors.Error) and not isinstance(exc, DBAPIError):
-            # Raised by the driver's own cursor (the SQLite append path): wrap it as
-            # SQLAlchemy would have, so one translation below serves both.
-            exc = DBAPIError.instance(None, None, exc, driver_errors.Error)
+        if isinstance(exc, Exception):
+            exc = _as_dbapi_error(self._engine, exc) or exc
         try:
             if exc is None:
                 self._tx.commit()
@@ -57,6 +66,30 @@ class _Transaction:
             raise StoreIntegrityError(f"the database refused the write: {_describe(exc)}") from exc
         if isinstance(exc, DBAPIError):
             raise StoreError(f"database error: {_describe(exc)}") from exc
+
+
+@contextmanager
+def _opening(engine: Engine, shown_url: str) -> Iterator[None]:
+    """Translate database errors raised while a database is opened, checked or migrated
+    (outside a :class:`_Transaction`) into one-line StoreErrors naming the database."""
+    try:
+        yield
+    except Exception as err:
+        wrapped = _as_dbapi_error(engine, err)
+        if wrapped is None:
+            raise
+        raise StoreError(f"cannot open the database {shown_url}: {_describe(wrapped)}") from err
+
+
+def _as_dbapi_error(engine: Engine, err: Exception) -> DBAPIError | None:
+    """``err`` as a SQLAlchemy DBAPIError (a raw driver error wrapped as SQLAlchemy would
+    wrap it), or None when it is no database error."""
+    if isinstance(err, DBAPIError):
+        return err
+    driver_errors = engine.dialect.loaded_dbapi
+    if isinstance(err, driver_errors.Error):
+        return cast(DBAPIError, DBAPIError.instance(None, None, err, driver_errors.Error))
+    return None
 
 
 def _describe(err: DBAPIError) -> str:

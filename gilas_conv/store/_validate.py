@@ -49,18 +49,42 @@ def _check_field(value: Any, what: str, *, max_length: int | None = _SHORT, allo
 
 
 def _lookup_key(value: str | None, max_length: int) -> bool:
-    """Whether ``value`` could be a stored id or owner at all (else it is simply not found)."""
-    return value is None or ("\x00" not in value and len(value) <= max_length)
+    """Whether ``value`` could be a stored id or owner at all (else it is simply not found):
+    stored ones are valid Unicode (no lone surrogate), with no NUL, within their column."""
+    if value is None:
+        return True
+    if "\x00" in value or len(value) > max_length:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+# The largest value of an INTEGER column on Postgres (SQLite would take up to 2**63 - 1):
+# checked for both, so what one backend stores (and exports) the other imports.
+MAX_STORED_INT = 2**31 - 1
+# How deeply JSON data (usage, extra, metadata, content parts, tool calls) may nest. Real
+# data nests a few levels; the limit keeps checking and encoding it far from Python's
+# recursion limit.
+MAX_JSON_DEPTH = 64
 
 
 def _check_int(value: Any, what: str) -> int | None:
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
         raise ValueError(f"{what} must be an integer (>= 0), not {value!r}")
+    if value is not None and value > MAX_STORED_INT:
+        raise ValueError(f"{what} is {value}; at most {MAX_STORED_INT} can be stored")
     return value
 
 
-def _check_json(value: Any, what: str) -> Any:
-    """Check that ``value`` is plain JSON data with valid Unicode strings; return it."""
+def _check_json(value: Any, what: str, _depth: int = 0, _root: str | None = None) -> Any:
+    """Check that ``value`` is plain JSON data with valid Unicode strings, nested at most
+    MAX_JSON_DEPTH levels; return it."""
+    root = what if _root is None else _root
+    if _depth > MAX_JSON_DEPTH:
+        raise ValueError(f"{root} nests deeper than {MAX_JSON_DEPTH} levels")
     if value is None or isinstance(value, bool | int):
         return value
     if isinstance(value, float):
@@ -74,11 +98,11 @@ def _check_json(value: Any, what: str) -> Any:
             if not isinstance(key, str):
                 raise ValueError(f"{what} has a non-string key {key!r}")
             _check_str(key, f"a key of {what}")
-            _check_json(item, f"{what}[{key!r}]")
+            _check_json(item, f"{what}[{key!r}]", _depth + 1, root)
         return value
     if isinstance(value, list | tuple):
         for index, item in enumerate(value):
-            _check_json(item, f"{what}[{index}]")
+            _check_json(item, f"{what}[{index}]", _depth + 1, root)
         return value
     raise ValueError(f"{what} must be JSON data (str, number, list, dict), not {type(value).__name__}")
 
@@ -192,6 +216,36 @@ def _validate_message(
     }
 
 
+def _json_chars(value: Any) -> int:
+    """The characters of every string (keys included) in JSON data."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, Mapping):
+        return sum(len(k) + _json_chars(v) for k, v in value.items() if isinstance(k, str))
+    if isinstance(value, list | tuple):
+        return sum(_json_chars(item) for item in value)
+    return 0
+
+
+def _check_size(columns: Mapping[str, Any], limit: int) -> None:
+    """Refuse a message longer than ``limit`` characters, before it is counted or stored."""
+    size = _json_chars(columns.get("content")) + _json_chars(columns.get("tool_calls"))
+    if size > limit:
+        raise MessageTooLarge(size, limit)
+
+
+class MessageTooLarge(ValueError):
+    """A message is longer than the store's ``max_message_chars``."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            f"the message is {size:,} characters long; the store accepts at most {limit:,} "
+            "(raise it with ConversationStore(max_message_chars=...))"
+        )
+
+
 def _check_reply_fields(response_id: Any, model: Any, finish_reason: Any) -> None:
     if response_id is not None:
         _check_field(response_id, "response_id")
@@ -229,7 +283,10 @@ def _parse_timestamp(value: Any, what: str) -> dt.datetime:
         raise ValueError(f"{what} must be an ISO 8601 timestamp string")
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=dt.timezone.utc)
-    return parsed.astimezone(dt.timezone.utc)
+    try:
+        return parsed.astimezone(dt.timezone.utc)
+    except OverflowError as err:
+        raise ValueError(f"{what} is out of range: {value!r}") from err
 
 
 # ---------------------------------------------------------------------------------------------

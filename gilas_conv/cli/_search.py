@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import shlex
-import unicodedata
 
 import click
 from rich.text import Text
 
-from ._render import Output
-from .search import SearchHit
+from ..search import SearchHit
+from ._app import Settings, owner_options, pass_settings
+from ._render import Output, visible
 
 __all__ = ["print_hits", "search"]
 
@@ -19,12 +19,8 @@ MAX_LIMIT = 1000
 
 
 def _safe(text: str) -> str:
-    """A title on one line, control characters shown as nothing (a title came from outside)."""
-    return "".join(
-        " " if ch.isspace() else ch
-        for ch in text
-        if not unicodedata.category(ch).startswith("C") or ch in "\u200c\u200d"
-    )
+    """A title on one line, its control characters made visible (a title came from outside)."""
+    return visible(" ".join(text.split()))
 
 
 def resume_command(hit: SearchHit, owner: str | None) -> str:
@@ -54,7 +50,6 @@ def print_hits(output: Output, hits: list[SearchHit], *, owner: str | None) -> N
 
 @click.command("search")
 @click.argument("query", nargs=-1, required=True)
-@click.option("--owner", metavar="NAME", help="Search this owner's conversations (default: no owner).")
 @click.option(
     "-n",
     "--limit",
@@ -67,14 +62,10 @@ def print_hits(output: Output, hits: list[SearchHit], *, owner: str | None) -> N
     "--cid", "--conversation", "conversation_id", metavar="ID", help="Search only this conversation."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array of hits.")
-@click.pass_context
+@owner_options
+@pass_settings
 def search(
-    ctx: click.Context,
-    query: tuple[str, ...],
-    owner: str | None,
-    limit: int,
-    conversation_id: str | None,
-    as_json: bool,
+    settings: Settings, query: tuple[str, ...], limit: int, conversation_id: str | None, as_json: bool
 ) -> None:
     """Find messages by their words, best match first, and say how to resume each.
 
@@ -85,15 +76,14 @@ def search(
     not searched. --json prints objects with conversation_id, title, seq, role, status,
     created_at, rank and snippet (matches in [brackets]).
     """
-    from .cli import _settings  # the command group's settings (the module imports this one)
-
-    store = _settings(ctx).store()
-    hits = store.search(" ".join(query), owner=owner, limit=limit, conversation=conversation_id)
-    if as_json:
-        click.echo(json.dumps([hit.to_json() for hit in hits], ensure_ascii=False, indent=2))
-        return
+    hits = settings.store().search(
+        " ".join(query), owner=settings.owner, limit=limit, conversation=conversation_id
+    )
     output = Output()
+    if as_json:
+        output.json(json.dumps([hit.to_json() for hit in hits], ensure_ascii=False, indent=2))
+        return
     if not hits:
         output.note("no message matches")
         return
-    print_hits(output, hits, owner=owner)
+    print_hits(output, hits, owner=settings.owner)

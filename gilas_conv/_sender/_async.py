@@ -1,0 +1,345 @@
+"""AsyncSender and AsyncReplyStream: the I/O of a turn, written once.
+
+This is the source: ``scripts/unasync.py`` generates :mod:`._sync` (Sender, ReplyStream)
+from it by substitution (``async def`` -> ``def``, ``await`` dropped, ``AsyncSender`` ->
+``Sender``, ``httpx.AsyncClient`` -> ``httpx.Client``, ...), so write nothing here that
+reads wrongly after that, docstrings included. What truly differs between the two
+(sleeping, running a blocking store call) goes through :mod:`._backend`; everything
+without I/O is in :mod:`._base`.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any
+
+import httpx
+
+from .._retry import DEFAULT_MAX_RETRIES
+from ..exceptions import APIError, StreamInterrupted
+from ..store import Conversation, ConversationStore, Message
+from ..truncation import Policy, SummaryRequest
+from ._backend import AsyncBackend
+from ._base import (
+    _PENDING,
+    DEFAULT_LIMITS,
+    DEFAULT_TIMEOUT,
+    ConversationRef,
+    StreamChunk,
+    _Call,
+    _SenderBase,
+    _StreamCore,
+    _Turn,
+)
+
+
+class AsyncSender(_SenderBase):
+    """Sends turns of stored conversations and stores the replies.
+
+    ``api_key``: else ``$GILAS_API_KEY``; if neither, MissingAPIKeyError is raised here,
+    before anything is stored or sent. ``base_url``: else ``$GILAS_BASE_URL``, else
+    ``https://api.gilas.io/v1``. ``timeout``: seconds per request phase, or an
+    ``httpx.Timeout`` for connect/read/write/pool separately. ``max_retries``: retries of a
+    failed request. ``policy``: what to do with history that does not fit the window,
+    ``"truncate"`` (drop the oldest turns) or ``"summarize"`` (send a stored summary of them,
+    made with an extra request when needed; see :mod:`gilas_conv.truncation`). Each call
+    may override ``timeout``, ``max_retries`` and ``policy``.
+
+    One connection pool per sender, kept alive between turns; ``async with AsyncSender(...)
+    as s`` or :meth:`aclose` closes it. ``http_client``: use this ``httpx.AsyncClient``
+    instead (it is not closed here; ``timeout`` still applies per request); ``transport``:
+    an httpx transport for the sender's own client (tests).
+    """
+
+    def __init__(
+        self,
+        store: ConversationStore,
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        policy: Policy = "truncate",
+        http_client: httpx.AsyncClient | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        super().__init__(
+            store, api_key=api_key, base_url=base_url, timeout=timeout, max_retries=max_retries, policy=policy
+        )
+        if http_client is not None and transport is not None:
+            raise ValueError("pass http_client or transport, not both")
+        self._owns_client = http_client is None
+        self._client = http_client or httpx.AsyncClient(
+            transport=transport, timeout=self.timeout, limits=DEFAULT_LIMITS
+        )
+
+    async def aclose(self) -> None:
+        """Close the connection pool (not a client passed as ``http_client``)."""
+        if self._owns_client:
+            await self._client.aclose()
+
+    async def __aenter__(self) -> AsyncSender:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def send(
+        self,
+        conversation: ConversationRef,
+        content: Any,
+        *,
+        owner: str | None = None,
+        max_retries: int | None = None,
+        timeout: float | httpx.Timeout | None = None,
+        context_limit: int | None = None,
+        policy: Policy | None = None,
+        **params: Any,
+    ) -> Message:
+        """Store ``content`` as a user message, send the turn, store and return the reply.
+
+        ``conversation`` is an id, looked up for ``owner`` (a conversation of another owner
+        is not found: ConversationNotFound, nothing stored), or a :class:`Conversation`
+        handle, used as it is. ``params`` are chat-completions parameters (``model``
+        overrides the conversation's; ``None`` values are not sent). ``context_limit`` caps
+        the window (not sent). See :mod:`gilas_conv.sender` for what is stored when.
+        """
+        call = self._call(
+            params, max_retries=max_retries, timeout=timeout, context_limit=context_limit, policy=policy
+        )
+        turn = await self._prepare_turn(conversation, content, call, owner=owner, stream=False)
+        return await self._complete(turn, call)
+
+    async def retry(
+        self,
+        conversation: ConversationRef,
+        *,
+        owner: str | None = None,
+        max_retries: int | None = None,
+        timeout: float | httpx.Timeout | None = None,
+        context_limit: int | None = None,
+        policy: Policy | None = None,
+        **params: Any,
+    ) -> Message:
+        """Answer the pending turn: a last user message left unanswered by a failure, or
+        tool results appended after an assistant's tool calls (interrupted replies after
+        either are passed over). ValueError if there is none, e.g. when the last message is
+        a complete assistant reply."""
+        call = self._call(
+            params, max_retries=max_retries, timeout=timeout, context_limit=context_limit, policy=policy
+        )
+        turn = await self._prepare_turn(conversation, _PENDING, call, owner=owner, stream=False)
+        return await self._complete(turn, call)
+
+    async def stream(
+        self,
+        conversation: ConversationRef,
+        content: Any,
+        *,
+        owner: str | None = None,
+        max_retries: int | None = None,
+        timeout: float | httpx.Timeout | None = None,
+        context_limit: int | None = None,
+        policy: Policy | None = None,
+        **params: Any,
+    ) -> AsyncReplyStream:
+        """Like :meth:`send`, but the reply streams: iterate the returned :class:`AsyncReplyStream`.
+
+        The user message is stored and the request made (with retries) before this returns,
+        so errors such as AuthenticationError are raised here.
+        """
+        call = self._call(
+            params, max_retries=max_retries, timeout=timeout, context_limit=context_limit, policy=policy
+        )
+        turn = await self._prepare_turn(conversation, content, call, owner=owner, stream=True)
+        return await self._open_stream(turn, call)
+
+    async def stream_retry(
+        self,
+        conversation: ConversationRef,
+        *,
+        owner: str | None = None,
+        max_retries: int | None = None,
+        timeout: float | httpx.Timeout | None = None,
+        context_limit: int | None = None,
+        policy: Policy | None = None,
+        **params: Any,
+    ) -> AsyncReplyStream:
+        """:meth:`retry`, streamed (started before it returns, like :meth:`stream`)."""
+        call = self._call(
+            params, max_retries=max_retries, timeout=timeout, context_limit=context_limit, policy=policy
+        )
+        turn = await self._prepare_turn(conversation, _PENDING, call, owner=owner, stream=True)
+        return await self._open_stream(turn, call)
+
+    async def _prepare_turn(
+        self, conversation: ConversationRef, content: Any, call: _Call, *, owner: str | None, stream: bool
+    ) -> _Turn:
+        summarizer = None
+        if call.policy == "summarize":
+            summarizer = AsyncBackend.blocking_portal(functools.partial(self._summarize, call))
+        return await AsyncBackend.run_blocking(
+            self._prepare, conversation, content, call, owner=owner, stream=stream, summarizer=summarizer
+        )
+
+    async def _summarize(self, call: _Call, request: SummaryRequest) -> str:
+        body = self._summary_body(request)
+        response = await self._request(body, stream=False, max_retries=call.max_retries, timeout=call.timeout)
+        return self._summary_text(self._completion(response))
+
+    async def _complete(self, turn: _Turn, call: _Call) -> Message:
+        response = await self._request(
+            turn.body,
+            stream=False,
+            max_retries=call.max_retries,
+            timeout=call.timeout,
+        )
+        reply = self._completion(response)
+        return await AsyncBackend.run_blocking(self._store_reply, turn, reply, status="complete")
+
+    async def _open_stream(self, turn: _Turn, call: _Call) -> AsyncReplyStream:
+        response = await self._request(
+            turn.body,
+            stream=True,
+            max_retries=call.max_retries,
+            timeout=call.timeout,
+        )
+        return AsyncReplyStream(self, turn, response)
+
+    async def _sleep(self, seconds: float) -> None:
+        await AsyncBackend.sleep(seconds)
+
+    async def _request(
+        self, body: dict[str, Any], *, stream: bool, max_retries: int, timeout: httpx.Timeout
+    ) -> httpx.Response:
+        """POST with retries; the 2xx response (open, when streaming), or raise."""
+        request = self._build_request(body, stream=stream, timeout=timeout)
+        retries_done = 0
+        while True:
+            headers = None
+            try:
+                response = await self._client.send(request, stream=stream)
+            except httpx.HTTPError as err:
+                error: APIError = self._connection_error(err)
+            else:
+                if response.is_success:
+                    return response
+                try:
+                    payload = await response.aread()
+                except httpx.HTTPError:
+                    payload = b""
+                finally:
+                    await response.aclose()
+                error, headers = self._status_error(response, payload), response.headers
+            delay = self._retry_delay(
+                error, retries_done=retries_done, max_retries=max_retries, headers=headers
+            )
+            await self._sleep(delay)
+            retries_done += 1
+
+
+class AsyncReplyStream:
+    """A streamed reply, already started: ``async for chunk in stream`` gives :class:`StreamChunk` values.
+
+    When the stream ends the reply is stored and available as :attr:`message`; see the
+    :mod:`gilas_conv.sender` for a stream that is cut off or closed early. Close it at a known
+    point: read it to the end, leave its ``async with`` block (also by breaking out of the
+    loop inside it), or call :meth:`aclose`; each stores what arrived. A stream that is
+    garbage-collected unclosed stores nothing and gives a ResourceWarning.
+    """
+
+    def __init__(self, sender: AsyncSender, turn: _Turn, response: httpx.Response) -> None:
+        self._sender = sender
+        self._turn = turn
+        self._response = response
+        self._core = _StreamCore(response.headers.get("x-request-id"), (sender._api_key,))
+        self._bytes: Any = response.aiter_bytes()
+        self._ended = False
+        self._cause: APIError | None = None
+        self._settled = False
+        #: The stored reply, once the stream has ended (None if nothing arrived).
+        self.message: Message | None = None
+
+    @property
+    def conversation(self) -> Conversation:
+        return self._turn.conversation
+
+    @property
+    def reply_to(self) -> int | None:
+        """The seq of the user message this reply answers."""
+        return self._turn.reply_to
+
+    @property
+    def closed(self) -> bool:
+        return self._settled
+
+    def __aiter__(self) -> AsyncReplyStream:
+        return self
+
+    async def __anext__(self) -> StreamChunk:
+        while True:
+            if self._core.ready:
+                return self._core.ready.popleft()
+            if self._settled:
+                raise StopAsyncIteration
+            if self._ended or self._core.error is not None:
+                await self._settle(closed=False)
+                continue
+            try:
+                data = await self._bytes.__anext__()
+            except StopAsyncIteration:
+                self._core.eof()
+                self._ended = True
+            except httpx.HTTPError as err:
+                self._cause = self._sender._connection_error(err)
+                self._ended = True
+            else:
+                self._core.feed(data)
+
+    async def final_message(self) -> Message | None:
+        """Read the rest of the stream and return the stored reply."""
+        async for _ in self:
+            pass
+        return self.message
+
+    async def aclose(self) -> None:
+        """Stop reading; what arrived so far is stored (as incomplete unless finished)."""
+        if not self._settled:
+            await self._settle(closed=True)
+
+    async def __aenter__(self) -> AsyncReplyStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __del__(self) -> None:
+        # Storing from here would write to the database at whatever moment the collector
+        # runs (on another thread's time, or with no event loop left): only warn.
+        if getattr(self, "_settled", True):
+            return
+        warnings.warn(
+            f"unclosed stream of conversation {self._turn.conversation.id}: its reply was not "
+            "stored; use `async with` or aclose()",
+            ResourceWarning,
+            stacklevel=1,  # called by the collector: no caller of ours to point at
+            source=self,
+        )
+
+    async def _settle(self, *, closed: bool) -> None:
+        self._settled = True
+        try:
+            outcome = self._core.settle(cause=self._cause, closed=closed)
+        finally:
+            await self._bytes.aclose()
+            await self._response.aclose()
+        if outcome.status is not None:
+            assert outcome.reply is not None
+            self.message = await AsyncBackend.run_blocking(
+                self._sender._store_reply, self._turn, outcome.reply, status=outcome.status
+            )
+        if outcome.error is not None:
+            if self.message is None:
+                raise outcome.error
+            raise StreamInterrupted(self.message, outcome.reason) from outcome.error

@@ -1,0 +1,270 @@
+"""Reading a conversation for choosing its context window: the planner's reader.
+
+:mod:`gilas_conv.truncation` decides which messages a turn sends; it issues no SQL. It
+opens a :class:`WindowReader` with :meth:`Conversation.read_window` and asks it for rows:
+
+* :meth:`WindowReader.anchors`: the system, developer and pinned messages (one range scan
+  of the partial anchor index), oldest first;
+* :meth:`WindowReader.newest`: the history newest first, in chunks, read only as far as the
+  caller iterates, in batches sized from the tokens the caller can still take, so a
+  100,000-message conversation reads about what fits in the window;
+* :meth:`WindowReader.between`: a seq range, oldest first (what a summary must cover);
+* :meth:`WindowReader.summaries`: the stored summaries, by ``to_seq``.
+
+Everything is read in one read transaction (a consistent snapshot on Postgres), opened
+through the store's error-translating path (:mod:`._tx`), so a database error is a
+:class:`~gilas_conv.StoreError`. The connection is returned when the ``with`` block ends;
+nothing else (an API request, above all) should run inside it.
+
+Token counts are stored per message at append time under the conversation's encoding. A row
+counted under another encoding (the conversation moved to another model) is recounted as it
+is read, and the new counts are written back in one short write transaction after the read
+transaction ends, so later turns find them in place. Only rows read are recounted.
+
+Rows carry their content as the stored JSON text where that is cheaper
+(:meth:`newest`): it is decoded only for the rows a context sends (:meth:`WindowRow.to_openai`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Generator, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
+
+from sqlalchemy import Table, Text, bindparam, select, text, update
+from sqlalchemy import cast as sql_cast
+
+from .. import tokens as _tokens
+from ._schema import ANCHOR_PREDICATE, MessageRow, SummaryRow
+from ._values import Summary, openai_message
+
+if TYPE_CHECKING:
+    from ._store import ConversationStore
+
+__all__ = ["WindowReader", "WindowRow"]
+
+# Batches of the newest rows: the first guesses a short message per row, the next use the
+# average seen so far, with a margin, so that usually one or two statements suffice.
+_FIRST_BATCH = 512
+_FIRST_BATCH_TOKENS_PER_ROW = 48
+_MIN_BATCH = 16
+_MAX_BATCH = 4096
+_BATCH_MARGIN = 1.25
+# Rows per statement when a seq range is read whole (summaries, conversation_tokens).
+RANGE_BATCH = _MAX_BATCH
+
+_m = cast(Table, MessageRow.__table__)
+_FULL_COLUMNS = (
+    _m.c.seq,
+    _m.c.role,
+    _m.c.content,
+    _m.c.name,
+    _m.c.tool_calls,
+    _m.c.tool_call_id,
+    _m.c.pinned,
+    _m.c.status,
+    _m.c.tokens,
+    _m.c.tokens_encoding,
+)
+_of_conversation = _m.c.conversation_id == bindparam("cid")
+# Statements are built once: building them per call costs more than running them.
+_SELECT_ANCHORS = (
+    select(*_FULL_COLUMNS).where(_of_conversation, text(f"({ANCHOR_PREDICATE})")).order_by(_m.c.seq)
+)
+_SELECT_BETWEEN = (
+    select(*_FULL_COLUMNS)
+    .where(_of_conversation, _m.c.seq >= bindparam("lo"), _m.c.seq <= bindparam("hi"))
+    .order_by(_m.c.seq)
+)
+
+
+def _select_newest(*, before: bool) -> Any:
+    """Which of the newest rows are read: the one place that says so.
+
+    Newest first, at most ``:n`` rows, older than ``:before`` when given. Content (and
+    tool calls) come as raw JSON text, cast in the database, so the driver decodes no JSON:
+    fetching a row too many costs little, and only the rows sent are decoded.
+    """
+    statement = (
+        select(
+            _m.c.seq,
+            _m.c.role,
+            sql_cast(_m.c.tool_calls, Text),
+            _m.c.tool_call_id,
+            _m.c.pinned,
+            _m.c.status,
+            _m.c.tokens,
+            _m.c.tokens_encoding,
+            sql_cast(_m.c.content, Text),
+            _m.c.name,
+        )
+        .where(_of_conversation)
+        .order_by(_m.c.seq.desc())
+        .limit(bindparam("n"))
+    )
+    return statement.where(_m.c.seq < bindparam("before")) if before else statement
+
+
+_SELECT_NEWEST = _select_newest(before=False)
+_SELECT_NEWEST_BEFORE = _select_newest(before=True)
+_UPDATE_TOKENS = (
+    update(_m)
+    .where(_m.c.conversation_id == bindparam("b_cid"), _m.c.seq == bindparam("b_seq"))
+    .values(tokens=bindparam("b_tokens"), tokens_encoding=bindparam("b_encoding"))
+)
+_s = cast(Table, SummaryRow.__table__)
+_SELECT_SUMMARIES = select(_s).where(_s.c.conversation_id == bindparam("cid")).order_by(_s.c.to_seq)
+_UNLOADED: Any = object()
+
+
+@dataclass(slots=True)
+class WindowRow:
+    """One stored message as the planner sees it; ``tokens`` is its cost under the
+    encoding the reader was opened with."""
+
+    seq: int
+    role: str
+    name: str | None
+    tool_calls: list[dict[str, Any]] | None
+    tool_call_id: str | None
+    pinned: bool
+    status: str
+    tokens: int
+    _content: Any = field(default=_UNLOADED, repr=False)
+    _raw: str | None = field(default=None, repr=False)  # the stored JSON text, until decoded
+
+    @property
+    def content(self) -> Any:
+        """The message content (decoded from the stored JSON on first use)."""
+        if self._content is _UNLOADED:
+            self._content = _decode(self._raw)
+            self._raw = None
+        return self._content
+
+    def to_openai(self) -> dict[str, Any]:
+        """The message as the chat-completions API takes it."""
+        content = self._content if self._content is not _UNLOADED else self.content
+        return openai_message(self.role, content, self.name, self.tool_calls, self.tool_call_id)
+
+    def _stored(self) -> dict[str, Any]:
+        """The message as stored (image size hints kept), for counting its tokens."""
+        out = {"role": self.role, "content": self.content}
+        for key in ("name", "tool_calls", "tool_call_id"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
+
+
+def _decode(raw: str | None) -> Any:
+    """Stored JSON content back to Python. A string with no backslash has no escapes, so
+    (the usual case) it is just the text between its quotes."""
+    if raw is None:
+        return None
+    if raw[0] == '"' and raw[-1] == '"' and "\\" not in raw:
+        return raw[1:-1]
+    return json.loads(raw)
+
+
+class WindowReader:
+    """Reads one conversation's rows inside one read transaction (see the module docs).
+
+    Made by :meth:`Conversation.read_window`; valid only inside its ``with`` block.
+    """
+
+    def __init__(self, conn: Any, conversation_id: str, encoding: str) -> None:
+        self._conn = conn
+        self.conversation_id = conversation_id
+        self.encoding = encoding
+        self._recounted: list[dict[str, Any]] = []
+
+    def anchors(self) -> list[WindowRow]:
+        """System, developer and pinned messages, oldest first."""
+        return self._full_rows(_SELECT_ANCHORS)
+
+    def between(self, first: int, last: int) -> list[WindowRow]:
+        """Messages ``first``..``last`` (inclusive), oldest first."""
+        return self._full_rows(_SELECT_BETWEEN, lo=first, hi=last)
+
+    def summaries(self) -> list[Summary]:
+        """The stored summaries, ordered by the last seq they cover."""
+        return summary_rows(self._conn, self.conversation_id)
+
+    def newest(self, tokens_wanted: Callable[[], int]) -> Generator[list[WindowRow], None, None]:
+        """The rows, newest first, in chunks, read only as far as the caller iterates.
+
+        ``tokens_wanted()`` says how many tokens the caller can still take; it sizes the
+        next batch, so the rows read are about the rows that fit.
+        """
+        params: dict[str, Any] = {"cid": self.conversation_id}
+        statement, seen, tokens = _SELECT_NEWEST, 0, 0
+        size = max(_MIN_BATCH, min(tokens_wanted() // _FIRST_BATCH_TOKENS_PER_ROW, _FIRST_BATCH))
+        while True:
+            chunk = self._conn.execute(statement, {**params, "n": size}).all()
+            rows = self._light_rows(chunk)
+            yield rows
+            if len(chunk) < size:
+                return
+            seen += len(rows)
+            tokens += sum(r.tokens for r in rows)
+            per_row = max(tokens / seen, 1.0)
+            size = int(max(tokens_wanted(), 0) / per_row * _BATCH_MARGIN) + 1
+            size = max(_MIN_BATCH, min(size, _MAX_BATCH))
+            statement = _SELECT_NEWEST_BEFORE
+            params["before"] = rows[-1].seq
+
+    def _full_rows(self, statement: Any, **params: Any) -> list[WindowRow]:
+        rows = []
+        for seq, role, content, name, calls, call_id, pinned, status, count, enc in self._conn.execute(
+            statement, {"cid": self.conversation_id, **params}
+        ):
+            row = WindowRow(seq, role, name, calls, call_id, bool(pinned), status, count or 0, content)
+            if enc != self.encoding or count is None:
+                self._recount(row)
+            rows.append(row)
+        return rows
+
+    def _light_rows(self, chunk: Sequence[Any]) -> list[WindowRow]:
+        rows = []
+        for seq, role, calls, call_id, pinned, status, count, enc, raw, name in chunk:
+            if isinstance(calls, str):
+                calls = json.loads(calls)
+            row = WindowRow(seq, role, name, calls, call_id, bool(pinned), status, count or 0, _UNLOADED, raw)
+            if enc != self.encoding or count is None:
+                self._recount(row)  # counted under another encoding: its content is needed
+            rows.append(row)
+        return rows
+
+    def _recount(self, row: WindowRow) -> None:
+        row.tokens = _tokens.message_tokens(row._stored(), self.encoding)
+        self._recounted.append({"b_seq": row.seq, "b_tokens": row.tokens})
+
+    def _save_recounts(self, store: ConversationStore) -> None:
+        if not self._recounted:
+            return
+        extra = {"b_cid": self.conversation_id, "b_encoding": self.encoding}
+        with store._write() as conn:
+            conn.execute(_UPDATE_TOKENS, [{**row, **extra} for row in self._recounted])
+        self._recounted = []
+
+
+def summary_rows(conn: Any, conversation_id: str) -> list[Summary]:
+    """The summaries of a conversation, ordered by the last seq they cover."""
+    rows = conn.execute(_SELECT_SUMMARIES, {"cid": conversation_id})
+    return [Summary(**{name: row._mapping[name] for name in Summary.__dataclass_fields__}) for row in rows]
+
+
+@contextmanager
+def read_window(
+    store: ConversationStore, conversation_id: str, owner: str | None, encoding: str
+) -> Iterator[WindowReader]:
+    """A :class:`WindowReader` on one read transaction, for this owner's conversation only
+    (else ConversationNotFound); recounts written back after it."""
+    with store._read() as conn:
+        store._check_owner(conversation_id, owner, conn)
+        reader = WindowReader(conn, conversation_id, encoding)
+        yield reader
+    # After the read transaction: on a one-connection pool (``sqlite://``) the write needs
+    # the connection the read held.
+    reader._save_recounts(store)
