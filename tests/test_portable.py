@@ -259,3 +259,19 @@ def test_search_command_scopes_and_errors(db_url: str) -> None:
     assert json.loads(run(db_url, "search", "nothing-here", "--json").stdout) == []
     error = run(db_url, "search", "***", code=1)
     assert "no word to look for" in error.stderr and "Traceback" not in error.stderr
+
+
+def test_chat_slash_search(db_url: str) -> None:
+    with ConversationStore(db_url) as store:
+        old = store.create(model="gpt-4o-mini", title="قدیمی")
+        old.append("user", "مي‌خواهم کیوی بخرم")
+    result = CliRunner().invoke(
+        main,
+        ["--db", db_url, "chat"],
+        input="/search میخواهم\n/search\n/search **\n/exit\n",
+        env={"GILAS_API_KEY": "sk-portable-test"},
+    )
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    assert "[مي‌خواهم] کیوی بخرم" in result.stdout
+    assert f"gilas-conv chat {old.id}" in result.stdout
+    assert "/search needs the words" in result.stderr and "no word to look for" in result.stderr
