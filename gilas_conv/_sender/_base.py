@@ -64,6 +64,7 @@ def _answer(messages: Sequence[Mapping[str, Any]]) -> _Answer:
         raise ValueError("messages must be a list of message dicts")
     return _Answer(tuple(messages))
 
+
 ConversationRef = str | Conversation
 
 

@@ -10,6 +10,7 @@ Sender, build_context, ...) and prints. The package is laid out by concern:
   (Ctrl-C, SIGTERM and SIGHUP store what arrived);
 * :mod:`._manage`: ``list``, ``show``, ``export``, ``import``, ``fork``, ``rm``, ``pin``,
   ``rename``, ``tokens``, ``db upgrade``;
+* :mod:`._search`: ``search``;
 * :mod:`._chat`: the interactive ``chat`` REPL;
 * ``serve`` and ``keys``: the gateway's commands, in :mod:`gilas_conv.server._cli`;
 * :mod:`._render`: what is printed: rich on a terminal (control characters made visible),
@@ -29,6 +30,9 @@ from . import _chat, _manage, _turns  # noqa: F401  (they register their command
 from ._app import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, TITLE_LENGTH, error_message, fold_line, main
 from ._chat import read_message
 from ._manage import parse_import, token_report
+from ._search import search
+
+main.add_command(search)
 
 main.add_command(_serve_command)
 main.add_command(_keys_command)

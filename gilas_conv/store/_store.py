@@ -70,6 +70,9 @@ from ..exceptions import (
     SchemaOutOfDate,
     StoreIntegrityError,
 )
+from ..search import SearchHit, make_snippet, parse_query, searchable_text
+from ..search._snippet import marked as _marked
+from . import _search
 from ._engine import create_engine_for_url, redact_url
 from ._io import _prepare_import
 from ._migrate import check_schema_state, current_revision, head_revision, upgrade_database
@@ -102,6 +105,10 @@ _messages = cast(Table, MessageRow.__table__)
 _summaries = cast(Table, SummaryRow.__table__)
 
 DEFAULT_LIST_LIMIT = 50
+DEFAULT_SEARCH_LIMIT = 20
+# A search returns at most this many hits, whatever limit it is given: each hit's snippet
+# is cut in Python from the message's text.
+MAX_SEARCH_LIMIT = 1000
 
 
 _MESSAGE_COLUMNS = tuple(_messages.c[name] for name in Message.__dataclass_fields__)
@@ -630,6 +637,54 @@ class ConversationStore:
         if not deleted:
             raise ConversationNotFound(conversation_id)
 
+    def search(
+        self,
+        query: str,
+        *,
+        owner: str | None = None,
+        limit: int = DEFAULT_SEARCH_LIMIT,
+        conversation: str | None = None,
+    ) -> builtins.list[SearchHit]:
+        """The messages of this owner's conversations that match ``query``, best first.
+
+        The query language (words ANDed, ``"phrases"``, ``prefix*``) and the normalization
+        that lets Persian and Arabic spellings match are described in
+        :mod:`gilas_conv.search`. Searched: the text of user and assistant messages (text
+        parts of content lists included) and tool results; not system or developer
+        messages, nor tool-call arguments. Incomplete replies are found too, with
+        ``status="incomplete"``. ``conversation`` limits the search to one conversation.
+        A query with no word in it raises ValueError; nothing reaches the database's query
+        syntax unquoted.
+        """
+        parsed = parse_query(query)
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise ValueError("limit must be a positive integer")
+        if conversation is not None:
+            _check_conversation_id(conversation)
+        if not _could_exist(conversation, owner, any_id=conversation is None):
+            return []
+        with self._read() as conn:
+            rows = _search.search_rows(
+                conn, parsed, owner=owner, limit=min(limit, MAX_SEARCH_LIMIT), conversation=conversation
+            )
+        hits = []
+        for row in rows:
+            fragments = make_snippet(searchable_text(row.role, row.content), parsed)
+            hits.append(
+                SearchHit(
+                    conversation_id=row.conversation_id,
+                    title=row.title,
+                    seq=row.seq,
+                    role=row.role,
+                    snippet=_marked(fragments),
+                    rank=float(row.rank),
+                    status=row.status,
+                    created_at=row.created_at,
+                    fragments=fragments,
+                )
+            )
+        return hits
+
     def import_conversation(
         self,
         data: Mapping[str, Any] | Sequence[Mapping[str, Any]],
@@ -674,6 +729,7 @@ class ConversationStore:
                 conn.execute(insert(_conversations).values(owner=owner, **header))
                 if rows:
                     conn.execute(insert(_messages), [{"conversation_id": header["id"], **r} for r in rows])
+                    _search.insert_rows(conn, self._search_rows(header["id"], rows))
                 if progress is not None:
                     progress()
         return [
@@ -698,6 +754,16 @@ class ConversationStore:
 
     def _read(self) -> Any:
         return _Transaction(self._engine, write=False)
+
+    def _search_rows(
+        self, conversation_id: str, rows: Iterable[Mapping[str, Any]]
+    ) -> builtins.list[dict[str, Any]]:
+        out = []
+        for row in rows:
+            indexed = _search.index_values(self.dialect, row["role"], row["content"])
+            if indexed is not None:
+                out.append({"cid": conversation_id, "seq": row["seq"], **indexed})
+        return out
 
     def _conversation_from_row(self, row: Row[Any]) -> Conversation:
         return Conversation(
@@ -774,9 +840,10 @@ class ConversationStore:
         columns.update(_token_columns(columns, conversation_model))
         if lease is not None:
             _check_str(lease, "lease")
+        indexed = _search.index_values(self.dialect, columns["role"], columns["content"])
         now = _now()
         if response_id is not None or lease is not None:
-            return self._append_reply(conversation_id, owner, columns, now, lease=lease)
+            return self._append_reply(conversation_id, owner, columns, now, lease=lease, indexed=indexed)
         with self._write() as conn:
             bump = {"b_cid": conversation_id, "b_owner": owner, "b_now": now}
             row = {"conversation_id": conversation_id, "created_at": now, **columns}
@@ -786,6 +853,8 @@ class ConversationStore:
                 conn.execute(_INSERT_MESSAGE, {**row, "seq": seq})
             if seq is None:
                 raise ConversationNotFound(conversation_id)
+            if indexed is not None:
+                _search.insert_rows(conn, [{"cid": conversation_id, "seq": seq, **indexed}])
         return Message(conversation_id=conversation_id, seq=seq, created_at=now, **columns)
 
     def _append_reply(
@@ -796,6 +865,7 @@ class ConversationStore:
         now: dt.datetime,
         *,
         lease: str | None,
+        indexed: dict[str, Any] | None,
     ) -> Message:
         """The append of a reply (a response id or a lease given), checked under the lock.
 
@@ -831,6 +901,8 @@ class ConversationStore:
                 _INSERT_MESSAGE,
                 {"conversation_id": conversation_id, "created_at": now, "seq": seq, **columns},
             )
+            if indexed is not None:
+                _search.insert_rows(conn, [{"cid": conversation_id, "seq": seq, **indexed}])
         return Message(conversation_id=conversation_id, seq=seq, created_at=now, **columns)
 
     # -- the turn lease: one request answers a conversation at a time ---------------------------
@@ -877,6 +949,7 @@ class ConversationStore:
             model = self.get(conversation_id, owner=owner).model
             for message in messages:
                 rows.append(_turn_message_columns(message, model, max_message_chars=self.max_message_chars))
+        indexed = [_search.index_values(self.dialect, r["role"], r["content"]) for r in rows]
         token = str(uuid.uuid4())
         now = _now()
         c = _conversations.c
@@ -919,6 +992,13 @@ class ConversationStore:
                         for m, r in zip(added, rows, strict=True)
                     ],
                 )
+                search_rows = [
+                    {"cid": conversation_id, "seq": m.seq, **found}
+                    for m, found in zip(added, indexed, strict=True)
+                    if found is not None
+                ]
+                if search_rows:
+                    _search.insert_rows(conn, search_rows)
         return token, self._conversation_from_row(row), added
 
     def _end_turn(self, conversation_id: str, token: str) -> bool:
@@ -1033,6 +1113,7 @@ class ConversationStore:
                     ),
                 )
             )
+            _search.copy_rows(conn, source=source.id, new=new_id, at=at)
             summary_columns = [c for c in _summaries.c if c.name != "conversation_id"]
             conn.execute(
                 insert(_summaries).from_select(
