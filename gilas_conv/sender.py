@@ -64,15 +64,25 @@ messages and bodies, and appears in no log line, repr or stored row.
 
 from __future__ import annotations
 
+from ._retry import RetryDecision
 from ._sender._async import AsyncReplyStream, AsyncSender
-from ._sender._base import DEFAULT_TIMEOUT, StreamChunk, pending_reply_to
+from ._sender._base import (
+    DEFAULT_DEADLINE,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_TIMEOUT,
+    StreamChunk,
+    pending_reply_to,
+)
 from ._sender._sync import ReplyStream, Sender
 
 __all__ = [
+    "DEFAULT_DEADLINE",
+    "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_TIMEOUT",
     "AsyncReplyStream",
     "AsyncSender",
     "ReplyStream",
+    "RetryDecision",
     "Sender",
     "StreamChunk",
     "pending_reply_to",
