@@ -149,6 +149,18 @@ def _check_callback(value: Any) -> RetryCallback | None:
     return value
 
 
+def _url_credentials(url: str) -> tuple[str, ...]:
+    """The secret of ``url``'s credentials: the password, or a user name alone (a token,
+    as in ``https://TOKEN@host``). A user name beside a password is not secret, and
+    scrubbing it would mask ordinary words in what the API says."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError, ValueError):
+        return ()
+    secret = parsed.password or parsed.username
+    return (secret,) if secret else ()
+
+
 def _check_positive(value: Any, name: str) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
         raise ValueError(f"{name} must be a positive integer, not {value!r}")
@@ -484,6 +496,9 @@ class _SenderBase:
         )
         self._url = self.base_url + CHAT_COMPLETIONS_PATH
         self._display_url = self._display_base_url + CHAT_COMPLETIONS_PATH
+        # Scrubbed from every message, body and log: the key, and the base URL's credentials
+        # (an error from the network layer or a server may echo them).
+        self._secrets = (self._api_key, *_url_credentials(self.base_url))
         self._user_agent = _user_agent()
 
     def _limits(self) -> httpx.Limits:
@@ -686,7 +701,7 @@ class _SenderBase:
             error.__cause__ = err
             error.__suppress_context__ = True
             return error
-        return _translate(err, self._display_url, (self._api_key,), max_connections=self.max_connections)
+        return _translate(err, self._display_url, self._secrets, max_connections=self.max_connections)
 
     def _status_error(self, response: httpx.Response, payload: bytes) -> APIStatusError:
         return _api.status_error(
@@ -694,7 +709,7 @@ class _SenderBase:
             response.headers.get("content-type", ""),
             payload,
             request_id=response.headers.get("x-request-id"),
-            secrets=(self._api_key,),
+            secrets=self._secrets,
         )
 
     def _retry_delay(
@@ -730,10 +745,10 @@ class _SenderBase:
             response.headers.get("content-type", ""),
             payload,
             request_id=request_id,
-            secrets=(self._api_key,),
+            secrets=self._secrets,
         )
         return _api.parse_completion(
-            data, status=response.status_code, request_id=request_id, secrets=(self._api_key,)
+            data, status=response.status_code, request_id=request_id, secrets=self._secrets
         )
 
     def _answer_without_stream(self, response: httpx.Response, payload: bytes) -> _api.Reply:
@@ -743,14 +758,14 @@ class _SenderBase:
             response.headers.get("content-type", ""),
             payload,
             request_id=response.headers.get("x-request-id"),
-            secrets=(self._api_key,),
+            secrets=self._secrets,
         )
 
     def _stream_core(self, response: httpx.Response, call: _Call, whole: _api.Reply | None) -> _StreamCore:
         request_id = response.headers.get("x-request-id")
         return _StreamCore(
             request_id,
-            (self._api_key,),
+            self._secrets,
             idle_limit=call.timeout.read,
             expires=call.expires,
             idle_error=lambda: self._idle_error(call, request_id),
