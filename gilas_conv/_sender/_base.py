@@ -18,9 +18,10 @@ from typing import Any
 import httpx
 
 from .. import _api
-from .._config import DEFAULT_TURN_LEASE_SECONDS, resolve_api_key, resolve_base_url
+from .._config import DEFAULT_TURN_LEASE_SECONDS, redact_url, resolve_api_key, resolve_base_url
 from .._retry import decide
 from .._sse import SSEDecoder
+from .._version import __version__
 from ..exceptions import (
     APIConnectionError,
     APIError,
@@ -134,8 +135,6 @@ def _check_positive(value: Any, name: str) -> None:
 
 
 def _user_agent() -> str:
-    from .. import __version__  # the package is fully imported by the time a sender exists
-
     return f"gilas-conv/{__version__}"
 
 
@@ -331,13 +330,15 @@ class _SenderBase:
         self.base_url = resolve_base_url(base_url)
         if not self.base_url.startswith(("http://", "https://")):
             raise ConfigurationError(
-                f"the base URL must start with http:// or https://, not {self.base_url!r}; "
+                f"the base URL must start with http:// or https://, not {redact_url(self.base_url)!r}; "
                 "pass base_url= or set GILAS_BASE_URL"
             )
         self.timeout = _as_timeout(timeout)
         self.max_retries = _check_max_retries(max_retries)
         self.policy = _check_policy(policy)
         self._url = self.base_url + CHAT_COMPLETIONS_PATH
+        # What messages, logs and reprs show: a password in the base URL masked.
+        self._shown_url = redact_url(self._url)
         self._user_agent = _user_agent()
 
     @property
@@ -346,7 +347,7 @@ class _SenderBase:
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(base_url={self.base_url!r}, timeout={self.timeout!r}, "
+            f"{type(self).__name__}(base_url={redact_url(self.base_url)!r}, timeout={self.timeout!r}, "
             f"max_retries={self.max_retries}, policy={self.policy!r})"
         )
 
@@ -496,7 +497,7 @@ class _SenderBase:
         )
 
     def _connection_error(self, err: httpx.HTTPError) -> APIConnectionError:
-        return _translate(err, self._url, (self._api_key,))
+        return _translate(err, self._shown_url, (self._api_key,))
 
     def _status_error(self, response: httpx.Response, payload: bytes) -> APIStatusError:
         error = _api.status_error(
@@ -520,7 +521,7 @@ class _SenderBase:
             headers=headers,
             error=type(error).__name__,
         )
-        logger.debug("POST %s: %s", self._url, decision.reason)
+        logger.debug("POST %s: %s", self._shown_url, decision.reason)
         if not decision.retry:
             raise error
         return decision.delay
