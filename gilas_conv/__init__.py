@@ -33,8 +33,15 @@ from .exceptions import (
     UnprocessableEntityError,
 )
 from .sender import AsyncReplyStream, AsyncSender, ReplyStream, Sender, StreamChunk
-from .store import Conversation, ConversationStore, Message, Summary
-from .store._migrate import downgrade_database, head_revision, upgrade_database
+from .store import (
+    Conversation,
+    ConversationStore,
+    Message,
+    Summary,
+    downgrade_database,
+    head_revision,
+    upgrade_database,
+)
 from .tokens import ModelInfo, ModelRegistry, count_tokens, get_model_info
 from .truncation import Context, SummaryRequest, build_context, conversation_tokens
 
