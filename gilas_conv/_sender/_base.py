@@ -23,6 +23,7 @@ from .. import _api
 from .._config import DEFAULT_TURN_LEASE_SECONDS, redact_url, resolve_api_key, resolve_base_url
 from .._retry import RetryDecision, decide
 from .._sse import SSEDecoder
+from .._version import __version__
 from ..exceptions import (
     APIConnectionError,
     APIError,
@@ -186,8 +187,6 @@ def _check_positive(value: Any, name: str) -> None:
 
 
 def _user_agent() -> str:
-    from .. import __version__  # the package is fully imported by the time a sender exists
-
     return f"gilas-conv/{__version__}"
 
 

@@ -32,7 +32,6 @@ from typing import Any, NoReturn
 
 import click
 
-from .. import __version__
 from .._config import (
     DEFAULT_BASE_URL,
     ENV_API_KEY,
@@ -42,6 +41,7 @@ from .._config import (
     redact_url,
     resolve_database_url,
 )
+from .._version import __version__
 from ..exceptions import (
     APIConnectionError,
     APIError,
