@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import datetime as dt
 import gc
+import inspect
 import itertools
 import json
 import os
@@ -62,6 +63,18 @@ from gilas_conv.store._schema import ConversationRow, MessageRow
 from gilas_conv.truncation import DEFAULT_REPLY_RESERVE
 
 _MESSAGES = cast(Table, MessageRow.__table__)
+
+
+def _model_hint(conv: Any) -> dict[str, Any]:
+    # The sender passes the handle's model to _begin_turn where the store takes it (so the
+    # turn does not look the conversation up twice); older checkouts look it up themselves.
+    return (
+        {"model": conv.model}
+        if "model" in inspect.signature(ConversationStore._begin_turn).parameters
+        else {}
+    )
+
+
 _CONVERSATIONS = cast(Table, ConversationRow.__table__)
 
 ENV_POSTGRES_URL = "GILAS_CONV_BENCH_POSTGRES_URL"
@@ -301,7 +314,7 @@ class GilasCase(Case):
         # reply with the lease (which releases it in the same transaction).
         conv = self.store.get(conversation_id)
         lease, _, added = self.store._begin_turn(
-            conv.id, owner=conv.owner, messages=[{"role": "user", "content": turn.user}]
+            conv.id, owner=conv.owner, messages=[{"role": "user", "content": turn.user}], **_model_hint(conv)
         )
         for message in added:
             conv._saw(message)
@@ -756,9 +769,13 @@ def _run_backend(
     for run in runs:
         _memory_turns(run)
     # What LangChain would take where it was skipped, from its largest measured size.
-    measured = [r.result for r in runs if isinstance(r.case, LangChainCase) and r.result.ms]
-    largest = max(measured, key=lambda r: r.size, default=None)
     for result in skipped:
+        measured = [
+            r.result
+            for r in runs
+            if r.result.case == result.case and r.result.backend == result.backend and r.result.ms
+        ]
+        largest = max(measured, key=lambda r: r.size, default=None)
         guess = (
             f", ~{largest.ms * result.size / largest.size / 1000:.0f} s/turn by linear extrapolation"
             if largest and largest.ms
