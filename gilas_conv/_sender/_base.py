@@ -586,7 +586,7 @@ class _SenderBase:
         answering = isinstance(content, _Answer)
         new = list(content.messages) if answering else [{"role": "user", "content": content}]
         lease, _, added = self._store._begin_turn(
-            conv.id, owner=conv.owner, lease_seconds=self._lease_seconds, messages=new
+            conv.id, owner=conv.owner, lease_seconds=self._lease_seconds, messages=new, model=conv.model
         )
         try:
             for message in added:
