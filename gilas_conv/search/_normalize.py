@@ -280,7 +280,7 @@ def _words(normalized: str) -> list[tuple[str, tuple[str, ...]]]:
         # The usual message: every run is one word, and no affix can join another word.
         return [(run, ()) for run in runs]
     merged: list[list[str]] = []
-    after_joiners = False  # a run of joiners alone lies between the previous word and this one
+    after_joiners = False  # a joiner lies between the previous word and this one
     for index in range(1, len(chunks), 2):
         run = chunks[index]
         if ZWNJ in run or ZWJ in run:
@@ -288,8 +288,12 @@ def _words(normalized: str) -> list[tuple[str, tuple[str, ...]]]:
             if not pieces:
                 after_joiners = True
                 continue
+            # A joiner at the edge of a run sits in the gap as tokenize sees it: no join there.
+            after_joiners = after_joiners or run[0] in (ZWNJ, ZWJ)
+            ends_with_joiner = run[-1] in (ZWNJ, ZWJ)
         else:
             pieces = [run]
+            ends_with_joiner = False
         if merged and not after_joiners:
             gap = chunks[index - 1]
             previous = merged[-1]
@@ -303,8 +307,9 @@ def _words(normalized: str) -> list[tuple[str, tuple[str, ...]]]:
                 )
             ):
                 previous.extend(pieces)
+                after_joiners = ends_with_joiner
                 continue
-        after_joiners = False
+        after_joiners = ends_with_joiner
         merged.append(pieces)
     return [("".join(p), tuple(p) if len(p) > 1 else ()) for p in merged]
 
