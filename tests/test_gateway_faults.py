@@ -189,3 +189,59 @@ def test_two_requests_on_one_conversation_never_interleave(
     assert caught.value.code == "conversation_busy"
     assert [c for _, c, _ in history(store, cid)] == ["first", "echo: first", "slow", "slow answer"]
     assert len(stub.requests) == 2
+
+
+def long_conversation(store: ConversationStore) -> str:
+    conv = store.create(model="gpt-4o-mini", owner="alice")
+    for i in range(6):
+        conv.append("user", f"question {i} " + "about the weather " * 30)
+        conv.append("assistant", f"answer {i} " + "it is sunny " * 30)
+    return conv.id
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["plain", "streamed"])
+@pytest.mark.parametrize("held", ["reply", "summary"])
+def test_a_client_that_gives_up_while_the_upstream_holds_frees_the_conversation(
+    gateway: GatewayServer, store: ConversationStore, stub: StubServer, key: str, streamed: bool, held: str
+) -> None:
+    # "reply": the turn's own request is held; "summary": the summary made while the turn is
+    # prepared (its lease already taken, in a worker thread) is held.
+    if held == "reply":
+        cid = start(sdk(gateway, key))
+        extra: dict[str, object] = {"conversation": cid}
+    else:
+        cid = long_conversation(store)
+        extra = {"conversation": cid, "policy": "summarize", "context_limit": 700}
+    stub.reset()
+    stub.script({"hold": True})
+    impatient = openai.OpenAI(base_url=gateway.url, api_key=key, max_retries=0, timeout=1.0)
+    with impatient, pytest.raises(openai.APITimeoutError):
+        impatient.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "gone"}],
+            max_tokens=100,
+            extra_body=extra,
+            stream=streamed,
+        )
+    assert len(stub.requests) == 1  # the client left while that one request was held
+    assert ("condense" in str(stub.requests[0]["body"])) == (held == "summary")
+    stub.release()  # the held request ends; the turn nobody waits for must free the conversation
+    began, reply = time.monotonic(), None
+    with sdk(gateway, key) as client:
+        while reply is None and time.monotonic() - began < 5:
+            try:
+                reply = client.chat.completions.create(
+                    model="gpt-4o-mini",
+                    messages=[{"role": "user", "content": "back"}],
+                    max_tokens=100,
+                    extra_body=extra,
+                )
+            except openai.ConflictError:
+                time.sleep(0.1)
+    assert reply is not None, "the conversation stayed busy after its client left"
+    assert reply.choices[0].message.content == "echo: back"
+    assert history(store, cid)[-3:] == [
+        ("user", "gone", "complete"),
+        ("user", "back", "complete"),
+        ("assistant", "echo: back", "complete"),
+    ]

@@ -451,6 +451,45 @@ def test_a_stream_closed_early_stores_what_arrived_and_releases(
     assert _free(store, conversation.id)
 
 
+@pytest.mark.parametrize("streamed", [False, True], ids=["send", "stream"])
+def test_an_async_turn_cancelled_while_it_is_prepared_releases_the_conversation(
+    store: ConversationStore, stub: StubServer, streamed: bool
+) -> None:
+    # The turn is prepared in a worker thread, which takes the lease first; the summary it
+    # asks for (the summarize policy) is held, so the caller is cancelled while that thread
+    # runs. The thread still finishes, and the turn nobody will send must free the lease.
+    conversation = store.create(model="gpt-4o-mini")
+    for i in range(6):
+        conversation.append("user", f"question {i} " + "about the weather " * 30)
+        conversation.append("assistant", f"answer {i} " + "it is sunny " * 30)
+    stub.script({"hold": True})
+
+    async def run() -> bool:
+        async with AsyncSender(
+            store, api_key=API_KEY, base_url=stub.base_url, max_retries=0, policy="summarize"
+        ) as sender:
+            call = sender.stream if streamed else sender.send
+            task = asyncio.ensure_future(call(conversation.id, "gone", context_limit=700, max_tokens=100))
+            while not stub.requests:
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert not _free(store, conversation.id)  # the thread still holds it, rightly
+            stub.release()
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                if _free(store, conversation.id):
+                    return True
+                await asyncio.sleep(0.05)
+            return False
+
+    assert asyncio.run(run()), "the conversation stayed busy after its turn was cancelled"
+    # Only summaries were asked for: the cancelled turn itself was never sent.
+    assert all("condense" in str(request["body"]["messages"][0]) for request in stub.requests)
+    assert [m.role for m in store.get(conversation.id).messages()][-2:] == ["assistant", "user"]
+
+
 def test_retry_with_nothing_to_answer_releases_the_conversation(
     store: ConversationStore, sender: Sender
 ) -> None:

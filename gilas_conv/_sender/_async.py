@@ -187,8 +187,16 @@ class AsyncSender(_SenderBase):
         summarizer = None
         if call.policy == "summarize":
             summarizer = AsyncBackend.blocking_portal(functools.partial(self._summarize, call))
-        return await AsyncBackend.run_blocking(
-            self._prepare, conversation, content, call, owner=owner, stream=stream, summarizer=summarizer
+        # The turn holds the conversation's lease: a caller cancelled meanwhile must not keep it.
+        return await AsyncBackend.run_claiming(
+            self._abandon,
+            self._prepare,
+            conversation,
+            content,
+            call,
+            owner=owner,
+            stream=stream,
+            summarizer=summarizer,
         )
 
     async def _summarize(self, call: _Call, request: SummaryRequest) -> str:

@@ -181,8 +181,16 @@ class Sender(_SenderBase):
         summarizer = None
         if call.policy == "summarize":
             summarizer = SyncBackend.blocking_portal(functools.partial(self._summarize, call))
-        return SyncBackend.run_blocking(
-            self._prepare, conversation, content, call, owner=owner, stream=stream, summarizer=summarizer
+        # The turn holds the conversation's lease: a caller cancelled meanwhile must not keep it.
+        return SyncBackend.run_claiming(
+            self._abandon,
+            self._prepare,
+            conversation,
+            content,
+            call,
+            owner=owner,
+            stream=stream,
+            summarizer=summarizer,
         )
 
     def _summarize(self, call: _Call, request: SummaryRequest) -> str:

@@ -425,6 +425,22 @@ class _Gateway:
             context_limit=options.get("context_limit"),
             policy=options.get("policy"),
         )
+        return await _unless_client_leaves(
+            request, self._turn(owner, reference, messages, params, options, bool(stream), include_usage)
+        )
+
+    async def _turn(
+        self,
+        owner: str | None,
+        reference: str | None,
+        messages: list[dict[str, Any]],
+        params: dict[str, Any],
+        options: dict[str, Any],
+        stream: bool,
+        include_usage: bool,
+    ) -> Response:
+        """A checked completion: the turn, up to its response (a stream, once started)."""
+        assert self.sender is not None
         conv, new = await asyncio.to_thread(self._plan_turn, owner, reference, messages, params.get("model"))
         header = {CONVERSATION_HEADER: conv.id}
         try:
@@ -597,6 +613,35 @@ class _Gateway:
         await asyncio.to_thread(conv.delete_message, seq)
         conv = await asyncio.to_thread(conv.refresh)
         return JSONResponse(conversation_object(conv))
+
+
+async def _unless_client_leaves(request: Request, work: Awaitable[Response]) -> Response:
+    """``work``'s response, or, if the client disconnects first, ``work`` cancelled.
+
+    The server does not cancel a handler whose client left before the response began, so
+    a turn would run on (and hold its conversation) for a reader who is gone. Only called
+    once the body is read: what ``receive`` gives after that is the disconnect.
+    """
+    task = asyncio.ensure_future(work)
+    left = False
+
+    async def watch() -> None:
+        nonlocal left
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        left = True
+        task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if not left:
+            raise
+        # No one will read this; the sender released the turn on its way out.
+        return Response(status_code=499)
+    finally:
+        watcher.cancel()
 
 
 def _newest_before(conv: Conversation, before: int | None, count: int) -> list[Message]:
