@@ -245,3 +245,40 @@ def test_a_client_that_gives_up_while_the_upstream_holds_frees_the_conversation(
         ("user", "back", "complete"),
         ("assistant", "echo: back", "complete"),
     ]
+
+
+def test_items_written_while_a_turn_is_answered_are_refused_and_never_interleave(
+    gateway: GatewayServer, store: ConversationStore, stub: StubServer, key: str
+) -> None:
+    client = sdk(gateway, key)
+    cid = start(client)
+    stub.script({"hold": True, "reply": "slow answer"})
+    outcomes: dict[str, object] = {}
+
+    def slow() -> None:
+        outcomes["slow"] = client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "slow"}],
+            extra_body={"conversation": cid},
+        )
+
+    worker = threading.Thread(target=slow)
+    worker.start()
+    try:
+        wait_for(lambda: len(stub.requests) == 2)  # the slow turn reached the upstream
+        note = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "note"}]}
+        with pytest.raises(openai.ConflictError) as appended:
+            client.conversations.items.create(cid, items=[note])  # type: ignore[list-item]
+        with pytest.raises(openai.ConflictError) as deleted:
+            client.conversations.items.delete("msg_1", conversation_id=cid)
+        assert appended.value.code == deleted.value.code == "conversation_busy"
+        assert [c for _, c, _ in history(store, cid)] == ["first", "echo: first", "slow"]
+    finally:
+        stub.release()
+        worker.join()
+    # Once the turn is answered, the same writes go through, after its reply.
+    added = client.conversations.items.create(cid, items=[note])  # type: ignore[list-item]
+    assert [item.id for item in added.data] == ["msg_5"]
+    client.conversations.items.delete("msg_1", conversation_id=cid)
+    assert [c for _, c, _ in history(store, cid)] == ["echo: first", "slow", "slow answer", "note"]
+    assert len(stub.requests) == 2

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -69,6 +70,9 @@ MAX_PAGE_LIMIT = 100
 _TAIL = 64
 # At shutdown, how long the streams cut by the server may take to store what arrived.
 _SHUTDOWN_STORE_SECONDS = 10.0
+# How long an edit of the items (append, delete) holds the turn lease at most: it is
+# released at once, so this only bounds how long a crash mid-edit keeps the conversation busy.
+_EDIT_LEASE_SECONDS = 60.0
 # Titles of conversations a completion creates: the first user line, cut to this length.
 _TITLE_LENGTH = 60
 # Body fields of a completion that are not sent upstream as parameters.
@@ -543,6 +547,25 @@ class _Gateway:
 
     # -- items -------------------------------------------------------------------------------------
 
+    def _between_turns(
+        self,
+        conv: Conversation,
+        messages: list[dict[str, Any]],
+        change: Callable[[], object] | None = None,
+    ) -> list[Message]:
+        """Append ``messages`` (then make ``change``) holding the conversation's turn lease, so
+        that an edit of the history never lands inside a turn: while a completion is being
+        answered it is refused (ConversationBusy, 409) and nothing is written."""
+        token, _, added = self.store._begin_turn(
+            conv.id, owner=conv.owner, lease_seconds=_EDIT_LEASE_SECONDS, messages=messages
+        )
+        try:
+            if change is not None:
+                change()
+        finally:
+            self.store._end_turn(conv.id, token)
+        return added
+
     async def create_items(self, request: Request) -> Response:
         owner = await self.owner(request)
         body = await self.json_body(request)
@@ -551,10 +574,7 @@ class _Gateway:
         if not items:
             raise GatewayError(400, "`items` must hold at least one item", param="items")
 
-        def append() -> list[Message]:
-            return [conv.append(**item) for item in items]
-
-        added = await asyncio.to_thread(append)
+        added = await asyncio.to_thread(self._between_turns, conv, items)
         data = [item_object(m) for m in added]
         return JSONResponse(
             {
@@ -610,7 +630,7 @@ class _Gateway:
         seq = parse_item_id(request.path_params["item_id"])
         if seq is None:
             raise MessageNotFound(conv.id, 0)
-        await asyncio.to_thread(conv.delete_message, seq)
+        await asyncio.to_thread(self._between_turns, conv, [], functools.partial(conv.delete_message, seq))
         conv = await asyncio.to_thread(conv.refresh)
         return JSONResponse(conversation_object(conv))
 
