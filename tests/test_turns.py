@@ -490,6 +490,45 @@ def test_an_async_turn_cancelled_while_it_is_prepared_releases_the_conversation(
     assert [m.role for m in store.get(conversation.id).messages()][-2:] == ["assistant", "user"]
 
 
+@pytest.mark.parametrize("use_async", [False, True], ids=["sync", "async"])
+def test_a_stream_longer_than_its_lease_keeps_the_conversation(
+    store: ConversationStore, stub: StubServer, use_async: bool
+) -> None:
+    # A 1 s lease and a reply streaming for about 4 s: the stream renews the lease as chunks
+    # arrive, so the conversation stays busy until the reply is stored.
+    conversation = store.create(model="gpt-4o-mini")
+    words = " ".join(f"w{i}" for i in range(16))
+    stub.script({"reply": words, "chunk_delay": 0.25})
+    lease, checks, first_chunk = 1.0, [], []
+
+    def check() -> None:
+        # Timed from the first chunk: the lease was taken before it (preparing may be slow).
+        first_chunk.append(first_chunk[0] if first_chunk else time.monotonic())
+        if time.monotonic() - first_chunk[0] > 2 * lease and len(checks) < 3:
+            checks.append(_free(store, conversation.id))
+
+    def sync_turn() -> Message | None:
+        with Sender(store, api_key=API_KEY, base_url=stub.base_url) as sender:
+            sender._lease_seconds = lease
+            with sender.stream(conversation.id, "question") as stream:
+                for _ in stream:
+                    check()
+            return stream.message
+
+    async def async_turn() -> Message | None:
+        async with AsyncSender(store, api_key=API_KEY, base_url=stub.base_url) as sender:
+            sender._lease_seconds = lease
+            async with await sender.stream(conversation.id, "question") as stream:
+                async for _ in stream:
+                    check()
+            return stream.message
+
+    message = asyncio.run(async_turn()) if use_async else sync_turn()
+    assert checks == [False, False, False]  # no one else could take the turn meanwhile
+    assert message is not None and message.content == words and message.status == "complete"
+    assert _free(store, conversation.id)
+
+
 def test_retry_with_nothing_to_answer_releases_the_conversation(
     store: ConversationStore, sender: Sender
 ) -> None:

@@ -11,6 +11,7 @@ without I/O is in :mod:`._base`.
 from __future__ import annotations
 
 import functools
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -284,6 +285,7 @@ class AsyncReplyStream:
         self._ended = False
         self._cause: APIError | None = None
         self._settled = False
+        self._renewed_at = time.monotonic()  # when the turn's lease was taken or last renewed
         #: The stored reply, once the stream has ended (None if nothing arrived).
         self.message: Message | None = None
 
@@ -322,6 +324,9 @@ class AsyncReplyStream:
                 self._ended = True
             else:
                 self._core.feed(data)
+                if self._sender._renewal_due(self._renewed_at):
+                    self._renewed_at = time.monotonic()
+                    await AsyncBackend.run_blocking(self._sender._renew, self._turn)
 
     async def final_message(self) -> Message | None:
         """Read the rest of the stream and return the stored reply."""
