@@ -5,6 +5,7 @@ the API bills them, send each turn with the history trimmed to the model's windo
 store the reply: nothing lost, nothing stored twice.
 """
 
+from ._version import __version__
 from .exceptions import (
     APIConnectionError,
     APIError,
@@ -32,12 +33,17 @@ from .exceptions import (
     UnprocessableEntityError,
 )
 from .sender import AsyncReplyStream, AsyncSender, ReplyStream, Sender, StreamChunk
-from .store import Conversation, ConversationStore, Message, Summary
-from .store._migrate import downgrade_database, head_revision, upgrade_database
+from .store import (
+    Conversation,
+    ConversationStore,
+    Message,
+    Summary,
+    downgrade_database,
+    head_revision,
+    upgrade_database,
+)
 from .tokens import ModelInfo, ModelRegistry, count_tokens, get_model_info
 from .truncation import Context, SummaryRequest, build_context, conversation_tokens
-
-__version__ = "0.1.0"
 
 __all__ = [
     "APIConnectionError",

@@ -44,9 +44,15 @@ list); each one answers one request, in order, then the default behaviour resume
                                          finish_reason or [DONE]
     {"no_done": true}                    everything but the final [DONE]
     {"error_event_after": 1}             1 content chunk, then data: {"error": {...}}
+        with "error_event": {...} (JSON) or "..." (sent as is) as that frame's data, and
+        "event_name": "error" to send it as a named ``event: error`` frame
     {"chunk_delay": 0.5}                 wait before each content chunk
     {"stall_after": 1, "stall": 2.0}     1 content chunk, then a 2 s silence, then the rest
     {"line_ending": "\\r\\n"}            the SSE line ending ("\\n" by default)
+    {"endless": "keepalive", "every": 0.1}   after 1 content chunk ("endless_after"), send
+                                         forever (until the client leaves or the server
+                                         closes) a ": keep-alive" comment every 0.1 s;
+                                         "empty": an empty delta chunk; "content": a "."
 
 ``GET <anything>/models`` lists :data:`STUB_MODELS`.
 
@@ -445,9 +451,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
             self.wfile.flush()
 
-        def event(data: Any) -> None:
+        def event(data: Any, name: str | None = None) -> None:
             payload = data if isinstance(data, str) else json.dumps(data)
-            write(f"data: {payload}{newline}{newline}")
+            field = f"event: {name}{newline}" if name else ""
+            write(f"{field}data: {payload}{newline}{newline}")
 
         delay = float(action.get("chunk_delay") or 0)
         write(f": keep-alive{newline}{newline}")
@@ -460,6 +467,9 @@ class _Handler(BaseHTTPRequestHandler):
             )
         )
         for count, piece in enumerate(pieces):
+            if action.get("endless") and count == int(action.get("endless_after", 1)):
+                self._endless(str(action["endless"]), float(action.get("every", 0.1)), write, event, chunk)
+                return
             if count == action.get("cut_after"):
                 self._abort()
                 return
@@ -467,7 +477,8 @@ class _Handler(BaseHTTPRequestHandler):
                 write("")  # the chunked body's end: a clean close, but the reply is unfinished
                 return
             if count == action.get("error_event_after"):
-                event({"error": {"message": "stub error mid-stream", "type": "server_error"}})
+                default = {"error": {"message": "stub error mid-stream", "type": "server_error"}}
+                event(action.get("error_event", default), action.get("event_name"))
                 write("")
                 return
             if count == action.get("stall_after"):
@@ -482,6 +493,21 @@ class _Handler(BaseHTTPRequestHandler):
         if not action.get("no_done"):
             event("[DONE]")
         write("")
+
+    def _endless(self, kind: str, every: float, write: Any, event: Any, chunk: Any) -> None:
+        """Send something that is not a finished reply every ``every`` s, until the client
+        leaves (the write fails) or the server closes; at most a minute, as a safety net."""
+        stub = self.server.stub
+        stop = time.monotonic() + 60
+        while not stub._closing.is_set() and time.monotonic() < stop:
+            if kind == "keepalive":
+                write(": keep-alive\n\n")
+            elif kind == "empty":
+                event(chunk([{"index": 0, "delta": {}, "finish_reason": None}]))
+            else:
+                event(chunk([{"index": 0, "delta": {"content": "."}, "finish_reason": None}]))
+            stub._sleep(every)
+        self._abort()
 
 
 def main(argv: list[str] | None = None) -> None:

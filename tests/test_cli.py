@@ -382,6 +382,12 @@ BAD_JSONL_LINE = json.dumps({"messages": [{"role": "wizard", "content": "x"}]})
         pytest.param(b'{"messages": [', "line 1, column", id="truncated-json"),
         pytest.param(b"\xff\xfe\x00junk", "not UTF-8", id="not-utf8"),
         pytest.param(b"[1, 2]", "expected an exported conversation", id="wrong-shape"),
+        pytest.param(b"[" * 100_000 + b"]" * 100_000, "nested too deeply", id="nested-too-deep"),
+        pytest.param(
+            b'{"messages": []}\n' + b"[" * 100_000 + b"]" * 100_000,
+            "nested too deeply",
+            id="jsonl-nested-too-deep",
+        ),
         pytest.param(
             (
                 "\n".join(
@@ -423,6 +429,24 @@ def test_bad_import_files_are_refused_whole(
     assert result.stdout == ""
     with cli.store() as store:
         assert [c.id for c in store.list()] == [existing]
+
+
+def test_a_database_error_that_escapes_the_store_is_one_line_without_sql(
+    cli: CLI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise OperationalError(
+            "SELECT secret_column FROM conversations WHERE owner = ?",
+            ("alice-param",),
+            Exception("disk I/O error"),
+        )
+
+    monkeypatch.setattr(ConversationStore, "list", broken)
+    line = error_line(cli("list", code=1))
+    assert "disk I/O error" in line
+    assert "SELECT" not in line and "alice-param" not in line and "unexpected" not in line
 
 
 def test_import_missing_file_is_a_usage_error(cli: CLI, tmp_path: Path) -> None:
@@ -1098,6 +1122,34 @@ def test_global_options_work_after_the_command(sqlite_url: str, stub: StubServer
     assert isinstance(debug.exception, MissingAPIKeyError)
     owned = runner.invoke(main, ["list", "--json", "--db", sqlite_url, "--owner", "alice"])
     assert json.loads(owned.stdout) == []
+
+
+def test_a_retry_says_that_it_waits_and_for_how_long(cli: CLI) -> None:
+    assert cli.stub is not None
+    cli.stub.script({"status": 429, "headers": {"retry-after-ms": "50"}}, {"reply": "later"})
+    result = cli("send", "hi")
+    assert "later" in result.stdout
+    assert "Waiting: retry 1 of 2 in 0.05 s; the server asked for 0.05 s" in result.stderr
+
+
+def test_a_server_asking_to_wait_past_the_deadline_fails_at_once(cli: CLI) -> None:
+    assert cli.stub is not None
+    cli.stub.script({"status": 429, "headers": {"retry-after": "3600"}})
+    line = error_line(cli("send", "hi", "--deadline", "30", code=1))
+    assert "deadline of 30 s" in line and "raise --deadline" in line
+    assert len(cli.stub.requests) == 1  # no retry was attempted
+
+
+def test_the_deadline_cuts_a_reply_that_never_ends_and_keeps_what_arrived(cli: CLI) -> None:
+    assert cli.stub is not None
+    cli.stub.script({"endless": "content", "every": 0.05})
+    result = cli("send", "hi", "--deadline", "1", code=1)
+    line = error_line(result)
+    assert "deadline passed" in line and "after 1 s" in line and "raise --deadline" in line
+    with cli.store() as store:
+        [conv] = store.list()
+        last = conv.last_message()
+    assert last is not None and (last.role, last.status) == ("assistant", "incomplete") and last.content
 
 
 def test_model_option_is_the_conversations_model_from_now_on(cli: CLI) -> None:

@@ -205,7 +205,7 @@ def test_a_client_that_gives_up_while_the_upstream_holds_frees_the_conversation(
     gateway: GatewayServer, store: ConversationStore, stub: StubServer, key: str, streamed: bool, held: str
 ) -> None:
     # "reply": the turn's own request is held; "summary": the summary made while the turn is
-    # prepared (its lease already taken, in a worker thread) is held.
+    # prepared (its message stored and its lease taken) is held.
     if held == "reply":
         cid = start(sdk(gateway, key))
         extra: dict[str, object] = {"conversation": cid}

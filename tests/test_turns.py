@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import sqlalchemy
 from stub_server import StubServer
 
 from gilas_conv import (
@@ -455,39 +456,35 @@ def test_a_stream_closed_early_stores_what_arrived_and_releases(
 def test_an_async_turn_cancelled_while_it_is_prepared_releases_the_conversation(
     store: ConversationStore, stub: StubServer, streamed: bool
 ) -> None:
-    # The turn is prepared in a worker thread, which takes the lease first; the summary it
-    # asks for (the summarize policy) is held, so the caller is cancelled while that thread
-    # runs. The thread still finishes, and the turn nobody will send must free the lease.
+    # The turn's message is stored with the lease in a worker thread. Another transaction
+    # holds the conversation's row (a write lock on SQLite), so that thread waits inside the
+    # store while the caller is cancelled; then the lock goes, the thread takes the lease
+    # and returns a turn no one will send, which must free the conversation.
     conversation = store.create(model="gpt-4o-mini")
-    for i in range(6):
-        conversation.append("user", f"question {i} " + "about the weather " * 30)
-        conversation.append("assistant", f"answer {i} " + "it is sunny " * 30)
-    stub.script({"hold": True})
 
     async def run() -> bool:
-        async with AsyncSender(
-            store, api_key=API_KEY, base_url=stub.base_url, max_retries=0, policy="summarize"
-        ) as sender:
+        async with AsyncSender(store, api_key=API_KEY, base_url=stub.base_url, max_retries=0) as sender:
             call = sender.stream if streamed else sender.send
-            task = asyncio.ensure_future(call(conversation.id, "gone", context_limit=700, max_tokens=100))
-            while not stub.requests:
-                await asyncio.sleep(0.01)
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-            assert not _free(store, conversation.id)  # the thread still holds it, rightly
-            stub.release()
+            with store.engine.begin() as blocker:
+                blocker.execute(
+                    sqlalchemy.text("UPDATE conversations SET title = title WHERE id = :id"),
+                    {"id": conversation.id},
+                )
+                task = asyncio.ensure_future(call(conversation.id, "gone"))
+                await asyncio.sleep(0.5)  # the worker thread is waiting for the row
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
                 if _free(store, conversation.id):
                     return True
-                await asyncio.sleep(0.05)
             return False
 
     assert asyncio.run(run()), "the conversation stayed busy after its turn was cancelled"
-    # Only summaries were asked for: the cancelled turn itself was never sent.
-    assert all("condense" in str(request["body"]["messages"][0]) for request in stub.requests)
-    assert [m.role for m in store.get(conversation.id).messages()][-2:] == ["assistant", "user"]
+    assert _contents(store, conversation.id) == [("user", "gone", "complete")]
+    assert stub.requests == []  # the cancelled turn was never sent
 
 
 @pytest.mark.parametrize("use_async", [False, True], ids=["sync", "async"])

@@ -1,7 +1,7 @@
 """The only things the async and sync senders do differently, besides ``await``.
 
 :mod:`._async` calls :class:`AsyncBackend`; ``scripts/unasync.py`` renames it
-:class:`SyncBackend` in the generated :mod:`._sync`. Each backend has the same four
+:class:`SyncBackend` in the generated :mod:`._sync`. Each backend has the same three
 operations:
 
 ``sleep(seconds)``
@@ -10,11 +10,17 @@ operations:
     Make a blocking call (the store, choosing the context). Async: in a worker thread
     (``asyncio.to_thread``), so the event loop never waits on the database and turns of
     different conversations run at once in one loop. Sync: directly.
-``blocking_portal(function)``
-    The plain callable that code running inside ``run_blocking`` uses to call back into
-    the sender (the summarize policy's request, made while the context is chosen). Async:
-    it runs the coroutine on the event loop that made the portal and waits for it in the
-    worker thread. Sync: the function itself.
+``run_claiming(release, function, *args, **kwargs)``
+    ``run_blocking`` for a call that takes something it must give back (the turn lease:
+    ``_prepare`` returns a turn holding it). Async: if the caller is cancelled while the
+    worker thread runs -- a client gone while its message is stored -- the thread still
+    finishes, and ``release(result)`` is called (in a worker thread) as soon as it returns,
+    since no one is left to use the result. Sync: directly (nothing can cancel the caller
+    between the call and its return).
+
+Nothing running in ``run_blocking`` calls back into the sender: a request the store work
+needs (the summarize policy's summary) is returned to the sender, which makes it between
+two blocking calls, so no worker thread ever waits on the network.
 """
 
 from __future__ import annotations
@@ -24,8 +30,8 @@ import contextvars
 import functools
 import logging
 import time
-from collections.abc import Callable, Coroutine
-from typing import Any, ParamSpec, TypeVar
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -56,15 +62,6 @@ class AsyncBackend:
             future.add_done_callback(functools.partial(_release_unclaimed, release))
             raise
 
-    @staticmethod
-    def blocking_portal(function: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, T]:
-        loop = asyncio.get_running_loop()  # made on the loop, called from a worker thread
-
-        def call(*args: P.args, **kwargs: P.kwargs) -> T:
-            return asyncio.run_coroutine_threadsafe(function(*args, **kwargs), loop).result()
-
-        return call
-
 
 def _release_unclaimed(release: Callable[[T], object], done: asyncio.Future[T]) -> None:
     """``release`` the result of a call whose caller was cancelled (a call that failed took nothing)."""
@@ -93,7 +90,3 @@ class SyncBackend:
         release: Callable[[T], object], function: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
     ) -> T:
         return function(*args, **kwargs)
-
-    @staticmethod
-    def blocking_portal(function: Callable[P, T]) -> Callable[P, T]:
-        return function

@@ -15,6 +15,10 @@ class _ImportItem:
     data: Any
 
 
+# Python's JSON parser recurses once per nesting level and stops at the interpreter's limit.
+_TOO_DEEP = "the JSON is nested too deeply"
+
+
 def parse_import(text: str) -> list[_ImportItem]:
     """The conversations in an import file; ValueError naming the line or item at fault.
 
@@ -25,6 +29,8 @@ def parse_import(text: str) -> list[_ImportItem]:
         raise ValueError("the file is empty")
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise ValueError(_TOO_DEEP) from None
     except json.JSONDecodeError as whole_err:
         lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
         if len(lines) > 1 and _parses(lines[0][1]):
@@ -49,7 +55,7 @@ def parse_import(text: str) -> list[_ImportItem]:
 def _parses(line: str) -> bool:
     try:
         json.loads(line)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return False
     return True
 
@@ -57,5 +63,7 @@ def _parses(line: str) -> bool:
 def _line_json(number: int, line: str) -> Any:
     try:
         return json.loads(line)
+    except RecursionError:
+        raise ValueError(f"line {number}: {_TOO_DEEP}") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"line {number}, column {err.colno}: {err.msg}") from None
