@@ -826,10 +826,10 @@ def test_chat_commands_and_turns(cli: CLI) -> None:
     assert "... 5 earlier messages" in out and "[7] assistant (gpt-4o)" in out
     with cli.store() as store:
         conversations = store.list()
-    assert len(conversations) == 3  # the first, its fork, and /new's
-    forked = next(c for c in conversations if c.forked_from)
-    assert forked.model == "gpt-4o"
-    assert [m.content for m in forked.messages()][-1] == "echo: /not a command"
+        assert len(conversations) == 3  # the first, its fork, and /new's
+        forked = next(c for c in conversations if c.forked_from)
+        assert forked.model == "gpt-4o"
+        assert [m.content for m in forked.messages()][-1] == "echo: /not a command"
 
 
 def test_chat_resume_shows_the_last_messages_and_replays(cli: CLI) -> None:

@@ -1151,3 +1151,13 @@ def test_a_pooled_connection_killed_on_the_server_is_replaced(store: Conversatio
     reply = conv.append("assistant", "answer", response_id="r1", reply_to=added[0].seq, lease=lease)
     assert (added[0].seq, reply.seq) == (4, 5)
     assert [m.content for m in conv.messages()][3:] == ["turn", "answer"]
+
+
+def test_a_closed_store_refuses_to_be_used_instead_of_leaking_connections(db_url: str) -> None:
+    store = ConversationStore(db_url)
+    conv = store.create()
+    store.close()
+    with pytest.raises(StoreError, match="is closed"):
+        conv.messages()
+    with pytest.raises(StoreError, match="is closed"):
+        store.list()

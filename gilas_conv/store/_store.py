@@ -68,6 +68,7 @@ from ..exceptions import (
     ConversationNotFound,
     MessageNotFound,
     SchemaOutOfDate,
+    StoreError,
     StoreIntegrityError,
 )
 from ..search import SearchHit, make_snippet, parse_query, searchable_text
@@ -587,7 +588,10 @@ class ConversationStore:
         return self._engine
 
     def close(self) -> None:
-        """Close every pooled connection."""
+        """Close every pooled connection. The store (and every handle on it) is then closed
+        for good: a later call raises StoreError instead of opening connections that
+        nothing would close."""
+        self._closed = True
         self._engine.dispose()
 
     def __enter__(self) -> ConversationStore:
@@ -845,10 +849,16 @@ class ConversationStore:
     # -- internals used by Conversation and the other modules -----------------------------------
 
     def _write(self) -> Any:
+        self._check_open()
         return _Transaction(self._engine, write=True)
 
     def _read(self) -> Any:
+        self._check_open()
         return _Transaction(self._engine, write=False)
+
+    def _check_open(self) -> None:
+        if getattr(self, "_closed", False):
+            raise StoreError(f"the store {self.url} is closed; open a new ConversationStore to use it again")
 
     def _search_rows(
         self, conversation_id: str, rows: Iterable[Mapping[str, Any]]
