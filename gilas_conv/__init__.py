@@ -5,6 +5,7 @@ the API bills them, send each turn with the history trimmed to the model's windo
 store the reply: nothing lost, nothing stored twice.
 """
 
+from ._prices import Prices, load_prices
 from .exceptions import (
     APIConnectionError,
     APIError,
@@ -23,6 +24,7 @@ from .exceptions import (
     MissingAPIKeyError,
     NotFoundError,
     PermissionDeniedError,
+    QuotaExceeded,
     RateLimitError,
     SchemaOutOfDate,
     StoreError,
@@ -64,6 +66,8 @@ __all__ = [
     "ModelRegistry",
     "NotFoundError",
     "PermissionDeniedError",
+    "Prices",
+    "QuotaExceeded",
     "RateLimitError",
     "ReplyStream",
     "SchemaOutOfDate",
@@ -82,5 +86,6 @@ __all__ = [
     "downgrade_database",
     "get_model_info",
     "head_revision",
+    "load_prices",
     "upgrade_database",
 ]

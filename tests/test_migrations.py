@@ -36,7 +36,15 @@ from gilas_conv.store._migrate import current_revision, migrations_dir
 from gilas_conv.store._schema import metadata
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TABLES = {"conversations", "messages", "summaries"}
+TABLES = {
+    "conversations",
+    "messages",
+    "summaries",
+    "usage_events",
+    "quota_limits",
+    "quota_reservations",
+    "settings",
+}
 # As conftest.py words it, so every skipped Postgres test gives the same reason.
 POSTGRES_SKIP_REASON = (
     "Postgres tests need GILAS_CONV_TEST_POSTGRES_URL=postgresql://user@host:port/dbname "

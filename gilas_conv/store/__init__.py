@@ -13,11 +13,13 @@ Layout
     ``_schema``    the tables (SQLAlchemy models; Alembic migrations build exactly these)
     ``_engine``    engines configured per backend (SQLite pragmas, the Postgres driver)
     ``_migrate``   running the shipped Alembic migrations
+    ``_usage``     the usage ledger, its reports, quotas (limits, reservations, periods)
     ``_window``    the planner's reader: anchors, newest rows, ranges, recount write-back
                    (:class:`WindowReader`, opened by :meth:`Conversation.read_window`)
 """
 
 from ._store import Conversation, ConversationStore, Role
+from ._usage import QuotaLimits, QuotaStatus, Reservation, UsageRow
 from ._values import Message, Summary, openai_message
 from ._window import WindowReader, WindowRow
 
@@ -25,8 +27,12 @@ __all__ = [
     "Conversation",
     "ConversationStore",
     "Message",
+    "QuotaLimits",
+    "QuotaStatus",
+    "Reservation",
     "Role",
     "Summary",
+    "UsageRow",
     "WindowReader",
     "WindowRow",
     "openai_message",

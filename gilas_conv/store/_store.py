@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import builtins
 import datetime as dt
+import os
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from typing import Any, Literal, cast
 
 from sqlalchemy import Engine, Row, Table, bindparam, delete, func, insert, literal, select, update
@@ -39,12 +41,14 @@ from .._config import (
     DEFAULT_SQLITE_SYNCHRONOUS,
 )
 from .._config import resolve_database_url as _resolve_database_url
+from .._prices import MICROS, Prices, resolve_prices
 from ..exceptions import (
     ConversationNotFound,
     MessageNotFound,
     SchemaOutOfDate,
     StoreIntegrityError,
 )
+from . import _usage
 from ._engine import create_engine_for_url, redact_url
 from ._io import _prepare_import
 from ._migrate import check_schema_state, current_revision, head_revision, upgrade_database
@@ -152,6 +156,12 @@ class Conversation:
         ``usage``, ``predicted_prompt_tokens``, ``reply_to``, ``extra``) record what the API
         said about a reply. Appending a reply whose ``response_id`` is already stored in
         this conversation returns the stored message instead of storing it twice.
+
+        An assistant reply with ``usage`` (or, lacking it, with ``predicted_prompt_tokens``:
+        a reply the API cut off before reporting usage, charged at that count plus the
+        reply's own tokens) also writes its usage-ledger row, in the same transaction.
+        ``quota_reservation`` (a :class:`~gilas_conv.store.Reservation`) is settled there
+        too: deleted as its usage is recorded.
         """
         message = self.store._append(
             self.id,
@@ -299,6 +309,33 @@ class Conversation:
         return data
 
 
+def _instant(value: dt.date | dt.datetime | None, zone: Any, what: str, *, end: bool) -> dt.datetime | None:
+    """A report bound as a UTC instant: a datetime as it is (aware), a date as the start of
+    that day in ``zone`` (of the next day for an inclusive ``until``)."""
+    if value is None:
+        return None
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None:
+            raise ValueError(f"{what} must be timezone-aware, or a date")
+        return value.astimezone(dt.timezone.utc)
+    if not isinstance(value, dt.date):
+        raise ValueError(f"{what} must be a date or a datetime, not {value!r}")
+    day = value + dt.timedelta(days=1) if end else value
+    return dt.datetime(day.year, day.month, day.day, tzinfo=zone).astimezone(dt.timezone.utc)
+
+
+def _cost_micros(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float | str | Decimal):
+        raise ValueError(f"{name} must be a number, not {value!r}")
+    try:
+        number = Decimal(str(value))
+    except InvalidOperation as err:
+        raise ValueError(f"{name} must be a number, not {value!r}") from err
+    if not number.is_finite() or number < 0:
+        raise ValueError(f"{name} must be a number >= 0, not {value!r}")
+    return int((number * MICROS).to_integral_value())
+
+
 # ---------------------------------------------------------------------------------------------
 # The store
 
@@ -329,6 +366,11 @@ class ConversationStore:
     with a few hundred concurrent streams, ``pool_size=20, max_overflow=20`` is plenty,
     and the total over all processes must stay under Postgres's ``max_connections``.
     ``engine_options`` passes any other option to SQLAlchemy's ``create_engine``.
+
+    ``prices``: the price table the usage ledger records costs with (a :class:`Prices`,
+    or a TOML/JSON file); else the file named by ``$GILAS_CONV_PRICES``; else none, and
+    costs stay ``None`` (see :mod:`gilas_conv._prices`). ``clock``: returns the current
+    aware datetime, for timestamps and quota periods (tests and simulations move it).
     """
 
     def __init__(
@@ -342,6 +384,8 @@ class ConversationStore:
         max_message_chars: int = DEFAULT_MAX_MESSAGE_CHARS,
         pool_size: int | None = None,
         max_overflow: int | None = None,
+        prices: Prices | str | os.PathLike[str] | None = None,
+        clock: Callable[[], dt.datetime] | None = None,
     ) -> None:
         if (
             not isinstance(max_message_chars, int)
@@ -350,6 +394,8 @@ class ConversationStore:
         ):
             raise ValueError("max_message_chars must be a positive integer")
         self.max_message_chars = max_message_chars
+        self.prices = resolve_prices(prices)
+        self._clock = clock or _now
         options = dict(engine_options or {})
         for name, value in (("pool_size", pool_size), ("max_overflow", max_overflow)):
             if value is not None:
@@ -428,7 +474,7 @@ class ConversationStore:
             first = _validate_message("system", system)
             _check_size(first, self.max_message_chars)
             first.update(_token_columns(first, model))
-        now = _now()
+        now = self._clock()
         conversation_id = str(uuid.uuid4())
         with self._write() as conn:
             conn.execute(
@@ -575,6 +621,165 @@ class ConversationStore:
             for header, _rows in prepared
         ]
 
+    # -- usage and quotas ----------------------------------------------------------------------
+
+    def usage(
+        self,
+        *,
+        owner: str | None = None,
+        since: dt.date | dt.datetime | None = None,
+        until: dt.date | dt.datetime | None = None,
+        by: str = "day",
+        prices: Prices | str | os.PathLike[str] | None = None,
+    ) -> builtins.list[_usage.UsageRow]:
+        """What was spent, from the usage ledger, grouped ``by`` day, month, model, owner or
+        conversation: a :class:`UsageRow` per group (requests, prompt/completion/total/
+        cached tokens, cost).
+
+        ``owner``: that owner's requests only (None: every owner). ``since``/``until``:
+        calendar dates in the store's quota time zone, both included (a datetime is an
+        instant: from it / before it). Days and months are calendar days and months of
+        that zone. ``cost`` is what was recorded with each request (fixed at record time),
+        None for a group with no priced request; ``prices`` prices the tokens at that table
+        instead, at report time. Reads only the ledger and its indexes, never the messages;
+        the ledger keeps the spending of deleted conversations.
+        """
+        if by not in _usage.GROUPINGS:
+            raise ValueError(f"by must be one of {', '.join(_usage.GROUPINGS)}, not {by!r}")
+        if owner is not None:
+            _check_field(owner, "owner", allow_empty=False)
+        table = resolve_prices(prices) if prices is not None else None
+        with self._read() as conn:
+            zone = _usage.read_zone(conn)
+            return _usage.usage_report(
+                conn,
+                self.dialect,
+                owner=owner,
+                since=_instant(since, zone, "since", end=False),
+                until=_instant(until, zone, "until", end=True),
+                by=by,
+                zone=zone,
+                prices=table,
+            )
+
+    def set_quota(
+        self,
+        owner: str | None = None,
+        *,
+        default: bool = False,
+        daily_tokens: int | None = None,
+        monthly_tokens: int | None = None,
+        daily_cost: Decimal | float | str | None = None,
+        monthly_cost: Decimal | float | str | None = None,
+    ) -> _usage.QuotaLimits:
+        """Set limits of ``owner``, or with ``default=True`` of every owner without a limit
+        of its own (the unowned scope, ``owner=None``, is always under the default). Only
+        the limits given change; the others keep their value. Costs are in the currency of
+        the price table. Returns the limits now in force for that row."""
+        key = self._quota_key(owner, default)
+        values: dict[str, int | None] = {}
+        for name, value in (("daily_tokens", daily_tokens), ("monthly_tokens", monthly_tokens)):
+            if value is not None:
+                if _check_int(value, name) is None or value < 0:
+                    raise ValueError(f"{name} must be an integer >= 0, not {value!r}")
+                values[name] = value
+        for name, cost in (("daily_cost", daily_cost), ("monthly_cost", monthly_cost)):
+            if cost is not None:
+                values[f"{name}_micros"] = _cost_micros(cost, name)
+        if not values:
+            raise ValueError(
+                "give at least one limit (daily_tokens, monthly_tokens, daily_cost, monthly_cost)"
+            )
+        with self._write() as conn:
+            _usage.set_limits(conn, key, values, self._clock())
+            found = _usage.limits_of(conn, key)
+        assert found is not None
+        return found
+
+    def remove_quota(self, owner: str | None = None, *, default: bool = False) -> bool:
+        """Remove every limit of ``owner`` (or the default); False when it had none. The
+        owner then falls under the default, if one is set."""
+        key = self._quota_key(owner, default)
+        with self._write() as conn:
+            return _usage.remove_limits(conn, key)
+
+    def quota_limits(self) -> builtins.list[_usage.QuotaLimits]:
+        """Every limit row: the default (``default=True``) and each owner's."""
+        with self._read() as conn:
+            return _usage.all_limits(conn)
+
+    def quota(self, owner: str | None = None) -> builtins.list[_usage.QuotaStatus]:
+        """The limits in force for ``owner`` now, each with what is used, what requests in
+        flight hold and when it resets; an empty list when no limit applies."""
+        if owner is not None:
+            _check_field(owner, "owner", allow_empty=False)
+        with self._read() as conn:
+            return _usage.status(conn, owner, self._clock(), _usage.read_zone(conn))
+
+    def set_quota_timezone(self, zone: str) -> None:
+        """The IANA time zone whose calendar days and months quota periods and usage
+        reports follow (store-wide; the default is UTC). ValueError for an unknown zone."""
+        if not isinstance(zone, str) or not zone:
+            raise ValueError("the time zone must be an IANA name such as Asia/Tehran")
+        _usage.zone_named(zone)
+        with self._write() as conn:
+            _usage.write_zone(conn, zone)
+
+    def quota_timezone(self) -> str:
+        with self._read() as conn:
+            return str(_usage.read_zone(conn).key)
+
+    def reserve_quota(
+        self, owner: str | None, *, tokens: int, model: str | None = None
+    ) -> _usage.Reservation | None:
+        """Hold ``tokens`` of ``owner``'s quota for a request about to be sent, or raise
+        :class:`~gilas_conv.QuotaExceeded` (holding nothing). None when no limit applies.
+
+        Atomic across processes and hosts (see :mod:`gilas_conv.store._usage`). The cost
+        held is ``tokens`` at ``model``'s highest price (none when it has no price). Settle
+        it by appending the reply with ``quota_reservation=``, or :meth:`release_quota` it
+        when the request fails; one neither settled nor released stops counting after
+        ``RESERVATION_TTL``.
+        """
+        if owner is not None:
+            _check_field(owner, "owner", allow_empty=False)
+        if _check_int(tokens, "tokens") is None or tokens < 0:
+            raise ValueError(f"tokens must be an integer >= 0, not {tokens!r}")
+        cost = None
+        highest = self.prices.most_expensive(model) if self.prices is not None else None
+        if highest is not None:
+            cost = int((tokens * highest).to_integral_value())
+        with self._write() as conn:
+            return _usage.reserve(
+                conn,
+                self.dialect,
+                owner=owner,
+                tokens=tokens,
+                cost_micros=cost,
+                now=self._clock(),
+                currency=self.prices.currency if self.prices is not None else None,
+            )
+
+    def release_quota(self, reservation: _usage.Reservation) -> None:
+        """Give back a reservation whose request failed (nothing is charged for it)."""
+        with self._write() as conn:
+            _usage.release(conn, reservation)
+
+    def _quota_applies(self, owner: str | None) -> bool:
+        """Whether any limit applies to ``owner`` (one read; lets a turn skip the check)."""
+        with self._read() as conn:
+            return _usage.any_limit(conn, owner)
+
+    @staticmethod
+    def _quota_key(owner: str | None, default: bool) -> str:
+        if default:
+            if owner is not None:
+                raise ValueError("give an owner or default=True, not both")
+            return _usage.DEFAULT_OWNER_KEY
+        if owner is None:
+            raise ValueError("give an owner, or default=True for the default limits")
+        return _check_field(owner, "owner", allow_empty=False)
+
     # -- internals used by Conversation and the other modules -----------------------------------
 
     def _write(self) -> Any:
@@ -618,6 +823,7 @@ class ConversationStore:
         predicted_prompt_tokens: int | None = None,
         reply_to: int | None = None,
         extra: dict[str, Any] | None = None,
+        quota_reservation: _usage.Reservation | None = None,
     ) -> Message:
         """Append one message (see Conversation.append); ``model`` is the model that answered."""
         _check_conversation_id(conversation_id)
@@ -647,8 +853,21 @@ class ConversationStore:
             reply_to=reply_to,
             extra=extra,
         )
+        if quota_reservation is not None and not isinstance(quota_reservation, _usage.Reservation):
+            raise ValueError("quota_reservation must be a Reservation from reserve_quota()")
         columns.update(_token_columns(columns, conversation_model))
-        now = _now()
+        now = self._clock()
+        event = None
+        if role == "assistant":
+            event = self._ledger_event(
+                owner,
+                conversation_id,
+                model or conversation_model,
+                "reply",
+                usage,
+                estimate=(predicted_prompt_tokens, columns.get("tokens")),
+                now=now,
+            )
         try:
             with self._write() as conn:
                 bump = {"b_cid": conversation_id, "b_owner": owner, "b_now": now}
@@ -659,12 +878,17 @@ class ConversationStore:
                     conn.execute(_INSERT_MESSAGE, {**row, "seq": seq})
                 if seq is None:
                     raise ConversationNotFound(conversation_id)
+                if event is not None or quota_reservation is not None:
+                    _usage.settle(conn, event, quota_reservation)
         except StoreIntegrityError:
             if response_id is None:
                 raise
             existing = self._by_response_id(conversation_id, response_id)
             if existing is None:
                 raise
+            # Stored (and charged) before: the reservation this request held just ends.
+            if quota_reservation is not None:
+                self.release_quota(quota_reservation)
             return existing
         return Message(conversation_id=conversation_id, seq=seq, created_at=now, **columns)
 
@@ -722,7 +946,7 @@ class ConversationStore:
     def _fork(self, source: Conversation, *, at: int | None, title: str | None) -> Conversation:
         if title is not None:
             _check_field(title, "title", max_length=None)
-        now = _now()
+        now = self._clock()
         new_id = str(uuid.uuid4())
         copied = [c for c in _messages.c if c.name != "conversation_id"]
         with self._write() as conn:
@@ -814,7 +1038,7 @@ class ConversationStore:
             values["metadata"] = dict(_check_json(metadata, "metadata"))
         if not values:
             return
-        values["updated_at"] = _now()
+        values["updated_at"] = self._clock()
         with self._write() as conn:
             changed = conn.execute(
                 update(_conversations)
@@ -843,7 +1067,7 @@ class ConversationStore:
         usage: dict[str, Any] | None,
     ) -> Summary:
         _check_str(content, "summary")
-        now = _now()
+        now = self._clock()
         values: dict[str, Any] = dict(
             conversation_id=conversation_id,
             from_seq=from_seq,
@@ -855,10 +1079,13 @@ class ConversationStore:
             usage=usage,
             created_at=now,
         )
+        event = self._ledger_event(owner, conversation_id, model, "summary", usage, now=now)
         try:
             with self._write() as conn:
                 self._check_owner(conversation_id, owner, conn)
                 conn.execute(insert(_summaries).values(**values))
+                if event is not None:
+                    _usage.settle(conn, event, None)
         except StoreIntegrityError:
             # Another process summarized the same range first; theirs is as good as ours.
             with self._read() as conn:
@@ -869,5 +1096,43 @@ class ConversationStore:
                 ).first()
             if row is None:
                 raise
+            if event is not None:  # that request was made and paid for all the same
+                with self._write() as conn:
+                    _usage.settle(conn, event, None)
             return Summary(**{name: row._mapping[name] for name in Summary.__dataclass_fields__})
         return Summary(**values)
+
+    def _ledger_event(
+        self,
+        owner: str | None,
+        conversation_id: str,
+        model: str | None,
+        kind: str,
+        usage: Mapping[str, Any] | None,
+        *,
+        estimate: tuple[int | None, int | None] = (None, None),
+        now: dt.datetime,
+    ) -> dict[str, Any] | None:
+        """The ledger row of a request: from ``usage``; without it, from ``estimate``
+        (the prompt tokens counted before sending, the reply's tokens) when the prompt count
+        is known; None when neither says anything."""
+        numbers = _usage.usage_numbers(usage)
+        if numbers is None:
+            prompt, completion = estimate
+            if prompt is None:
+                return None
+            numbers = {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion or 0,
+                "total_tokens": prompt + (completion or 0),
+                "cached_tokens": 0,
+            }
+        return _usage.ledger_row(
+            owner=owner,
+            conversation_id=conversation_id,
+            model=model,
+            kind=kind,
+            numbers=numbers,
+            prices=self.prices,
+            now=now,
+        )
