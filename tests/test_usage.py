@@ -193,7 +193,8 @@ def test_the_migration_backfills_the_ledger_from_stored_replies(empty_db_url: st
                 )
             conn.execute(
                 text(
-                    "INSERT INTO summaries (conversation_id, to_seq, from_seq, content, model, usage, created_at)"
+                    "INSERT INTO summaries"
+                    " (conversation_id, to_seq, from_seq, content, model, usage, created_at)"
                     " VALUES ('c1', 1, 1, '\"s\"', :m, :u, :t)"
                 ),
                 {"m": MODEL, "u": json.dumps(_usage(40, 8)), "t": stamp},

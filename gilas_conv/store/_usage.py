@@ -175,7 +175,9 @@ def _bucket(dialect: str) -> Any:
     """The UTC quarter hour of ``created_at`` as text: every time zone's day starts on a
     quarter hour, so quarters fold into local days and months exactly, in Python."""
     if dialect == "sqlite":  # stored as 'YYYY-MM-DD HH:MM:SS[.ffffff]' in UTC
-        return literal_column("substr(created_at, 1, 14) || (CAST(substr(created_at, 15, 2) AS INTEGER) / 15)")
+        return literal_column(
+            "substr(created_at, 1, 14) || (CAST(substr(created_at, 15, 2) AS INTEGER) / 15)"
+        )
     return literal_column(
         "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:') || "
         "(CAST(extract(minute FROM created_at AT TIME ZONE 'UTC') AS INTEGER) / 15)"
