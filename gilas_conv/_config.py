@@ -151,6 +151,7 @@ def check_cli_database_url(url: str) -> None:
         or "mode=memory" in lowered
     ):
         raise ConfigurationError(
-            f"{redact_url(url)} is an in-memory database: each gilas-conv command would start "
-            "empty and keep nothing; use a file (sqlite:///path.db) or a Postgres URL"
+            f"{redact_url(url)} is an in-memory database: nothing would be kept after this command "
+            "(each gilas-conv command would start empty and keep nothing); use a file "
+            "(--db sqlite:///path/to/file.db) or a Postgres URL"
         )

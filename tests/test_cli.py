@@ -43,8 +43,9 @@ from gilas_conv import (
     upgrade_database,
 )
 from gilas_conv import cli as cli_module
-from gilas_conv._render import Output, ReplyPrinter, content_text
 from gilas_conv.cli import error_message, main, parse_import, read_message
+from gilas_conv.cli._app import GLOBAL_OPTIONS
+from gilas_conv.cli._render import Output, ReplyPrinter, content_text
 
 API_KEY = "sk-cli-test-5b1e0c"
 PERSIAN = "سلام! کتاب\u200cها را می\u200cخواهم؛ the API و English هم\u200cزمان."
@@ -184,7 +185,7 @@ def test_send_json_prints_one_object_with_the_stored_reply(cli: CLI, stream: boo
 @both_backends
 def test_send_continue_replays_the_history_and_system(cli: CLI) -> None:
     conv_id = new_conversation(cli, "-s", "Answer in Persian.", "first question")
-    result = cli("send", "-c", conv_id, "--no-stream", "second question")
+    result = cli("send", "--cid", conv_id, "--no-stream", "second question")
     assert result.stdout == "echo: second question\n"
     assert not re.search("^conversation", result.stderr, re.M)  # no new conversation was started
     assert cli.stub is not None
@@ -209,7 +210,7 @@ def test_send_reads_stdin_and_passes_max_tokens_and_model(cli: CLI) -> None:
 
 def test_send_context_limit_drops_old_turns(cli: CLI) -> None:
     conv_id = new_conversation(cli, "one " * 200)
-    cli("send", "-c", conv_id, "--context-limit", "300", "--max-tokens", "50", "short")
+    cli("send", "--cid", conv_id, "--context-limit", "300", "--max-tokens", "50", "short")
     assert cli.stub is not None
     assert user_texts(cli.stub.requests[-1]["body"]) == ["short"]
 
@@ -269,7 +270,7 @@ def test_list_is_empty_then_most_recent_first(cli: CLI) -> None:
     assert json.loads(cli("list", "--json").stdout) == []
     first = new_conversation(cli, "first")
     second = new_conversation(cli, "second")
-    cli("send", "-c", first, "again")  # first is now the most recently active
+    cli("send", "--cid", first, "again")  # first is now the most recently active
     data = json.loads(cli("list", "--json").stdout)
     assert [c["id"] for c in data] == [first, second]
     assert data[0]["message_count"] == 4 and data[0]["title"] == "first"
@@ -485,7 +486,7 @@ def test_parse_import_formats() -> None:
 
 def test_fork_copies_up_to_seq(cli: CLI) -> None:
     conv_id = new_conversation(cli, "one")
-    cli("send", "-c", conv_id, "two")
+    cli("send", "--cid", conv_id, "two")
     copy_id = cli("fork", conv_id, "--at", "2", "--title", "branch").stdout.strip()
     whole_id = cli("fork", conv_id).stdout.strip()
     with cli.store() as store:
@@ -522,7 +523,7 @@ def test_rm_asks_unless_yes(cli: CLI) -> None:
 @both_backends
 def test_tokens_reports_history_window_and_drift(cli: CLI) -> None:
     conv_id = new_conversation(cli, "-s", "be brief", "word " * 300)
-    cli("send", "-c", conv_id, "short question")
+    cli("send", "--cid", conv_id, "short question")
     report = json.loads(cli("tokens", conv_id, "--json").stdout)
     with cli.store() as store:
         conv = store.get(conv_id)
@@ -612,7 +613,7 @@ def test_base_url_option_beats_the_environment(cli: CLI) -> None:
         pytest.param(["chat"], {"GILAS_API_KEY": ""}, 1, "GILAS_API_KEY is not set", id="chat-no-key"),
         pytest.param(["show", "nope"], {}, 1, "conversation not found: 'nope'", id="not-found"),
         pytest.param(["tokens", "nope"], {}, 1, "`gilas-conv list` shows", id="tokens-not-found"),
-        pytest.param(["send", "-c", "nope", "hi"], {}, 1, "not found", id="send-not-found"),
+        pytest.param(["send", "--cid", "nope", "hi"], {}, 1, "not found", id="send-not-found"),
         pytest.param(["send", "hi"], {"GILAS_API_KEY": "sk-bad"}, 1, "the API refused the key", id="401"),
         pytest.param(["--base-url", "ftp://x", "send", "hi"], {}, 1, "must start with http", id="base-url"),
         pytest.param(["--db", "not a url", "list"], {}, 1, "not a database URL", id="bad-db-url"),
@@ -691,7 +692,7 @@ def test_a_stream_ended_by_an_output_error_stores_what_arrived(
         if len(shown) == 2:
             raise OSError("the terminal went away")
 
-    monkeypatch.setattr(cli_module.ReplyPrinter, "feed", feed)
+    monkeypatch.setattr(ReplyPrinter, "feed", feed)
     cli("send", "one two three four five", code=1)
     with cli.store() as store:
         [conv] = store.list()
@@ -700,6 +701,8 @@ def test_a_stream_ended_by_an_output_error_stores_what_arrived(
     assert last.content.startswith("".join(shown))
 
 
+# The suite turns warnings into errors; a user's process shows them, which is what is tested.
+@pytest.mark.filterwarnings("default::UserWarning")
 def test_library_warnings_are_one_line(cli: CLI) -> None:
     model = f"in-house-{uuid.uuid4().hex[:6]}"  # warned about once per process
     result = cli("send", "-m", model, "hi", debug=False)
@@ -806,7 +809,7 @@ def test_chat_commands_and_turns(cli: CLI) -> None:
 def test_chat_resume_shows_the_last_messages_and_replays(cli: CLI) -> None:
     conv_id = new_conversation(cli, "-s", "sys", "first")
     for n in range(3):
-        cli("send", "-c", conv_id, f"turn {n}")
+        cli("send", "--cid", conv_id, f"turn {n}")
     result = cli("chat", conv_id, input="next\n")
     assert "Resuming “first”" in result.stdout and "... 3 earlier messages" in result.stdout
     assert "[4] user\nturn 0" in result.stdout and "[2] user" not in result.stdout
@@ -1006,15 +1009,18 @@ def test_the_command_reference_matches_the_help() -> None:
     )
     for name in commands:
         section = sections[name]
+        # The global options, accepted after every command too, are described once, above.
         documented = {f for f in FLAG.findall(section.split("#### Example")[0]) if f not in ("-", "--")}
-        in_help = _help_flags(_help(name.split())) - {"-h", "--help"}
+        documented -= set(GLOBAL_OPTIONS)
+        in_help = _help_flags(_help(name.split())) - {"-h", "--help"} - set(GLOBAL_OPTIONS)
         assert documented == in_help, (
             f"{name}: the README names {sorted(documented - in_help)} that --help does not, "
             f"and --help names {sorted(in_help - documented)} that the README does not"
         )
         usage = _help(name.split()).splitlines()[0].replace("Usage: ", "")
         assert usage in section, f"{name}: the usage line {usage!r} is not in the README"
-    global_flags = _help_flags(_help([])) - {"-h", "--help"}
+    global_flags = _help_flags(_help([])) - {"-h", "--help", "--version"}
+    assert global_flags == set(GLOBAL_OPTIONS)
     intro = _cli_reference().split("\n### `gilas-conv ")[0]
     for flag in global_flags:
         assert f"`{flag}" in intro, f"the global option {flag} is not described in the README"
@@ -1032,3 +1038,209 @@ def test_main_module_runs_the_cli(
         runpy.run_module("gilas_conv", run_name="__main__")
     assert exit_info.value.code == 0
     assert capsys.readouterr().out == f"gilas-conv, version {__version__}\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# One dialect (issue 10): -c, --cid, global options after the command, -m, -o, --policy,
+# --owner, pin, rename
+
+
+def test_continue_is_a_flag_and_cid_names_a_conversation(cli: CLI) -> None:
+    first = new_conversation(cli, "first")
+    second = new_conversation(cli, "second")
+    assert cli("send", "-c", "--no-stream", "and then?").stdout == "echo: and then?\n"
+    assert cli.stub is not None
+    assert user_texts(cli.stub.requests[-1]["body"]) == ["second", "and then?"]
+    cli("send", "--conversation", first, "back to first")
+    assert user_texts(cli.stub.requests[-1]["body"]) == ["first", "back to first"]
+    # -c is now the first conversation, in every command that takes one.
+    assert json.loads(cli("show", "-c", "--json").stdout)["id"] == first
+    assert json.loads(cli("export", "-c").stdout)["id"] == first
+    assert json.loads(cli("tokens", "-c", "--json").stdout)["conversation_id"] == first
+    assert json.loads(cli("show", "--cid", second, "--json").stdout)["id"] == second
+    fork_id = cli("fork", "-c", "--at", "2").stdout.strip()
+    with cli.store() as store:
+        assert store.get(fork_id).forked_from == first
+        store.get(second).append("user", "pending")
+    data = json.loads(cli("retry", "--cid", second, "--json").stdout)
+    assert data["conversation_id"] == second and data["message"]["content"] == "echo: pending"
+    with cli.store() as store:
+        store.get(first).append("user", "pending too")
+    assert json.loads(cli("retry", "-c", "--json").stdout)["conversation_id"] == first
+    cli("chat", "--cid", second, input="in chat\n")
+    assert user_texts(cli.stub.requests[-1]["body"])[-1] == "in chat"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["show", "x", "-c"], ["show", "x", "--cid", "y"], ["send", "-c", "--cid", "y", "hi"], ["show"]],
+    ids=lambda a: " ".join(a),
+)
+def test_naming_a_conversation_twice_or_not_at_all_is_a_usage_error(cli: CLI, args: list[str]) -> None:
+    assert "Error" in cli(*args, code=2).stderr
+
+
+def test_global_options_work_after_the_command(sqlite_url: str, stub: StubServer) -> None:
+    runner = CliRunner()
+    env = {"GILAS_API_KEY": API_KEY, "GILAS_BASE_URL": "http://127.0.0.1:9/v1"}
+    result = runner.invoke(
+        main, ["send", "hi", "--db", sqlite_url, "--base-url", stub.base_url, "--timeout", "5"], env=env
+    )
+    assert result.exit_code == 0, result.output
+    listed = runner.invoke(main, ["list", "--json", "--db", sqlite_url], env=env)
+    assert [c["title"] for c in json.loads(listed.stdout)] == ["hi"]
+    # After the command beats before it; --debug after the command lets the exception through.
+    other = f"sqlite:///{Path(sqlite_url[len('sqlite:///') :]).with_name('other.db')}"
+    assert json.loads(runner.invoke(main, ["--db", other, "list", "--json", "--db", sqlite_url]).stdout)
+    debug = runner.invoke(main, ["--db", sqlite_url, "send", "hi", "--debug"], env={"GILAS_API_KEY": ""})
+    assert isinstance(debug.exception, MissingAPIKeyError)
+    owned = runner.invoke(main, ["list", "--json", "--db", sqlite_url, "--owner", "alice"])
+    assert json.loads(owned.stdout) == []
+
+
+def test_model_option_is_the_conversations_model_from_now_on(cli: CLI) -> None:
+    conv_id = new_conversation(cli, "first")
+    cli("send", "--cid", conv_id, "-m", "gpt-4o", "second")
+    assert cli.stub is not None
+    assert cli.stub.requests[-1]["body"]["model"] == "gpt-4o"
+    cli("send", "--cid", conv_id, "third")  # no -m: the conversation's model is now gpt-4o
+    assert cli.stub.requests[-1]["body"]["model"] == "gpt-4o"
+    cli("chat", conv_id, "-m", "gpt-4.1", input="fourth\n")
+    cli("retry", conv_id, code=1)  # nothing to retry, but the model stays
+    cli("send", "-c", "fifth")
+    assert cli.stub.requests[-1]["body"]["model"] == "gpt-4.1"
+    assert "conversation's model from now on" in _help(["send"]) and "from now on" in _help(["chat"])
+
+
+def test_options_are_extra_api_parameters(cli: CLI) -> None:
+    cli(
+        "send",
+        "-o",
+        "temperature",
+        "0.2",
+        "-o",
+        "stop",
+        '["\\n\\n"]',
+        "-o",
+        "user",
+        "bob",
+        "-o",
+        "seed",
+        "7",
+        "hi",
+    )
+    assert cli.stub is not None
+    body = cli.stub.requests[-1]["body"]
+    assert (body["temperature"], body["stop"], body["user"], body["seed"]) == (0.2, ["\n\n"], "bob", 7)
+    cli("chat", "-o", "temperature", "1", input="one\ntwo\n")
+    assert [r["body"]["temperature"] for r in cli.stub.requests[-2:]] == [1, 1]
+    assert "-m" in cli("send", "-o", "model", "x", "hi", code=2).stderr
+
+
+def test_policy_summarize_summarizes_what_does_not_fit(cli: CLI) -> None:
+    conv_id = new_conversation(cli, "word " * 300)
+    cli("send", "--cid", conv_id, "second")
+    assert cli.stub is not None
+    before = len(cli.stub.requests)
+    cli(
+        "send", "--cid", conv_id, "--policy", "summarize", "--context-limit", "300", "--max-tokens", "50", "x"
+    )
+    assert len(cli.stub.requests) >= before + 2  # a summary request, then the turn
+    with cli.store() as store:
+        assert store.get(conv_id).summaries()
+    assert "Default: truncate" in _help(["send"])
+    cli("send", "--policy", "shorten", "hi", code=2)
+
+
+def test_owner_scopes_every_command(cli: CLI) -> None:
+    alice = new_conversation(cli, "--owner", "alice", "hi from alice")
+    mine = new_conversation(cli, "mine")
+    with cli.store() as store:
+        assert store.get(alice, owner="alice").owner == "alice"
+    assert [c["id"] for c in json.loads(cli("list", "--json", "--owner", "alice").stdout)] == [alice]
+    assert [c["id"] for c in json.loads(cli("--owner", "alice", "list", "--json").stdout)] == [alice]
+    assert [c["id"] for c in json.loads(cli("list", "--json").stdout)] == [mine]
+    for args in (["show", alice], ["tokens", alice], ["export", alice], ["fork", alice], ["pin", alice, "1"]):
+        assert "not found" in error_line(cli(*args, code=1)), args
+        cli(*args, "--owner", "alice")
+    assert "not found" in error_line(cli("send", "--cid", alice, "hi", code=1))
+    cli("send", "--cid", alice, "--owner", "alice", "again")
+    cli("rename", alice, "Alice's", "--owner", "alice")
+    cli("send", "-c", "--owner", "alice", "latest of alice")
+    assert cli.stub is not None
+    assert user_texts(cli.stub.requests[-1]["body"])[0] == "hi from alice"
+    exported = cli("export", alice, "--owner", "alice").stdout
+    [imported] = cli("import", "-", "--owner", "bob", input=exported).stdout.split()
+    assert json.loads(cli("list", "--json", "--owner", "bob").stdout)[0]["id"] == imported
+    assert "not found" in error_line(cli("rm", "--yes", alice, code=1))
+    cli("rm", "--yes", alice, "--owner", "alice")
+    with cli.store() as store:
+        assert store.count(owner="alice") == 1  # the fork is left
+
+
+def test_pin_and_rename(cli: CLI) -> None:
+    conv_id = new_conversation(cli, "-s", "be brief", "first")
+    cli("pin", conv_id, "1", "2")
+    with cli.store() as store:
+        assert [m.pinned for m in store.get(conv_id).messages()] == [True, True, False]
+    assert "[2] user (pinned)" in cli("show", conv_id).stdout
+    cli("pin", "--unpin", conv_id, "2")
+    line = error_line(cli("pin", conv_id, "3", "9", code=1))
+    assert "9" in line
+    with cli.store() as store:
+        assert [m.pinned for m in store.get(conv_id).messages()] == [True, False, False]
+    cli("rename", conv_id, "A", "new", "title")
+    assert json.loads(cli("list", "--json").stdout)[0]["title"] == "A new title"
+    cli("rename", conv_id, " ", code=2)
+
+
+def test_multi_line_server_messages_are_folded_and_whole_with_debug(cli: CLI) -> None:
+    assert cli.stub is not None
+    message = (
+        "litellm.BadRequestError: OpenAIException -\nReceived Model Group=x\n\n"
+        "Available Model Group Fallbacks=None"
+    )
+    cli.stub.script({"status": 422, "error": {"message": message}})
+    line = error_line(cli("send", "--no-stream", "hi", code=1))
+    assert "OpenAIException - Received Model Group=x Available Model Group Fallbacks=None" in line
+    cli.stub.script({"status": 422, "error": {"message": message}})
+    debug = cli("send", "--no-stream", "hi", code=1, debug=True)
+    assert message in str(debug.exception)
+
+
+@pytest.mark.parametrize("url", ["sqlite:///:memory:", "sqlite://", "sqlite:///file::memory:?uri=true"])
+def test_an_in_memory_database_is_refused(stub: StubServer, url: str) -> None:
+    cli = CLI(url, stub)
+    line = error_line(cli("send", "hi", code=1))
+    assert "nothing would be kept" in line
+    assert stub.requests == []  # refused before anything was sent
+    assert "nothing would be kept" in error_line(cli("list", code=1))
+    from_env = CliRunner().invoke(main, ["list"], env={"GILAS_CONV_DATABASE_URL": url})
+    assert from_env.exit_code == 1 and "nothing would be kept" in from_env.stderr
+
+
+def test_help_states_real_defaults_and_every_slash_command() -> None:
+    from gilas_conv.cli._chat import SLASH_COMMANDS
+    from gilas_conv.truncation import DEFAULT_REPLY_RESERVE
+
+    assert f"(default: {DEFAULT_REPLY_RESERVE})" in " ".join(_help(["tokens"]).split())
+    chat_help = _help(["chat"])
+    for command in SLASH_COMMANDS:
+        assert f"  {command}" in chat_help, command
+    assert "/quit" in chat_help
+
+
+def test_terminal_output_shows_control_characters_and_no_markup() -> None:
+    output, out = _terminal(width=200)
+    hostile = "a\x1b]52;c;eA==\x07b \x9b2J [bold]c[/bold] \x7f\r"
+    output.reply(hostile)
+    output.line(hostile)
+    output.table(["title"], [[hostile]])
+    text = out.getvalue()
+    assert "\x1b]52" not in text and "\x9b" not in text and "\x07" not in text and "\x7f" not in text
+    plain = ANSI.sub("", text)
+    assert plain.count("a^[]52;c;eA==^Gb \\x9b2J [bold]c[/bold] ^?^M") == 3
+    printer = ReplyPrinter(output)
+    printer.feed("\x1b]0;title\x07")
+    printer.finish()
+    assert "\x1b]0;" not in out.getvalue() and "^[]0;title^G" in ANSI.sub("", out.getvalue())

@@ -7,6 +7,7 @@ request it receives, so the tests can check what a second process replayed.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -160,7 +161,7 @@ def test_send_in_two_processes_replays_and_prints_exact_bytes(
     first = run(env, "send", "--no-stream", "--json", PERSIAN)  # a JSON answer
     conv_id = json.loads(first.stdout)["conversation_id"]
     assert not stub.requests[-1]["body"].get("stream")
-    second = run(env, "send", "-c", conv_id, "-", input=f"دوم {PERSIAN}".encode())  # SSE
+    second = run(env, "send", "--cid", conv_id, "-", input=f"دوم {PERSIAN}".encode())  # SSE
     assert stub.requests[-1]["body"]["stream"] is True
     # Piped: the reply exactly as stored, byte for byte, ZWNJ included.
     assert second.stdout == f"echo: دوم {PERSIAN}\n".encode()
@@ -316,3 +317,162 @@ def test_console_script_and_module_agree(env: dict[str, str]) -> None:
     installed = subprocess.run([str(script), "--help"], capture_output=True, env=env, timeout=TIMEOUT)
     assert installed.returncode == 0, installed.stderr.decode()
     assert installed.stdout.decode() == module.decode()
+
+
+# ---------------------------------------------------------------------------------------------
+# SIGTERM and SIGHUP keep the partial reply, as Ctrl-C does (issue 8 item C)
+
+
+def _start_slow_send(env: dict[str, str], stub: StubServer) -> tuple[subprocess.Popen[bytes], bytes]:
+    """`send go` with a slow streamed reply, once "word3" has been printed."""
+    stub.script(SLOW)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gilas_conv", "send", "go"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert process.stdout is not None
+    received = b""
+    deadline = time.monotonic() + TIMEOUT
+    while b"word3" not in received and time.monotonic() < deadline:
+        received += os.read(process.stdout.fileno(), 100)
+    return process, received
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_and_sighup_during_send_keep_the_partial_reply(
+    env: dict[str, str], stub: StubServer, db_url: str, sig: signal.Signals
+) -> None:
+    process, received = _start_slow_send(env, stub)
+    process.send_signal(sig)
+    out, err = process.communicate(timeout=TIMEOUT)
+    assert process.returncode == 128 + sig, err.decode()
+    assert "Traceback" not in err.decode() and "marked incomplete" in err.decode()
+    printed = (received + out).decode().rstrip("\n")
+    partial = stored_messages(db_url)[-1]
+    assert partial.role == "assistant" and partial.status == "incomplete"
+    assert printed.startswith("word0 word1 word2 word3") and partial.content.startswith(printed)
+    shown = run(env, "show", "-c").stdout.decode()
+    assert "[2] assistant (gpt-4o-mini, incomplete)\nword0 word1 word2 word3" in shown
+
+
+def test_two_quick_ctrl_c_still_store_the_partial_reply_and_exit_130(
+    env: dict[str, str], stub: StubServer, db_url: str
+) -> None:
+    process, _received = _start_slow_send(env, stub)
+    process.send_signal(signal.SIGINT)
+    process.send_signal(signal.SIGINT)
+    _out, err = process.communicate(timeout=TIMEOUT)
+    assert process.returncode == 130, err.decode()
+    assert "Traceback" not in err.decode()
+    partial = stored_messages(db_url)[-1]
+    assert partial.status == "incomplete" and partial.content.startswith("word0 word1 word2 word3")
+
+
+def test_a_closed_terminal_during_chat_keeps_the_partial_reply(
+    env: dict[str, str], stub: StubServer, db_url: str
+) -> None:
+    child = spawn(env, "chat")
+    child.expect_exact("/help for commands")
+    stub.script(SLOW)
+    child.sendline("tell me a long story")
+    child.expect_exact("word3")
+    child.kill(signal.SIGHUP)
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.signalstatus is None and child.exitstatus == 128 + signal.SIGHUP
+    partial = stored_messages(db_url)[-1]
+    assert partial.status == "incomplete" and partial.content.startswith("word0 word1 word2 word3")
+
+
+# ---------------------------------------------------------------------------------------------
+# Escape sequences from outside do not reach the terminal (issue 9 item 4)
+
+# A window title (OSC 0), a clipboard write (OSC 52), clear-screen (CSI 2J), a one-character
+# C1 CSI (U+009B), DEL, a carriage return that would overwrite the line, and rich markup.
+HOSTILE = "A\x1b]0;pwned\x07B \x1b]52;c;ZWNobyBwd25lZA==\x07C \x1b[2JD \x9b31mE \x7fF G\rH [bold]I[/bold] J"
+RAW_SEQUENCES = ["\x1b]0;", "\x1b]52;", "\x1b[2J", "\x9b", "\x7f", "\x07"]
+
+
+def _terminal_screen(env: dict[str, str], *args: str) -> str:
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "gilas_conv", *args],
+        env=env,
+        encoding="utf-8",
+        dimensions=(30, 200),
+        timeout=TIMEOUT,
+    )
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0, child.before
+    return str(child.before)
+
+
+def _assert_neutralized(screen: str) -> None:
+    for raw in RAW_SEQUENCES:
+        assert raw not in screen, f"{raw!r} reached the terminal"
+    text = ANSI.sub("", screen)  # rich's own styling
+    for shown in ("A^[]0;pwned^GB", "^[]52;c;ZWNobyBwd25lZA==^GC", "^[[2JD", "\\x9b31mE", "^?F", "G^MH"):
+        assert shown in text, (shown, text)
+    assert "[bold]I[/bold]" in text
+
+
+def _hostile_conversation(url: str) -> str:
+    with ConversationStore(url) as store:
+        conv = store.create(title=f"title {HOSTILE}")
+        conv.append("user", f"question {HOSTILE}")
+        conv.append("assistant", f"answer {HOSTILE}", model="gpt-4o-mini")
+        return conv.id
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
+def test_a_reply_cannot_drive_the_terminal(env: dict[str, str], stub: StubServer, stream: bool) -> None:
+    stub.script({"reply": HOSTILE})
+    screen = _terminal_screen(env, "send", *([] if stream else ["--no-stream"]), "hi")
+    _assert_neutralized(screen)
+
+
+def test_stored_text_cannot_drive_the_terminal_in_show_list_and_chat(
+    env: dict[str, str], db_url: str
+) -> None:
+    conv_id = _hostile_conversation(db_url)
+    _assert_neutralized(_terminal_screen(env, "show", conv_id))
+    listed = _terminal_screen(env, "list")
+    for raw in RAW_SEQUENCES:
+        assert raw not in listed
+    assert "^[]0;pwned^G" in ANSI.sub("", listed)
+    chat = spawn(env, "chat", conv_id)
+    chat.logfile_read = screen = io.StringIO()
+    chat.expect_exact("Resuming")
+    prompt(chat)
+    chat.sendeof()
+    assert finish(chat) == 0
+    _assert_neutralized(screen.getvalue())
+
+
+def test_an_error_message_cannot_drive_the_terminal(env: dict[str, str], stub: StubServer) -> None:
+    stub.script({"status": 422, "error": {"message": f"bad\nrequest {HOSTILE}"}})
+    child = spawn(env, "send", "--no-stream", "hi")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 1
+    screen = str(child.before)
+    for raw in RAW_SEQUENCES:
+        assert raw not in screen
+    errors = [line for line in ANSI.sub("", screen).splitlines() if "Error:" in line]
+    assert len(errors) == 1 and "bad request A^[]0;pwned^GB" in errors[0]
+
+
+def test_piped_output_stays_byte_exact(env: dict[str, str], stub: StubServer, db_url: str) -> None:
+    conv_id = _hostile_conversation(db_url)
+    with ConversationStore(db_url) as store:
+        export = store.get(conv_id).export()
+    exact = json.dumps(export, ensure_ascii=False, indent=2) + "\n"
+    assert run(env, "export", conv_id).stdout == exact.encode()
+    assert run(env, "show", conv_id, "--json").stdout == exact.encode()
+    assert json.loads(run(env, "export", "--all").stdout) == json.loads(exact)
+    assert f"answer {HOSTILE}\n".encode() in run(env, "show", conv_id).stdout
+    stub.script({"reply": HOSTILE})
+    assert run(env, "send", "hi").stdout == f"{HOSTILE}\n".encode()

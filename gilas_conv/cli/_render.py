@@ -18,10 +18,21 @@ its own first strong character; and the padding spaces rich adds to fill a line 
 removed, so a right-to-left paragraph is not followed by a run of invisible spaces.
 Wrapping happens only on a terminal and only between words (rich's word wrap); a word is
 cut only when it is wider than the terminal.
+
+Text from outside (a model's reply, an imported title, a server's error message) must not
+drive the terminal: an OSC 52 sequence in a reply would write the user's clipboard, OSC 0
+retitle the window, CSI clear the screen. So on a terminal every control character other
+than newline and tab is shown visibly instead (:func:`visible`): C0 controls and DEL in
+caret notation (ESC as ``^[``, BEL as ``^G``, CR as ``^M``, DEL as ``^?``), C1 controls
+(U+0080 to U+009F, e.g. the one-character CSI U+009B) as ``\x9b``. JSON printed on a
+terminal escapes DEL and C1 as ``\u007f``..``\u009f`` (the same JSON value; the others are
+escaped by JSON itself). Rich markup is never interpreted: ``[bold]`` in a reply prints as
+typed. Piped or redirected, nothing is changed: the bytes are the stored text.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -40,6 +51,8 @@ __all__ = [
     "ReplyPrinter",
     "content_text",
     "isatty",
+    "terminal_json",
+    "visible",
 ]
 
 # How often a streamed reply is redrawn on a terminal. Each redraw re-renders the
@@ -53,6 +66,32 @@ ROLE_STYLES = {
     "assistant": "bold green",
     "tool": "yellow",
 }
+
+
+# Every C0 control but tab and newline, DEL, and every C1 control.
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_JSON_UNESCAPED_CONTROLS = re.compile("[\x7f-\x9f]")
+
+
+def _shown(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    if code < 0x20:
+        return "^" + chr(code + 0x40)
+    if code == 0x7F:
+        return "^?"
+    return f"\\x{code:02x}"
+
+
+def visible(text: str) -> str:
+    """``text`` with every control character but newline and tab made visible and inert
+    (``ESC`` as ``^[``, ``U+009B`` as ``\\x9b``): what a terminal shows of outside text."""
+    return _CONTROLS.sub(_shown, text)
+
+
+def terminal_json(text: str) -> str:
+    """JSON text safe for a terminal: DEL and C1 controls, which ``ensure_ascii=False``
+    leaves raw, as ``\\u00XX`` escapes (the JSON value is unchanged)."""
+    return _JSON_UNESCAPED_CONTROLS.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def isatty(stream: IO[Any] | None) -> bool:
@@ -175,9 +214,9 @@ class Output:
     # -- plain lines -----------------------------------------------------------------------
 
     def line(self, text: str = "", *, style: str | None = None) -> None:
-        """One line on stdout, styled only on a terminal."""
-        if self.rich and style:
-            self.console.print(Text(text, style=style), soft_wrap=True)
+        """One line on stdout, styled only on a terminal (where controls are made visible)."""
+        if self.rich:
+            self.console.print(Text(visible(text), style=style or ""), soft_wrap=True)
         else:
             self.out.write(text + "\n")
             self.out.flush()
@@ -185,7 +224,7 @@ class Output:
     def note(self, text: str, *, style: str = "dim") -> None:
         """One line on stderr: status and hints that must not mix with the data on stdout."""
         if self.err_rich:
-            self.err_console.print(Text(text, style=style), soft_wrap=True)
+            self.err_console.print(Text(visible(text), style=style), soft_wrap=True)
         else:
             self.err.write(text + "\n")
             self.err.flush()
@@ -195,12 +234,16 @@ class Output:
         self.out.write(text if text.endswith("\n") else text + "\n")
         self.out.flush()
 
+    def json(self, text: str) -> None:
+        """JSON text: exact when piped; on a terminal with DEL and C1 controls escaped."""
+        self.write_exact(terminal_json(text) if self.rich else text)
+
     # -- messages --------------------------------------------------------------------------
 
     def reply(self, text: str) -> None:
         """A finished reply: Markdown on a terminal, the exact text when piped."""
         if self.rich:
-            self.console.print(_Trimmed(Markdown(text)))
+            self.console.print(_Trimmed(Markdown(visible(text))))
         else:
             self.write_exact(text)
 
@@ -215,7 +258,8 @@ class Output:
             self.out.write("\n")
             self.out.flush()
             return
-        self.console.print(Text(_label(message), style=ROLE_STYLES.get(message.role, "bold")))
+        text = visible(text)
+        self.console.print(Text(visible(_label(message)), style=ROLE_STYLES.get(message.role, "bold")))
         if text:
             if message.role == "assistant":
                 self.console.print(_Trimmed(Markdown(text)))
@@ -223,7 +267,7 @@ class Output:
                 # Users' text is shown as typed: Markdown would eat their asterisks.
                 self.console.print(_Trimmed(Text(text)))
         for call in calls:
-            self.console.print(Text(call, style="yellow"))
+            self.console.print(Text(visible(call), style="yellow"))
         self.console.print()
 
     def table(self, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
@@ -238,7 +282,7 @@ class Output:
         for name in columns:
             table.add_column(name, overflow="ellipsis", no_wrap=name != columns[-1])
         for row in rows:
-            table.add_row(*(Text(cell) for cell in row))
+            table.add_row(*(Text(visible(cell)) for cell in row))
         self.console.print(_Trimmed(table))
 
     @contextmanager
@@ -278,7 +322,7 @@ class ReplyPrinter:
 
     def _renderable(self, *, full: bool) -> RenderableType:
         height = self.output.console.size.height
-        return _Trimmed(Markdown(self.text), tail=None if full else max(height - 1, 1))
+        return _Trimmed(Markdown(visible(self.text)), tail=None if full else max(height - 1, 1))
 
     def feed(self, delta: str | None) -> None:
         if not delta:
