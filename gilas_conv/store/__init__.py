@@ -18,7 +18,7 @@ Layout
                    (:class:`WindowReader`, opened by :meth:`Conversation.read_window`)
 """
 
-from ._store import Conversation, ConversationStore, Role
+from ._store import Conversation, ConversationStore, Deletion, Role
 from ._usage import QuotaLimits, QuotaStatus, Reservation, UsageRow
 from ._values import Message, Summary, openai_message
 from ._window import WindowReader, WindowRow
@@ -26,6 +26,7 @@ from ._window import WindowReader, WindowRow
 __all__ = [
     "Conversation",
     "ConversationStore",
+    "Deletion",
     "Message",
     "QuotaLimits",
     "QuotaStatus",

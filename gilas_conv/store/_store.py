@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import builtins
 import datetime as dt
+import logging
 import os
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -53,7 +54,7 @@ from ._engine import create_engine_for_url, redact_url
 from ._io import _prepare_import
 from ._migrate import check_schema_state, current_revision, head_revision, upgrade_database
 from ._schema import ConversationRow, MessageRow, SummaryRow
-from ._tx import _opening, _Transaction
+from ._tx import _Checkpoint, _opening, _Transaction
 from ._validate import (
     _check_conversation_id,
     _check_field,
@@ -72,7 +73,7 @@ from ._window import WindowReader
 from ._window import read_window as _read_window
 from ._window import summary_rows as _summary_rows
 
-__all__ = ["Conversation", "ConversationStore", "Message", "Role", "Summary"]
+__all__ = ["Conversation", "ConversationStore", "Deletion", "Message", "Role", "Summary"]
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 
@@ -81,6 +82,21 @@ _messages = cast(Table, MessageRow.__table__)
 _summaries = cast(Table, SummaryRow.__table__)
 
 DEFAULT_LIST_LIMIT = 50
+# prune/erase_owner: conversations and (about) messages deleted per transaction. A batch of
+# 50,000 messages takes well under a second on SQLite, the longest any append waits.
+DEFAULT_DELETE_BATCH_CONVERSATIONS = 500
+DEFAULT_DELETE_BATCH_MESSAGES = 50_000
+
+logger = logging.getLogger("gilas_conv.store")
+
+
+@dataclass(frozen=True, slots=True)
+class Deletion:
+    """What :meth:`ConversationStore.prune` or :meth:`~ConversationStore.erase_owner`
+    deleted (or, in a dry run, would delete)."""
+
+    conversations: int
+    messages: int
 
 
 _MESSAGE_COLUMNS = tuple(_messages.c[name] for name in Message.__dataclass_fields__)
@@ -779,6 +795,120 @@ class ConversationStore:
         if owner is None:
             raise ValueError("give an owner, or default=True for the default limits")
         return _check_field(owner, "owner", allow_empty=False)
+
+    # -- retention and erasure -----------------------------------------------------------------
+
+    def prune(
+        self,
+        *,
+        inactive_for: dt.timedelta,
+        owner: str | None = None,
+        dry_run: bool = False,
+        batch_conversations: int = DEFAULT_DELETE_BATCH_CONVERSATIONS,
+        batch_messages: int = DEFAULT_DELETE_BATCH_MESSAGES,
+    ) -> Deletion:
+        """Delete every conversation whose last activity (``updated_at``) is older than
+        ``inactive_for``, of ``owner`` only when given (None: of every owner). Returns how
+        many conversations and messages were deleted (with ``dry_run``: would be, and
+        nothing is). See :meth:`erase_owner` for what deleted means and how it runs."""
+        if not isinstance(inactive_for, dt.timedelta) or inactive_for <= dt.timedelta(0):
+            raise ValueError("inactive_for must be a positive timedelta")
+        conditions = [_conversations.c.updated_at < self._clock() - inactive_for]
+        if owner is not None:
+            conditions.append(_conversations.c.owner == _check_field(owner, "owner", allow_empty=False))
+        return self._delete_where(conditions, dry_run, batch_conversations, batch_messages)
+
+    def erase_owner(
+        self,
+        owner: str,
+        *,
+        dry_run: bool = False,
+        batch_conversations: int = DEFAULT_DELETE_BATCH_CONVERSATIONS,
+        batch_messages: int = DEFAULT_DELETE_BATCH_MESSAGES,
+    ) -> Deletion:
+        """Delete every conversation of ``owner`` (a user's erasure request) and return how
+        many conversations and messages went.
+
+        Deleted means gone: messages, summaries and rows derived from them. On SQLite the
+        freed space is overwritten (``PRAGMA secure_delete`` is on for every connection)
+        and the write-ahead log is checkpointed and truncated afterwards, so the text no
+        longer lies in the database file or its -wal file; on Postgres the old row versions
+        stay on disk until VACUUM reclaims them (see the README). The usage ledger keeps
+        the spending, which holds no content.
+
+        Runs in batches of at most ``batch_conversations`` conversations and about
+        ``batch_messages`` messages per transaction, so live chats wait at most one batch
+        for the write lock; a conversation is always deleted whole in one transaction
+        (longer than ``batch_messages``: alone), so an interrupted run leaves every
+        conversation whole or gone, and running it again finishes the work.
+        """
+        owner = _check_field(owner, "owner", allow_empty=False)
+        return self._delete_where(
+            [_conversations.c.owner == owner], dry_run, batch_conversations, batch_messages
+        )
+
+    def _delete_where(
+        self, conditions: builtins.list[Any], dry_run: bool, max_conversations: int, max_messages: int
+    ) -> Deletion:
+        for value, name in ((max_conversations, "batch_conversations"), (max_messages, "batch_messages")):
+            if _check_int(value, name) is None or value < 1:
+                raise ValueError(f"{name} must be a positive integer, not {value!r}")
+        c = _conversations.c
+        if dry_run:
+            with self._read() as conn:
+                count, messages = conn.execute(
+                    select(func.count(), func.coalesce(func.sum(c.last_seq), 0)).where(*conditions)
+                ).one()
+            return Deletion(conversations=int(count), messages=int(messages))
+        conversations = messages = 0
+        while True:
+            with self._write() as conn:
+                # Postgres: the rows stay locked until commit, so an append racing the delete
+                # waits and then finds the conversation gone; SQLite holds the write lock.
+                found = conn.execute(
+                    select(c.id, c.last_seq)
+                    .where(*conditions)
+                    .order_by(c.updated_at, c.id)
+                    .limit(max_conversations)
+                    .with_for_update(skip_locked=True)
+                ).all()
+                batch: builtins.list[str] = []
+                size = 0
+                for row in found:
+                    if batch and size + row.last_seq > max_messages:
+                        break
+                    batch.append(row.id)
+                    size += row.last_seq
+                if batch:
+                    # Every seq 1..last_seq exists (appends number them contiguously), so
+                    # last_seq is the message count.
+                    conn.execute(delete(_summaries).where(_summaries.c.conversation_id.in_(batch)))
+                    conn.execute(delete(_messages).where(_messages.c.conversation_id.in_(batch)))
+                    conn.execute(delete(_conversations).where(c.id.in_(batch)))
+            if not batch:
+                break
+            conversations += len(batch)
+            messages += size
+        if conversations:
+            self._forget_freed_pages()
+        return Deletion(conversations=conversations, messages=messages)
+
+    def _forget_freed_pages(self) -> None:
+        """SQLite: copy the write-ahead log into the database file and truncate it, so the
+        pages that held deleted text (zeroed there by secure_delete) are gone from -wal too."""
+        if self.dialect != "sqlite":
+            return
+        with self._checkpoint() as conn:
+            busy, _log, _done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            logger.warning(
+                "the write-ahead log of %s could not be truncated while other connections read it; "
+                "deleted text may stay in the -wal file until the next checkpoint",
+                self.url,
+            )
+
+    def _checkpoint(self) -> Any:
+        return _Checkpoint(self._engine, self.url)
 
     # -- internals used by Conversation and the other modules -----------------------------------
 
