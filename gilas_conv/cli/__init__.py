@@ -10,6 +10,8 @@ Sender, build_context, ...) and prints. The package is laid out by concern:
   (Ctrl-C, SIGTERM and SIGHUP store what arrived);
 * :mod:`._manage`: ``list``, ``show``, ``export``, ``import``, ``fork``, ``rm``, ``pin``,
   ``rename``, ``tokens``, ``db upgrade``;
+* :mod:`._quota`: ``usage``, ``quota set/show/rm``, ``prune`` (``rm --owner X --all`` is
+  in :mod:`._manage`); a call refused by a quota exits with status 3 (``EXIT_QUOTA``);
 * :mod:`._chat`: the interactive ``chat`` REPL;
 * :mod:`._render`: what is printed: rich on a terminal (control characters made visible),
   the exact stored text when piped.
@@ -21,7 +23,7 @@ The dialect, the same in every command: ``-c/--continue`` is the most recent con
 
 from __future__ import annotations
 
-from . import _chat, _manage, _turns  # noqa: F401  (they register their commands on main)
+from . import _chat, _manage, _quota, _turns  # noqa: F401  (they register their commands on main)
 from ._app import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, TITLE_LENGTH, error_message, fold_line, main
 from ._chat import read_message
 from ._manage import parse_import, token_report
