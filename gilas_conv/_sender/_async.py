@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 
+from .. import _api
 from .._retry import DEFAULT_MAX_RETRIES
 from ..exceptions import APIError, StreamInterrupted
 from ..store import Conversation, ConversationStore, Message
@@ -183,28 +184,37 @@ class AsyncSender(_SenderBase):
             self._prepare, conversation, content, call, owner=owner, stream=stream, summarizer=summarizer
         )
 
-    async def _summarize(self, call: _Call, request: SummaryRequest) -> str:
+    async def _summarize(self, call: _Call, request: SummaryRequest) -> _api.Reply:
         body = self._summary_body(request)
         response = await self._request(body, stream=False, max_retries=call.max_retries, timeout=call.timeout)
-        return self._summary_text(self._completion(response))
+        return self._completion(response)
 
     async def _complete(self, turn: _Turn, call: _Call) -> Message:
-        response = await self._request(
-            turn.body,
-            stream=False,
-            max_retries=call.max_retries,
-            timeout=call.timeout,
-        )
-        reply = self._completion(response)
+        try:
+            response = await self._request(
+                turn.body,
+                stream=False,
+                max_retries=call.max_retries,
+                timeout=call.timeout,
+            )
+            reply = self._completion(response)
+        except BaseException:
+            # No reply to charge: the quota held for it is given back.
+            await AsyncBackend.run_blocking(self._release_quota, turn.reservation)
+            raise
         return await AsyncBackend.run_blocking(self._store_reply, turn, reply, status="complete")
 
     async def _open_stream(self, turn: _Turn, call: _Call) -> AsyncReplyStream:
-        response = await self._request(
-            turn.body,
-            stream=True,
-            max_retries=call.max_retries,
-            timeout=call.timeout,
-        )
+        try:
+            response = await self._request(
+                turn.body,
+                stream=True,
+                max_retries=call.max_retries,
+                timeout=call.timeout,
+            )
+        except BaseException:
+            await AsyncBackend.run_blocking(self._release_quota, turn.reservation)
+            raise
         return AsyncReplyStream(self, turn, response)
 
     async def _sleep(self, seconds: float) -> None:
@@ -339,6 +349,8 @@ class AsyncReplyStream:
             self.message = await AsyncBackend.run_blocking(
                 self._sender._store_reply, self._turn, outcome.reply, status=outcome.status
             )
+        else:  # nothing arrived, nothing is stored: the quota held is given back
+            await AsyncBackend.run_blocking(self._sender._release_quota, self._turn.reservation)
         if outcome.error is not None:
             if self.message is None:
                 raise outcome.error

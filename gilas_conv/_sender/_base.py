@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 
 from .. import _api
+from .. import tokens as _tokens
 from .._config import resolve_api_key, resolve_base_url
 from .._retry import decide
 from .._sse import SSEDecoder
@@ -29,8 +30,9 @@ from ..exceptions import (
     APITimeoutError,
     ConfigurationError,
 )
-from ..store import Conversation, ConversationStore, Message
-from ..truncation import Policy, SummaryRequest, build_context
+from ..store import Conversation, ConversationStore, Message, Reservation
+from ..store._usage import DEFAULT_QUOTA_RESERVATION
+from ..truncation import SUMMARY_MAX_TOKENS, Context, Policy, SummaryRequest, build_context, plan_context
 
 # The public module's name: log lines read as coming from gilas_conv.sender.
 logger = logging.getLogger("gilas_conv.sender")
@@ -87,6 +89,9 @@ class _Turn:
     reply_to: int | None
     body: dict[str, Any]
     predicted_prompt_tokens: int
+    # The owner's quota held for this request (None: no limit applies); settled when the
+    # reply is stored, released when the request fails.
+    reservation: Reservation | None = None
 
 
 def _as_timeout(value: float | httpx.Timeout) -> httpx.Timeout:
@@ -368,25 +373,94 @@ class _SenderBase:
         *,
         owner: str | None,
         stream: bool,
-        summarizer: Callable[[SummaryRequest], str] | None,
+        summarizer: Callable[[SummaryRequest], _api.Reply] | None,
     ) -> _Turn:
-        """Store the user message (``_PENDING``: find the pending turn) and build the body."""
+        """Reserve the owner's quota, store the user message (``_PENDING``: find the pending
+        turn) and build the body. QuotaExceeded is raised before anything is stored."""
         conv = self._conversation(conversation, owner)
-        reply_to = self._pending(conv) if content is _PENDING else conv.append("user", content).seq
+        reservation = self._reserve(conv, content, call)
+        try:
+            reply_to = self._pending(conv) if content is _PENDING else conv.append("user", content).seq
+            params = call.params
+            context = build_context(
+                conv,
+                model=params.get("model"),
+                context_limit=call.context_limit,
+                max_tokens=params.get("max_completion_tokens") or params.get("max_tokens"),
+                tools=params.get("tools"),
+                policy=call.policy,
+                summarizer=self._summary_recorder(conv, summarizer) if summarizer is not None else None,
+            )
+            body = _api.build_request_body(
+                model=context.model, messages=context.messages, params=params, stream=stream
+            )
+        except BaseException:
+            self._release_quota(reservation)
+            raise
+        return _Turn(conv, reply_to, body, context.prompt_tokens, reservation)
+
+    def _reserve(self, conv: Conversation, content: Any, call: _Call) -> Reservation | None:
+        """Hold the quota this request may use, or raise QuotaExceeded (nothing stored yet).
+
+        What is held: the prompt tokens of the window about to be sent plus the reply's
+        ``max_tokens`` (``DEFAULT_QUOTA_RESERVATION`` when the call gives none). The new
+        user message is not stored yet, so the window is planned over the stored history
+        with the message's own tokens kept free, plus the message itself; with
+        ``policy="summarize"`` the room of one summary is added.
+        """
+        if not self._store._quota_applies(conv.owner):
+            return None  # the common case: one indexed read, no write lock
         params = call.params
-        context = build_context(
-            conv,
-            model=params.get("model"),
-            context_limit=call.context_limit,
-            max_tokens=params.get("max_completion_tokens") or params.get("max_tokens"),
-            tools=params.get("tools"),
-            policy=call.policy,
-            summarizer=summarizer,
+        reply_tokens = params.get("max_completion_tokens") or params.get("max_tokens")
+        model = params.get("model") or conv.model
+        new_tokens = 0
+        if content is not _PENDING:
+            try:
+                encoding = _tokens.get_model_info(model).encoding
+                new_tokens = _tokens.message_tokens({"role": "user", "content": content}, encoding)
+            except (TypeError, ValueError):
+                new_tokens = 0  # bad content: append refuses it next, and the hold is released
+        prompt = new_tokens
+        if conv.message_count:
+            plan = plan_context(
+                conv,
+                model=params.get("model"),
+                context_limit=call.context_limit,
+                max_tokens=(reply_tokens or 0) + new_tokens or None,
+                tools=params.get("tools"),
+                policy="truncate",
+            )
+            assert isinstance(plan, Context)
+            prompt += plan.prompt_tokens
+        if call.policy == "summarize":
+            prompt += SUMMARY_MAX_TOKENS
+        return self._store.reserve_quota(
+            conv.owner, tokens=prompt + (reply_tokens or DEFAULT_QUOTA_RESERVATION), model=model
         )
-        body = _api.build_request_body(
-            model=context.model, messages=context.messages, params=params, stream=stream
-        )
-        return _Turn(conv, reply_to, body, context.prompt_tokens)
+
+    def _release_quota(self, reservation: Reservation | None) -> None:
+        if reservation is not None:
+            self._store.release_quota(reservation)
+
+    def _summary_recorder(
+        self, conv: Conversation, ask: Callable[[SummaryRequest], _api.Reply]
+    ) -> Callable[[SummaryRequest], str]:
+        """The summarizer build_context calls: ask for the summary, record the request's
+        usage in the ledger (it was paid for, even if the text turns out unusable), return
+        the text."""
+
+        def summarize(request: SummaryRequest) -> str:
+            reply = ask(request)
+            self._store.record_usage(
+                owner=conv.owner,
+                conversation_id=conv.id,
+                model=reply.model or request.model,
+                kind="summary",
+                usage=reply.usage,
+            )
+            return self._summary_text(reply)
+
+        return summarize
 
     @staticmethod
     def _pending(conv: Conversation) -> int | None:
@@ -414,6 +488,7 @@ class _SenderBase:
             predicted_prompt_tokens=turn.predicted_prompt_tokens,
             reply_to=turn.reply_to,
             extra=reply.extra,
+            quota_reservation=turn.reservation,
         )
         logger.debug(
             "stored %s reply %s as message %s of conversation %s (answering %s)",

@@ -781,6 +781,34 @@ class ConversationStore:
         with self._write() as conn:
             _usage.release(conn, reservation)
 
+    def record_usage(
+        self,
+        *,
+        owner: str | None,
+        conversation_id: str | None,
+        model: str | None,
+        kind: str = "reply",
+        usage: Mapping[str, Any] | None,
+    ) -> bool:
+        """Write one ledger row for a request whose answer is stored elsewhere or not at all
+        (the senders record each summary request this way). False when ``usage`` reports
+        no tokens, and nothing is written. Replies appended with ``usage`` and summaries
+        added with ``usage`` are recorded by the store itself; do not record them again."""
+        if kind not in _usage.USAGE_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(_usage.USAGE_KINDS)}, not {kind!r}")
+        if owner is not None:
+            _check_field(owner, "owner", allow_empty=False)
+        if conversation_id is not None:
+            _check_conversation_id(conversation_id)
+        if model is not None:
+            _check_field(model, "model", allow_empty=False)
+        event = self._ledger_event(owner, conversation_id, model, kind, usage, now=self._clock())
+        if event is None:
+            return False
+        with self._write() as conn:
+            _usage.settle(conn, event, None)
+        return True
+
     def _quota_applies(self, owner: str | None) -> bool:
         """Whether any limit applies to ``owner`` (one read; lets a turn skip the check)."""
         with self._read() as conn:
@@ -1235,7 +1263,7 @@ class ConversationStore:
     def _ledger_event(
         self,
         owner: str | None,
-        conversation_id: str,
+        conversation_id: str | None,
         model: str | None,
         kind: str,
         usage: Mapping[str, Any] | None,

@@ -66,6 +66,7 @@ TIMEZONE_SETTING = "quota_timezone"
 # The quota_limits row of the default (an empty owner name is never a valid owner).
 DEFAULT_OWNER_KEY = ""
 GROUPINGS = ("day", "month", "model", "owner", "conversation")
+USAGE_KINDS = ("reply", "summary")
 _LIMIT_FIELDS = ("daily_tokens", "monthly_tokens", "daily_cost", "monthly_cost")
 
 
