@@ -24,13 +24,23 @@ The dialect, the same in every command: ``-c/--continue`` is the most recent con
 from __future__ import annotations
 
 from . import _chat, _manage, _quota, _turns  # noqa: F401  (they register their commands on main)
-from ._app import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, TITLE_LENGTH, error_message, fold_line, main
+from ._app import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_QUOTA,
+    EXIT_USAGE,
+    TITLE_LENGTH,
+    error_message,
+    fold_line,
+    main,
+)
 from ._chat import read_message
 from ._manage import parse_import, token_report
 
 __all__ = [
     "EXIT_ERROR",
     "EXIT_INTERRUPTED",
+    "EXIT_QUOTA",
     "EXIT_USAGE",
     "TITLE_LENGTH",
     "error_message",
