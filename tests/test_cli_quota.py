@@ -6,10 +6,17 @@ from __future__ import annotations
 
 import json
 
-from test_cli import API_KEY, CLI, cli, error_line, new_conversation  # noqa: F401 (fixture, module key)
+import pytest
+from stub_server import StubServer
+from test_cli import API_KEY, CLI, error_line, new_conversation  # noqa: F401 (the stub's key)
 
 from gilas_conv import ConversationStore
 from gilas_conv.cli import EXIT_QUOTA
+
+
+@pytest.fixture
+def cli(db_url: str, stub: StubServer) -> CLI:
+    return CLI(db_url, stub)
 
 
 def test_a_call_over_the_quota_exits_3_and_stores_nothing(cli: CLI) -> None:

@@ -696,7 +696,8 @@ class ConversationStore:
         values: dict[str, int | None] = {}
         for name, value in (("daily_tokens", daily_tokens), ("monthly_tokens", monthly_tokens)):
             if value is not None:
-                if _check_int(value, name) is None or value < 0:
+                # BIGINT columns: any token count a budget could name.
+                if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
                     raise ValueError(f"{name} must be an integer >= 0, not {value!r}")
                 values[name] = value
         for name, cost in (("daily_cost", daily_cost), ("monthly_cost", monthly_cost)):
@@ -759,7 +760,7 @@ class ConversationStore:
         """
         if owner is not None:
             _check_field(owner, "owner", allow_empty=False)
-        if _check_int(tokens, "tokens") is None or tokens < 0:
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or not 0 <= tokens < 2**62:
             raise ValueError(f"tokens must be an integer >= 0, not {tokens!r}")
         cost = None
         highest = self.prices.most_expensive(model) if self.prices is not None else None
