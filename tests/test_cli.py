@@ -288,11 +288,12 @@ def test_show_prints_each_message_exactly_when_piped(cli: CLI) -> None:
         conv = store.create(system="system text", title="t")
         conv.append("user", PERSIAN)
         conv.append("assistant", markdown, model="gpt-4o")
+        exported = conv.export()  # read while the store is open (a closed one leaks a connection)
     out = cli("show", conv.id).stdout_bytes
     assert f"[2] user\n{PERSIAN}\n\n".encode() in out
     assert f"[3] assistant (gpt-4o)\n{markdown}\n".encode() in out
     assert out.startswith(f"conversation {conv.id}\n".encode())
-    assert json.loads(cli("show", conv.id, "--json").stdout) == json.loads(json.dumps(conv.export()))
+    assert json.loads(cli("show", conv.id, "--json").stdout) == json.loads(json.dumps(exported))
 
 
 def test_export_one_and_all(cli: CLI) -> None:

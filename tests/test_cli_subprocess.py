@@ -270,6 +270,7 @@ def test_a_closed_pipe_ends_export_quietly(env: dict[str, str], tmp_path: Path) 
     assert json.loads(process.stdout.readline())["messages"]
     process.stdout.close()  # like `| head -1`
     stderr = process.stderr.read().decode()
+    process.stderr.close()
     process.wait(timeout=TIMEOUT)
     assert "Traceback" not in stderr and "Exception ignored" not in stderr
 

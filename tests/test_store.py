@@ -141,7 +141,16 @@ def test_no_argument_and_no_environment_uses_sqlite_file_in_user_data_dir() -> N
         # Upgraded automatically on first use: at the head revision, with every table.
         assert raw.execute("SELECT version_num FROM alembic_version").fetchall() == [(head_revision(),)]
         tables = {row[0] for row in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        assert tables == {"alembic_version", "conversations", "messages", "summaries"}
+        assert tables == {
+            "alembic_version",
+            "conversations",
+            "messages",
+            "summaries",
+            "usage_events",
+            "quota_limits",
+            "quota_reservations",
+            "settings",
+        }
     finally:
         raw.close()
     with ConversationStore() as again:
