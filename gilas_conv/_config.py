@@ -40,6 +40,14 @@ DEFAULT_SQLITE_BUSY_TIMEOUT_MS = 30_000
 # last few commits but never corrupts the file. FULL also survives a power cut, at the
 # price of an fsync per commit.
 DEFAULT_SQLITE_SYNCHRONOUS = "NORMAL"
+# How long a turn lease lasts (seconds): while one request answers a conversation, others
+# are refused (ConversationBusy). It must outlast a whole turn -- the summary request, the
+# request with its retries and backoff, and the longest stream -- which the overall request
+# deadline caps at about 10 minutes; 15 minutes leaves margin for the store writes and a
+# slow summary. A finished or failed turn releases its lease at once; only a process that
+# died mid-turn (SIGKILL, power cut) leaves it to expire, blocking that conversation for
+# at most this long.
+DEFAULT_TURN_LEASE_SECONDS = 15 * 60
 
 
 def default_data_dir() -> Path:

@@ -5,6 +5,7 @@
     │   └── MissingAPIKeyError      GILAS_API_KEY is not set; raised before anything is stored
     ├── StoreError                  the conversation store
     │   ├── ConversationNotFound    no such conversation for this owner (also a KeyError)
+    │   ├── ConversationBusy        another request is answering this conversation right now
     │   ├── MessageNotFound         no message with that seq in the conversation
     │   ├── SchemaOutOfDate         the database schema is missing or behind: run `gilas-conv db upgrade`
     │   └── StoreIntegrityError     the database refused a write (constraint, lost connection)
@@ -48,6 +49,7 @@ __all__ = [
     "ConfigurationError",
     "ConflictError",
     "ContextWindowExceeded",
+    "ConversationBusy",
     "ConversationNotFound",
     "GilasConvError",
     "InternalServerError",
@@ -97,6 +99,22 @@ class ConversationNotFound(StoreError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the whole message again
         return str(self.args[0])
+
+
+class ConversationBusy(StoreError):
+    """Another request holds the conversation's turn lease: it is answering right now.
+
+    Raised before anything of the refused request is stored or sent. ``expires_at`` is when
+    the other request's lease runs out if it never finishes (its process died), or None.
+    """
+
+    def __init__(self, conversation_id: str, *, expires_at: object = None) -> None:
+        self.conversation_id = conversation_id
+        self.expires_at = expires_at
+        super().__init__(
+            f"conversation {conversation_id!r} is busy: another request is answering it; "
+            "try again when that one finishes"
+        )
 
 
 class MessageNotFound(StoreError, KeyError):
@@ -226,7 +244,13 @@ class APIResponseValidationError(APIError):
 
 
 class APIStatusError(APIError):
-    """The API answered with an error status (4xx or 5xx)."""
+    """The API answered with an error status (4xx or 5xx).
+
+    ``retry_after``: the answer's ``Retry-After`` header, when it had one (the gateway
+    passes it on to its clients).
+    """
+
+    retry_after: str | None = None
 
     def __init__(
         self,

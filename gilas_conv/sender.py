@@ -33,8 +33,12 @@ One turn, step by step (``send``)
 
 If anything fails after step 2, the user message stays stored, unanswered, and the error
 is raised: ``retry`` answers it later, and a next ``send`` replays it as part of
-the history before the new message. Replies are stored under the API's response id, which
-the store keeps unique per conversation, so the same reply is never stored twice.
+the history before the new message.
+
+One request answers a conversation at a time: step 2 takes the conversation's turn lease
+(in the database, so it holds across processes and hosts) and storing the reply releases
+it; a failed request releases it too. A second ``send``, ``stream`` or ``retry`` on the
+conversation meanwhile raises :class:`~gilas_conv.ConversationBusy` and stores nothing.
 
 Streams (``stream``)
     Chunks are yielded as they arrive; the reply is stored when the stream ends. A stream

@@ -15,6 +15,7 @@ from sqlalchemy.engine import Connection
 from gilas_conv._config import ENV_DATABASE_URL
 from gilas_conv.store._engine import create_engine_for_url
 from gilas_conv.store._schema import metadata
+from gilas_conv.store._search import unmodeled_table
 
 config = context.config
 
@@ -26,6 +27,8 @@ def _run(connection: Connection) -> None:
         # SQLite cannot ALTER most things in place; batch mode rebuilds the table instead.
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
+        # The search tables are built by their migration alone (see store/_search.py).
+        include_name=lambda name, type_, _parents: not (type_ == "table" and unmodeled_table(name or "")),
         transaction_per_migration=True,
     )
     with context.begin_transaction():

@@ -12,8 +12,9 @@ Protocol, one JSON object per stdout line, flushed at once:
     {"done": true}           every append returned
 
 ``append`` stores ``content_for(worker, i, size)`` as user messages; ``--count 0`` appends
-forever (the crash test kills it with SIGKILL). ``replies`` stores assistant messages with
-``response_id`` ``resp-<i>``, the same ids in every worker, to race the reply dedupe.
+forever (the crash test kills it with SIGKILL). ``replies`` stores assistant messages, the
+same replies in every worker (``response_id`` ``resp-<i>``, content ``reply <i>``), to race
+the reply dedupe.
 ``open`` is ready before it opens the store: released, it opens the (possibly new) database,
 creates a conversation and appends ``--count`` messages to it, to race the first use.
 
@@ -116,9 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                 message = conversation.append("user", content_for(args.worker, i, args.size))
                 _emit(i=i, seq=message.seq)
             else:
-                message = conversation.append(
-                    "assistant", f"reply {i} from worker {args.worker}", response_id=f"resp-{i}"
-                )
+                message = conversation.append("assistant", f"reply {i}", response_id=f"resp-{i}")
                 _emit(i=i, seq=message.seq, content=message.content)
     _emit(done=True)
     return 0

@@ -105,8 +105,8 @@ class PostgresServer:
                     raise RuntimeError(f"shared test database is at {version}")
                 conn.execute(
                     text(
-                        "TRUNCATE messages, summaries, conversations, usage_events, quota_limits,"
-                        " quota_reservations, settings"
+                        "TRUNCATE messages, summaries, conversations, api_keys, usage_events,"
+                        " quota_limits, quota_reservations, settings CASCADE"
                     )
                 )
         finally:

@@ -32,6 +32,9 @@ list); each one answers one request, in order, then the default behaviour resume
     {"html": true}                       an HTML error page (status 502 unless given)
     {"drop": true}                       close the connection without answering
     {"delay": 2.0}                       wait before answering (combine with anything)
+    {"hold": true}                       wait until ``release()`` (or ``POST /_stub/release``;
+                                         at most HOLD_LIMIT_S), then answer: a request kept
+                                         in flight for exactly as long as a test needs
     {"reply": "text"}                    the reply text
     {"tool_calls": [{"name": "f", "arguments": "{}", "id": "call_1"}]}   a tool-call reply
     {"finish_reason": "length"}, {"response_id": "chatcmpl-x"}, {"usage": {...} | null}
@@ -45,8 +48,11 @@ list); each one answers one request, in order, then the default behaviour resume
     {"stall_after": 1, "stall": 2.0}     1 content chunk, then a 2 s silence, then the rest
     {"line_ending": "\\r\\n"}            the SSE line ending ("\\n" by default)
 
+``GET <anything>/models`` lists :data:`STUB_MODELS`.
+
 Control endpoints: ``POST /_stub/script``, ``POST /_stub/reset`` (clears the script and the
-recorded requests), ``GET /_stub/requests`` (the recorded requests as JSON).
+recorded requests), ``POST /_stub/release`` (ends every hold), ``GET /_stub/requests`` (the
+recorded requests as JSON).
 """
 
 from __future__ import annotations
@@ -69,10 +75,14 @@ from typing import Any
 __all__ = ["StubServer"]
 
 DEFAULT_HOST = "127.0.0.1"
+# The longest a held request waits for release(): a test that forgets it still ends.
+HOLD_LIMIT_S = 30.0
 HTML_PAGE = (
     "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
     "<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
 )
+# What ``GET <anything>/models`` lists.
+STUB_MODELS = ("gpt-4o-mini", "stub-model")
 _WORDS = re.compile(r"\S+\s*|\s+")
 
 
@@ -102,6 +112,7 @@ class StubServer:
         self._ids = itertools.count(1)
         self._prefix = uuid.uuid4().hex[:8]
         self._closing = threading.Event()
+        self._released = threading.Event()
         self._httpd = _Server((host, port), _Handler)
         self._httpd.stub = self
         self._thread: threading.Thread | None = None
@@ -121,6 +132,7 @@ class StubServer:
 
     def close(self) -> None:
         self._closing.set()
+        self._released.set()
         if self._thread is not None:
             self._httpd.shutdown()
             self._thread.join(timeout=5)
@@ -141,6 +153,11 @@ class StubServer:
         with self._lock:
             self._actions.clear()
             self.requests.clear()
+            self._released.clear()
+
+    def release(self) -> None:
+        """Let every held request (``{"hold": true}``) answer, now and until ``reset()``."""
+        self._released.set()
 
     @property
     def pending_actions(self) -> int:
@@ -226,6 +243,9 @@ class _Handler(BaseHTTPRequestHandler):
             with self.server.stub._lock:
                 data = list(self.server.stub.requests)
             self._send_json(200, data)
+        elif self.path.endswith("/models"):
+            models = [{"id": m, "object": "model", "created": 0, "owned_by": "stub"} for m in STUB_MODELS]
+            self._send_json(200, {"object": "list", "data": models})
         else:
             self._send_json(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
 
@@ -239,6 +259,10 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if self.path == "/_stub/reset":
             stub.reset()
+            self._send_json(200, {"ok": True})
+            return
+        if self.path == "/_stub/release":
+            stub.release()
             self._send_json(200, {"ok": True})
             return
         try:
@@ -280,6 +304,8 @@ class _Handler(BaseHTTPRequestHandler):
             )
             return
         action = stub._next_action()
+        if action.get("hold"):
+            stub._released.wait(HOLD_LIMIT_S)
         if action.get("delay"):
             stub._sleep(float(action["delay"]))
         if action.get("drop"):

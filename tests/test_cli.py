@@ -288,11 +288,12 @@ def test_show_prints_each_message_exactly_when_piped(cli: CLI) -> None:
         conv = store.create(system="system text", title="t")
         conv.append("user", PERSIAN)
         conv.append("assistant", markdown, model="gpt-4o")
-        exported = conv.export()  # read while the store is open (a closed one leaks a connection)
     out = cli("show", conv.id).stdout_bytes
     assert f"[2] user\n{PERSIAN}\n\n".encode() in out
     assert f"[3] assistant (gpt-4o)\n{markdown}\n".encode() in out
     assert out.startswith(f"conversation {conv.id}\n".encode())
+    with cli.store() as store:
+        exported = store.get(conv.id).export()
     assert json.loads(cli("show", conv.id, "--json").stdout) == json.loads(json.dumps(exported))
 
 
@@ -381,6 +382,12 @@ BAD_JSONL_LINE = json.dumps({"messages": [{"role": "wizard", "content": "x"}]})
         pytest.param(b'{"messages": [', "line 1, column", id="truncated-json"),
         pytest.param(b"\xff\xfe\x00junk", "not UTF-8", id="not-utf8"),
         pytest.param(b"[1, 2]", "expected an exported conversation", id="wrong-shape"),
+        pytest.param(b"[" * 100_000 + b"]" * 100_000, "nested too deeply", id="nested-too-deep"),
+        pytest.param(
+            b'{"messages": []}\n' + b"[" * 100_000 + b"]" * 100_000,
+            "nested too deeply",
+            id="jsonl-nested-too-deep",
+        ),
         pytest.param(
             (
                 "\n".join(
@@ -422,6 +429,24 @@ def test_bad_import_files_are_refused_whole(
     assert result.stdout == ""
     with cli.store() as store:
         assert [c.id for c in store.list()] == [existing]
+
+
+def test_a_database_error_that_escapes_the_store_is_one_line_without_sql(
+    cli: CLI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise OperationalError(
+            "SELECT secret_column FROM conversations WHERE owner = ?",
+            ("alice-param",),
+            Exception("disk I/O error"),
+        )
+
+    monkeypatch.setattr(ConversationStore, "list", broken)
+    line = error_line(cli("list", code=1))
+    assert "disk I/O error" in line
+    assert "SELECT" not in line and "alice-param" not in line and "unexpected" not in line
 
 
 def test_import_missing_file_is_a_usage_error(cli: CLI, tmp_path: Path) -> None:

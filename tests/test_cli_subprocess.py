@@ -269,8 +269,8 @@ def test_a_closed_pipe_ends_export_quietly(env: dict[str, str], tmp_path: Path) 
     assert process.stdout is not None and process.stderr is not None
     assert json.loads(process.stdout.readline())["messages"]
     process.stdout.close()  # like `| head -1`
-    stderr = process.stderr.read().decode()
-    process.stderr.close()
+    with process.stderr:
+        stderr = process.stderr.read().decode()
     process.wait(timeout=TIMEOUT)
     assert "Traceback" not in stderr and "Exception ignored" not in stderr
 

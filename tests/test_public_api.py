@@ -13,7 +13,7 @@ EXPECTED_TOP_LEVEL = {
     "APIConnectionError", "APIError", "APIResponseValidationError", "APIStatusError",
     "APITimeoutError", "AsyncReplyStream", "AsyncSender", "AuthenticationError",
     "BadRequestError", "ConfigurationError", "ConflictError", "Context",
-    "ContextWindowExceeded", "Conversation", "ConversationNotFound", "ConversationStore",
+    "ContextWindowExceeded", "Conversation", "ConversationBusy", "ConversationNotFound", "ConversationStore",
     "GilasConvError", "InternalServerError", "Message", "MessageNotFound",
     "MissingAPIKeyError", "ModelInfo", "ModelRegistry", "NotFoundError",
     "PermissionDeniedError", "Prices", "QuotaExceeded", "RateLimitError", "ReplyStream",

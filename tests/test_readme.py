@@ -8,8 +8,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
+import shutil
+import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,16 +31,22 @@ def _python_blocks() -> list[str]:
 
 def test_the_readme_has_the_examples_this_test_runs() -> None:
     blocks = _python_blocks()
-    assert len(blocks) == 3
+    assert len(blocks) == 5
     assert "build_context" in blocks[0] and "sender.stream" in blocks[1] and "tool_calls" in blocks[2]
+    assert "extra_body" in blocks[3]
+    assert "store.search" in blocks[4]
 
 
 def test_the_readme_examples_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("GILAS_CONV_DATABASE_URL", f"sqlite:///{tmp_path / 'readme.db'}")
     monkeypatch.setenv("GILAS_API_KEY", API_KEY)
-    store_only, streaming, tools = _python_blocks()
+    store_only, streaming, tools, _gateway, search = _python_blocks()
     namespace: dict[str, Any] = {}
     exec(compile(store_only, "README.md (store)", "exec"), namespace)
+    search_namespace = dict(namespace)
+    exec(compile(search, "README.md (search)", "exec"), search_namespace)
+    (hit,) = namespace["store"].search('"به تهران" بهار* میخواهم')
+    assert hit.snippet == "[مي‌خواهم] در [بهار] [به] [تهران] بروم"
     ctx = namespace["ctx"]
     assert [m["role"] for m in ctx.messages] == ["system", "user", "assistant", "user"]
     assert ctx.dropped == 0
@@ -71,9 +81,10 @@ def test_the_readme_examples_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 # The command-line example sessions
 
 
-_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+# Conversation ids and client key ids: the README's are mapped to those really printed.
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|\bkey_[0-9a-f]{16}\b")
 _IMAGINARY_POSTGRES = "postgresql://gilas@db.internal/conversations"
-_SH_GILAS_CONV_LINES = {"gilas-conv db upgrade"}
+_SH_GILAS_CONV_LINES = {"gilas-conv db upgrade", "gilas-conv serve"}
 
 
 @dataclass
@@ -130,7 +141,8 @@ def test_the_readme_sessions_run(tmp_path: Path) -> None:
     SQLite database and the stub server (whose replies are ``echo: ...``, so the replies shown
     in the README are not compared; what is checked is that each command runs, exits 0, or 1
     where the README shows an ``Error:`` line, and prints no traceback). The conversation ids of
-    the README are mapped to the ids the commands really print, in order of first appearance,
+    the README (and the ids of client keys) are mapped to the ids the commands really print, in
+    order of first appearance,
     so later commands use the real ones. What cannot run as written, and what is done instead:
 
     * ``export GILAS_API_KEY=...`` sets the key in the shell: the test sets it in the
@@ -140,6 +152,7 @@ def test_the_readme_sessions_run(tmp_path: Path) -> None:
       (three times: the first request and its two retries).
     * ``postgresql://gilas@db.internal/conversations`` names a server that does not exist: the
       command runs with a scratch SQLite URL in its place.
+    * ``conversations.json`` is the ChatGPT export fixture of tests/data.
     * ``git diff`` runs in a scratch git repository holding one changed file; ``bad.jsonl`` is a
       scratch file whose line 2 has an unknown role.
     * ``chat`` reads the lines typed at its ``> `` prompts (and the ``... `` lines of a block)
@@ -147,9 +160,12 @@ def test_the_readme_sessions_run(tmp_path: Path) -> None:
       to the end (stopping a reply is tested in test_cli_subprocess.py). ``rm`` reads the ``y``
       answered to its question.
 
+    * ``serve`` runs until it is stopped: it is started on a free port, must print the line
+      the README shows (where it listens), and is stopped with SIGTERM.
+
     The ``sh`` blocks are installation steps (a virtualenv, pip, pytest) and are not run; the
-    one gilas-conv command among them (``gilas-conv db upgrade``) is the same as the ``db
-    upgrade`` session, which runs.
+    gilas-conv commands among them (``gilas-conv db upgrade``, ``gilas-conv serve``) are the
+    same as the sessions of those commands, which run.
     """
     steps = _sessions()
     assert len(steps) > 30 and any(s.command.startswith("gilas-conv chat -s") for s in steps)
@@ -167,6 +183,8 @@ def test_the_readme_sessions_run(tmp_path: Path) -> None:
         + "\n",
         encoding="utf-8",
     )
+    # The ChatGPT export the import session names: the test fixture.
+    shutil.copy(Path(__file__).parent / "data" / "chatgpt_conversations.json", work / "conversations.json")
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
     subprocess.run([*git, "init", "-q"], cwd=work, check=True)
     (work / "patch.py").write_text("x = 1\n", encoding="utf-8")
@@ -193,6 +211,9 @@ def test_the_readme_sessions_run(tmp_path: Path) -> None:
                 step_env["GILAS_API_KEY"] = ""
             if "HTTP 503" in step.expected:
                 server.script(*[{"status": 503, "headers": {"retry-after-ms": "10"}}] * 3)
+            if command.startswith("gilas-conv serve"):
+                _serve_prints_where_it_listens(command, work, step_env)
+                continue
             result = subprocess.run(
                 ["bash", "-c", command],
                 cwd=work,
@@ -209,3 +230,51 @@ def test_the_readme_sessions_run(tmp_path: Path) -> None:
             new_real = [u for u in dict.fromkeys(_UUID.findall(out)) if u not in ids.values()]
             ids.update(zip(new_readme, new_real, strict=False))
     assert len(ids) >= 5  # the conversations the sessions name were all created
+
+
+def _serve_prints_where_it_listens(command: str, work: Path, env: dict[str, str]) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = [*shlex.split(re.sub(r"--port \d+", f"--port {port}", command))]
+    argv[0] = shutil.which("gilas-conv", path=env["PATH"]) or argv[0]
+    process = subprocess.Popen(argv, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert process.stdout is not None
+        deadline = time.monotonic() + 30
+        line = b""
+        while time.monotonic() < deadline and b"listening on" not in line:
+            line = process.stdout.readline()
+            if not line and process.poll() is not None:
+                break
+        assert f"listening on http://127.0.0.1:{port}/v1".encode() in line, line
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+def test_the_readme_gateway_example_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from _gateway import running_gateway
+
+    from gilas_conv import ConversationStore
+    from gilas_conv.store import APIKeys
+
+    example = _python_blocks()[3]
+    with (
+        StubServer(api_key="sk-gateway-upstream") as server,
+        ConversationStore(f"sqlite:///{tmp_path / 'gateway.db'}") as store,
+    ):
+        key = APIKeys(store).create(owner="me")[0]
+        with running_gateway(store, server.base_url) as gateway:
+            code = example.replace("http://127.0.0.1:8080/v1", gateway.url)
+            namespace: dict[str, Any] = {"KEY": key}
+            exec(compile(code, "README.md (gateway)", "exec"), namespace)
+        conv = store.get(namespace["conversation"], owner="me")
+        assert [m.role for m in conv.messages()] == ["system", "user", "assistant"] + [
+            "user",
+            "assistant",
+        ] * 2
+        assert server.requests[-1]["body"]["messages"][-1]["content"] == "One more fact."
+    assert capsys.readouterr().out.endswith("echo: One more fact.")

@@ -380,17 +380,25 @@ def test_next_send_replays_the_unanswered_message(driver: Driver, api: FakeAPI, 
     assert roles(sqlite_store, conv.id) == [("user", "complete")] * 2 + [("assistant", "complete")]
 
 
-def test_the_same_response_id_is_never_stored_twice(
+def test_a_reply_reusing_an_earlier_response_id_is_stored(
     driver: Driver, api: FakeAPI, sqlite_store: Store
 ) -> None:
+    """Servers reuse response ids: a new reply carrying an earlier reply's id is still the
+    answer to the new message, stored and returned (not the earlier reply)."""
     conv = sqlite_store.create()
     api.script(
-        completion("once", response_id="chatcmpl-same"), completion("once", response_id="chatcmpl-same")
+        completion("4", response_id="chatcmpl-same"), completion("Tehran", response_id="chatcmpl-same")
     )
-    first = driver.send(conv.id, "a")
-    second = driver.send(conv.id, "b")
-    assert second == first
-    assert [m.response_id for m in sqlite_store.get(conv.id).messages()].count("chatcmpl-same") == 1
+    first = driver.send(conv.id, "What is 2+2?")
+    second = driver.send(conv.id, "What is the capital of Iran?")
+    assert (first.content, first.seq, first.reply_to) == ("4", 2, 1)
+    assert (second.content, second.seq, second.reply_to) == ("Tehran", 4, 3)
+    assert [m.content for m in sqlite_store.get(conv.id).messages()] == [
+        "What is 2+2?",
+        "4",
+        "What is the capital of Iran?",
+        "Tehran",
+    ]
 
 
 def test_retry_needs_something_to_answer(driver: Driver, api: FakeAPI, sqlite_store: Store) -> None:
@@ -1188,13 +1196,18 @@ def test_async_store_calls_run_off_the_event_loop(
     sqlite_store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     threads: list[str] = []
-    real_append = type(sqlite_store)._append
 
-    def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
-        threads.append(threading.current_thread().name)
-        return real_append(self, *args, **kwargs)
+    def spy_on(name: str) -> None:
+        real = getattr(type(sqlite_store), name)
 
-    monkeypatch.setattr(type(sqlite_store), "_append", spy)
+        def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
+            threads.append(threading.current_thread().name)
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(type(sqlite_store), name, spy)
+
+    spy_on("_begin_turn")  # stores the user message
+    spy_on("_append")  # stores the reply
     api = FakeAPI(default=completion("x"))
     conv = sqlite_store.create()
 
@@ -1210,31 +1223,3 @@ def test_async_store_calls_run_off_the_event_loop(
     api.script(completion("x"), stream_response(text_stream("y")))
     loop_thread = asyncio.run(run())
     assert len(threads) == 4 and loop_thread not in threads
-
-
-def test_two_senders_on_one_conversation_keep_its_order(sqlite_store: Store) -> None:
-    barrier = threading.Barrier(2, timeout=10)
-
-    def answer(request: httpx.Request) -> httpx.Response:
-        barrier.wait()  # both requests are in flight at once
-        last = json.loads(request.content)["messages"][-1]["content"]
-        return httpx.Response(200, json=completion(f"re: {last}"))
-
-    conv = sqlite_store.create()
-    senders = [Sender(sqlite_store, api_key="k", transport=httpx.MockTransport(answer)) for _ in range(2)]
-    replies: dict[str, Any] = {}
-
-    def turn(index: int) -> None:
-        replies[f"q{index}"] = senders[index].send(conv.id, f"q{index}")
-
-    threads = [threading.Thread(target=turn, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    messages = sqlite_store.get(conv.id).messages()
-    assert [m.seq for m in messages] == [1, 2, 3, 4]
-    by_seq = {m.seq: m for m in messages}
-    for question, reply in replies.items():
-        assert by_seq[reply.reply_to].content == question
-        assert reply.content.startswith("re: ")

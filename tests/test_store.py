@@ -141,8 +141,9 @@ def test_no_argument_and_no_environment_uses_sqlite_file_in_user_data_dir() -> N
         # Upgraded automatically on first use: at the head revision, with every table.
         assert raw.execute("SELECT version_num FROM alembic_version").fetchall() == [(head_revision(),)]
         tables = {row[0] for row in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        assert tables == {
+        assert {t for t in tables if not t.startswith("message_search")} == {
             "alembic_version",
+            "api_keys",
             "conversations",
             "messages",
             "summaries",
@@ -151,6 +152,7 @@ def test_no_argument_and_no_environment_uses_sqlite_file_in_user_data_dir() -> N
             "quota_reservations",
             "settings",
         }
+        assert "message_search" in tables
     finally:
         raw.close()
     with ConversationStore() as again:
@@ -929,23 +931,52 @@ def test_half_of_a_tool_call_pair_cannot_be_pinned_by_any_route(shared_store: Co
 # Reply dedupe
 
 
-def test_appending_a_stored_response_id_returns_the_stored_message(shared_store: ConversationStore) -> None:
+def test_appending_the_same_reply_again_returns_the_stored_message(shared_store: ConversationStore) -> None:
+    """Idempotent only where it is the same reply: same response id, same message
+    answered, same content and tool calls."""
     conversation = shared_store.create(model=MODEL, system="s")
     conversation.append("user", "q")
-    first = conversation.append("assistant", "answer", response_id="chatcmpl-1", usage={"total_tokens": 3})
+    first = conversation.append(
+        "assistant", "answer", response_id="chatcmpl-1", reply_to=2, usage={"total_tokens": 3}
+    )
     conversation.append("user", "q2")
     before = _snapshot(shared_store)
-    again = conversation.append("assistant", "a different text", response_id="chatcmpl-1")
+    again = conversation.append("assistant", "answer", response_id="chatcmpl-1", reply_to=2)
     assert again == first
-    again_fresh = shared_store.get(conversation.id).append("assistant", "answer", response_id="chatcmpl-1")
+    again_fresh = shared_store.get(conversation.id).append(
+        "assistant", "answer", response_id="chatcmpl-1", reply_to=2
+    )
     assert again_fresh == first
     assert _snapshot(shared_store) == before
     assert _last_seq(shared_store, conversation.id) == 4
     # Scoped to the conversation: the same id elsewhere is a different reply.
     other = shared_store.create(model=MODEL)
-    assert other.append("assistant", "answer", response_id="chatcmpl-1").seq == 1
-    # A new id is stored as usual, right after the others.
-    assert conversation.append("assistant", "next", response_id="chatcmpl-2").seq == 5
+    assert other.append("assistant", "answer", response_id="chatcmpl-1", reply_to=2).seq == 1
+
+
+def test_a_new_reply_reusing_a_response_id_is_stored(shared_store: ConversationStore) -> None:
+    """A response id is the server's label, not a key: servers reuse them, so a reply that
+    shares only the id (another message answered, or another text) is a new reply."""
+    conversation = shared_store.create(model=MODEL)
+    conversation.append("user", "What is 2+2?")
+    first = conversation.append("assistant", "4", response_id="chatcmpl-1", reply_to=1)
+    conversation.append("user", "What is the capital of Iran?")
+    second = conversation.append("assistant", "Tehran", response_id="chatcmpl-1", reply_to=3)
+    assert (second.seq, second.content) == (4, "Tehran")
+    # Same message answered, another text: also a new reply (e.g. a retried request).
+    third = conversation.append("assistant", "Tehran, the capital", response_id="chatcmpl-1", reply_to=3)
+    assert third.seq == 5
+    # Same text, another message answered: new as well.
+    conversation.append("user", "And 2+2 again?")
+    assert conversation.append("assistant", "4", response_id="chatcmpl-1", reply_to=6).seq == 7
+    stored = shared_store.get(conversation.id).messages()
+    assert [m.content for m in stored if m.response_id == "chatcmpl-1"] == [
+        "4",
+        "Tehran",
+        "Tehran, the capital",
+        "4",
+    ]
+    assert first == stored[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1002,7 +1033,9 @@ def test_export_import_export_round_trips(shared_store: ConversationStore) -> No
         shared_store.get(imported.id)
     # The imported copy is a normal conversation: it grows, and dedupes its replies.
     assert imported.append("user", "more").seq == 8
-    assert imported.append("assistant", "dup", response_id="resp_1").seq == 4
+    assert (
+        imported.append("assistant", None, tool_calls=TOOL_CALLS, response_id="resp_1", reply_to=3).seq == 4
+    )
 
 
 def test_import_of_a_plain_openai_messages_list(shared_store: ConversationStore) -> None:

@@ -1144,6 +1144,9 @@ def test_database_errors_while_choosing_the_window_are_store_errors(store: Conve
     conv = store.create(model=MODEL, system="s")
     _append_turns(conv, [5, 5])
     with store.engine.begin() as conn:
+        if store.dialect == "sqlite":
+            conn.exec_driver_sql("DROP TABLE message_search_fts")
+        conn.exec_driver_sql("DROP TABLE message_search")  # it references messages
         conn.exec_driver_sql("DROP TABLE messages")
 
     for call in (

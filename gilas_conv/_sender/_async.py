@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -23,11 +24,11 @@ from ..store import Conversation, ConversationStore, Message
 from ..truncation import Policy, SummaryRequest
 from ._backend import AsyncBackend
 from ._base import (
-    _PENDING,
     DEFAULT_LIMITS,
     DEFAULT_TIMEOUT,
     ConversationRef,
     StreamChunk,
+    _answer,
     _Call,
     _SenderBase,
     _StreamCore,
@@ -117,6 +118,7 @@ class AsyncSender(_SenderBase):
         conversation: ConversationRef,
         *,
         owner: str | None = None,
+        messages: Sequence[Mapping[str, Any]] = (),
         max_retries: int | None = None,
         timeout: float | httpx.Timeout | None = None,
         context_limit: int | None = None,
@@ -126,11 +128,16 @@ class AsyncSender(_SenderBase):
         """Answer the pending turn: a last user message left unanswered by a failure, or
         tool results appended after an assistant's tool calls (interrupted replies after
         either are passed over). ValueError if there is none, e.g. when the last message is
-        a complete assistant reply."""
+        a complete assistant reply.
+
+        ``messages``: new messages to store first, as part of this turn (dicts with
+        ``role``, ``content`` and optionally ``name``, ``tool_calls``, ``tool_call_id``,
+        ``pinned``), e.g. the results of the tool calls the last reply asked for; the turn
+        they end is then answered."""
         call = self._call(
             params, max_retries=max_retries, timeout=timeout, context_limit=context_limit, policy=policy
         )
-        turn = await self._prepare_turn(conversation, _PENDING, call, owner=owner, stream=False)
+        turn = await self._prepare_turn(conversation, _answer(messages), call, owner=owner, stream=False)
         return await self._complete(turn, call)
 
     async def stream(
@@ -161,6 +168,7 @@ class AsyncSender(_SenderBase):
         conversation: ConversationRef,
         *,
         owner: str | None = None,
+        messages: Sequence[Mapping[str, Any]] = (),
         max_retries: int | None = None,
         timeout: float | httpx.Timeout | None = None,
         context_limit: int | None = None,
@@ -171,7 +179,7 @@ class AsyncSender(_SenderBase):
         call = self._call(
             params, max_retries=max_retries, timeout=timeout, context_limit=context_limit, policy=policy
         )
-        turn = await self._prepare_turn(conversation, _PENDING, call, owner=owner, stream=True)
+        turn = await self._prepare_turn(conversation, _answer(messages), call, owner=owner, stream=True)
         return await self._open_stream(turn, call)
 
     async def _prepare_turn(
@@ -199,8 +207,9 @@ class AsyncSender(_SenderBase):
             )
             reply = self._completion(response)
         except BaseException:
-            # No reply to charge: the quota held for it is given back.
-            await AsyncBackend.run_blocking(self._release_quota, turn.reservation)
+            # No reply to store: free the conversation (a worker thread runs to its end even
+            # if this task is cancelled again).
+            await AsyncBackend.run_blocking(self._abandon, turn)
             raise
         return await AsyncBackend.run_blocking(self._store_reply, turn, reply, status="complete")
 
@@ -213,7 +222,7 @@ class AsyncSender(_SenderBase):
                 timeout=call.timeout,
             )
         except BaseException:
-            await AsyncBackend.run_blocking(self._release_quota, turn.reservation)
+            await AsyncBackend.run_blocking(self._abandon, turn)
             raise
         return AsyncReplyStream(self, turn, response)
 
@@ -349,8 +358,8 @@ class AsyncReplyStream:
             self.message = await AsyncBackend.run_blocking(
                 self._sender._store_reply, self._turn, outcome.reply, status=outcome.status
             )
-        else:  # nothing arrived, nothing is stored: the quota held is given back
-            await AsyncBackend.run_blocking(self._sender._release_quota, self._turn.reservation)
+        else:
+            await AsyncBackend.run_blocking(self._sender._abandon, self._turn)
         if outcome.error is not None:
             if self.message is None:
                 raise outcome.error

@@ -19,7 +19,7 @@ import httpx
 
 from .. import _api
 from .. import tokens as _tokens
-from .._config import resolve_api_key, resolve_base_url
+from .._config import DEFAULT_TURN_LEASE_SECONDS, resolve_api_key, resolve_base_url
 from .._retry import decide
 from .._sse import SSEDecoder
 from ..exceptions import (
@@ -29,9 +29,11 @@ from ..exceptions import (
     APIStatusError,
     APITimeoutError,
     ConfigurationError,
+    ConversationBusy,
+    StoreError,
 )
 from ..store import Conversation, ConversationStore, Message, Reservation
-from ..store._usage import DEFAULT_QUOTA_RESERVATION
+from ..store._usage import DEFAULT_QUOTA_RESERVATION, HistoryMoved, QuotaAsk, QuotaNeeded
 from ..truncation import SUMMARY_MAX_TOKENS, Context, Policy, SummaryRequest, build_context, plan_context
 
 # The public module's name: log lines read as coming from gilas_conv.sender.
@@ -46,10 +48,36 @@ DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
 # How far back retry() first looks for the turn to answer; it widens the window if needed.
 _RETRY_TAIL = 64
 POLICIES = ("truncate", "summarize")
-# ``content`` of a call that answers the pending turn instead of adding a user message.
-_PENDING: Any = object()
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """``content`` of a call that answers the pending turn instead of adding a user message,
+    after appending ``messages`` (retry's ``messages=``) as part of the turn."""
+
+    messages: tuple[Mapping[str, Any], ...] = ()
+
+
+_PENDING: Any = _Answer()
+
+
+def _answer(messages: Sequence[Mapping[str, Any]]) -> _Answer:
+    """The ``content`` of ``retry(messages=...)``: answer the turn these messages end."""
+    if isinstance(messages, str | bytes | Mapping):
+        raise ValueError("messages must be a list of message dicts")
+    return _Answer(tuple(messages))
+
 
 ConversationRef = str | Conversation
+
+# A turn under a quota plans its window, then checks in its transaction that the history is
+# still the one planned over; a conversation appended to this often in between is busy.
+_PLAN_ATTEMPTS = 5
+_UNOWNED: Any = object()
+
+
+def _owner_key(owner: str | None) -> Any:
+    return _UNOWNED if owner is None else owner
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +117,7 @@ class _Turn:
     reply_to: int | None
     body: dict[str, Any]
     predicted_prompt_tokens: int
+    lease: str | None = None  # the conversation's turn lease, released with the reply
     # The owner's quota held for this request (None: no limit applies); settled when the
     # reply is stored, released when the request fails.
     reservation: Reservation | None = None
@@ -300,6 +329,7 @@ class _SenderBase:
     """
 
     _client: Any
+    _lease_seconds: float = DEFAULT_TURN_LEASE_SECONDS
 
     def __init__(
         self,
@@ -323,6 +353,10 @@ class _SenderBase:
         self.max_retries = _check_max_retries(max_retries)
         self.policy = _check_policy(policy)
         self._url = self.base_url + CHAT_COMPLETIONS_PATH
+        # Owners a limit applied to at their last turn: their next turn plans its
+        # reservation first instead of learning it from a refused transaction. A hint only:
+        # the turn's transaction decides (set.add/discard are atomic under the GIL).
+        self._limited: set[Any] = set()
         self._user_agent = _user_agent()
 
     @property
@@ -375,12 +409,18 @@ class _SenderBase:
         stream: bool,
         summarizer: Callable[[SummaryRequest], _api.Reply] | None,
     ) -> _Turn:
-        """Reserve the owner's quota, store the user message (``_PENDING``: find the pending
-        turn) and build the body. QuotaExceeded is raised before anything is stored."""
+        """Take the turn (lease, new messages and, under a limit, the owner's quota, in one
+        transaction) and build the body; see the module docstring for the order.
+        ConversationBusy if another request holds the lease; QuotaExceeded with nothing
+        stored."""
         conv = self._conversation(conversation, owner)
-        reservation = self._reserve(conv, content, call)
+        answering = isinstance(content, _Answer)
+        new = list(content.messages) if answering else [{"role": "user", "content": content}]
+        lease, held, added = self._take_turn(conv, new, call)
         try:
-            reply_to = self._pending(conv) if content is _PENDING else conv.append("user", content).seq
+            for message in added:
+                conv._saw(message)
+            reply_to = self._pending(conv) if answering else added[0].seq
             params = call.params
             context = build_context(
                 conv,
@@ -391,56 +431,79 @@ class _SenderBase:
                 policy=call.policy,
                 summarizer=self._summary_recorder(conv, summarizer) if summarizer is not None else None,
             )
+            if held is not None:
+                # The window is the one reserved for unless the history changed under the
+                # lease (an append outside any turn): then the hold grows to it, checked.
+                needed = context.prompt_tokens + self._reply_room(call)
+                held = self._store._grow_reservation(held, tokens=needed, model=context.model)
             body = _api.build_request_body(
                 model=context.model, messages=context.messages, params=params, stream=stream
             )
         except BaseException:
-            self._release_quota(reservation)
+            self._release(conv.id, lease, held)
             raise
-        return _Turn(conv, reply_to, body, context.prompt_tokens, reservation)
+        return _Turn(conv, reply_to, body, context.prompt_tokens, lease, held)
 
-    def _reserve(self, conv: Conversation, content: Any, call: _Call) -> Reservation | None:
-        """Hold the quota this request may use, or raise QuotaExceeded (nothing stored yet).
-
-        What is held: the prompt tokens of the window about to be sent plus the reply's
-        ``max_tokens`` (``DEFAULT_QUOTA_RESERVATION`` when the call gives none). The new
-        user message is not stored yet, so the window is planned over the stored history
-        with the message's own tokens kept free, plus the message itself; with
-        ``policy="summarize"`` the room of one summary is added.
-        """
-        if not self._store._quota_applies(conv.owner):
-            return None  # the common case: one indexed read, no write lock
-        params = call.params
-        reply_tokens = params.get("max_completion_tokens") or params.get("max_tokens")
-        model = params.get("model") or conv.model
-        new_tokens = 0
-        if content is not _PENDING:
+    def _take_turn(
+        self, conv: Conversation, new: list[dict[str, Any]], call: _Call
+    ) -> tuple[str, Reservation | None, list[Message]]:
+        """The store's ``_take_turn``, asked first without a reservation for an owner not
+        known to be limited (an owner without a limit pays one indexed read in the turn's
+        transaction), and with one planned over the history as it is when a limit applies
+        (again if the history moved between the plan and the transaction)."""
+        key = _owner_key(conv.owner)
+        ask = self._quota_ask(conv, new, call) if key in self._limited else None
+        for _attempt in range(_PLAN_ATTEMPTS):
             try:
-                encoding = _tokens.get_model_info(model).encoding
-                new_tokens = _tokens.message_tokens({"role": "user", "content": content}, encoding)
-            except (TypeError, ValueError):
-                new_tokens = 0  # bad content: append refuses it next, and the hold is released
+                lease, _, added, held = self._store._take_turn(
+                    conv.id, owner=conv.owner, lease_seconds=self._lease_seconds, messages=new, quota=ask
+                )
+            except (QuotaNeeded, HistoryMoved):
+                self._limited.add(key)
+                ask = self._quota_ask(conv, new, call)
+                continue
+            if ask is not None and held is None:
+                self._limited.discard(key)  # the limit was removed meanwhile
+            return lease, held, added
+        raise ConversationBusy(conv.id)
+
+    def _reply_room(self, call: _Call) -> int:
+        """What a reservation holds beyond the prompt: the reply's max_tokens (or the
+        documented default), and one summary's room under ``policy="summarize"``."""
+        params = call.params
+        room = params.get("max_completion_tokens") or params.get("max_tokens") or DEFAULT_QUOTA_RESERVATION
+        if call.policy == "summarize":
+            room += SUMMARY_MAX_TOKENS
+        return int(room)
+
+    def _quota_ask(self, conv: Conversation, new: list[dict[str, Any]], call: _Call) -> QuotaAsk:
+        """What to reserve: the prompt tokens of the window about to be sent plus
+        ``_reply_room``. The new messages are not stored yet, so the window is planned over
+        the stored history (as it is now: ``last_seq`` lets the turn's transaction check it
+        has not changed) with the new messages' tokens kept free, plus those messages."""
+        fresh = self._store.get(conv.id, owner=conv.owner)
+        params = call.params
+        model = params.get("model") or fresh.model
+        new_tokens = 0
+        try:
+            encoding = _tokens.get_model_info(model).encoding
+            new_tokens = sum(_tokens.message_tokens(message, encoding) for message in new)
+        except (TypeError, ValueError, KeyError):
+            new_tokens = 0  # bad content: the turn's validation refuses it, nothing is held
         prompt = new_tokens
-        if conv.message_count:
+        if fresh.message_count:
+            reply_tokens = params.get("max_completion_tokens") or params.get("max_tokens") or 0
             plan = plan_context(
-                conv,
+                fresh,
                 model=params.get("model"),
                 context_limit=call.context_limit,
-                max_tokens=(reply_tokens or 0) + new_tokens or None,
+                max_tokens=(reply_tokens + new_tokens) or None,
                 tools=params.get("tools"),
                 policy="truncate",
             )
             assert isinstance(plan, Context)
             prompt += plan.prompt_tokens
-        if call.policy == "summarize":
-            prompt += SUMMARY_MAX_TOKENS
-        return self._store.reserve_quota(
-            conv.owner, tokens=prompt + (reply_tokens or DEFAULT_QUOTA_RESERVATION), model=model
-        )
-
-    def _release_quota(self, reservation: Reservation | None) -> None:
-        if reservation is not None:
-            self._store.release_quota(reservation)
+        return QuotaAsk(tokens=prompt + self._reply_room(call), model=model, last_seq=fresh.message_count)
 
     def _summary_recorder(
         self, conv: Conversation, ask: Callable[[SummaryRequest], _api.Reply]
@@ -462,6 +525,24 @@ class _SenderBase:
 
         return summarize
 
+    def _abandon(self, turn: _Turn) -> None:
+        """End a turn that stores no reply (the request failed, nothing arrived): release
+        its lease and give back the quota it held."""
+        self._release(turn.conversation.id, turn.lease, turn.reservation)
+
+    def _release(self, conversation_id: str, lease: str | None, held: Reservation | None = None) -> None:
+        # Called while another error is on its way up: a failed release must not replace it,
+        # and the lease and the reservation expire by themselves.
+        try:
+            if lease is not None:
+                self._store._end_turn(conversation_id, lease)
+            if held is not None:
+                self._store.release_quota(held)
+        except StoreError:
+            logger.warning(
+                "could not release the turn lease or quota of conversation %s", conversation_id, exc_info=True
+            )
+
     @staticmethod
     def _pending(conv: Conversation) -> int | None:
         last = conv.last_message()
@@ -476,20 +557,25 @@ class _SenderBase:
                 window *= 4
 
     def _store_reply(self, turn: _Turn, reply: _api.Reply, *, status: str) -> Message:
-        message = turn.conversation.append(
-            "assistant",
-            reply.content,
-            tool_calls=reply.tool_calls,
-            status=status,
-            response_id=reply.response_id,
-            model=reply.model or turn.body["model"],
-            finish_reason=reply.finish_reason,
-            usage=reply.usage,
-            predicted_prompt_tokens=turn.predicted_prompt_tokens,
-            reply_to=turn.reply_to,
-            extra=reply.extra,
-            quota_reservation=turn.reservation,
-        )
+        try:  # the reply is stored, its quota settled and the lease released in one transaction
+            message = turn.conversation.append(
+                "assistant",
+                reply.content,
+                tool_calls=reply.tool_calls,
+                status=status,
+                response_id=reply.response_id,
+                model=reply.model or turn.body["model"],
+                finish_reason=reply.finish_reason,
+                usage=reply.usage,
+                predicted_prompt_tokens=turn.predicted_prompt_tokens,
+                reply_to=turn.reply_to,
+                extra=reply.extra,
+                lease=turn.lease,
+                quota_reservation=turn.reservation,
+            )
+        except BaseException:
+            self._abandon(turn)
+            raise
         logger.debug(
             "stored %s reply %s as message %s of conversation %s (answering %s)",
             status,
@@ -521,13 +607,15 @@ class _SenderBase:
         return _translate(err, self._url, (self._api_key,))
 
     def _status_error(self, response: httpx.Response, payload: bytes) -> APIStatusError:
-        return _api.status_error(
+        error = _api.status_error(
             response.status_code,
             response.headers.get("content-type", ""),
             payload,
             request_id=response.headers.get("x-request-id"),
             secrets=(self._api_key,),
         )
+        error.retry_after = response.headers.get("retry-after")
+        return error
 
     def _retry_delay(
         self, error: APIError, *, retries_done: int, max_retries: int, headers: httpx.Headers | None = None

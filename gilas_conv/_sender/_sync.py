@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -17,11 +18,11 @@ from ..store import Conversation, ConversationStore, Message
 from ..truncation import Policy, SummaryRequest
 from ._backend import SyncBackend
 from ._base import (
-    _PENDING,
     DEFAULT_LIMITS,
     DEFAULT_TIMEOUT,
     ConversationRef,
     StreamChunk,
+    _answer,
     _Call,
     _SenderBase,
     _StreamCore,
@@ -111,6 +112,7 @@ class Sender(_SenderBase):
         conversation: ConversationRef,
         *,
         owner: str | None = None,
+        messages: Sequence[Mapping[str, Any]] = (),
         max_retries: int | None = None,
         timeout: float | httpx.Timeout | None = None,
         context_limit: int | None = None,
@@ -120,11 +122,16 @@ class Sender(_SenderBase):
         """Answer the pending turn: a last user message left unanswered by a failure, or
         tool results appended after an assistant's tool calls (interrupted replies after
         either are passed over). ValueError if there is none, e.g. when the last message is
-        a complete assistant reply."""
+        a complete assistant reply.
+
+        ``messages``: new messages to store first, as part of this turn (dicts with
+        ``role``, ``content`` and optionally ``name``, ``tool_calls``, ``tool_call_id``,
+        ``pinned``), e.g. the results of the tool calls the last reply asked for; the turn
+        they end is then answered."""
         call = self._call(
             params, max_retries=max_retries, timeout=timeout, context_limit=context_limit, policy=policy
         )
-        turn = self._prepare_turn(conversation, _PENDING, call, owner=owner, stream=False)
+        turn = self._prepare_turn(conversation, _answer(messages), call, owner=owner, stream=False)
         return self._complete(turn, call)
 
     def stream(
@@ -155,6 +162,7 @@ class Sender(_SenderBase):
         conversation: ConversationRef,
         *,
         owner: str | None = None,
+        messages: Sequence[Mapping[str, Any]] = (),
         max_retries: int | None = None,
         timeout: float | httpx.Timeout | None = None,
         context_limit: int | None = None,
@@ -165,7 +173,7 @@ class Sender(_SenderBase):
         call = self._call(
             params, max_retries=max_retries, timeout=timeout, context_limit=context_limit, policy=policy
         )
-        turn = self._prepare_turn(conversation, _PENDING, call, owner=owner, stream=True)
+        turn = self._prepare_turn(conversation, _answer(messages), call, owner=owner, stream=True)
         return self._open_stream(turn, call)
 
     def _prepare_turn(
@@ -193,8 +201,9 @@ class Sender(_SenderBase):
             )
             reply = self._completion(response)
         except BaseException:
-            # No reply to charge: the quota held for it is given back.
-            SyncBackend.run_blocking(self._release_quota, turn.reservation)
+            # No reply to store: free the conversation (a worker thread runs to its end even
+            # if this task is cancelled again).
+            SyncBackend.run_blocking(self._abandon, turn)
             raise
         return SyncBackend.run_blocking(self._store_reply, turn, reply, status="complete")
 
@@ -207,7 +216,7 @@ class Sender(_SenderBase):
                 timeout=call.timeout,
             )
         except BaseException:
-            SyncBackend.run_blocking(self._release_quota, turn.reservation)
+            SyncBackend.run_blocking(self._abandon, turn)
             raise
         return ReplyStream(self, turn, response)
 
@@ -343,8 +352,8 @@ class ReplyStream:
             self.message = SyncBackend.run_blocking(
                 self._sender._store_reply, self._turn, outcome.reply, status=outcome.status
             )
-        else:  # nothing arrived, nothing is stored: the quota held is given back
-            SyncBackend.run_blocking(self._sender._release_quota, self._turn.reservation)
+        else:
+            SyncBackend.run_blocking(self._sender._abandon, self._turn)
         if outcome.error is not None:
             if self.message is None:
                 raise outcome.error

@@ -169,6 +169,12 @@ def _error_message(
         return str(err)
     if isinstance(err, OSError):
         return f"{err.strerror or err}" + (f": {err.filename}" if err.filename else "")
+    if type(err).__module__.startswith("sqlalchemy"):
+        # A backstop: the store translates database errors, but should one slip through,
+        # SQLAlchemy's text would show the SQL and every bound parameter.
+        cause = getattr(err, "orig", None) or err.__cause__
+        detail = str(cause).strip().splitlines()[0] if cause is not None and str(cause).strip() else ""
+        return f"database error ({type(err).__name__}{': ' + detail if detail else ''})"
     return f"unexpected {type(err).__name__}: {err}; run again with --debug for the traceback and report it"
 
 

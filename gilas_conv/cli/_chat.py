@@ -28,6 +28,7 @@ from ._app import (
 )
 from ._manage import token_lines, token_report
 from ._render import Output, ReplyPrinter
+from ._search import print_hits
 from ._turns import (
     StreamStopped,
     ignore_stop_signals,
@@ -51,6 +52,8 @@ CHAT_HISTORY_LENGTH = 1000
 PROMPT = "> "
 CONTINUATION_PROMPT = "... "
 BLOCK_QUOTE = '"""'
+# /search shows this many hits.
+SEARCH_LIMIT = 10
 
 # The slash commands: name, arguments, what it does. /help, `chat --help` and the
 # completion all read this table.
@@ -62,6 +65,7 @@ _COMMANDS = (
     ("/tokens", "", "the token budget of the next turn"),
     ("/fork", "[SEQ]", "continue in a copy of this conversation (up to message SEQ)"),
     ("/history", "[N]", "show the last N messages (default: all)"),
+    ("/search", "QUERY", 'find messages in all your conversations (words, "phrases", prefix*)'),
     ("/retry", "", "answer the last message again (after an error)"),
     ("/exit", "", "leave (also /quit, Ctrl-D, or Ctrl-C twice)"),
 )
@@ -262,6 +266,7 @@ class _Chat:
             "/tokens": self._tokens,
             "/fork": self._fork,
             "/history": self._history,
+            "/search": self._search,
             "/retry": self._retry,
             "/exit": None,
             "/quit": None,
@@ -327,6 +332,15 @@ class _Chat:
         old = self.conv
         self.conv = old.fork(at)
         self.output.line(f"forked {old.id} into {self.conv.id}; you are now in the copy", style="dim")
+
+    def _search(self, arg: str) -> None:
+        if not arg:
+            raise ValueError("/search needs the words to look for")
+        hits = self.store.search(arg, owner=self.settings.owner, limit=SEARCH_LIMIT)
+        if not hits:
+            self.output.line("No message matches.", style="dim")
+            return
+        print_hits(self.output, hits, owner=self.settings.owner)
 
     def _history(self, arg: str) -> None:
         if self.conv is None:

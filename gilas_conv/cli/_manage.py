@@ -4,15 +4,15 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import click
 
+from .. import portable
 from .._config import DEFAULT_MODEL, redact_url
+from ..portable import parse_import
 from ..store import Conversation
 from ..store._migrate import upgrade_database
 from ..truncation import DEFAULT_REPLY_RESERVE, build_context, conversation_tokens
@@ -31,7 +31,7 @@ from ._app import (
     title_from,
 )
 from ._quota import confirm_deletion, report_deletion
-from ._render import Output, content_text, terminal_json
+from ._render import Output, content_text, terminal_json, visible
 
 __all__ = ["DRIFT_ROWS", "parse_import", "token_lines", "token_report"]
 
@@ -135,7 +135,16 @@ def _print_header(output: Output, conv: Conversation) -> None:
 @main.command()
 @click.argument("conversation_id", metavar="[ID]", required=False)
 @conversation_options
-@click.option("--all", "export_all", is_flag=True, help="Every conversation, as JSON Lines.")
+@click.option(
+    "--all", "export_all", is_flag=True, help="Every conversation (JSON Lines unless --format says)."
+)
+@click.option(
+    "--format",
+    "out_format",
+    type=click.Choice(["json", "jsonl", "markdown"]),
+    help="json (indented; the default for one conversation), jsonl (one line per conversation; "
+    "the default for --all) or markdown (a readable document).",
+)
 @owner_options
 @pass_settings
 def export(
@@ -144,24 +153,33 @@ def export(
     continue_latest: bool,
     cid: str | None,
     export_all: bool,
+    out_format: str | None,
 ) -> None:
-    """Print a conversation as JSON, or all of them as JSON Lines.
+    """Print a conversation as JSON or Markdown, or all of them.
 
     The conversation is ID, --cid ID, or -c for the most recent one; --all prints every
     conversation, one per line. The format: {"id", "title", "model", "created_at", "updated_at", "metadata",
     "messages": [{"role", "content", "name"?, "tool_calls"?, "tool_call_id"?,
     "created_at", "status", "usage"?, "finish_reason"?, ...}]}. `gilas-conv import` reads it.
+    --format markdown gives a document: title, model, each message under its role and time.
     """
     named = bool(conversation_id or cid or continue_latest)
     if export_all == named:
         raise click.UsageError("give a conversation (ID, --cid ID or -c) or --all (not both)")
+    out_format = out_format or ("jsonl" if export_all else "json")
+    if export_all and out_format == "json":
+        raise click.UsageError("--all prints jsonl or markdown")
     output = Output()
     if named:
         conv = pick_conversation(
             settings, positional=conversation_id, cid=cid, continue_latest=continue_latest
         )
         assert conv is not None
-        output.json(dumps(conv.export(), pretty=True))
+        if out_format == "markdown":
+            document = portable.to_markdown(conv.export())
+            output.write_exact(visible(document) if output.rich else document)
+        else:
+            output.json(dumps(conv.export(), pretty=out_format == "json"))
         return
     store = settings.store()
     total = store.count(owner=settings.owner)
@@ -169,67 +187,19 @@ def export(
     stdout = sys.stdout
     rich = output.rich
     with output.progress("exporting", len(conversations)) as advance:
-        for conv in conversations:
-            line = dumps(conv.export())
-            stdout.write((terminal_json(line) if rich else line) + "\n")
+        for index, conv in enumerate(conversations):
+            if out_format == "markdown":
+                document = portable.to_markdown(conv.export())
+                stdout.write(("\n" if index else "") + (visible(document) if rich else document))
+            else:
+                line = dumps(conv.export())
+                stdout.write((terminal_json(line) if rich else line) + "\n")
             advance()
     stdout.flush()
 
 
 # ---------------------------------------------------------------------------------------------
 # import
-
-
-@dataclass(frozen=True)
-class _ImportItem:
-    where: str  # "line 3", "conversation 2", "the file": how an error names it
-    data: Any
-
-
-def parse_import(text: str) -> list[_ImportItem]:
-    """The conversations in an import file; ValueError naming the line or item at fault.
-
-    Accepted: one exported conversation (an object with "messages"), a JSON array of them,
-    a plain OpenAI messages array (objects with "role"), or JSON Lines of either.
-    """
-    if not text.strip():
-        raise ValueError("the file is empty")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as whole_err:
-        lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
-        if len(lines) > 1 and _parses(lines[0][1]):
-            return [_ImportItem(f"line {n}", _line_json(n, line)) for n, line in lines]
-        raise ValueError(f"line {whole_err.lineno}, column {whole_err.colno}: {whole_err.msg}") from None
-    if isinstance(data, dict):
-        return [_ImportItem("the file", data)]
-    if isinstance(data, list) and data and all(isinstance(item, dict) and "role" in item for item in data):
-        return [_ImportItem("the file", data)]  # one conversation as an OpenAI messages array
-    if (
-        isinstance(data, list)
-        and data
-        and all(isinstance(item, dict) and "messages" in item for item in data)
-    ):
-        return [_ImportItem(f"conversation {n}", item) for n, item in enumerate(data, start=1)]
-    raise ValueError(
-        "expected an exported conversation, JSON Lines of them, or an OpenAI messages array "
-        '(objects with "role" and "content")'
-    )
-
-
-def _parses(line: str) -> bool:
-    try:
-        json.loads(line)
-    except json.JSONDecodeError:
-        return False
-    return True
-
-
-def _line_json(number: int, line: str) -> Any:
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"line {number}, column {err.colno}: {err.msg}") from None
 
 
 @main.command("import")
@@ -239,42 +209,53 @@ def _line_json(number: int, line: str) -> Any:
     "--model",
     help=f"Store the conversations under this model (default: the file's, else {DEFAULT_MODEL}).",
 )
+@click.option(
+    "--format",
+    "file_format",
+    type=click.Choice(["chatgpt", "openai-items", "gilas"]),
+    help="Read FILE as this format (default: recognized by its content).",
+)
 @owner_options
 @pass_settings
-def import_(settings: Settings, file: Any, model: str | None) -> None:
-    """Import conversations from a file and print their new ids.
+def import_(settings: Settings, file: Any, model: str | None, file_format: str | None) -> None:
+    """Import conversations from a file and print their new ids, one a line.
 
-    FILE (- reads stdin) holds one conversation in the export format, JSON Lines of them (`export --all`),
-    or a plain OpenAI messages array. Every conversation is checked before any is stored:
-    a bad file is refused whole, naming the line and the reason. Importing a file twice
-    makes new conversations each time. With --owner they belong to that owner.
+    FILE (- reads stdin) holds one conversation in the export format, JSON Lines of them
+    (`export --all`), a plain OpenAI messages array, a ChatGPT data export
+    (conversations.json, or the ZIP ChatGPT sends: the branch last seen of each
+    conversation; images, files and tool output kept as placeholders; hidden messages
+    skipped and reported), or OpenAI conversation items (the JSON of
+    `client.conversations.items.list`, listed oldest first). Every conversation is checked
+    before any is stored: a bad file is refused whole, naming the line, conversation or
+    item and the reason. Importing a file twice makes new conversations each time. With
+    --owner they belong to that owner.
     """
-    raw = file.read()
     try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"the file is not UTF-8 text (byte {err.start}); nothing was imported") from None
-    try:
-        items = parse_import(text)
+        found, converted = portable.load(file.read(), format=file_format or "auto")
     except ValueError as err:
         raise ValueError(f"{err}; nothing was imported") from None
     output = Output()
     store = settings.store()
     # Every conversation is checked before the one transaction that stores them all.
-    with output.progress("importing", len(items)) as advance:
+    with output.progress("importing", len(converted.conversations)) as advance:
         try:
             imported = store.import_conversations(
-                [item.data for item in items],
+                converted.conversations,
                 model=model,
                 owner=settings.owner,
-                labels=[item.where for item in items],
+                labels=converted.labels,
                 progress=advance,
             )
         except ValueError as err:
             raise ValueError(f"{err}; nothing was imported") from err
     for conv in imported:
         click.echo(conv.id)
-    output.note(f"imported {plural(len(imported), 'conversation', 'conversations')}")
+    for where, reason in converted.skipped:
+        output.note(f"skipped {where}: {reason}")
+    output.note(
+        f"imported {plural(len(imported), 'conversation', 'conversations')} ({found} format)"
+        + (f"; skipped {len(converted.skipped)} item(s), listed above" if converted.skipped else "")
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,17 +13,21 @@ Layout
     ``_schema``    the tables (SQLAlchemy models; Alembic migrations build exactly these)
     ``_engine``    engines configured per backend (SQLite pragmas, the Postgres driver)
     ``_migrate``   running the shipped Alembic migrations
+    ``_keys``      the gateway's client keys (:class:`APIKeys`; hashes only)
     ``_usage``     the usage ledger, its reports, quotas (limits, reservations, periods)
     ``_window``    the planner's reader: anchors, newest rows, ranges, recount write-back
                    (:class:`WindowReader`, opened by :meth:`Conversation.read_window`)
 """
 
+from ._keys import APIKey, APIKeys
 from ._store import Conversation, ConversationStore, Deletion, Role
 from ._usage import QuotaLimits, QuotaStatus, Reservation, UsageRow
 from ._values import Message, Summary, openai_message
 from ._window import WindowReader, WindowRow
 
 __all__ = [
+    "APIKey",
+    "APIKeys",
     "Conversation",
     "ConversationStore",
     "Deletion",

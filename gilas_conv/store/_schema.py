@@ -8,7 +8,10 @@ Data model
     ``UPDATE ... RETURNING``, which also takes the row lock that serializes concurrent
     appends to the same conversation (on Postgres the row lock, on SQLite the write lock),
     so sequence numbers are contiguous and unique without retries. ``owner`` scopes every
-    lookup; ``NULL`` is the "no owner" scope, not a wildcard.
+    lookup; ``NULL`` is the "no owner" scope, not a wildcard. ``lease_token`` and
+    ``lease_expires_at`` are the turn lease: set while one request is answering the
+    conversation, so that a second one is refused instead of interleaving its turn (see
+    ``ConversationStore._begin_turn``). A lease past its expiry is free: its holder crashed.
 
 ``messages``
     One row per message, keyed by ``(conversation_id, seq)``. Every query filters on
@@ -20,10 +23,18 @@ Data model
     cost under ``tokens_encoding`` (per-message overhead included), computed once at
     append and recomputed lazily when the conversation moves to another encoding.
     ``status`` is ``complete`` or ``incomplete`` (a streamed reply that was cut off).
-    API bookkeeping for replies: ``response_id``, ``model``, ``finish_reason``, ``usage``
+    API bookkeeping for replies: ``response_id`` (the server's label for the completion,
+    not a key: servers do reuse ids, so two replies may share one), ``model``, ``finish_reason``, ``usage``
     and ``predicted_prompt_tokens`` (what we counted before sending, kept beside
     ``usage.prompt_tokens`` so the counting error stays visible). ``extra`` keeps
     anything else worth keeping (other choices when n > 1).
+
+``api_keys``
+    The gateway's client keys (``gilas-conv keys``): one row per key, naming the
+    ``owner`` whose conversations the key reaches. Only the SHA-256 of a key is stored
+    (``key_hash``, looked up directly: a key is 256 random bits, so its hash needs no
+    constant-time comparison), beside a short ``prefix`` of the key for people to tell
+    keys apart. ``revoked_at`` set: the key no longer works.
 
 ``summaries``
     Stored summaries of dropped history: each covers messages ``from_seq``..``to_seq``
@@ -81,6 +92,7 @@ __all__ = [
     "ROLES",
     "SCHEMA_REVISION",
     "STATUSES",
+    "APIKeyRow",
     "Base",
     "ConversationRow",
     "MessageRow",
@@ -163,6 +175,8 @@ class ConversationRow(Base):
     forked_at: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[dt.datetime]
     updated_at: Mapped[dt.datetime]
+    lease_token: Mapped[str | None] = mapped_column(String(36))
+    lease_expires_at: Mapped[dt.datetime | None]
 
     __table_args__ = (
         # "most recently active first" for one owner is a range scan of this index.
@@ -209,13 +223,13 @@ class MessageRow(Base):
             postgresql_where=text(ANCHOR_PREDICATE),
             sqlite_where=text(ANCHOR_PREDICATE),
         ),
-        # One reply per response id in a conversation: a retried request that got the same
-        # completion back can never be stored twice.
+        # Finds the replies carrying a response id, to tell a repeated append of the same
+        # reply from a new reply that happens to reuse the id. Not unique: the id is the
+        # server's label, and servers reuse them.
         Index(
-            "uq_messages_response",
+            "ix_messages_response",
             "conversation_id",
             "response_id",
-            unique=True,
             postgresql_where=text("response_id IS NOT NULL"),
             sqlite_where=text("response_id IS NOT NULL"),
         ),
@@ -238,6 +252,23 @@ class SummaryRow(Base):
     __table_args__ = (
         ForeignKeyConstraint(["conversation_id"], ["conversations.id"], ondelete="CASCADE"),
         CheckConstraint("from_seq >= 1 AND to_seq >= from_seq", name="range_valid"),
+    )
+
+
+class APIKeyRow(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(255))
+    key_hash: Mapped[str] = mapped_column(String(64))
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[dt.datetime]
+    revoked_at: Mapped[dt.datetime | None]
+
+    __table_args__ = (
+        # Every request looks its key up by hash.
+        Index(None, "key_hash", unique=True),
+        Index(None, "owner"),
     )
 
 

@@ -18,11 +18,22 @@ What is guaranteed
 * ``owner`` scopes every call: a conversation created for owner A does not exist for
   owner B (or for ``owner=None``, which is its own scope, not a wildcard).
 * The store keeps the full history; truncation only chooses what is sent.
+* A reply's ``response_id`` is the server's label, not a key: servers reuse ids, so a new
+  reply is stored whatever its id. Only a repeated append of the same reply (same
+  response id, same message answered, same content and tool calls) returns the stored
+  message instead of storing it twice.
+* One request answers a conversation at a time: a turn takes the conversation's lease
+  (:meth:`ConversationStore._begin_turn`), which lives in the conversation's row, so it
+  holds across threads, processes and hosts sharing the database. The reply is stored and
+  the lease released in one transaction; a request that fails releases it
+  (:meth:`ConversationStore._end_turn`); a process that dies holding it leaves it to
+  expire. Plain appends neither check nor take the lease.
 """
 
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import datetime as dt
 import logging
 import os
@@ -33,23 +44,40 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal, cast
 
-from sqlalchemy import Engine, Row, Table, bindparam, delete, func, insert, literal, select, update
+from sqlalchemy import (
+    Engine,
+    Row,
+    Table,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    update,
+)
 
 from .._config import (
     DEFAULT_MAX_MESSAGE_CHARS,
     DEFAULT_MODEL,
     DEFAULT_SQLITE_BUSY_TIMEOUT_MS,
     DEFAULT_SQLITE_SYNCHRONOUS,
+    DEFAULT_TURN_LEASE_SECONDS,
 )
 from .._config import resolve_database_url as _resolve_database_url
 from .._prices import MICROS, Prices, resolve_prices
 from ..exceptions import (
+    ConversationBusy,
     ConversationNotFound,
     MessageNotFound,
     SchemaOutOfDate,
     StoreIntegrityError,
 )
-from . import _usage
+from ..search import SearchHit, make_snippet, parse_query, searchable_text
+from ..search._snippet import marked as _marked
+from . import _search, _usage
 from ._engine import create_engine_for_url, redact_url
 from ._io import _prepare_import
 from ._migrate import check_schema_state, current_revision, head_revision, upgrade_database
@@ -99,6 +127,12 @@ class Deletion:
     messages: int
 
 
+DEFAULT_SEARCH_LIMIT = 20
+# A search returns at most this many hits, whatever limit it is given: each hit's snippet
+# is cut in Python from the message's text.
+MAX_SEARCH_LIMIT = 1000
+
+
 _MESSAGE_COLUMNS = tuple(_messages.c[name] for name in Message.__dataclass_fields__)
 
 
@@ -128,6 +162,68 @@ def _bump_statement(*, owned: bool) -> Any:
 _BUMP_OWNED = _bump_statement(owned=True)
 _BUMP_UNOWNED = _bump_statement(owned=False)
 _INSERT_MESSAGE = insert(_messages)
+
+
+def _lease_held(token: str | None, expires_at: dt.datetime | None, now: dt.datetime) -> bool:
+    return token is not None and expires_at is not None and expires_at > now
+
+
+def _stored_reply(conn: Any, conversation_id: str, columns: Mapping[str, Any]) -> Message | None:
+    """The stored message this reply repeats: same response id, same message answered,
+    same role, content and tool calls. A reply that only shares the id is a new one."""
+    if columns["response_id"] is None:
+        return None
+    found = conn.execute(
+        select(*_MESSAGE_COLUMNS)
+        .where(
+            _messages.c.conversation_id == conversation_id, _messages.c.response_id == columns["response_id"]
+        )
+        .order_by(_messages.c.seq)
+    ).all()
+    for row in found:
+        message = _message_from_row(row)
+        if (message.role, message.reply_to, message.content, message.tool_calls) == (
+            columns["role"],
+            columns["reply_to"],
+            columns["content"],
+            columns["tool_calls"],
+        ):
+            return message
+    return None
+
+
+_TURN_MESSAGE_KEYS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "pinned"})
+
+
+def _turn_message_columns(
+    message: Mapping[str, Any], model: str, *, max_message_chars: int
+) -> dict[str, Any]:
+    """The columns of one new message of a turn (see ``_begin_turn``), validated and counted."""
+    if not isinstance(message, Mapping):
+        raise ValueError(f"a message must be a dict, not {type(message).__name__}")
+    unknown = set(message) - _TURN_MESSAGE_KEYS
+    if unknown:
+        raise ValueError(f"unknown message field(s): {', '.join(sorted(map(str, unknown)))}")
+    columns = _validate_message(
+        message.get("role"),
+        message.get("content"),
+        name=message.get("name"),
+        tool_calls=message.get("tool_calls"),
+        tool_call_id=message.get("tool_call_id"),
+        pinned=message.get("pinned", False),
+    )
+    _check_size(columns, max_message_chars)
+    columns.update(
+        response_id=None,
+        model=None,
+        finish_reason=None,
+        usage=None,
+        predicted_prompt_tokens=None,
+        reply_to=None,
+        extra=None,
+    )
+    columns.update(_token_columns(columns, model))
+    return columns
 
 
 def _owner_clause(owner: str | None) -> Any:
@@ -170,14 +266,16 @@ class Conversation:
 
         ``reply_fields`` (``status``, ``response_id``, ``model``, ``finish_reason``,
         ``usage``, ``predicted_prompt_tokens``, ``reply_to``, ``extra``) record what the API
-        said about a reply. Appending a reply whose ``response_id`` is already stored in
-        this conversation returns the stored message instead of storing it twice.
+        said about a reply. Appending the same reply again (same ``response_id``,
+        ``reply_to``, role, content and tool calls) returns the stored message instead of
+        storing it twice; a reply that only shares the response id is a new reply, stored.
+        (``lease``, for the senders: see ``ConversationStore._append``.)
 
         An assistant reply with ``usage`` (or, lacking it, with ``predicted_prompt_tokens``:
         a reply the API cut off before reporting usage, charged at that count plus the
         reply's own tokens) also writes its usage-ledger row, in the same transaction.
         ``quota_reservation`` (a :class:`~gilas_conv.store.Reservation`) is settled there
-        too: deleted as its usage is recorded.
+        too: deleted as its usage is recorded (or, for a reply already stored, released).
         """
         message = self.store._append(
             self.id,
@@ -191,10 +289,14 @@ class Conversation:
             pinned=pinned,
             **reply_fields,
         )
+        self._saw(message)
+        return message
+
+    def _saw(self, message: Message) -> None:
+        """Keep ``message_count`` and ``updated_at`` current after a write of this conversation."""
         if message.seq > self.message_count:
             self.message_count = message.seq
             self.updated_at = max(self.updated_at, message.created_at)
-        return message
 
     def messages(self, *, after: int = 0, limit: int | None = None) -> list[Message]:
         """The stored history in order (all of it by default), as Message values."""
@@ -223,6 +325,14 @@ class Conversation:
     def fork(self, at: int | None = None, *, title: str | None = None) -> Conversation:
         """A new conversation holding a copy of messages 1..``at`` (all when None)."""
         return self.store._fork(self, at=at, title=title)
+
+    def delete_message(self, seq: int) -> None:
+        """Delete one message (MessageNotFound if there is none). The others keep their seq.
+
+        Half of a tool-call pair cannot be deleted alone (ValueError): the API refuses a
+        history holding the other half. Summaries already made are kept.
+        """
+        self.store._delete_message(self.id, self.owner, seq)
 
     def pin(self, seq: int, pinned: bool = True) -> None:
         """Mark a message to be kept in every context window (or unmark it)."""
@@ -534,20 +644,35 @@ class ConversationStore:
         return self._conversation_from_row(row)
 
     def list(
-        self, *, owner: str | None = None, limit: int = DEFAULT_LIST_LIMIT
+        self, *, owner: str | None = None, limit: int = DEFAULT_LIST_LIMIT, after: str | None = None
     ) -> builtins.list[Conversation]:
-        """This owner's conversations, most recently active (``updated_at``) first."""
+        """This owner's conversations, most recently active (``updated_at``) first.
+
+        ``after``: the id of a conversation of a previous page; the list continues after
+        it (ConversationNotFound if this owner has no such conversation).
+        """
         if not isinstance(limit, int) or limit < 1:
             raise ValueError("limit must be a positive integer")
         if not _could_exist(None, owner, any_id=True):
             return []
+        c = _conversations.c
+        query = select(_conversations).where(_owner_clause(owner))
         with self._read() as conn:
-            rows = conn.execute(
-                select(_conversations)
-                .where(_owner_clause(owner))
-                .order_by(_conversations.c.updated_at.desc(), _conversations.c.id.desc())
-                .limit(limit)
-            ).all()
+            if after is not None:
+                if not _could_exist(after, owner):
+                    raise ConversationNotFound(after)
+                cursor = conn.execute(
+                    select(c.updated_at, c.id).where(c.id == after, _owner_clause(owner))
+                ).first()
+                if cursor is None:
+                    raise ConversationNotFound(after)
+                query = query.where(
+                    or_(
+                        c.updated_at < cursor.updated_at,
+                        and_(c.updated_at == cursor.updated_at, c.id < cursor.id),
+                    )
+                )
+            rows = conn.execute(query.order_by(c.updated_at.desc(), c.id.desc()).limit(limit)).all()
         return [self._conversation_from_row(row) for row in rows]
 
     def latest(self, *, owner: str | None = None) -> Conversation | None:
@@ -575,6 +700,54 @@ class ConversationStore:
             ).rowcount
         if not deleted:
             raise ConversationNotFound(conversation_id)
+
+    def search(
+        self,
+        query: str,
+        *,
+        owner: str | None = None,
+        limit: int = DEFAULT_SEARCH_LIMIT,
+        conversation: str | None = None,
+    ) -> builtins.list[SearchHit]:
+        """The messages of this owner's conversations that match ``query``, best first.
+
+        The query language (words ANDed, ``"phrases"``, ``prefix*``) and the normalization
+        that lets Persian and Arabic spellings match are described in
+        :mod:`gilas_conv.search`. Searched: the text of user and assistant messages (text
+        parts of content lists included) and tool results; not system or developer
+        messages, nor tool-call arguments. Incomplete replies are found too, with
+        ``status="incomplete"``. ``conversation`` limits the search to one conversation.
+        A query with no word in it raises ValueError; nothing reaches the database's query
+        syntax unquoted.
+        """
+        parsed = parse_query(query)
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise ValueError("limit must be a positive integer")
+        if conversation is not None:
+            _check_conversation_id(conversation)
+        if not _could_exist(conversation, owner, any_id=conversation is None):
+            return []
+        with self._read() as conn:
+            rows = _search.search_rows(
+                conn, parsed, owner=owner, limit=min(limit, MAX_SEARCH_LIMIT), conversation=conversation
+            )
+        hits = []
+        for row in rows:
+            fragments = make_snippet(searchable_text(row.role, row.content), parsed)
+            hits.append(
+                SearchHit(
+                    conversation_id=row.conversation_id,
+                    title=row.title,
+                    seq=row.seq,
+                    role=row.role,
+                    snippet=_marked(fragments),
+                    rank=float(row.rank),
+                    status=row.status,
+                    created_at=row.created_at,
+                    fragments=fragments,
+                )
+            )
+        return hits
 
     def import_conversation(
         self,
@@ -620,6 +793,7 @@ class ConversationStore:
                 conn.execute(insert(_conversations).values(owner=owner, **header))
                 if rows:
                     conn.execute(insert(_messages), [{"conversation_id": header["id"], **r} for r in rows])
+                    _search.insert_rows(conn, self._search_rows(header["id"], rows))
                 if progress is not None:
                     progress()
         return [
@@ -762,20 +936,51 @@ class ConversationStore:
             _check_field(owner, "owner", allow_empty=False)
         if isinstance(tokens, bool) or not isinstance(tokens, int) or not 0 <= tokens < 2**62:
             raise ValueError(f"tokens must be an integer >= 0, not {tokens!r}")
-        cost = None
-        highest = self.prices.most_expensive(model) if self.prices is not None else None
-        if highest is not None:
-            cost = int((tokens * highest).to_integral_value())
         with self._write() as conn:
-            return _usage.reserve(
+            return self._reserve_in(conn, owner, tokens, model, self._clock())
+
+    def _hold_cost(self, tokens: int, model: str | None) -> int | None:
+        highest = self.prices.most_expensive(model) if self.prices is not None else None
+        return None if highest is None else int((tokens * highest).to_integral_value())
+
+    def _reserve_in(
+        self, conn: Any, owner: str | None, tokens: int, model: str | None, now: dt.datetime
+    ) -> _usage.Reservation | None:
+        return _usage.reserve(
+            conn,
+            self.dialect,
+            owner=owner,
+            tokens=tokens,
+            cost_micros=self._hold_cost(tokens, model),
+            now=now,
+            currency=self.prices.currency if self.prices is not None else None,
+        )
+
+    def _grow_reservation(
+        self, reservation: _usage.Reservation, *, tokens: int, model: str | None
+    ) -> _usage.Reservation:
+        """Raise a held reservation to ``tokens`` (a window larger than planned), checked
+        against the limits like a new one: QuotaExceeded leaves the old one held."""
+        extra = tokens - reservation.tokens
+        if extra <= 0:
+            return reservation
+        with self._write() as conn:
+            now = self._clock()
+            # Checked as a new request of ``extra`` tokens, under the owner's lock.
+            probe = _usage.reserve(
                 conn,
                 self.dialect,
-                owner=owner,
-                tokens=tokens,
-                cost_micros=cost,
-                now=self._clock(),
+                owner=reservation.owner,
+                tokens=extra,
+                cost_micros=self._hold_cost(extra, model),
+                now=now,
                 currency=self.prices.currency if self.prices is not None else None,
             )
+            if probe is not None:
+                _usage.release(conn, probe)
+            cost = self._hold_cost(tokens, model)
+            _usage.grow(conn, reservation, tokens, cost)
+        return dataclasses.replace(reservation, tokens=tokens, cost_micros=cost)
 
     def release_quota(self, reservation: _usage.Reservation) -> None:
         """Give back a reservation whose request failed (nothing is charged for it)."""
@@ -858,9 +1063,11 @@ class ConversationStore:
         """Delete every conversation of ``owner`` (a user's erasure request) and return how
         many conversations and messages went.
 
-        Deleted means gone: messages, summaries and rows derived from them. On SQLite the
-        freed space is overwritten (``PRAGMA secure_delete`` is on for every connection)
-        and the write-ahead log is checkpointed and truncated afterwards, so the text no
+        Deleted means gone: messages, summaries and rows derived from them (the search
+        index's rows cascade from their messages). On SQLite the freed space is overwritten
+        (``PRAGMA secure_delete`` is on for every connection), the FTS5 search index is
+        merged so its segments drop the deleted words, and the write-ahead log is
+        checkpointed and truncated afterwards, so the text no
         longer lies in the database file or its -wal file; on Postgres the old row versions
         stay on disk until VACUUM reclaims them (see the README). The usage ledger keeps
         the spending, which holds no content.
@@ -919,8 +1126,22 @@ class ConversationStore:
             conversations += len(batch)
             messages += size
         if conversations:
+            self._compact_search_index()
             self._forget_freed_pages()
         return Deletion(conversations=conversations, messages=messages)
+
+    def _compact_search_index(self) -> None:
+        """SQLite: merge the FTS5 index's segments, in bounded transactions, so the deleted
+        messages' words leave it (see ``_search.compact_step``). Its cost grows with the
+        size of the index, not with what was deleted; each step holds the write lock for
+        about ``COMPACT_PAGES`` pages of work, so live chats wait at most one step."""
+        if self.dialect != "sqlite":
+            return
+        while True:
+            with self._write() as conn:
+                more = _search.compact_step(conn)
+            if not more:
+                return
 
     def _forget_freed_pages(self) -> None:
         """SQLite: copy the write-ahead log into the database file and truncate it, so the
@@ -946,6 +1167,16 @@ class ConversationStore:
 
     def _read(self) -> Any:
         return _Transaction(self._engine, write=False)
+
+    def _search_rows(
+        self, conversation_id: str, rows: Iterable[Mapping[str, Any]]
+    ) -> builtins.list[dict[str, Any]]:
+        out = []
+        for row in rows:
+            indexed = _search.index_values(self.dialect, row["role"], row["content"])
+            if indexed is not None:
+                out.append({"cid": conversation_id, "seq": row["seq"], **indexed})
+        return out
 
     def _conversation_from_row(self, row: Row[Any]) -> Conversation:
         return Conversation(
@@ -983,8 +1214,16 @@ class ConversationStore:
         reply_to: int | None = None,
         extra: dict[str, Any] | None = None,
         quota_reservation: _usage.Reservation | None = None,
+        lease: str | None = None,
     ) -> Message:
-        """Append one message (see Conversation.append); ``model`` is the model that answered."""
+        """Append one message (see Conversation.append); ``model`` is the model that answered.
+
+        ``lease``: the token of the conversation's turn lease (:meth:`_begin_turn`). The
+        message is stored and the lease released in one transaction. If another request
+        holds the lease now (this one's expired and was taken over), ConversationBusy is
+        raised and nothing is stored. Without ``lease`` the lease is neither checked nor
+        touched.
+        """
         _check_conversation_id(conversation_id)
         columns = _validate_message(
             role,
@@ -1015,6 +1254,9 @@ class ConversationStore:
         if quota_reservation is not None and not isinstance(quota_reservation, _usage.Reservation):
             raise ValueError("quota_reservation must be a Reservation from reserve_quota()")
         columns.update(_token_columns(columns, conversation_model))
+        if lease is not None:
+            _check_str(lease, "lease")
+        indexed = _search.index_values(self.dialect, columns["role"], columns["content"])
         now = self._clock()
         event = None
         if role == "assistant":
@@ -1027,39 +1269,250 @@ class ConversationStore:
                 estimate=(predicted_prompt_tokens, columns.get("tokens")),
                 now=now,
             )
-        try:
-            with self._write() as conn:
-                bump = {"b_cid": conversation_id, "b_owner": owner, "b_now": now}
-                row = {"conversation_id": conversation_id, "created_at": now, **columns}
-                statement = _BUMP_UNOWNED if owner is None else _BUMP_OWNED
-                seq = conn.execute(statement, bump).scalar()
-                if seq is not None:
-                    conn.execute(_INSERT_MESSAGE, {**row, "seq": seq})
-                if seq is None:
-                    raise ConversationNotFound(conversation_id)
-                if event is not None or quota_reservation is not None:
-                    _usage.settle(conn, event, quota_reservation)
-        except StoreIntegrityError:
-            if response_id is None:
-                raise
-            existing = self._by_response_id(conversation_id, response_id)
-            if existing is None:
-                raise
-            # Stored (and charged) before: the reservation this request held just ends.
-            if quota_reservation is not None:
-                self.release_quota(quota_reservation)
-            return existing
+        if response_id is not None or lease is not None:
+            return self._append_reply(
+                conversation_id,
+                owner,
+                columns,
+                now,
+                lease=lease,
+                indexed=indexed,
+                event=event,
+                reservation=quota_reservation,
+            )
+        with self._write() as conn:
+            bump = {"b_cid": conversation_id, "b_owner": owner, "b_now": now}
+            row = {"conversation_id": conversation_id, "created_at": now, **columns}
+            statement = _BUMP_UNOWNED if owner is None else _BUMP_OWNED
+            seq = conn.execute(statement, bump).scalar()
+            if seq is not None:
+                conn.execute(_INSERT_MESSAGE, {**row, "seq": seq})
+            if seq is None:
+                raise ConversationNotFound(conversation_id)
+            if indexed is not None:
+                _search.insert_rows(conn, [{"cid": conversation_id, "seq": seq, **indexed}])
+            if event is not None or quota_reservation is not None:
+                _usage.settle(conn, event, quota_reservation)
         return Message(conversation_id=conversation_id, seq=seq, created_at=now, **columns)
 
-    def _by_response_id(self, conversation_id: str, response_id: str) -> Message | None:
-        with self._read() as conn:
-            row = conn.execute(
-                select(*_MESSAGE_COLUMNS).where(
-                    _messages.c.conversation_id == conversation_id,
-                    _messages.c.response_id == response_id,
-                )
+    def _append_reply(
+        self,
+        conversation_id: str,
+        owner: str | None,
+        columns: dict[str, Any],
+        now: dt.datetime,
+        *,
+        lease: str | None,
+        indexed: dict[str, Any] | None,
+        event: dict[str, Any] | None = None,
+        reservation: _usage.Reservation | None = None,
+    ) -> Message:
+        """The append of a reply (a response id or a lease given), checked under the lock.
+
+        The conversation's row is locked first (FOR UPDATE on Postgres; SQLite's write
+        transaction holds the database lock), so the check for the same reply already
+        stored and the lease check cannot race another append.
+        """
+        c = _conversations.c
+        with self._write() as conn:
+            state = conn.execute(
+                select(c.lease_token, c.lease_expires_at)
+                .where(c.id == conversation_id, _owner_clause(owner))
+                .with_for_update()
             ).first()
-        return _message_from_row(row) if row is not None else None
+            if state is None:
+                raise ConversationNotFound(conversation_id)
+            ours = lease is not None and state.lease_token == lease
+            release = {"lease_token": None, "lease_expires_at": None} if lease is not None else {}
+            stored = _stored_reply(conn, conversation_id, columns)
+            if stored is not None:
+                if ours:
+                    conn.execute(update(_conversations).where(c.id == conversation_id).values(**release))
+                if reservation is not None:
+                    # Stored (and charged) before: the reservation this request held just ends.
+                    _usage.settle(conn, None, reservation)
+                return stored
+            if lease is not None and not ours and _lease_held(state.lease_token, state.lease_expires_at, now):
+                raise ConversationBusy(conversation_id, expires_at=state.lease_expires_at)
+            seq = conn.execute(
+                update(_conversations)
+                .where(c.id == conversation_id)
+                .values(last_seq=c.last_seq + 1, updated_at=now, **release)
+                .returning(c.last_seq)
+            ).scalar_one()
+            conn.execute(
+                _INSERT_MESSAGE,
+                {"conversation_id": conversation_id, "created_at": now, "seq": seq, **columns},
+            )
+            if indexed is not None:
+                _search.insert_rows(conn, [{"cid": conversation_id, "seq": seq, **indexed}])
+            if event is not None or reservation is not None:
+                _usage.settle(conn, event, reservation)
+        return Message(conversation_id=conversation_id, seq=seq, created_at=now, **columns)
+
+    # -- the turn lease: one request answers a conversation at a time ---------------------------
+    #
+    # Private to the package but used by the senders and the gateway. A turn is
+    # ``token, conv, added = store._begin_turn(id, owner=..., messages=[...])``, the request,
+    # then ``conv.append("assistant", ..., lease=token)`` (stores the reply and releases the
+    # lease) or, if the request failed, ``store._end_turn(id, token)``.
+
+    def _begin_turn(
+        self,
+        conversation_id: str,
+        *,
+        owner: str | None = None,
+        lease_seconds: float = DEFAULT_TURN_LEASE_SECONDS,
+        messages: Sequence[Mapping[str, Any]] = (),
+    ) -> tuple[str, Conversation, builtins.list[Message]]:
+        """Take the conversation's turn lease and append ``messages``, in one transaction
+        (quotas are not checked: see :meth:`_take_turn`).
+
+        The lease is taken if it is free or expired (its holder died); otherwise
+        :class:`~gilas_conv.ConversationBusy` is raised and nothing is written, so a refused
+        request stores nothing. ``messages`` are the turn's new messages (``role``,
+        ``content``, and optionally ``name``, ``tool_calls``, ``tool_call_id``,
+        ``pinned``), all validated before the transaction (ValueError, nothing written).
+
+        Returns the lease token (a random string: whoever holds it owns the turn), the
+        conversation as it is now, and the messages appended. The lease lasts
+        ``lease_seconds`` (:data:`~gilas_conv._config.DEFAULT_TURN_LEASE_SECONDS` by
+        default: longer than any whole turn may take); expiry is judged by this process's
+        clock, so hosts sharing a database need clocks in step to well under that.
+        """
+        token, conv, added, _held = self._take_turn(
+            conversation_id,
+            owner=owner,
+            lease_seconds=lease_seconds,
+            messages=messages,
+            quota=None,
+            check=False,
+        )
+        return token, conv, added
+
+    def _take_turn(
+        self,
+        conversation_id: str,
+        *,
+        owner: str | None,
+        lease_seconds: float,
+        messages: Sequence[Mapping[str, Any]],
+        quota: _usage.QuotaAsk | None,
+        check: bool = True,
+    ) -> tuple[str, Conversation, builtins.list[Message], _usage.Reservation | None]:
+        """:meth:`_begin_turn` with the owner's quota, all in its one write transaction.
+
+        With ``check`` and no ``quota``: if a limit applies to ``owner``, ``QuotaNeeded``
+        is raised and nothing is written (the sender then plans the window and asks
+        again); otherwise the turn costs one more indexed read. With ``quota``: if the
+        conversation's last message is no longer ``quota.last_seq``, ``HistoryMoved``
+        (nothing written); else ``quota.tokens`` are reserved (QuotaExceeded: nothing
+        written, no lease taken) and the reservation is returned with the turn.
+        """
+        if not _could_exist(conversation_id, owner):
+            raise ConversationNotFound(conversation_id)
+        if (
+            isinstance(lease_seconds, bool)
+            or not isinstance(lease_seconds, int | float)
+            or not lease_seconds > 0
+        ):
+            raise ValueError(f"lease_seconds must be a positive number, not {lease_seconds!r}")
+        rows = []
+        if messages:
+            # Counted before the transaction, under the model read here: if the model changes
+            # meanwhile, the stored encoding says so and the count is redone when read.
+            model = self.get(conversation_id, owner=owner).model
+            for message in messages:
+                rows.append(_turn_message_columns(message, model, max_message_chars=self.max_message_chars))
+        indexed = [_search.index_values(self.dialect, r["role"], r["content"]) for r in rows]
+        token = str(uuid.uuid4())
+        now = self._clock()
+        c = _conversations.c
+        values: dict[str, Any] = {
+            "lease_token": token,
+            "lease_expires_at": now + dt.timedelta(seconds=lease_seconds),
+        }
+        if rows:
+            values.update(last_seq=c.last_seq + len(rows), updated_at=now)
+        with self._write() as conn:
+            # One UPDATE takes the lease only where it is free, so two requests racing for it
+            # are ordered by the row lock (Postgres) or the write lock (SQLite): one wins.
+            row = conn.execute(
+                update(_conversations)
+                .where(
+                    c.id == conversation_id,
+                    _owner_clause(owner),
+                    or_(c.lease_token.is_(None), c.lease_expires_at <= now),
+                )
+                .values(**values)
+                .returning(*_conversations.c)
+            ).first()
+            if row is None:
+                holder = conn.execute(
+                    select(c.lease_expires_at).where(c.id == conversation_id, _owner_clause(owner))
+                ).first()
+                if holder is None:
+                    raise ConversationNotFound(conversation_id)
+                raise ConversationBusy(conversation_id, expires_at=holder.lease_expires_at)
+            held = None
+            if quota is not None:
+                if row.last_seq - len(rows) != quota.last_seq:
+                    raise _usage.HistoryMoved(conversation_id)
+                held = self._reserve_in(conn, owner, quota.tokens, quota.model, now)
+            elif check and _usage.any_limit(conn, owner):
+                raise _usage.QuotaNeeded(conversation_id)
+            first = row.last_seq - len(rows) + 1
+            added = [
+                Message(conversation_id=conversation_id, seq=first + i, created_at=now, **columns)
+                for i, columns in enumerate(rows)
+            ]
+            if rows:
+                conn.execute(
+                    insert(_messages),
+                    [
+                        {"conversation_id": conversation_id, "seq": m.seq, "created_at": now, **r}
+                        for m, r in zip(added, rows, strict=True)
+                    ],
+                )
+                search_rows = [
+                    {"cid": conversation_id, "seq": m.seq, **found}
+                    for m, found in zip(added, indexed, strict=True)
+                    if found is not None
+                ]
+                if search_rows:
+                    _search.insert_rows(conn, search_rows)
+        return token, self._conversation_from_row(row), added, held
+
+    def _end_turn(self, conversation_id: str, token: str) -> bool:
+        """Release the lease ``token`` without storing a reply (the request failed).
+
+        True if it was released; a lease that is not (or no longer) this token's is left
+        alone, so a late release can never free another request's turn.
+        """
+        c = _conversations.c
+        with self._write() as conn:
+            released = conn.execute(
+                update(_conversations)
+                .where(c.id == conversation_id, c.lease_token == token)
+                .values(lease_token=None, lease_expires_at=None)
+            ).rowcount
+        return bool(released)
+
+    def _renew_turn(
+        self, conversation_id: str, token: str, *, lease_seconds: float = DEFAULT_TURN_LEASE_SECONDS
+    ) -> bool:
+        """Extend the lease ``token`` to ``lease_seconds`` from now (a turn that runs long).
+
+        False, and nothing changed, when the lease is no longer this token's.
+        """
+        c = _conversations.c
+        with self._write() as conn:
+            renewed = conn.execute(
+                update(_conversations)
+                .where(c.id == conversation_id, c.lease_token == token)
+                .values(lease_expires_at=self._clock() + dt.timedelta(seconds=lease_seconds))
+            ).rowcount
+        return bool(renewed)
 
     def _check_owner(self, conversation_id: str, owner: str | None, conn: Any = None) -> None:
         """Raise ConversationNotFound unless this owner has this conversation: every read
@@ -1142,6 +1595,7 @@ class ConversationStore:
                     ),
                 )
             )
+            _search.copy_rows(conn, source=source.id, new=new_id, at=at)
             summary_columns = [c for c in _summaries.c if c.name != "conversation_id"]
             conn.execute(
                 insert(_summaries).from_select(
@@ -1152,6 +1606,33 @@ class ConversationStore:
                 )
             )
         return self.get(new_id, owner=source.owner)
+
+    def _delete_message(self, conversation_id: str, owner: str | None, seq: int) -> None:
+        if not isinstance(seq, int) or isinstance(seq, bool) or not _could_exist(conversation_id, owner):
+            raise MessageNotFound(conversation_id, seq)
+        m = _messages.c
+        with self._write() as conn:
+            owned = conn.execute(
+                select(_conversations.c.id).where(
+                    _conversations.c.id == conversation_id, _owner_clause(owner)
+                )
+            ).first()
+            row = conn.execute(
+                select(m.role, m.tool_calls).where(m.conversation_id == conversation_id, m.seq == seq)
+            ).first()
+            if owned is None or row is None:
+                raise MessageNotFound(conversation_id, seq)
+            if row.role == "tool" or row.tool_calls:
+                raise ValueError(
+                    "tool calls and tool results cannot be deleted on their own: the API refuses a "
+                    "history holding only half of the pair; fork the conversation before them instead"
+                )
+            conn.execute(delete(_messages).where(m.conversation_id == conversation_id, m.seq == seq))
+            conn.execute(
+                update(_conversations)
+                .where(_conversations.c.id == conversation_id)
+                .values(updated_at=self._clock())
+            )
 
     def _pin(self, conversation_id: str, owner: str | None, seq: int, pinned: bool) -> None:
         with self._write() as conn:

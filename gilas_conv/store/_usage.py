@@ -33,7 +33,7 @@ from decimal import Decimal
 from typing import Any, cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import Table, case, delete, func, insert, literal_column, select, text, update
+from sqlalchemy import Table, bindparam, case, delete, func, insert, literal_column, select, text, update
 
 from .._prices import MICROS, Prices
 from ..exceptions import QuotaExceeded
@@ -136,7 +136,7 @@ def settle(conn: Any, event: Mapping[str, Any] | None, reservation: Reservation 
     if event is not None:
         conn.execute(INSERT_EVENT, event)
     if reservation is not None:
-        conn.execute(delete(_reservations).where(_reservations.c.id == reservation.id))
+        conn.execute(_DELETE_RESERVATION, {"r_id": reservation.id})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,6 +347,27 @@ class Reservation:
     expires_at: dt.datetime
 
 
+@dataclass(frozen=True, slots=True)
+class QuotaAsk:
+    """What a turn asks to hold (see ``ConversationStore._take_turn``): ``tokens`` of the
+    owner's quota, priced at ``model``, for a window planned over a history whose newest
+    message was ``last_seq``."""
+
+    tokens: int
+    model: str | None
+    last_seq: int
+
+
+class QuotaNeeded(Exception):
+    """A turn that asked for no reservation found a limit in force (nothing written): plan
+    the window and ask again."""
+
+
+class HistoryMoved(Exception):
+    """A turn's window was planned over a history that has changed since (nothing
+    written): plan again."""
+
+
 def zone_named(name: str) -> ZoneInfo:
     try:
         return ZoneInfo(name)
@@ -354,9 +375,20 @@ def zone_named(name: str) -> ZoneInfo:
         raise ValueError(f"unknown time zone {name!r}; use an IANA name such as Asia/Tehran or UTC") from err
 
 
+_READ_ZONE = select(_settings.c.value).where(_settings.c.name == TIMEZONE_SETTING)
+_ZONES: dict[str, ZoneInfo] = {}
+
+
 def read_zone(conn: Any) -> ZoneInfo:
-    name = conn.execute(select(_settings.c.value).where(_settings.c.name == TIMEZONE_SETTING)).scalar()
-    return zone_named(name or DEFAULT_QUOTA_TIMEZONE)
+    return _zone_of(conn.execute(_READ_ZONE).scalar())
+
+
+def _zone_of(name: str | None) -> ZoneInfo:
+    name = name or DEFAULT_QUOTA_TIMEZONE
+    zone = _ZONES.get(name)
+    if zone is None:
+        zone = _ZONES[name] = zone_named(name)
+    return zone
 
 
 def write_zone(conn: Any, name: str) -> None:
@@ -390,7 +422,10 @@ def lock_owner(conn: Any, dialect: str, owner: str | None) -> None:
     if dialect != "postgresql":
         return
     digest = hashlib.blake2b(f"gilas-conv quota\0{owner!r}".encode(), digest_size=8).digest()
-    conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": int.from_bytes(digest, "big", signed=True)})
+    conn.execute(_ADVISORY_LOCK, {"k": int.from_bytes(digest, "big", signed=True)})
+
+
+_ADVISORY_LOCK = text("SELECT pg_advisory_xact_lock(:k)")
 
 
 def _limits_from(row: Any, owner: str | None) -> QuotaLimits:
@@ -407,16 +442,50 @@ def _limits_from(row: Any, owner: str | None) -> QuotaLimits:
     )
 
 
+# Built once (see the module docstring: a turn's quota check must cost next to nothing).
+# The limits of an owner and the default, with the store's time zone on each row.
+_LIMITS = select(
+    *_limits.c, select(_settings.c.value).where(_settings.c.name == TIMEZONE_SETTING).scalar_subquery()
+).where(_limits.c.owner.in_([bindparam("l_owner"), bindparam("l_default")]))
+_LIMITS_UNOWNED = select(
+    *_limits.c, select(_settings.c.value).where(_settings.c.name == TIMEZONE_SETTING).scalar_subquery()
+).where(_limits.c.owner == bindparam("l_default"))
+_ANY_LIMIT: Any = select(literal_column("1")).where(
+    _limits.c.owner.in_([bindparam("l_owner"), bindparam("l_default")])
+)
+_ANY_LIMIT_UNOWNED: Any = select(literal_column("1")).where(_limits.c.owner == bindparam("l_default"))
+
+
+def _limit_rows(conn: Any, owner: str | None) -> tuple[Any, Any, str | None]:
+    """(the owner's own row or None, the default row or None, the time zone's name)."""
+    if owner is None:
+        rows = conn.execute(_LIMITS_UNOWNED, {"l_default": DEFAULT_OWNER_KEY}).all()
+    else:
+        rows = conn.execute(_LIMITS, {"l_owner": owner, "l_default": DEFAULT_OWNER_KEY}).all()
+    own = default = None
+    zone = None
+    for row in rows:
+        zone = row[-1]
+        if row.owner == DEFAULT_OWNER_KEY:
+            default = row
+        else:
+            own = row
+    return own, default, zone
+
+
 def effective_limits(conn: Any, owner: str | None) -> tuple[Any, Any]:
     """(the owner's own row or None, the default row or None)."""
-    keys = [DEFAULT_OWNER_KEY] if owner is None else [owner, DEFAULT_OWNER_KEY]
-    rows = {row.owner: row for row in conn.execute(select(_limits).where(_limits.c.owner.in_(keys)))}
-    return (rows.get(owner) if owner is not None else None), rows.get(DEFAULT_OWNER_KEY)
+    own, default, _zone = _limit_rows(conn, owner)
+    return own, default
 
 
 def any_limit(conn: Any, owner: str | None) -> bool:
-    own, default = effective_limits(conn, owner)
-    return own is not None or default is not None
+    """Whether a limit applies to ``owner``: one indexed read of a small table."""
+    if owner is None:
+        found = conn.execute(_ANY_LIMIT_UNOWNED, {"l_default": DEFAULT_OWNER_KEY}).first()
+    else:
+        found = conn.execute(_ANY_LIMIT, {"l_owner": owner, "l_default": DEFAULT_OWNER_KEY}).first()
+    return found is not None
 
 
 def _checks(own: Any, default: Any) -> list[tuple[str, str, int, bool]]:
@@ -439,35 +508,73 @@ def _checks(own: Any, default: Any) -> list[tuple[str, str, int, bool]]:
     return found
 
 
+def _used_statement(*, owned: bool) -> Any:
+    """What an owner used this month (and today) and holds in reservations, as ONE
+    statement: on Postgres each statement of a READ COMMITTED transaction sees its own
+    snapshot, and a reply settling between two separate reads (its ledger row in, its
+    reservation out, committed together) would be missed by both, letting a racing request
+    pass the limit."""
+    c = _events.c
+    r = _reservations.c
+    in_day = c.created_at >= bindparam("u_day", type_=c.created_at.type)
+    owner_e = c.owner == bindparam("u_owner") if owned else c.owner.is_(None)
+    owner_r = r.owner == bindparam("u_owner") if owned else r.owner.is_(None)
+    spent = (
+        select(
+            func.coalesce(func.sum(case((in_day, c.total_tokens), else_=0)), 0).label("day_tokens"),
+            func.coalesce(func.sum(c.total_tokens), 0).label("month_tokens"),
+            func.coalesce(func.sum(case((in_day, c.cost_micros), else_=0)), 0).label("day_cost"),
+            func.coalesce(func.sum(c.cost_micros), 0).label("month_cost"),
+        )
+        .where(
+            owner_e,
+            c.created_at >= bindparam("u_month", type_=c.created_at.type),
+            c.created_at < bindparam("u_month_end", type_=c.created_at.type),
+        )
+        .subquery()
+    )
+    held = (
+        select(
+            func.coalesce(func.sum(r.tokens), 0).label("tokens"),
+            func.coalesce(func.sum(r.cost_micros), 0).label("cost"),
+        )
+        .where(owner_r, r.expires_at > bindparam("u_now", type_=r.expires_at.type))
+        .subquery()
+    )
+    return select(
+        spent.c.day_tokens,
+        spent.c.month_tokens,
+        spent.c.day_cost,
+        spent.c.month_cost,
+        held.c.tokens,
+        held.c.cost,
+    ).select_from(spent.join(held, literal_column("1") == literal_column("1")))
+
+
+_USED_OWNED = _used_statement(owned=True)
+_USED_UNOWNED = _used_statement(owned=False)
+
+
 def _used(
     conn: Any, owner: str | None, now: dt.datetime, bounds: Mapping[str, tuple[dt.datetime, dt.datetime]]
 ) -> dict[str, int]:
-    c = _events.c
-    day_start = bounds["day"][0]
-    in_day = c.created_at >= day_start
-    used = conn.execute(
-        select(
-            func.coalesce(func.sum(case((in_day, c.total_tokens), else_=0)), 0),
-            func.coalesce(func.sum(c.total_tokens), 0),
-            func.coalesce(func.sum(case((in_day, c.cost_micros), else_=0)), 0),
-            func.coalesce(func.sum(c.cost_micros), 0),
-        ).where(
-            _owner_is(c.owner, owner), c.created_at >= bounds["month"][0], c.created_at < bounds["month"][1]
-        )
-    ).one()
-    r = _reservations.c
-    held = conn.execute(
-        select(func.coalesce(func.sum(r.tokens), 0), func.coalesce(func.sum(r.cost_micros), 0)).where(
-            _owner_is(r.owner, owner), r.expires_at > now
-        )
-    ).one()
+    params = {
+        "u_day": bounds["day"][0],
+        "u_month": bounds["month"][0],
+        "u_month_end": bounds["month"][1],
+        "u_now": now,
+    }
+    if owner is None:
+        row = conn.execute(_USED_UNOWNED, params).one()
+    else:
+        row = conn.execute(_USED_OWNED, {**params, "u_owner": owner}).one()
     return {
-        "day tokens": int(used[0]),
-        "month tokens": int(used[1]),
-        "day cost": int(used[2]),
-        "month cost": int(used[3]),
-        "reserved tokens": int(held[0]),
-        "reserved cost": int(held[1]),
+        "day tokens": int(row[0]),
+        "month tokens": int(row[1]),
+        "day cost": int(row[2]),
+        "month cost": int(row[3]),
+        "reserved tokens": int(row[4]),
+        "reserved cost": int(row[5]),
     }
 
 
@@ -509,15 +616,13 @@ def reserve(
     """Take a reservation or raise QuotaExceeded, in the caller's write transaction. None
     when no limit applies to ``owner`` (nothing is held)."""
     lock_owner(conn, dialect, owner)
-    own, default = effective_limits(conn, owner)
+    own, default, zone_name = _limit_rows(conn, owner)
     checks = _checks(own, default)
     if not checks:
         return None
-    r = _reservations.c
     # Reservations of processes that died: swept here, where this owner's lock is held.
-    conn.execute(delete(_reservations).where(_owner_is(r.owner, owner), r.expires_at <= now))
-    zone = read_zone(conn)
-    bounds = periods(now, zone)
+    conn.execute(_SWEEP_UNOWNED if owner is None else _SWEEP_OWNED, {"s_owner": owner, "s_now": now})
+    bounds = periods(now, _zone_of(zone_name))
     used = _used(conn, owner, now, bounds)
     for period, unit, limit, _inherited in checks:
         asked = tokens if unit == "tokens" else (cost_micros or 0)
@@ -539,17 +644,44 @@ def reserve(
             )
     expires = now + RESERVATION_TTL
     new_id = conn.execute(
-        insert(_reservations)
-        .values(owner=owner, tokens=tokens, cost_micros=cost_micros, created_at=now, expires_at=expires)
-        .returning(r.id)
+        _INSERT_RESERVATION,
+        {
+            "owner": owner,
+            "tokens": tokens,
+            "cost_micros": cost_micros,
+            "created_at": now,
+            "expires_at": expires,
+        },
     ).scalar_one()
     return Reservation(
         id=int(new_id), owner=owner, tokens=tokens, cost_micros=cost_micros, expires_at=expires
     )
 
 
+def grow(conn: Any, reservation: Reservation, tokens: int, cost_micros: int | None) -> None:
+    """Raise a held reservation to ``tokens`` (and ``cost_micros``), in the caller's
+    transaction (which has already checked the limit)."""
+    conn.execute(
+        update(_reservations)
+        .where(_reservations.c.id == reservation.id)
+        .values(tokens=tokens, cost_micros=cost_micros)
+    )
+
+
+_SWEEP_OWNED = delete(_reservations).where(
+    _reservations.c.owner == bindparam("s_owner"),
+    _reservations.c.expires_at <= bindparam("s_now", type_=_reservations.c.expires_at.type),
+)
+_SWEEP_UNOWNED = delete(_reservations).where(
+    _reservations.c.owner.is_(None),
+    _reservations.c.expires_at <= bindparam("s_now", type_=_reservations.c.expires_at.type),
+)
+_INSERT_RESERVATION = insert(_reservations).returning(_reservations.c.id)
+_DELETE_RESERVATION = delete(_reservations).where(_reservations.c.id == bindparam("r_id"))
+
+
 def release(conn: Any, reservation: Reservation) -> None:
-    conn.execute(delete(_reservations).where(_reservations.c.id == reservation.id))
+    conn.execute(_DELETE_RESERVATION, {"r_id": reservation.id})
 
 
 def set_limits(conn: Any, key: str, values: Mapping[str, int | None], now: dt.datetime) -> None:

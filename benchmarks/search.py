@@ -1,0 +1,148 @@
+"""Search latency over a large store, and what indexing adds to an append.
+
+    python benchmarks/search.py [--messages 1000000] [--db PATH | --url URL]
+
+Builds (or reuses, when the file exists with enough messages) a store of synthetic
+Persian and English conversations, 50 messages each, through the store's own import path
+(``import_conversations``: validated, indexed in the same transaction), then prints the
+median latency of ``store.search`` for several kinds of query, and the median cost of an
+append with and without a search row: the same text appended as a ``user`` message
+(indexed) and as a ``system`` message (not searched, so not indexed). The text is
+synthetic: words drawn with a Zipf-like skew from a fixed vocabulary, so frequent words
+match hundreds of thousands of messages, as they do in real history.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from gilas_conv import ConversationStore
+
+_words = str.split  # the vocabulary reads better as text
+
+PERSIAN = _words(
+    "من تو او ما شما آنها این آن که را به از در با برای تا اما یا اگر چون هم نیز بسیار خیلی "
+    "کتاب خانه شهر تهران اصفهان شیراز تبریز مشهد سفر هوا باران برف آفتاب بهار تابستان پاییز "
+    "زمستان کار برنامه کد پایتون داده پایگاه جستجو پیام گفتگو مدل زبان فارسی انگلیسی ترجمه "
+    "سوال جواب مشکل راه حل خطا نسخه سرور کاربر رمز امنیت شبکه اینترنت سرعت زمان روز شب "
+    "هفته ماه سال امروز فردا دیروز خوب بد بزرگ کوچک جدید قدیمی سریع آهسته ساده سخت"
+)
+PERSIAN_ZWNJ = ["می\u200cخواهم", "می\u200cروم", "کتاب\u200cها", "نمی\u200cدانم", "خانه\u200cها"]
+ENGLISH = _words(
+    "the a of to and in is it you that for on with as this be are have not error python code "
+    "database query search message model token window context summary stream retry server client "
+    "request response json file import export history memory budget sqlite postgres index latency"
+)
+RARE = [f"zeta{n}" for n in range(2000)]
+MESSAGES_PER_CONVERSATION = 50
+BATCH_CONVERSATIONS = 200
+
+
+def _vocabulary() -> tuple[list[str], list[float]]:
+    words = PERSIAN + PERSIAN_ZWNJ + ENGLISH
+    weights = [1 / (rank + 1) ** 0.9 for rank in range(len(words))]
+    random.Random(7).shuffle(weights)
+    return words, weights
+
+
+def _message(rng: random.Random, words: list[str], weights: list[float]) -> str:
+    count = rng.randint(8, 40)
+    picked = rng.choices(words, weights, k=count)
+    if rng.random() < 0.01:
+        picked[rng.randrange(count)] = rng.choice(RARE)
+    return " ".join(picked)
+
+
+def build(store: ConversationStore, total: int) -> None:
+    rng = random.Random(13)
+    words, weights = _vocabulary()
+    conversations = total // MESSAGES_PER_CONVERSATION
+    started = time.perf_counter()
+    for first in range(0, conversations, BATCH_CONVERSATIONS):
+        batch = []
+        for number in range(first, min(conversations, first + BATCH_CONVERSATIONS)):
+            messages = [
+                {"role": "user" if i % 2 == 0 else "assistant", "content": _message(rng, words, weights)}
+                for i in range(MESSAGES_PER_CONVERSATION)
+            ]
+            batch.append({"title": f"گفتگو {number}", "model": "gpt-4o-mini", "messages": messages})
+        store.import_conversations(batch)
+        done = (first + len(batch)) * MESSAGES_PER_CONVERSATION
+        rate = done / (time.perf_counter() - started)
+        print(f"\r  built {done:,} messages ({rate:,.0f}/s)", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+
+
+def _median_ms(action, runs: int) -> float:  # type: ignore[no-untyped-def]
+    action()  # warm the cache: the figures are for a store in use, not a cold disk
+    samples = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        action()
+        samples.append((time.perf_counter() - started) * 1000)
+    return statistics.median(samples)
+
+
+QUERIES = [
+    ("frequent word", "تهران"),
+    ("ZWNJ word, other spelling", "ميخواهم"),
+    ("two words (AND)", "کتاب پایتون"),
+    ("phrase", '"search query"'),
+    ("prefix", "تهر*"),
+    ("rare word", "zeta1234"),
+    ("no match", "xylophone"),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--messages", type=int, default=1_000_000)
+    parser.add_argument("--db", type=Path, default=Path("/tmp/gilas-search-bench.db"))
+    parser.add_argument("--url", help="a database URL instead of --db (e.g. Postgres, already upgraded)")
+    parser.add_argument("--runs", type=int, default=30)
+    args = parser.parse_args()
+    url = args.url or f"sqlite:///{args.db}"
+    with ConversationStore(url, auto_upgrade=True) as store:
+        with store.engine.connect() as conn:
+            from sqlalchemy import text
+
+            have = conn.execute(text("SELECT count(*) FROM messages")).scalar_one()
+        if have < args.messages:
+            print(f"building {args.messages - have:,} messages in {url} ...", file=sys.stderr)
+            build(store, args.messages - have)
+        print(f"\n{store.dialect}, {max(have, args.messages):,} messages\n")
+        print("| query | hits (limit 20) | median ms |")
+        print("|---|---:|---:|")
+        for label, query in QUERIES:
+            found = len(store.search(query))
+            median = _median_ms(lambda q=query: store.search(q), args.runs)
+            print(f"| {label}: `{query}` | {found} | {median:.1f} |")
+
+        rng = random.Random(5)
+        words, weights = _vocabulary()
+        conversation = store.create(model="gpt-4o-mini", title="append bench")
+        texts = [_message(rng, words, weights) for _ in range(400)]
+        timings: dict[str, list[float]] = {"user": [], "system": []}
+        for index, value in enumerate(texts * 2):
+            role = "user" if index % 2 == 0 else "system"  # interleaved: same conditions
+            started = time.perf_counter()
+            conversation.append(role, value)
+            timings[role].append((time.perf_counter() - started) * 1e6)
+        indexed, plain = statistics.median(timings["user"]), statistics.median(timings["system"])
+        print("\n| append (same text) | median µs |")
+        print("|---|---:|")
+        print(f"| not indexed (system message) | {plain:.0f} |")
+        print(f"| indexed (user message) | {indexed:.0f} |")
+        print(f"| cost of indexing | {indexed - plain:+.0f} µs ({(indexed / plain - 1) * 100:+.0f}%) |")
+        store.delete(conversation.id)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""The search index: its rows, kept in step with ``messages`` by the store, and the queries.
+
+Both backends index the *normalized* words of a message (:mod:`gilas_conv.search`), never
+its raw text: the folding that makes ي match ی and می‌خواهم match میخواهم happens in
+Python, identically for what is indexed and what is asked, so neither engine's own
+tokenizer decides what a word is.
+
+SQLite
+    ``message_search`` holds, per searchable message, its canonical words (``body``) and
+    the parts of joined words (``parts``), space-separated, under an ``INTEGER PRIMARY KEY``
+    (a stable rowid: the implicit rowid of ``messages`` may change on VACUUM).
+    ``message_search_fts`` is an FTS5 index with ``message_search`` as its external
+    content, tokenized with FTS5's ``ascii`` tokenizer: the words are already normalized
+    and contain only letters and digits, and ``ascii`` splits at exactly the spaces between
+    them, whatever Unicode version SQLite's own tables know. (The index is external-content
+    over the normalized words, not over ``messages.content``: the raw text is not what is
+    matched.) Two triggers keep the FTS5 index in step with ``message_search``; its rows
+    reference their message with ``ON DELETE CASCADE``, so deleting a conversation deletes
+    its search rows and their index entries in the same transaction.
+
+Postgres
+    ``message_search`` holds a ``tsvector`` per searchable message, keyed by
+    ``(conversation_id, seq)`` and cascading from ``messages``, with a GIN index. The
+    ``tsvector`` is written literally from the Python tokens (canonical words at their
+    positions with weight A, parts at their word's position with weight B), not made by
+    ``to_tsvector``: Postgres's parser would split and fold Persian text by its own rules
+    (and by the database's locale). Queries are ``tsquery`` literals, likewise.
+
+The store writes a message and its search row in one transaction (append, import, fork);
+a message with no searchable text (a system prompt, a bare tool call) has no search row.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from sqlalchemy import JSON, Float, Integer, String, Text, text
+
+from ..search._normalize import index_terms
+from ..search._query import Query
+from ..search._snippet import searchable_text
+from ._schema import UTCDateTime
+
+__all__ = [
+    "SEARCH_TABLE",
+    "compact_step",
+    "copy_rows",
+    "index_values",
+    "insert_rows",
+    "search_rows",
+    "unmodeled_table",
+]
+
+SEARCH_TABLE = "message_search"
+FTS_TABLE = "message_search_fts"
+
+# On SQLite, the newest this many matches are ranked (see _matches_sql).
+SQLITE_CANDIDATES = 2000
+
+# Postgres keeps at most 256 positions per lexeme and positions up to 16383.
+_PG_MAX_POSITIONS = 255
+_PG_MAX_POSITION = 16383
+
+
+def unmodeled_table(name: str) -> bool:
+    """True for the search tables, which the SQLAlchemy models do not describe (an FTS5
+    virtual table and its shadow tables cannot be); Alembic's comparison skips them."""
+    return name == SEARCH_TABLE or name.startswith(SEARCH_TABLE + "_")
+
+
+def index_values(dialect: str, role: str, content: Any) -> dict[str, Any] | None:
+    """The search row's columns for a message (None when it has nothing to search)."""
+    words, parts = index_terms(searchable_text(role, content))
+    if not words:
+        return None
+    if dialect == "sqlite":
+        return {"body": " ".join(words), "parts": " ".join(part for _, part in parts)}
+    return {"document": _tsvector(words, parts)}
+
+
+def _tsvector(words: list[str], parts: list[tuple[int, str]]) -> str:
+    positions: dict[str, list[str]] = defaultdict(list)
+    for index, word in enumerate(words):
+        positions[word].append(f"{min(index + 1, _PG_MAX_POSITION)}A")
+    for index, part in parts:
+        positions[part].append(f"{min(index + 1, _PG_MAX_POSITION)}B")
+    return " ".join(
+        "'" + lexeme.replace("\\", "\\\\").replace("'", "''") + "':" + ",".join(found[:_PG_MAX_POSITIONS])
+        for lexeme, found in positions.items()
+    )
+
+
+_INSERT = {
+    "sqlite": text(
+        f"INSERT INTO {SEARCH_TABLE} (conversation_id, seq, body, parts) VALUES (:cid, :seq, :body, :parts)"
+    ),
+    "postgresql": text(
+        f"INSERT INTO {SEARCH_TABLE} (conversation_id, seq, document)"
+        " VALUES (:cid, :seq, CAST(:document AS tsvector))"
+    ),
+}
+
+_COPY = {
+    "sqlite": text(
+        f"INSERT INTO {SEARCH_TABLE} (conversation_id, seq, body, parts)"
+        f" SELECT :new, seq, body, parts FROM {SEARCH_TABLE} WHERE conversation_id = :source AND seq <= :at"
+    ),
+    "postgresql": text(
+        f"INSERT INTO {SEARCH_TABLE} (conversation_id, seq, document)"
+        f" SELECT :new, seq, document FROM {SEARCH_TABLE} WHERE conversation_id = :source AND seq <= :at"
+    ),
+}
+
+
+def insert_rows(conn: Any, rows: list[dict[str, Any]]) -> None:
+    """Insert search rows (each ``{"cid", "seq", **index_values(...)}``) in the caller's
+    transaction."""
+    if rows:
+        conn.execute(_INSERT[conn.dialect.name], rows)
+
+
+# Pages of FTS5 merge work per transaction when compacting (see compact_step).
+COMPACT_PAGES = 1000
+
+
+def compact_step(conn: Any, pages: int = COMPACT_PAGES) -> bool:
+    """SQLite: one bounded step of merging the FTS5 index's segments into one; True while
+    there is work left. Deleting a row from an FTS5 index only adds a delete marker: the
+    deleted words stay in the older segments until they are merged with the marker. A
+    negative ``merge`` merges every segment, whatever its level (an incremental
+    ``optimize``); the old segments' pages are freed, and ``secure_delete`` zeroes them.
+    (FTS5's own ``secure-delete`` option needs SQLite 3.42 and makes the file unreadable to
+    older versions, so it is not used.)"""
+    before = conn.exec_driver_sql("SELECT total_changes()").scalar()
+    conn.exec_driver_sql(f"INSERT INTO {FTS_TABLE} ({FTS_TABLE}, rank) VALUES ('merge', -{int(pages)})")
+    after = conn.exec_driver_sql("SELECT total_changes()").scalar()
+    # FTS5's documented test: a delta of 2 or more means the command merged something.
+    return int(after) - int(before) >= 2
+
+
+def copy_rows(conn: Any, *, source: str, new: str, at: int) -> None:
+    """Copy the search rows of messages 1..``at`` of ``source`` to the fork ``new``."""
+    conn.execute(_COPY[conn.dialect.name], {"source": source, "new": new, "at": at})
+
+
+def _owner_sql(owner: str | None) -> str:
+    return "c.owner IS NULL" if owner is None else "c.owner = :owner"
+
+
+def _matches_sql(dialect: str, *, owner: str | None, conversation: str | None) -> str:
+    only = " AND c.id = :cid" if conversation is not None else ""
+    if dialect == "sqlite":
+        # bm25 is lower-is-better; parts count half as much as whole words. The inner query
+        # walks the matches newest first (FTS5 iterates rowids in either order) and stops
+        # after SQLITE_CANDIDATES of this owner: ranking every match of a frequent word
+        # would cost time in proportion to the whole history.
+        return (
+            "SELECT conversation_id, seq, rank FROM ("
+            f"SELECT d.conversation_id AS conversation_id, d.seq AS seq,"
+            f" -bm25({FTS_TABLE}, 1.0, 0.5) AS rank"
+            f" FROM {FTS_TABLE} JOIN {SEARCH_TABLE} d ON d.id = {FTS_TABLE}.rowid"
+            f" JOIN conversations c ON c.id = d.conversation_id"
+            f" WHERE {FTS_TABLE} MATCH :query AND {_owner_sql(owner)}{only}"
+            f" ORDER BY {FTS_TABLE}.rowid DESC LIMIT {SQLITE_CANDIDATES})"
+            " ORDER BY rank DESC, conversation_id, seq LIMIT :limit"
+        )
+    return (
+        "SELECT s.conversation_id AS conversation_id, s.seq AS seq,"
+        " ts_rank(s.document, CAST(:query AS tsquery)) AS rank"
+        f" FROM {SEARCH_TABLE} s JOIN conversations c ON c.id = s.conversation_id"
+        f" WHERE s.document @@ CAST(:query AS tsquery) AND {_owner_sql(owner)}{only}"
+        " ORDER BY rank DESC, s.conversation_id, s.seq LIMIT :limit"
+    )
+
+
+def search_rows(
+    conn: Any, query: Query, *, owner: str | None, limit: int, conversation: str | None
+) -> list[Any]:
+    """The best ``limit`` matches, best first, with their message and conversation columns."""
+    dialect = conn.dialect.name
+    statement = text(
+        f"SELECT h.conversation_id, h.seq, h.rank, m.role, m.content, m.status, m.created_at, c.title"
+        f" FROM ({_matches_sql(dialect, owner=owner, conversation=conversation)}) h"
+        " JOIN messages m ON m.conversation_id = h.conversation_id AND m.seq = h.seq"
+        " JOIN conversations c ON c.id = h.conversation_id"
+        " ORDER BY h.rank DESC, h.conversation_id, h.seq"
+    ).columns(
+        conversation_id=String(),
+        seq=Integer(),
+        rank=Float(),
+        role=String(),
+        content=JSON(none_as_null=True),
+        status=String(),
+        created_at=UTCDateTime(),
+        title=Text(),
+    )
+    params: dict[str, Any] = {
+        "query": query.fts5() if dialect == "sqlite" else query.tsquery(),
+        "limit": limit,
+    }
+    if owner is not None:
+        params["owner"] = owner
+    if conversation is not None:
+        params["cid"] = conversation
+    return list(conn.execute(statement, params))

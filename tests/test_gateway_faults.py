@@ -1,0 +1,191 @@
+"""The gateway under faults: upstream errors and cuts, clients leaving mid-stream, two
+requests on one conversation. Afterwards the stored messages are counted: none lost, none
+doubled."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+from _gateway import UPSTREAM_KEY, GatewayServer, running_gateway
+from stub_server import StubServer
+
+from gilas_conv import ConversationStore
+from gilas_conv.store import APIKeys
+
+API_KEY = UPSTREAM_KEY
+
+
+@pytest.fixture
+def gateway(store: ConversationStore, stub: StubServer) -> Iterator[GatewayServer]:
+    with running_gateway(store, stub.base_url) as server:
+        yield server
+
+
+@pytest.fixture
+def key(store: ConversationStore) -> str:
+    return APIKeys(store).create(owner="alice")[0]
+
+
+def sdk(gateway: GatewayServer, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.url, api_key=key, max_retries=0)
+
+
+def history(store: ConversationStore, cid: str) -> list[tuple[str, object, str]]:
+    return [(m.role, m.content, m.status) for m in store.get(cid, owner="alice").messages()]
+
+
+def wait_for(condition: object, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.05)
+
+
+def start(client: openai.OpenAI) -> str:
+    return client.chat.completions.create(  # type: ignore[no-any-return]
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "first"}]
+    ).conversation  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_upstream_429_is_passed_through_with_retry_after_and_a_client_retry_doubles_nothing(
+    gateway: GatewayServer, store: ConversationStore, stub: StubServer, key: str, streamed: bool
+) -> None:
+    client = sdk(gateway, key)
+    cid = start(client)
+    stub.script({"status": 429, "headers": {"Retry-After": "7"}})
+    request = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "second"}],
+        "extra_body": {"conversation": cid},
+    }
+    with pytest.raises(openai.RateLimitError) as caught:
+        if streamed:
+            list(client.chat.completions.create(stream=True, **request))  # type: ignore[call-overload]
+        else:
+            client.chat.completions.create(**request)  # type: ignore[call-overload]
+    assert caught.value.status_code == 429
+    assert caught.value.response.headers["retry-after"] == "7"
+    assert caught.value.response.headers["x-gilas-conversation"] == cid
+    # The client retries the same request: the stored, unanswered message is not stored again.
+    client.chat.completions.create(**request)  # type: ignore[call-overload]
+    assert history(store, cid) == [
+        ("user", "first", "complete"),
+        ("assistant", "echo: first", "complete"),
+        ("user", "second", "complete"),
+        ("assistant", "echo: second", "complete"),
+    ]
+
+
+def test_upstream_500_answers_a_stream_with_500(
+    gateway: GatewayServer, store: ConversationStore, stub: StubServer, key: str
+) -> None:
+    client = sdk(gateway, key)
+    cid = start(client)
+    stub.script({"status": 500})
+    with pytest.raises(openai.InternalServerError) as caught:
+        client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "second"}],
+            extra_body={"conversation": cid},
+            stream=True,
+        )
+    assert caught.value.status_code == 500
+    assert UPSTREAM_KEY not in caught.value.message
+    assert len(history(store, cid)) == 3  # the message waits for a retry; nothing else stored
+
+
+def test_an_upstream_cut_mid_stream_stores_what_arrived_as_incomplete(
+    gateway: GatewayServer, store: ConversationStore, stub: StubServer, key: str
+) -> None:
+    client = sdk(gateway, key)
+    cid = start(client)
+    stub.script({"cut_after": 2, "reply": "one two three four"})
+    received = ""
+    with pytest.raises(openai.APIError):
+        for chunk in client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "second"}],
+            extra_body={"conversation": cid},
+            stream=True,
+        ):
+            received += chunk.choices[0].delta.content or ""
+    assert received == "one two "
+    assert history(store, cid)[-2:] == [
+        ("user", "second", "complete"),
+        ("assistant", "one two ", "incomplete"),
+    ]
+    # The next turn sends the history without the interrupted reply, and stores it once.
+    client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "third"}], extra_body={"conversation": cid}
+    )
+    sent = [m["content"] for m in stub.requests[-1]["body"]["messages"]]
+    assert sent == ["first", "echo: first", "second", "third"]
+    assert len(history(store, cid)) == 6
+
+
+def test_a_client_leaving_mid_stream_cancels_the_upstream_and_stores_what_arrived(
+    gateway: GatewayServer, store: ConversationStore, stub: StubServer, key: str
+) -> None:
+    cid = start(sdk(gateway, key))
+    stub.script({"reply": "a b c d e f g h i j", "chunk_delay": 0.3})
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "slow"}],
+        "conversation": cid,
+        "stream": True,
+    }
+    with (
+        httpx.Client(timeout=10) as http,
+        http.stream(
+            "POST", f"{gateway.url}/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+        ) as response,
+    ):
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                break  # the first words arrived; the client goes away
+    wait_for(lambda: len(history(store, cid)) == 4)
+    time.sleep(0.5)  # nothing more arrives later
+    last = history(store, cid)
+    assert len(last) == 4 and last[2] == ("user", "slow", "complete")
+    role, content, status = last[3]
+    assert role == "assistant" and status == "incomplete"
+    assert isinstance(content, str) and content.startswith("a ") and content != "a b c d e f g h i j"
+
+
+def test_two_requests_on_one_conversation_never_interleave(
+    gateway: GatewayServer, store: ConversationStore, stub: StubServer, key: str
+) -> None:
+    client = sdk(gateway, key)
+    cid = start(client)
+    stub.script({"delay": 1.0, "reply": "slow answer"})
+    outcomes: dict[str, object] = {}
+
+    def slow() -> None:
+        outcomes["slow"] = client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "slow"}],
+            extra_body={"conversation": cid},
+        )
+
+    worker = threading.Thread(target=slow)
+    worker.start()
+    wait_for(lambda: len(stub.requests) == 2)  # the slow turn reached the upstream
+    with pytest.raises(openai.ConflictError) as caught:
+        client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "fast"}],
+            extra_body={"conversation": cid},
+        )
+    worker.join()
+    assert caught.value.code == "conversation_busy"
+    assert [c for _, c, _ in history(store, cid)] == ["first", "echo: first", "slow", "slow answer"]
+    assert len(stub.requests) == 2

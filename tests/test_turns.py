@@ -1,0 +1,541 @@
+"""One reply per message (issue 8, A and B), on SQLite and Postgres, against a real server.
+
+A. A response id is the server's label, not a key: a new reply that reuses an earlier
+   reply's id is stored and returned, never swapped for the earlier one.
+B. One request answers a conversation at a time: the turn lease lives in the
+   conversation's row, so concurrent ``send``/``retry`` calls -- threads, processes -- are
+   refused with ConversationBusy and store nothing, and a lease left by a killed process
+   expires.
+
+Requests are kept in flight with the stub's ``{"hold": true}`` until the test has seen the
+others refused, so the overlap is certain, not a matter of timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from stub_server import StubServer
+
+from gilas_conv import (
+    APIConnectionError,
+    AsyncSender,
+    BadRequestError,
+    ConversationBusy,
+    ConversationStore,
+    Message,
+    Sender,
+    StoreError,
+    StreamInterrupted,
+)
+
+API_KEY = "sk-turns-test-5b1e"
+TIMEOUT_S = 30
+HELD = {"hold": True, "reply": "the one answer"}
+
+
+@pytest.fixture
+def sender(store: ConversationStore, stub: StubServer) -> Iterator[Sender]:
+    with Sender(store, api_key=API_KEY, base_url=stub.base_url, max_retries=0) as opened:
+        yield opened
+
+
+def _wait_for(condition: Callable[[], bool], what: str, timeout: float = TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def _contents(store: ConversationStore, conversation_id: str) -> list[tuple[str, Any, str]]:
+    return [(m.role, m.content, m.status) for m in store.get(conversation_id).messages()]
+
+
+def _unanswered(store: ConversationStore) -> str:
+    """A conversation whose last message waits for its reply (a send that failed)."""
+    conversation = store.create(model="gpt-4o-mini", system="Be brief.")
+    conversation.append("user", "What is the capital of Iran?")
+    return conversation.id
+
+
+# ---------------------------------------------------------------------------------------------
+# A. A reused response id
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["send", "stream"])
+def test_a_reply_reusing_a_response_id_is_stored_and_returned(
+    store: ConversationStore, sender: Sender, stub: StubServer, streamed: bool
+) -> None:
+    conversation = store.create(model="gpt-4o-mini")
+    questions = ["What is 2+2?", "What is the capital of Iran?", "And of France?"]
+    answers = ["4", "Tehran", "Paris"]
+    stub.script(*({"reply": answer, "response_id": "chatcmpl-1"} for answer in answers))
+    for question, answer in zip(questions, answers, strict=True):
+        if streamed:
+            with sender.stream(conversation.id, question) as stream:
+                assert "".join(chunk.delta for chunk in stream) == answer
+            reply = stream.message
+        else:
+            reply = sender.send(conversation.id, question)
+        assert reply is not None and reply.content == answer
+        assert reply.response_id == "chatcmpl-1"
+    assert _contents(store, conversation.id) == [
+        (role, text, "complete")
+        for pair in zip(questions, answers, strict=True)
+        for role, text in zip(("user", "assistant"), pair, strict=True)
+    ]
+    # The third request replayed both earlier replies, each its own.
+    sent = [(m["role"], m["content"]) for m in stub.requests[-1]["body"]["messages"]]
+    assert sent[:4] == [
+        ("user", "What is 2+2?"),
+        ("assistant", "4"),
+        ("user", questions[1]),
+        ("assistant", "Tehran"),
+    ]
+
+
+def test_async_send_returns_the_new_reply_when_the_id_repeats(
+    store: ConversationStore, stub: StubServer
+) -> None:
+    conversation = store.create(model="gpt-4o-mini")
+    stub.script({"reply": "4", "response_id": "r1"}, {"reply": "Tehran", "response_id": "r1"})
+
+    async def run() -> list[Message]:
+        async with AsyncSender(store, api_key=API_KEY, base_url=stub.base_url) as sender:
+            return [await sender.send(conversation.id, q) for q in ("2+2?", "Capital of Iran?")]
+
+    first, second = asyncio.run(run())
+    assert (first.content, second.content) == ("4", "Tehran")
+    assert second.seq == 4 and second.reply_to == 3
+
+
+@pytest.fixture
+def cli_env(stub: StubServer, db_url: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "GILAS_API_KEY": API_KEY,
+        "GILAS_BASE_URL": stub.base_url,
+        "GILAS_CONV_DATABASE_URL": db_url,
+        "COLUMNS": "100",
+    }
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "gilas_conv", *args]
+
+
+def test_cli_send_prints_the_new_answer_when_the_id_repeats(
+    store: ConversationStore, stub: StubServer, cli_env: dict[str, str]
+) -> None:
+    conversation = store.create(model="gpt-4o-mini")
+    stub.script(
+        {"reply": "4", "response_id": "chatcmpl-short"},
+        {"reply": "Tehran is the capital of Iran.", "response_id": "chatcmpl-short"},
+    )
+    for question, answer in (
+        ("What is 2+2?", "4"),
+        ("What is the capital of Iran?", "Tehran is the capital"),
+    ):
+        done = subprocess.run(
+            _cli("send", "-c", conversation.id, question), env=cli_env, capture_output=True, timeout=TIMEOUT_S
+        )
+        assert done.returncode == 0, done.stderr.decode()
+        assert answer in done.stdout.decode()
+    assert (
+        "4"
+        not in subprocess.run(
+            _cli("show", conversation.id), env=cli_env, capture_output=True, timeout=TIMEOUT_S
+        )
+        .stdout.decode()
+        .split("Tehran")[1]
+    )
+    assert [m.content for m in store.get(conversation.id).messages()][-1] == "Tehran is the capital of Iran."
+
+
+# ---------------------------------------------------------------------------------------------
+# B. One request answers a conversation at a time
+
+
+@pytest.mark.parametrize("method", ["retry", "stream_retry"])
+def test_five_threads_retrying_one_message_store_one_reply(
+    store: ConversationStore, sender: Sender, stub: StubServer, method: str
+) -> None:
+    conversation_id = _unanswered(store)
+    stub.script(HELD)
+    start = threading.Barrier(5, timeout=TIMEOUT_S)
+    outcomes: list[Any] = []
+    lock = threading.Lock()
+
+    def attempt() -> None:
+        start.wait()
+        try:
+            if method == "retry":
+                result: Any = sender.retry(conversation_id)
+            else:
+                with sender.stream_retry(conversation_id) as stream:
+                    for _ in stream:
+                        pass
+                result = stream.message
+        except Exception as err:  # collected and checked below
+            result = err
+        with lock:
+            outcomes.append(result)
+
+    threads = [threading.Thread(target=attempt) for _ in range(5)]
+    for thread in threads:
+        thread.start()
+    _wait_for(lambda: len(outcomes) == 4, "four refusals")
+    refused = list(outcomes)
+    stub.release()
+    for thread in threads:
+        thread.join(TIMEOUT_S)
+    assert all(isinstance(err, ConversationBusy) for err in refused), refused
+    assert "another request is answering" in str(refused[0])
+    replies = [o for o in outcomes if isinstance(o, Message)]
+    assert [r.content for r in replies] == ["the one answer"]
+    assert len(stub.requests) == 1
+    assert _contents(store, conversation_id)[1:] == [
+        ("user", "What is the capital of Iran?", "complete"),
+        ("assistant", "the one answer", "complete"),
+    ]
+    assert replies[0].reply_to == 2
+    # The turn is over: the conversation is free again.
+    assert sender.send(conversation_id, "thanks").content == "echo: thanks"
+
+
+def test_five_cli_retry_processes_store_one_reply(
+    store: ConversationStore, stub: StubServer, cli_env: dict[str, str]
+) -> None:
+    conversation_id = _unanswered(store)
+    stub.script(HELD)
+    processes = [
+        subprocess.Popen(
+            _cli("retry", "--no-stream", conversation_id),
+            env=cli_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(5)
+    ]
+    try:
+        _wait_for(lambda: sum(p.poll() is not None for p in processes) == 4, "four processes refused")
+        assert len(stub.requests) == 1
+        stub.release()
+        results = [
+            (p.wait(TIMEOUT_S), *(s.decode() for s in p.communicate(timeout=TIMEOUT_S))) for p in processes
+        ]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    answered = [r for r in results if r[0] == 0]
+    refused = [r for r in results if r[0] != 0]
+    assert len(answered) == 1 and "the one answer" in answered[0][1]
+    assert len(refused) == 4
+    for code, stdout, stderr in refused:
+        assert code == 1 and stdout == ""
+        assert "is busy: another request is answering it" in stderr
+        assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
+    assert len(stub.requests) == 1
+    assert [m.role for m in store.get(conversation_id).messages()] == ["system", "user", "assistant"]
+
+
+# The process the next test kills: it takes the turn of a retry (with a 3 s lease) and
+# waits on the held request until SIGKILL.
+_HOLDER = """
+import sys
+from gilas_conv import ConversationStore, Sender
+url, conversation_id, base_url, key, lease = sys.argv[1:]
+sender = Sender(ConversationStore(url), api_key=key, base_url=base_url, max_retries=0, timeout=60)
+sender._lease_seconds = float(lease)
+sender.retry(conversation_id)
+"""
+_KILLED_LEASE_S = 3.0
+
+
+def test_a_lease_left_by_a_killed_process_expires(
+    store: ConversationStore, sender: Sender, stub: StubServer, db_url: str
+) -> None:
+    conversation_id = _unanswered(store)
+    stub.script(HELD)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            _HOLDER,
+            db_url,
+            conversation_id,
+            stub.base_url,
+            API_KEY,
+            str(_KILLED_LEASE_S),
+        ],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _wait_for(lambda: len(stub.requests) == 1 or holder.poll() is not None, "the holder's request")
+        assert holder.poll() is None, holder.stderr.read() if holder.stderr else ""
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(TIMEOUT_S)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+        if holder.stderr:
+            holder.stderr.close()
+    killed_at = time.monotonic()
+    stub.release()
+    # The dead process still holds the turn until its lease runs out ...
+    with pytest.raises(ConversationBusy):
+        sender.retry(conversation_id)
+    assert len(stub.requests) == 1
+    # ... then the conversation is answered once, by whoever asks.
+    time.sleep(max(0.0, _KILLED_LEASE_S + 0.2 - (time.monotonic() - killed_at)))
+    reply = sender.retry(conversation_id)
+    assert reply.content == "echo: What is the capital of Iran?" and reply.reply_to == 2
+    assert [m.role for m in store.get(conversation_id).messages()] == ["system", "user", "assistant"]
+
+
+def test_a_second_send_while_one_is_answered_is_refused_and_stores_nothing(
+    store: ConversationStore, sender: Sender, stub: StubServer
+) -> None:
+    conversation = store.create(model="gpt-4o-mini")
+    stub.script(HELD)
+    first: list[Any] = []
+    thread = threading.Thread(target=lambda: first.append(sender.send(conversation.id, "first question")))
+    thread.start()
+    try:
+        _wait_for(lambda: len(stub.requests) == 1, "the first request")
+        before = _contents(store, conversation.id)
+        with pytest.raises(ConversationBusy):
+            sender.send(conversation.id, "second question")
+        with pytest.raises(ConversationBusy):
+            sender.stream(conversation.id, "second question")
+        assert _contents(store, conversation.id) == before == [("user", "first question", "complete")]
+    finally:
+        stub.release()
+        thread.join(TIMEOUT_S)
+    assert first[0].content == "the one answer"
+    assert len(stub.requests) == 1
+    # Turns never interleave: the second question comes after the first one's answer.
+    assert sender.send(conversation.id, "second question").seq == 4
+    assert [c for _, c, _ in _contents(store, conversation.id)] == [
+        "first question",
+        "the one answer",
+        "second question",
+        "echo: second question",
+    ]
+
+
+def test_async_sends_on_one_conversation_never_interleave(store: ConversationStore, stub: StubServer) -> None:
+    conversation = store.create(model="gpt-4o-mini")
+    stub.script(HELD)
+
+    async def run() -> tuple[Message, BaseException]:
+        async with AsyncSender(store, api_key=API_KEY, base_url=stub.base_url) as sender:
+            first = asyncio.ensure_future(sender.send(conversation.id, "first"))
+            while not stub.requests:
+                await asyncio.sleep(0.01)
+            try:
+                await sender.send(conversation.id, "second")
+            except ConversationBusy as err:
+                refused: BaseException = err
+            stub.release()
+            return await first, refused
+
+    reply, refused = asyncio.run(run())
+    assert isinstance(refused, ConversationBusy)
+    assert reply.content == "the one answer"
+    assert [c for _, c, _ in _contents(store, conversation.id)] == ["first", "the one answer"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Every way a turn ends frees the conversation
+
+
+def _free(store: ConversationStore, conversation_id: str) -> bool:
+    try:
+        token, _, _ = store._begin_turn(conversation_id)
+    except ConversationBusy:
+        return False
+    store._end_turn(conversation_id, token)
+    return True
+
+
+FAILURES: dict[str, tuple[dict[str, Any], type[BaseException], list[str]]] = {
+    # name: (stub action, error raised, roles stored after the user message)
+    "status-400": ({"status": 400}, BadRequestError, []),
+    "dropped": ({"drop": True}, APIConnectionError, []),
+    "stream-cut-before-content": ({"cut_after": 0}, APIConnectionError, []),
+    "stream-cut-mid-reply": (
+        {"cut_after": 2, "reply": "one two three four"},
+        StreamInterrupted,
+        ["assistant"],
+    ),
+}
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("failure", sorted(FAILURES))
+def test_a_failed_turn_releases_the_conversation(
+    store: ConversationStore, stub: StubServer, failure: str, use_async: bool
+) -> None:
+    action, error, stored = FAILURES[failure]
+    conversation = store.create(model="gpt-4o-mini")
+    stub.script(action)
+    streamed = "stream" in failure
+
+    def sync_turn() -> None:
+        with Sender(store, api_key=API_KEY, base_url=stub.base_url, max_retries=0) as sender:
+            if streamed:
+                with sender.stream(conversation.id, "question") as stream:
+                    for _ in stream:
+                        pass
+            else:
+                sender.send(conversation.id, "question")
+
+    async def async_turn() -> None:
+        async with AsyncSender(store, api_key=API_KEY, base_url=stub.base_url, max_retries=0) as sender:
+            if streamed:
+                async with await sender.stream(conversation.id, "question") as stream:
+                    async for _ in stream:
+                        pass
+            else:
+                await sender.send(conversation.id, "question")
+
+    with pytest.raises(error):
+        asyncio.run(async_turn()) if use_async else sync_turn()
+    assert [m.role for m in store.get(conversation.id).messages()] == ["user", *stored]
+    assert _free(store, conversation.id)
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["sync", "async"])
+def test_a_stream_closed_early_stores_what_arrived_and_releases(
+    store: ConversationStore, stub: StubServer, use_async: bool
+) -> None:
+    conversation = store.create(model="gpt-4o-mini")
+    stub.script({"reply": " ".join(f"w{i}" for i in range(40)), "chunk_delay": 0.02})
+
+    def sync_turn() -> Message | None:
+        with Sender(store, api_key=API_KEY, base_url=stub.base_url) as sender:
+            stream = sender.stream(conversation.id, "question")
+            next(iter(stream))
+            next(iter(stream))
+            stream.close()
+            return stream.message
+
+    async def async_turn() -> Message | None:
+        async with AsyncSender(store, api_key=API_KEY, base_url=stub.base_url) as sender:
+            stream = await sender.stream(conversation.id, "question")
+            await stream.__anext__()
+            await stream.__anext__()
+            await stream.aclose()
+            return stream.message
+
+    message = asyncio.run(async_turn()) if use_async else sync_turn()
+    assert message is not None and message.status == "incomplete"
+    assert [(m.role, m.status) for m in store.get(conversation.id).messages()] == [
+        ("user", "complete"),
+        ("assistant", "incomplete"),
+    ]
+    assert _free(store, conversation.id)
+
+
+def test_retry_with_nothing_to_answer_releases_the_conversation(
+    store: ConversationStore, sender: Sender
+) -> None:
+    conversation = store.create(model="gpt-4o-mini")
+    conversation.append("user", "q")
+    conversation.append("assistant", "a")
+    with pytest.raises(ValueError, match="already a complete assistant reply"):
+        sender.retry(conversation.id)
+    assert _free(store, conversation.id)
+
+
+# ---------------------------------------------------------------------------------------------
+# The lease API in the store (used by the senders and the gateway)
+
+
+def test_begin_turn_appends_with_the_lease_and_refuses_while_held(store: ConversationStore) -> None:
+    conversation = store.create(model="gpt-4o-mini", owner="alice")
+    token, fresh, added = store._begin_turn(
+        conversation.id, owner="alice", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert [(m.seq, m.role, m.content) for m in added] == [(1, "user", "hi")]
+    assert fresh.message_count == 1 and added[0].tokens
+    with pytest.raises(ConversationBusy) as busy:
+        store._begin_turn(conversation.id, owner="alice", messages=[{"role": "user", "content": "again"}])
+    assert busy.value.expires_at is not None
+    assert len(str(busy.value).splitlines()) == 1
+    assert [m.content for m in store.get(conversation.id, owner="alice").messages()] == ["hi"]
+    # Another owner's conversation does not exist, busy or not.
+    with pytest.raises(StoreError, match="not found"):
+        store._begin_turn(conversation.id, owner="bob")
+    # The reply stores and releases in one step.
+    reply = store.get(conversation.id, owner="alice").append("assistant", "hello", reply_to=1, lease=token)
+    assert reply.seq == 2
+    assert _free_owned(store, conversation.id, "alice")
+
+
+def _free_owned(store: ConversationStore, conversation_id: str, owner: str) -> bool:
+    try:
+        token, _, _ = store._begin_turn(conversation_id, owner=owner)
+    except ConversationBusy:
+        return False
+    return store._end_turn(conversation_id, token)
+
+
+def test_bad_turn_messages_write_nothing_and_take_no_lease(store: ConversationStore) -> None:
+    conversation = store.create(model="gpt-4o-mini")
+    for bad in ({"role": "robot", "content": "x"}, {"role": "user", "content": "x", "seq": 9}):
+        with pytest.raises(ValueError):
+            store._begin_turn(conversation.id, messages=[{"role": "user", "content": "ok"}, bad])
+    assert store.get(conversation.id).messages() == []
+    assert _free(store, conversation.id)
+
+
+def test_a_lease_is_released_only_by_its_holder(store: ConversationStore) -> None:
+    conversation = store.create(model="gpt-4o-mini")
+    token, _, _ = store._begin_turn(conversation.id)
+    assert not store._end_turn(conversation.id, "not-the-token")
+    assert not _free(store, conversation.id)
+    assert store._end_turn(conversation.id, token)
+    assert not store._end_turn(conversation.id, token)  # a second release does nothing
+
+
+def test_an_expired_lease_is_taken_over_and_the_late_reply_refused(store: ConversationStore) -> None:
+    conversation = store.create(model="gpt-4o-mini")
+    conversation.append("user", "q")
+    stale, _, _ = store._begin_turn(conversation.id, lease_seconds=0.2)
+    assert store._renew_turn(conversation.id, stale, lease_seconds=0.2)
+    time.sleep(0.3)
+    fresh, _, _ = store._begin_turn(conversation.id)  # the first holder is presumed dead
+    assert not store._renew_turn(conversation.id, stale)
+    # The first holder's late reply would answer the same message twice: refused, not stored.
+    with pytest.raises(ConversationBusy):
+        conversation.append("assistant", "late", reply_to=1, lease=stale)
+    assert not store._end_turn(conversation.id, stale)
+    conversation.append("assistant", "on time", reply_to=1, lease=fresh)
+    assert [m.content for m in store.get(conversation.id).messages()] == ["q", "on time"]
+    assert _free(store, conversation.id)
+
+
+def test_a_reply_after_its_own_lease_expired_is_stored_when_nobody_took_over(
+    store: ConversationStore,
+) -> None:
+    conversation = store.create(model="gpt-4o-mini")
+    conversation.append("user", "q")
+    token, _, _ = store._begin_turn(conversation.id, lease_seconds=0.1)
+    time.sleep(0.2)
+    assert conversation.append("assistant", "slow", reply_to=1, lease=token).seq == 2
+    assert _free(store, conversation.id)
