@@ -175,3 +175,34 @@ def test_threads_and_processes_of_one_owner_never_pass_the_limit(db_url: str) ->
     assert row.total_tokens == settled * tokens == stored * tokens
     assert limit - tokens < row.total_tokens <= limit
     assert status.reserved == 0
+
+
+def test_a_reply_settling_while_a_reservation_reads_is_seen_once(db_url: str) -> None:
+    """The cause of a once-flaky race on Postgres: under READ COMMITTED each statement has
+    its own snapshot, so reading the ledger and the reservations in two statements could
+    miss a reply that settled in between (its ledger row after the first read, its
+    reservation gone before the second) and let a racing request pass the limit. Here that
+    reply is committed exactly between the reservation's statements."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("SQLite's BEGIN IMMEDIATE serializes every writer: no statement runs in between")
+    from sqlalchemy import event
+
+    with ConversationStore(db_url) as store, ConversationStore(db_url) as other:
+        store.set_quota("alice", daily_tokens=100)
+        conv = other.create(model=MODEL, owner="alice")
+        first = other.reserve_quota("alice", tokens=60)
+        assert first is not None
+        fired: list[str] = []
+
+        def settle_now(conn: object, cursor: object, statement: str, *args: object) -> None:
+            if not fired and "usage_events" in statement and "sum" in statement.lower():
+                fired.append(statement)
+                # Another host stores the reply of the first request: 60 used, 0 held.
+                _reply(other.get(conv.id, owner="alice"), 60, quota_reservation=first)
+
+        event.listen(store.engine, "after_cursor_execute", settle_now)
+        with pytest.raises(QuotaExceeded) as info:
+            store.reserve_quota("alice", tokens=50)
+        assert fired and info.value.used == 60
+        [status] = store.quota("alice")
+        assert (status.used, status.reserved) == (60, 0)
