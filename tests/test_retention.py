@@ -47,18 +47,22 @@ def _file_bytes(db_url: str) -> bytes:
 
 def test_erase_owner_leaves_nothing_of_theirs_and_keeps_the_rest(db_url: str) -> None:
     with ConversationStore(db_url) as store:
-        alice = [_fill(store, "alice", f"ALICE-SECRET-{n}") for n in range(3)]
-        bob = _fill(store, "bob", "BOB-KEPT")
+        # One word of each is a single search term, so the scan covers the search index
+        # (its FTS5 segments hold normalized words, not the raw text).
+        # Enough messages that alice's words sit in FTS5 segments older than bob's.
+        alice = [_fill(store, "alice", f"ALICE-SECRET-{n} quokkazanzibar{n}", messages=10) for n in range(3)]
+        bob = _fill(store, "bob", "BOB-KEPT wombatkept", messages=10)
+        assert [h.conversation_id for h in store.search("wombatkept", owner="bob")]
         before = {r.key: r.total_tokens for r in store.usage(by="owner")}
         assert store.erase_owner("alice", dry_run=True).conversations == 3
         assert store.count(owner="alice") == 3  # a dry run deletes nothing
         done = store.erase_owner("alice", batch_conversations=2)
-        assert (done.conversations, done.messages) == (3, 3 * 9)
+        assert (done.conversations, done.messages) == (3, 3 * 21)
         for cid in alice:
             with pytest.raises(ConversationNotFound):
                 store.get(cid, owner="alice")
         kept = store.get(bob, owner="bob")
-        assert len(kept.messages()) == 9 and len(kept.summaries()) == 1
+        assert len(kept.messages()) == 21 and len(kept.summaries()) == 1
         # The ledger keeps the spending, deletion or not.
         assert {r.key: r.total_tokens for r in store.usage(by="owner")} == before
         assert store.erase_owner("alice").conversations == 0
@@ -67,7 +71,10 @@ def test_erase_owner_leaves_nothing_of_theirs_and_keeps_the_rest(db_url: str) ->
             # pages it logged when alice's messages were written.
             data = _file_bytes(db_url)
             assert b"ALICE-SECRET" not in data
-            assert b"BOB-KEPT" in data  # the scan does see text that is still stored
+            assert b"quokkazanzibar" not in data  # nor in the search index
+            assert b"BOB-KEPT" in data and b"wombatkept" in data  # the scan sees what is kept
+        assert store.search("quokkazanzibar0", owner="alice") == []
+        assert len(store.search("wombatkept", owner="bob", limit=100)) == 20  # user and assistant
 
 
 def test_prune_deletes_only_inactive_conversations(db_url: str) -> None:
@@ -164,3 +171,20 @@ def test_the_byte_scan_finds_deleted_text_when_secure_delete_is_off(tmp_path: Pa
         _fill(store, "erin", "ERIN-LINGERS", messages=30)
         store.erase_owner("erin")
     assert b"ERIN-LINGERS" in _file_bytes(url)
+
+
+def test_erased_words_leave_the_sqlite_search_index(tmp_path: Path) -> None:
+    """FTS5 keeps a deleted row's words in its older segments (a delete only adds a marker)
+    until they are merged: erasure merges them, so the words leave the file."""
+    url = f"sqlite:///{tmp_path / 'fts.db'}"
+    with ConversationStore(url) as store:
+        for owner, word in (("alice", "quokkazanzibar"), ("bob", "wombatkept")):
+            for n in range(3):
+                conv = store.create(owner=owner)
+                for i in range(20):
+                    conv.append("user", f"{word}{n} other{i}")
+        assert store.erase_owner("alice").messages == 60
+        data = _file_bytes(url)
+        assert b"quokkazanzibar" not in data
+        assert b"wombatkept" in data
+        assert len(store.search("wombatkept1", owner="bob")) == 20
