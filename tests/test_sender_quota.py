@@ -89,3 +89,25 @@ def test_summary_requests_are_charged_to_the_owner(make_driver: Any, sqlite_stor
     kinds = {r.key: r.total_tokens for r in sqlite_store.usage(by="owner")}
     assert kinds == {"carol": 800}
     assert _state(sqlite_store, "carol") == (800, 0)
+
+
+def test_the_reservation_is_the_window_sent_plus_max_tokens(make_driver: Any, sqlite_store: Store) -> None:
+    held: list[int] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        [status] = sqlite_store.quota("dora")
+        held.append(int(status.reserved))  # what the turn holds while its request is out
+        return httpx.Response(200, json=completion("ok", usage=_usage(30)))
+
+    api = FakeAPI(default=answer)
+    driver: Driver = make_driver(sqlite_store, transport=api.transport())
+    sqlite_store.set_quota("dora", daily_tokens=100_000)
+    conv = sqlite_store.create(system="Be brief.", owner="dora")
+    for i in range(3):
+        conv.append("user", f"question {i} " + "words " * 20)
+        conv.append("assistant", f"answer {i}")
+    for max_tokens in (64, 128):
+        message = driver.send(conv.id, "one more " * 10, owner="dora", max_tokens=max_tokens)
+        assert message.predicted_prompt_tokens is not None
+        assert held[-1] == message.predicted_prompt_tokens + max_tokens
+    assert int(sqlite_store.quota("dora")[0].reserved) == 0
