@@ -122,7 +122,8 @@ class RetryDecision:
     ``reason`` is one line for a human (what failed, and what happens next: the wait and
     the retry number, or why not). ``server_asked`` is the wait the server asked for, if
     it said; ``deadline`` is True when the decision is to give up because of the
-    caller's deadline.
+    caller's deadline. ``number`` is the retry about to be made (1 for the first; 0 when
+    not retrying) out of ``max_retries``.
     """
 
     retry: bool
@@ -130,6 +131,8 @@ class RetryDecision:
     reason: str
     server_asked: float | None = None
     deadline: bool = False
+    number: int = 0
+    max_retries: int = 0
 
 
 def _seconds(value: float) -> str:
@@ -197,4 +200,6 @@ def decide(
         delay,
         f"{what}; waiting {_seconds(delay)} ({source}) before retry {retries_done + 1} of {max_retries}",
         asked,
+        number=retries_done + 1,
+        max_retries=max_retries,
     )

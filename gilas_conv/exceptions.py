@@ -229,7 +229,13 @@ class APIConnectionError(APIError):
 
 
 class APITimeoutError(APIConnectionError):
-    """The request timed out."""
+    """The request timed out: a phase of it (connecting, a read, a free connection), a
+    stream that sent no content for longer than the read timeout, or the call's overall
+    deadline. ``deadline`` is that deadline in seconds when it was the cause, else None."""
+
+    def __init__(self, message: str, *, request_id: str | None = None, deadline: float | None = None) -> None:
+        super().__init__(message, request_id=request_id)
+        self.deadline = deadline
 
 
 class APIResponseValidationError(APIError):

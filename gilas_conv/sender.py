@@ -19,14 +19,18 @@ any number of turns of different conversations may run at once in one loop.
 One turn, step by step (``send``)
     1. The parameters are checked; a bad one raises ValueError and nothing is stored.
     2. The user message is stored.
-    3. The context is chosen from the stored history by
-       :func:`gilas_conv.truncation.build_context` (``context_limit=`` overrides the
+    3. The context is planned from the stored history by
+       :func:`gilas_conv.truncation.plan_context` (``context_limit=`` overrides the
        model's window; it is not sent). Turns that do not fit are dropped, or with
-       ``policy="summarize"`` replaced by a stored summary, which an extra request to
-       the same API makes or extends when needed. If even the newest turn does not fit,
+       ``policy="summarize"`` replaced by a stored summary: when the plan asks for one,
+       the sender requests it from the same API (with no database connection open and,
+       for AsyncSender, no worker thread waiting), stores it with the request's usage
+       and plans again. If even the newest turn does not fit,
        :class:`~gilas_conv.ContextWindowExceeded` is raised and nothing is sent.
     4. ``POST {base_url}/chat/completions``, retried on 408/409/429/5xx and connection
-       errors (see :mod:`gilas_conv._retry`); other errors raise at once.
+       errors (see :mod:`gilas_conv._retry`); other errors raise at once. ``on_retry``
+       hears of each wait before it starts. The whole call, summaries, retries and waits
+       included, runs within ``deadline`` (see :class:`Sender`).
     5. The reply is stored with the API's response id, model, finish reason and usage,
        ``predicted_prompt_tokens`` (our count before sending) and ``reply_to`` (the seq of
        the user message it answers), and returned.
@@ -51,6 +55,11 @@ Streams (``stream``)
     far, which may run a chunk or two ahead of what the loop consumed; if the whole reply
     had arrived it is stored as complete). When nothing of the reply arrived, nothing is
     stored and the error itself (e.g. :class:`~gilas_conv.APIConnectionError`) is raised.
+    A stream that sends no content for longer than the read timeout (keep-alive comments
+    and empty chunks do not count), or that runs past the call's deadline, is cut off the
+    same way (the cause is an :class:`~gilas_conv.APITimeoutError`). A streaming request
+    answered with a JSON completion gives that reply as the stream's one chunk; answered
+    with a JSON error object, it raises that error with the API's message.
     Requests are retried only until the response headers arrive, never in the middle of a
     stream. ``stream()`` stores the user message and makes the request before it returns
     (errors such as AuthenticationError are raised there) and returns a started stream.
@@ -63,20 +72,32 @@ Streams (``stream``)
     stored message's ``extra["choices"]``, each as the API sent it (with its ``index``).
 
 The API key is only ever put in the ``Authorization`` header: it is scrubbed from error
-messages and bodies, and appears in no log line, repr or stored row.
+messages and bodies, and appears in no log line, repr or stored row. Credentials in the
+base URL (``http://user:secret@host/v1``) are sent, but shown masked everywhere: reprs,
+errors and log lines use :func:`gilas_conv._config.redact_url`'s form.
 """
 
 from __future__ import annotations
 
+from ._retry import RetryDecision
 from ._sender._async import AsyncReplyStream, AsyncSender
-from ._sender._base import DEFAULT_TIMEOUT, StreamChunk, pending_reply_to
+from ._sender._base import (
+    DEFAULT_DEADLINE,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_TIMEOUT,
+    StreamChunk,
+    pending_reply_to,
+)
 from ._sender._sync import ReplyStream, Sender
 
 __all__ = [
+    "DEFAULT_DEADLINE",
+    "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_TIMEOUT",
     "AsyncReplyStream",
     "AsyncSender",
     "ReplyStream",
+    "RetryDecision",
     "Sender",
     "StreamChunk",
     "pending_reply_to",

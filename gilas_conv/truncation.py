@@ -425,10 +425,13 @@ def plan_context(
     return plan if isinstance(plan, SummaryRequest) else _context(plan, budget)
 
 
-def save_summary(conv: Conversation, request: SummaryRequest, text: str) -> Summary:
+def save_summary(
+    conv: Conversation, request: SummaryRequest, text: str, *, usage: Mapping[str, Any] | None = None
+) -> Summary:
     """Store ``text``, the answer to ``request``, as the summary of its range; return it.
 
-    Raises ValueError, storing nothing, when ``text`` is not a non-empty string.
+    ``usage``: what the summary request cost, as the API reported it (kept with the
+    summary). Raises ValueError, storing nothing, when ``text`` is not a non-empty string.
     """
     if not isinstance(text, str) or not text.strip():
         raise ValueError("the summarizer returned no text")
@@ -440,6 +443,7 @@ def save_summary(conv: Conversation, request: SummaryRequest, text: str) -> Summ
         model=request.model,
         tokens=_tokens.message_tokens({"role": "system", "content": SUMMARY_PREFIX + text}, encoding),
         tokens_encoding=encoding,
+        usage=dict(usage) if usage is not None else None,
     )
 
 

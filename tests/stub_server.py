@@ -47,6 +47,10 @@ list); each one answers one request, in order, then the default behaviour resume
     {"chunk_delay": 0.5}                 wait before each content chunk
     {"stall_after": 1, "stall": 2.0}     1 content chunk, then a 2 s silence, then the rest
     {"line_ending": "\\r\\n"}            the SSE line ending ("\\n" by default)
+    {"endless": "keepalive", "every": 0.1}   after 1 content chunk ("endless_after"), send
+                                         forever (until the client leaves or the server
+                                         closes) a ": keep-alive" comment every 0.1 s;
+                                         "empty": an empty delta chunk; "content": a "."
 
 ``GET <anything>/models`` lists :data:`STUB_MODELS`.
 
@@ -460,6 +464,9 @@ class _Handler(BaseHTTPRequestHandler):
             )
         )
         for count, piece in enumerate(pieces):
+            if action.get("endless") and count == int(action.get("endless_after", 1)):
+                self._endless(str(action["endless"]), float(action.get("every", 0.1)), write, event, chunk)
+                return
             if count == action.get("cut_after"):
                 self._abort()
                 return
@@ -482,6 +489,21 @@ class _Handler(BaseHTTPRequestHandler):
         if not action.get("no_done"):
             event("[DONE]")
         write("")
+
+    def _endless(self, kind: str, every: float, write: Any, event: Any, chunk: Any) -> None:
+        """Send something that is not a finished reply every ``every`` s, until the client
+        leaves (the write fails) or the server closes; at most a minute, as a safety net."""
+        stub = self.server.stub
+        stop = time.monotonic() + 60
+        while not stub._closing.is_set() and time.monotonic() < stop:
+            if kind == "keepalive":
+                write(": keep-alive\n\n")
+            elif kind == "empty":
+                event(chunk([{"index": 0, "delta": {}, "finish_reason": None}]))
+            else:
+                event(chunk([{"index": 0, "delta": {"content": "."}, "finish_reason": None}]))
+            stub._sleep(every)
+        self._abort()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,6 +11,7 @@ import asyncio
 import gc
 import json
 import logging
+import math
 import threading
 from typing import Any
 
@@ -53,7 +54,6 @@ from gilas_conv import (
     _api,
 )
 from gilas_conv._retry import INITIAL_RETRY_DELAY, JITTER, MAX_RETRY_AFTER
-from gilas_conv._sender import _base as sender_module  # where the context is chosen
 from gilas_conv.sender import AsyncSender, Sender, StreamChunk, pending_reply_to
 from gilas_conv.truncation import build_context
 
@@ -253,46 +253,38 @@ def test_params_pass_through_and_model_override(driver: Driver, api: FakeAPI, sq
     assert second["model"] == "gpt-4.1-mini" and second["max_tokens"] == 20
 
 
-def test_build_context_gets_model_budget_and_tools(
-    driver: Driver, sqlite_store: Store, monkeypatch: pytest.MonkeyPatch
+def test_the_window_follows_the_calls_model_budget_and_tools(
+    driver: Driver, api: FakeAPI, sqlite_store: Store
 ) -> None:
-    calls: list[dict[str, Any]] = []
-    real = sender_module.build_context
-
-    def spy(conv: Any, **kwargs: Any) -> Any:
-        calls.append(kwargs)
-        return real(conv, **kwargs)
-
-    monkeypatch.setattr(sender_module, "build_context", spy)
     conv = sqlite_store.create()
+    for i in range(12):
+        conv.append("user", f"question {i} " + "about the sea " * 20)
+        conv.append("assistant", f"answer {i} " + "it is blue " * 20)
     tools = [
-        {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
-    ]
-    driver.send(
-        conv.id, "a", model="gpt-4o", max_completion_tokens=99, max_tokens=5, tools=tools, context_limit=9000
-    )
-    driver.send(conv.id, "b", max_tokens=5)
-    assert calls == [
         {
-            "model": "gpt-4o",
-            "context_limit": 9000,
-            "max_tokens": 99,
-            "tools": tools,
-            "policy": "truncate",
-            "summarizer": None,
-        },
-        {
-            "model": None,
-            "context_limit": None,
-            "max_tokens": 5,
-            "tools": None,
-            "policy": "truncate",
-            "summarizer": None,
-        },
+            "type": "function",
+            "function": {"name": "f", "description": "a tool " * 40, "parameters": {"type": "object"}},
+        }
     ]
+    cases: list[tuple[dict[str, Any], dict[str, Any]]] = [
+        # (the call's options, what the window must be planned with)
+        ({"max_tokens": 5}, {"max_tokens": 5}),
+        ({"max_tokens": 5, "max_completion_tokens": 400}, {"max_tokens": 400}),
+        ({"max_tokens": 5, "tools": tools}, {"max_tokens": 5, "tools": tools}),
+        ({"model": "gpt-4o", "max_tokens": 5}, {"model": "gpt-4o", "max_tokens": 5}),
+    ]
+    for number, (options, planned) in enumerate(cases):
+        conv.append("user", "and now?")
+        expected = build_context(conv, context_limit=1200, **planned)
+        if number in (1, 2):  # the reply's reserve and the tools' definitions take room
+            assert expected.dropped > build_context(conv, context_limit=1200, max_tokens=5).dropped
+        driver.retry(conv.id, context_limit=1200, **options)
+        body = api.bodies[-1]
+        assert body["messages"] == expected.messages
+        assert body["model"] == planned.get("model", conv.model)
     with pytest.raises(ValueError, match="policy"):
         driver.send(conv.id, "c", policy="forget")
-    assert len(calls) == 2
+    assert len(api.requests) == len(cases)
 
 
 def test_summarize_policy_asks_the_api_for_a_summary(make_driver: Any, sqlite_store: Store) -> None:
@@ -679,7 +671,8 @@ def test_retry_after_headers_are_honoured(driver: Driver, api: FakeAPI, sqlite_s
         error_response(429, headers={"retry-after-ms": "250"}),
         error_response(503, headers={"retry-after": "86400"}),
     )
-    driver.send(conv.id, "hi", max_retries=3)
+    # No deadline: a day asked for is more than any deadline left (see the deadline tests).
+    driver.send(conv.id, "hi", max_retries=3, deadline=math.inf)
     assert driver.sleeps[:2] == [3.0, 0.25]
     # More than MAX_RETRY_AFTER asked: the third retry's usual backoff, not a day (nor a minute).
     full = INITIAL_RETRY_DELAY * 2**2

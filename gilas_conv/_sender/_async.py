@@ -10,7 +10,6 @@ without I/O is in :mod:`._base`.
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -21,17 +20,17 @@ from .. import _api
 from .._retry import DEFAULT_MAX_RETRIES
 from ..exceptions import APIError, StreamInterrupted
 from ..store import Conversation, ConversationStore, Message
-from ..truncation import Policy, SummaryRequest
+from ..truncation import Policy
 from ._backend import AsyncBackend
 from ._base import (
-    DEFAULT_LIMITS,
+    DEFAULT_DEADLINE,
     DEFAULT_TIMEOUT,
     ConversationRef,
+    RetryCallback,
     StreamChunk,
     _answer,
     _Call,
     _SenderBase,
-    _StreamCore,
     _Turn,
 )
 
@@ -41,17 +40,35 @@ class AsyncSender(_SenderBase):
 
     ``api_key``: else ``$GILAS_API_KEY``; if neither, MissingAPIKeyError is raised here,
     before anything is stored or sent. ``base_url``: else ``$GILAS_BASE_URL``, else
-    ``https://api.gilas.io/v1``. ``timeout``: seconds per request phase, or an
-    ``httpx.Timeout`` for connect/read/write/pool separately. ``max_retries``: retries of a
-    failed request. ``policy``: what to do with history that does not fit the window,
-    ``"truncate"`` (drop the oldest turns) or ``"summarize"`` (send a stored summary of them,
-    made with an extra request when needed; see :mod:`gilas_conv.truncation`). Each call
-    may override ``timeout``, ``max_retries`` and ``policy``.
+    ``https://api.gilas.io/v1`` (credentials in it are never shown: reprs, errors and
+    logs mask them). ``timeout``: seconds per request phase, or an ``httpx.Timeout`` for
+    connect/read/write/pool separately; a stream that sends no content (only keep-alive
+    comments or empty chunks) for longer than the read timeout is cut off with
+    APITimeoutError. ``deadline``: seconds the whole call may take, retries and the waits
+    between them included (default :data:`DEFAULT_DEADLINE`, 600; None: no deadline); when
+    it passes, APITimeoutError names it (its ``deadline`` attribute is set), a retry whose
+    wait would pass it is not made, and a stream under way is cut off like any other
+    (what arrived is stored as incomplete). The deadline is checked whenever data arrives
+    and before each attempt, and no read waits longer than the time left when its attempt
+    began. ``max_retries``: retries of a failed request. ``on_retry``: called with each
+    :class:`~gilas_conv.sender.RetryDecision` to retry (its ``delay``, ``reason``,
+    ``server_asked``), before the wait: a plain function, called on the caller's thread
+    (for AsyncSender, on the event loop: it must not block). ``policy``: what to do with
+    history that does not fit the window, ``"truncate"`` (drop the oldest turns) or
+    ``"summarize"`` (send a stored summary of them, made with an extra request when needed;
+    see :mod:`gilas_conv.truncation`). Each call may override ``timeout``, ``deadline``
+    (``math.inf``: none for this call), ``max_retries``, ``on_retry`` and ``policy``.
 
     One connection pool per sender, kept alive between turns; ``async with AsyncSender(...)
-    as s`` or :meth:`aclose` closes it. ``http_client``: use this ``httpx.AsyncClient``
-    instead (it is not closed here; ``timeout`` still applies per request); ``transport``:
-    an httpx transport for the sender's own client (tests).
+    as s`` or :meth:`aclose` closes it. ``max_connections``: its size (default
+    :data:`DEFAULT_MAX_CONNECTIONS`, 100). A streamed turn holds a connection until its
+    reply ends, so this is how many turns run at once; further turns wait for a free
+    connection, up to the pool timeout, then fail with APITimeoutError. A server that runs
+    many turns through one sender sets it to the concurrent turns it allows (e.g. 300 for
+    300 open streams) and keeps the database pool in step (``ConversationStore(pool_size=)``).
+    ``http_client``: use this ``httpx.AsyncClient`` instead (it is not closed here;
+    ``timeout`` still applies per request; its own limits apply, so not with
+    ``max_connections``); ``transport``: an httpx transport for the sender's own client (tests).
     """
 
     def __init__(
@@ -61,19 +78,31 @@ class AsyncSender(_SenderBase):
         api_key: str | None = None,
         base_url: str | None = None,
         timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
+        deadline: float | None = DEFAULT_DEADLINE,
         max_retries: int = DEFAULT_MAX_RETRIES,
+        on_retry: RetryCallback | None = None,
         policy: Policy = "truncate",
+        max_connections: int | None = None,
         http_client: httpx.AsyncClient | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         super().__init__(
-            store, api_key=api_key, base_url=base_url, timeout=timeout, max_retries=max_retries, policy=policy
+            store,
+            api_key=api_key,
+            base_url=base_url,
+            timeout=timeout,
+            max_retries=max_retries,
+            policy=policy,
+            deadline=deadline,
+            on_retry=on_retry,
+            max_connections=max_connections,
+            http_client=http_client,
         )
         if http_client is not None and transport is not None:
             raise ValueError("pass http_client or transport, not both")
         self._owns_client = http_client is None
         self._client = http_client or httpx.AsyncClient(
-            transport=transport, timeout=self.timeout, limits=DEFAULT_LIMITS
+            transport=transport, timeout=self.timeout, limits=self._limits()
         )
 
     async def aclose(self) -> None:
@@ -95,6 +124,8 @@ class AsyncSender(_SenderBase):
         owner: str | None = None,
         max_retries: int | None = None,
         timeout: float | httpx.Timeout | None = None,
+        deadline: float | None = None,
+        on_retry: RetryCallback | None = None,
         context_limit: int | None = None,
         policy: Policy | None = None,
         **params: Any,
@@ -108,7 +139,13 @@ class AsyncSender(_SenderBase):
         the window (not sent). See :mod:`gilas_conv.sender` for what is stored when.
         """
         call = self._call(
-            params, max_retries=max_retries, timeout=timeout, context_limit=context_limit, policy=policy
+            params,
+            max_retries=max_retries,
+            timeout=timeout,
+            context_limit=context_limit,
+            policy=policy,
+            deadline=deadline,
+            on_retry=on_retry,
         )
         turn = await self._prepare_turn(conversation, content, call, owner=owner, stream=False)
         return await self._complete(turn, call)
@@ -121,6 +158,8 @@ class AsyncSender(_SenderBase):
         messages: Sequence[Mapping[str, Any]] = (),
         max_retries: int | None = None,
         timeout: float | httpx.Timeout | None = None,
+        deadline: float | None = None,
+        on_retry: RetryCallback | None = None,
         context_limit: int | None = None,
         policy: Policy | None = None,
         **params: Any,
@@ -135,7 +174,13 @@ class AsyncSender(_SenderBase):
         ``pinned``), e.g. the results of the tool calls the last reply asked for; the turn
         they end is then answered."""
         call = self._call(
-            params, max_retries=max_retries, timeout=timeout, context_limit=context_limit, policy=policy
+            params,
+            max_retries=max_retries,
+            timeout=timeout,
+            context_limit=context_limit,
+            policy=policy,
+            deadline=deadline,
+            on_retry=on_retry,
         )
         turn = await self._prepare_turn(conversation, _answer(messages), call, owner=owner, stream=False)
         return await self._complete(turn, call)
@@ -148,6 +193,8 @@ class AsyncSender(_SenderBase):
         owner: str | None = None,
         max_retries: int | None = None,
         timeout: float | httpx.Timeout | None = None,
+        deadline: float | None = None,
+        on_retry: RetryCallback | None = None,
         context_limit: int | None = None,
         policy: Policy | None = None,
         **params: Any,
@@ -158,7 +205,13 @@ class AsyncSender(_SenderBase):
         so errors such as AuthenticationError are raised here.
         """
         call = self._call(
-            params, max_retries=max_retries, timeout=timeout, context_limit=context_limit, policy=policy
+            params,
+            max_retries=max_retries,
+            timeout=timeout,
+            context_limit=context_limit,
+            policy=policy,
+            deadline=deadline,
+            on_retry=on_retry,
         )
         turn = await self._prepare_turn(conversation, content, call, owner=owner, stream=True)
         return await self._open_stream(turn, call)
@@ -171,13 +224,21 @@ class AsyncSender(_SenderBase):
         messages: Sequence[Mapping[str, Any]] = (),
         max_retries: int | None = None,
         timeout: float | httpx.Timeout | None = None,
+        deadline: float | None = None,
+        on_retry: RetryCallback | None = None,
         context_limit: int | None = None,
         policy: Policy | None = None,
         **params: Any,
     ) -> AsyncReplyStream:
         """:meth:`retry`, streamed (started before it returns, like :meth:`stream`)."""
         call = self._call(
-            params, max_retries=max_retries, timeout=timeout, context_limit=context_limit, policy=policy
+            params,
+            max_retries=max_retries,
+            timeout=timeout,
+            context_limit=context_limit,
+            policy=policy,
+            deadline=deadline,
+            on_retry=on_retry,
         )
         turn = await self._prepare_turn(conversation, _answer(messages), call, owner=owner, stream=True)
         return await self._open_stream(turn, call)
@@ -185,27 +246,29 @@ class AsyncSender(_SenderBase):
     async def _prepare_turn(
         self, conversation: ConversationRef, content: Any, call: _Call, *, owner: str | None, stream: bool
     ) -> _Turn:
-        summarizer = None
-        if call.policy == "summarize":
-            summarizer = AsyncBackend.blocking_portal(functools.partial(self._summarize, call))
-        return await AsyncBackend.run_blocking(
-            self._prepare, conversation, content, call, owner=owner, stream=stream, summarizer=summarizer
-        )
-
-    async def _summarize(self, call: _Call, request: SummaryRequest) -> _api.Reply:
-        body = self._summary_body(request)
-        response = await self._request(body, stream=False, max_retries=call.max_retries, timeout=call.timeout)
-        return self._completion(response)
+        """Store the user message, then plan the context; each summary the plan asks for is
+        requested between two blocking store calls, holding neither a database connection
+        nor a worker thread, and stored before planning again."""
+        turn = await AsyncBackend.run_blocking(self._prepare, conversation, content, call, owner=owner)
+        try:
+            covered = 0
+            while True:
+                plan = await AsyncBackend.run_blocking(self._plan, turn, call, stream=stream)
+                if isinstance(plan, _Turn):
+                    return plan
+                covered = self._check_progress(plan, covered)
+                response, payload = await self._request(self._summary_body(plan), stream=False, call=call)
+                reply = self._completion(response, payload)
+                await AsyncBackend.run_blocking(self._save_summary, turn, plan, reply)
+        except BaseException:
+            # Planning or a summary failed: no request goes out, the conversation is freed.
+            await AsyncBackend.run_blocking(self._abandon, turn)
+            raise
 
     async def _complete(self, turn: _Turn, call: _Call) -> Message:
         try:
-            response = await self._request(
-                turn.body,
-                stream=False,
-                max_retries=call.max_retries,
-                timeout=call.timeout,
-            )
-            reply = self._completion(response)
+            response, payload = await self._request(turn.body, stream=False, call=call)
+            reply = self._completion(response, payload)
         except BaseException:
             # No reply to store: free the conversation (a worker thread runs to its end even
             # if this task is cancelled again).
@@ -215,45 +278,62 @@ class AsyncSender(_SenderBase):
 
     async def _open_stream(self, turn: _Turn, call: _Call) -> AsyncReplyStream:
         try:
-            response = await self._request(
-                turn.body,
-                stream=True,
-                max_retries=call.max_retries,
-                timeout=call.timeout,
-            )
+            response, payload = await self._request(turn.body, stream=True, call=call)
+            whole = None
+            if payload is not None:  # the server answered with JSON, not a stream
+                whole = self._answer_without_stream(response, payload)
         except BaseException:
             await AsyncBackend.run_blocking(self._abandon, turn)
             raise
-        return AsyncReplyStream(self, turn, response)
+        return AsyncReplyStream(self, turn, response, call, whole)
 
     async def _sleep(self, seconds: float) -> None:
         await AsyncBackend.sleep(seconds)
 
+    async def _read_body(self, response: httpx.Response, call: _Call) -> bytes:
+        """The whole body, the deadline checked as it arrives; the response is closed."""
+        pieces = []
+        try:
+            async for piece in response.aiter_bytes():
+                pieces.append(piece)
+                self._check_clock(call)
+        finally:
+            await response.aclose()
+        return b"".join(pieces)
+
     async def _request(
-        self, body: dict[str, Any], *, stream: bool, max_retries: int, timeout: httpx.Timeout
-    ) -> httpx.Response:
-        """POST with retries; the 2xx response (open, when streaming), or raise."""
-        request = self._build_request(body, stream=stream, timeout=timeout)
+        self, body: dict[str, Any], *, stream: bool, call: _Call
+    ) -> tuple[httpx.Response, bytes | None]:
+        """POST with retries, within the call's deadline: the 2xx response and its body, or
+        raise. A streaming request's event stream is returned open, with None for the body."""
         retries_done = 0
         while True:
+            request = self._build_request(body, stream=stream, call=call)
             headers = None
             try:
-                response = await self._client.send(request, stream=stream)
+                response = await self._client.send(request, stream=True)
             except httpx.HTTPError as err:
-                error: APIError = self._connection_error(err)
+                error: APIError = self._connection_error(err, call)
             else:
-                if response.is_success:
-                    return response
+                if (
+                    response.is_success
+                    and stream
+                    and _api.is_event_stream(response.headers.get("content-type", ""))
+                ):
+                    return response, None
                 try:
-                    payload = await response.aread()
-                except httpx.HTTPError:
-                    payload = b""
-                finally:
-                    await response.aclose()
-                error, headers = self._status_error(response, payload), response.headers
-            delay = self._retry_delay(
-                error, retries_done=retries_done, max_retries=max_retries, headers=headers
-            )
+                    payload = await self._read_body(response, call)
+                except httpx.HTTPError as err:
+                    if response.is_success:
+                        error = self._connection_error(err, call)
+                    else:
+                        error = self._status_error(response, b"")
+                        headers = response.headers
+                else:
+                    if response.is_success:
+                        return response, payload
+                    error, headers = self._status_error(response, payload), response.headers
+            delay = self._retry_delay(error, call, retries_done=retries_done, headers=headers)
             await self._sleep(delay)
             retries_done += 1
 
@@ -268,13 +348,21 @@ class AsyncReplyStream:
     garbage-collected unclosed stores nothing and gives a ResourceWarning.
     """
 
-    def __init__(self, sender: AsyncSender, turn: _Turn, response: httpx.Response) -> None:
+    def __init__(
+        self,
+        sender: AsyncSender,
+        turn: _Turn,
+        response: httpx.Response,
+        call: _Call,
+        whole: _api.Reply | None = None,
+    ) -> None:
         self._sender = sender
         self._turn = turn
         self._response = response
-        self._core = _StreamCore(response.headers.get("x-request-id"), (sender._api_key,))
+        self._call = call
+        self._core = sender._stream_core(response, call, whole)
         self._bytes: Any = response.aiter_bytes()
-        self._ended = False
+        self._ended = whole is not None  # a reply that came whole was read already
         self._cause: APIError | None = None
         self._settled = False
         #: The stored reply, once the stream has ended (None if nothing arrived).
@@ -311,10 +399,11 @@ class AsyncReplyStream:
                 self._core.eof()
                 self._ended = True
             except httpx.HTTPError as err:
-                self._cause = self._sender._connection_error(err)
+                self._cause = self._sender._connection_error(err, self._call)
                 self._ended = True
             else:
                 self._core.feed(data)
+                self._core.check_clock()
 
     async def final_message(self) -> Message | None:
         """Read the rest of the stream and return the stored reply."""

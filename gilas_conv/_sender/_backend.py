@@ -1,7 +1,7 @@
 """The only things the async and sync senders do differently, besides ``await``.
 
 :mod:`._async` calls :class:`AsyncBackend`; ``scripts/unasync.py`` renames it
-:class:`SyncBackend` in the generated :mod:`._sync`. Each backend has the same three
+:class:`SyncBackend` in the generated :mod:`._sync`. Each backend has the same two
 operations:
 
 ``sleep(seconds)``
@@ -10,19 +10,18 @@ operations:
     Make a blocking call (the store, choosing the context). Async: in a worker thread
     (``asyncio.to_thread``), so the event loop never waits on the database and turns of
     different conversations run at once in one loop. Sync: directly.
-``blocking_portal(function)``
-    The plain callable that code running inside ``run_blocking`` uses to call back into
-    the sender (the summarize policy's request, made while the context is chosen). Async:
-    it runs the coroutine on the event loop that made the portal and waits for it in the
-    worker thread. Sync: the function itself.
+
+Nothing running in ``run_blocking`` calls back into the sender: a request the store work
+needs (the summarize policy's summary) is returned to the sender, which makes it between
+two blocking calls, so no worker thread ever waits on the network.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Coroutine
-from typing import Any, ParamSpec, TypeVar
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -37,15 +36,6 @@ class AsyncBackend:
     async def run_blocking(function: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         return await asyncio.to_thread(function, *args, **kwargs)
 
-    @staticmethod
-    def blocking_portal(function: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, T]:
-        loop = asyncio.get_running_loop()  # made on the loop, called from a worker thread
-
-        def call(*args: P.args, **kwargs: P.kwargs) -> T:
-            return asyncio.run_coroutine_threadsafe(function(*args, **kwargs), loop).result()
-
-        return call
-
 
 class SyncBackend:
     @staticmethod
@@ -55,7 +45,3 @@ class SyncBackend:
     @staticmethod
     def run_blocking(function: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         return function(*args, **kwargs)
-
-    @staticmethod
-    def blocking_portal(function: Callable[P, T]) -> Callable[P, T]:
-        return function

@@ -5,22 +5,43 @@ retry, choosing the context and storing the reply (``_prepare`` / ``_store_reply
 blocking calls, which :mod:`._async` runs through its backend), and decoding a stream into
 chunks and a reply (:class:`_StreamCore`). The I/O itself -- sending, sleeping, reading a
 stream -- is in :mod:`._async` (written by hand) and :mod:`._sync` (generated from it).
+
+The order of a turn under a quota (``_prepare``, ``_take_turn``, ``_plan``):
+
+1. The store's ``_take_turn`` is asked without a reservation. In its one write transaction
+   it takes the lease, checks whether a limit applies to the owner (one indexed read) and
+   appends the new messages. An owner without a limit is done: that read is all it pays.
+2. If a limit applies, the transaction is rolled back (``QuotaNeeded``: nothing written).
+   The window is then planned over the stored history with the new messages' tokens kept
+   free (``_quota_ask``), and ``_take_turn`` is asked again with that reservation and the
+   last message the plan saw: in one transaction it takes the lease, checks the history is
+   still the one planned over (``HistoryMoved`` otherwise, nothing written: plan again),
+   takes the reservation atomically (``QuotaExceeded``: nothing written, no lease taken,
+   nothing sent) and appends the new messages. The sender remembers the owner is limited,
+   so its next turn plans first and needs one transaction.
+3. ``_plan`` builds the request from the same history under the lease, so the window sent
+   is the window reserved for; if it is larger (the history changed without a lease, or a
+   summary was stored) the reservation grows to it, checked like a new request.
+4. The reply is stored, its usage charged and the reservation settled, and the lease
+   released, in one transaction; a failed request releases the lease and the reservation.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import httpx
 
 from .. import _api
 from .. import tokens as _tokens
-from .._config import DEFAULT_TURN_LEASE_SECONDS, resolve_api_key, resolve_base_url
-from .._retry import decide
+from .._config import DEFAULT_TURN_LEASE_SECONDS, redact_url, resolve_api_key, resolve_base_url
+from .._retry import RetryDecision, decide
 from .._sse import SSEDecoder
 from ..exceptions import (
     APIConnectionError,
@@ -34,17 +55,24 @@ from ..exceptions import (
 )
 from ..store import Conversation, ConversationStore, Message, Reservation
 from ..store._usage import DEFAULT_QUOTA_RESERVATION, HistoryMoved, QuotaAsk, QuotaNeeded
-from ..truncation import SUMMARY_MAX_TOKENS, Context, Policy, SummaryRequest, build_context, plan_context
+from ..truncation import SUMMARY_MAX_TOKENS, Context, Policy, SummaryRequest, plan_context, save_summary
 
 # The public module's name: log lines read as coming from gilas_conv.sender.
 logger = logging.getLogger("gilas_conv.sender")
 
 CHAT_COMPLETIONS_PATH = "/chat/completions"
 # Seconds for each phase of a request (connect, write, each read, pool); a float applies to
-# all four, an httpx.Timeout sets them one by one. A stream's read timeout is per chunk.
+# all four, an httpx.Timeout sets them one by one. A stream that sends no content (only
+# keep-alive comments or empty chunks) for longer than the read timeout is cut off too.
 DEFAULT_TIMEOUT = 60.0
-# One pool per sender; connections are kept alive between turns.
-DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
+# Seconds a whole call may take, retries and the waits between them included: long enough
+# for a long reply from a slow model, short enough that nothing hangs for good.
+DEFAULT_DEADLINE = 600.0
+# One pool per sender; connections are kept alive between turns. A streamed turn holds its
+# connection for the whole reply, so this is how many turns of one sender run at once; the
+# others wait (up to the pool timeout) for a free connection.
+DEFAULT_MAX_CONNECTIONS = 100
+DEFAULT_MAX_KEEPALIVE_CONNECTIONS = 20
 # How far back retry() first looks for the turn to answer; it widens the window if needed.
 _RETRY_TAIL = 64
 POLICIES = ("truncate", "summarize")
@@ -69,6 +97,8 @@ def _answer(messages: Sequence[Mapping[str, Any]]) -> _Answer:
 
 
 ConversationRef = str | Conversation
+#: Called with each decision to retry, before the wait (see :class:`gilas_conv.sender.Sender`).
+RetryCallback = Callable[[RetryDecision], object]
 
 # A turn under a quota plans its window, then checks in its transaction that the history is
 # still the one planned over; a conversation appended to this often in between is busy.
@@ -107,17 +137,25 @@ class _Call:
     timeout: httpx.Timeout
     context_limit: int | None
     policy: Policy
+    deadline: float | None = None  # seconds for the whole call (None: none)
+    expires: float | None = None  # time.monotonic() when it passes
+    on_retry: RetryCallback | None = None
+
+    def remaining(self) -> float | None:
+        """Seconds left before the deadline (may be negative), or None without one."""
+        return None if self.expires is None else self.expires - time.monotonic()
 
 
 @dataclass(frozen=True, slots=True)
 class _Turn:
-    """A request ready to go: where its reply is stored and what it answers."""
+    """A turn under way: where its reply is stored and what it answers; once planned
+    (``_plan``), the request body and our count of its prompt tokens."""
 
     conversation: Conversation
     reply_to: int | None
-    body: dict[str, Any]
-    predicted_prompt_tokens: int
     lease: str | None = None  # the conversation's turn lease, released with the reply
+    body: dict[str, Any] = field(default_factory=dict)
+    predicted_prompt_tokens: int = 0
     # The owner's quota held for this request (None: no limit applies); settled when the
     # reply is stored, released when the request fails.
     reservation: Reservation | None = None
@@ -143,6 +181,39 @@ def _check_policy(value: Any) -> Policy:
     return value
 
 
+def _check_deadline(value: Any) -> float | None:
+    """Seconds, or None for no deadline (``math.inf`` too)."""
+    if value is None or value == math.inf:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0 or value != value:
+        raise ValueError(f"deadline must be a positive number of seconds or None, not {value!r}")
+    return float(value)
+
+
+def _check_max_connections(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"max_connections must be a positive integer, not {value!r}")
+    return value
+
+
+def _check_callback(value: Any) -> RetryCallback | None:
+    if value is not None and not callable(value):
+        raise ValueError(f"on_retry must be callable, not {value!r}")
+    return value
+
+
+def _url_credentials(url: str) -> tuple[str, ...]:
+    """The secret of ``url``'s credentials: the password, or a user name alone (a token,
+    as in ``https://TOKEN@host``). A user name beside a password is not secret, and
+    scrubbing it would mask ordinary words in what the API says."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError, ValueError):
+        return ()
+    secret = parsed.password or parsed.username
+    return (secret,) if secret else ()
+
+
 def _check_positive(value: Any, name: str) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
         raise ValueError(f"{name} must be a positive integer, not {value!r}")
@@ -154,16 +225,27 @@ def _user_agent() -> str:
     return f"gilas-conv/{__version__}"
 
 
-def _translate(err: httpx.HTTPError, url: str, secrets: Sequence[str]) -> APIConnectionError:
-    """The library's error for an httpx failure, with the httpx error as its cause."""
+def _translate(
+    err: httpx.HTTPError, url: str, secrets: Sequence[str], *, max_connections: int | None = None
+) -> APIConnectionError:
+    """The library's error for an httpx failure, with the httpx error as its cause.
+
+    ``url`` is shown as it is: pass it with its credentials masked (``redact_url``).
+    """
     detail = _api.redact(str(err) or type(err).__name__, secrets)
     error: APIConnectionError
-    if isinstance(err, httpx.TimeoutException):
+    if isinstance(err, httpx.PoolTimeout):
+        size = f"all {max_connections} connections" if max_connections else "every connection"
+        error = APITimeoutError(
+            f"the request to {url} timed out waiting for a free connection: {size} of the sender's "
+            "pool were busy with other requests; raise the sender's max_connections= (or its pool "
+            "timeout) to serve more turns at once"
+        )
+    elif isinstance(err, httpx.TimeoutException):
         phase = {
             httpx.ConnectTimeout: "connecting",
             httpx.ReadTimeout: "waiting for the answer",
             httpx.WriteTimeout: "sending the request",
-            httpx.PoolTimeout: "waiting for a free connection",
         }.get(type(err), "")
         error = APITimeoutError(f"the request to {url} timed out{' ' + phase if phase else ''}")
     else:
@@ -243,20 +325,72 @@ class _Settlement:
 
 
 class _StreamCore:
-    """The I/O-free part of reading a streamed reply, shared by both stream handles."""
+    """The I/O-free part of reading a streamed reply, shared by both stream handles.
 
-    def __init__(self, request_id: str | None, secrets: Sequence[str]) -> None:
+    ``idle_limit``: seconds the stream may go without content (text, a tool call, a finish
+    reason, usage or ``[DONE]``; keep-alive comments and empty deltas do not count) before
+    :meth:`check_clock` cuts it off with ``idle_error()``; ``expires`` (``time.monotonic()``)
+    is the call's deadline, past which it is cut off with ``deadline_error()``. ``whole``:
+    the reply already arrived whole (a JSON answer to a streaming request), given as one chunk.
+    """
+
+    def __init__(
+        self,
+        request_id: str | None,
+        secrets: Sequence[str],
+        *,
+        idle_limit: float | None = None,
+        expires: float | None = None,
+        idle_error: Callable[[], APIError] | None = None,
+        deadline_error: Callable[[], APIError] | None = None,
+        whole: _api.Reply | None = None,
+    ) -> None:
         self.decoder = SSEDecoder()
         self.acc = _api.StreamAccumulator(request_id=request_id, secrets=secrets)
         self.secrets = secrets
         self.ready: deque[StreamChunk] = deque()
-        self.error: APIError | None = None  # the API said error, or sent a malformed chunk
+        self.error: APIError | None = None  # the API said error, or sent a malformed stream
+        self.reason: str | None = None  # why the stream was cut off here, when it was
+        self.idle_limit = idle_limit
+        self.expires = expires
+        self._idle_error = idle_error
+        self._deadline_error = deadline_error
+        self.last_content = time.monotonic()
+        self.whole = whole
+        if whole is not None:
+            self.ready.append(_whole_chunk(whole))
 
     def feed(self, data: bytes) -> None:
-        self._take(self.decoder.feed(data))
+        try:
+            events = self.decoder.feed(data)
+        except APIError as err:  # an event over the decoder's size cap: a cut stream
+            self.error = err
+            return
+        self._take(events)
 
     def eof(self) -> None:
-        self._take(self.decoder.flush())
+        try:
+            events = self.decoder.flush()
+        except APIError as err:
+            self.error = err
+            return
+        self._take(events)
+
+    def check_clock(self) -> None:
+        """Cut the stream off if the deadline passed or no content came for too long."""
+        if self.error is not None or self.acc.finished or self.whole is not None:
+            return
+        now = time.monotonic()
+        if self.expires is not None and now >= self.expires and self._deadline_error is not None:
+            self.error = self._deadline_error()
+            self.reason = "the deadline passed"
+        elif (
+            self.idle_limit is not None
+            and now - self.last_content > self.idle_limit
+            and self._idle_error is not None
+        ):
+            self.error = self._idle_error()
+            self.reason = f"no content for more than {self.idle_limit:g} s"
 
     def _take(self, events: list[Any]) -> None:
         for event in events:
@@ -264,15 +398,17 @@ class _StreamCore:
                 return  # after [DONE] the rest of the body is read only to free the connection
             try:
                 if event.event == "error":
-                    message, *_ = _api.error_fields(_safe_json(event.data))
-                    text = f"the API reported an error in the middle of the stream: {message or event.data}"
-                    raise APIError(_api.redact(text, self.secrets), request_id=self.acc.request_id)
+                    raise _api.stream_error_event(
+                        event.data, request_id=self.acc.request_id, secrets=self.secrets
+                    )
                 if event.event != "message":
                     continue
                 delta = self.acc.add(event.data)
             except APIError as err:
                 self.error = err
                 return
+            if delta is None or _carries_content(delta):
+                self.last_content = time.monotonic()
             if delta is not None:
                 self.ready.append(
                     StreamChunk(
@@ -286,6 +422,8 @@ class _StreamCore:
                 )
 
     def settle(self, *, cause: APIError | None, closed: bool) -> _Settlement:
+        if self.whole is not None:
+            return _Settlement("complete", self.whole)
         acc = self.acc
         if acc.finished:
             if cause is not None or self.error is not None:
@@ -302,6 +440,10 @@ class _StreamCore:
                 request_id=acc.request_id,
             )
             reason = "the stream ended without [DONE] or a finish_reason"
+        elif self.reason is not None and error is self.error:
+            reason = self.reason
+        elif isinstance(error, APITimeoutError) and error.deadline is not None:
+            reason = "the deadline passed"
         elif isinstance(error, APITimeoutError):
             reason = "timed out waiting for the next chunk"
         elif isinstance(error, APIConnectionError):
@@ -311,6 +453,45 @@ class _StreamCore:
         if acc.empty:
             return _Settlement(None, None, error, reason)
         return _Settlement("incomplete", acc.reply(complete=False), error, reason)
+
+
+def _carries_content(delta: _api.StreamDelta) -> bool:
+    """Whether a chunk brought anything of a reply (of any choice), not just a keep-alive."""
+    if delta.content or delta.refusal or delta.tool_calls or delta.finish_reason or delta.usage:
+        return True
+    for choice in delta.raw.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        if choice.get("finish_reason"):
+            return True
+        inner = choice.get("delta")
+        if isinstance(inner, dict) and (
+            inner.get("content") or inner.get("refusal") or inner.get("tool_calls")
+        ):
+            return True
+    return False
+
+
+def _whole_chunk(reply: _api.Reply) -> StreamChunk:
+    """A reply that arrived whole, as the one chunk of its stream."""
+    content = reply.content
+    if isinstance(content, list):  # a refusal kept as content parts
+        text = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        refusal = "".join(
+            p.get("refusal", "") for p in content if isinstance(p, dict) and p.get("type") == "refusal"
+        )
+    else:
+        text, refusal = content or "", ""
+    calls = None
+    if reply.tool_calls:
+        calls = [{"index": i, **call} for i, call in enumerate(reply.tool_calls)]
+    return StreamChunk(
+        delta=text,
+        refusal=refusal,
+        tool_calls=calls,
+        finish_reason=reply.finish_reason,
+        usage=reply.usage,
+    )
 
 
 def _safe_json(text: str) -> Any:
@@ -323,9 +504,11 @@ def _safe_json(text: str) -> Any:
 class _SenderBase:
     """Configuration, and everything a turn needs that is the same for both senders.
 
-    ``_prepare`` and ``_store_reply`` are blocking calls (the store is); the senders make
-    them through their backend's ``run_blocking`` (a worker thread for AsyncSender, so
-    that its event loop never waits on the database).
+    ``_prepare``, ``_plan``, ``_save_summary`` and ``_store_reply`` are blocking calls (the
+    store is); the senders make them through their backend's ``run_blocking`` (a worker
+    thread for AsyncSender, so that its event loop never waits on the database) and make
+    every HTTP request, summaries included, between them, with no connection to the
+    database open and no worker thread waiting.
     """
 
     _client: Any
@@ -340,24 +523,47 @@ class _SenderBase:
         timeout: float | httpx.Timeout,
         max_retries: int,
         policy: Policy,
+        deadline: float | None = DEFAULT_DEADLINE,
+        on_retry: RetryCallback | None = None,
+        max_connections: int | None = None,
+        http_client: object = None,
     ) -> None:
         self._api_key = resolve_api_key(api_key)
         self._store = store
         self.base_url = resolve_base_url(base_url)
+        # What is shown of the URL anywhere (repr, errors, logs): credentials masked.
+        self._display_base_url = redact_url(self.base_url)
         if not self.base_url.startswith(("http://", "https://")):
             raise ConfigurationError(
-                f"the base URL must start with http:// or https://, not {self.base_url!r}; "
+                f"the base URL must start with http:// or https://, not {self._display_base_url!r}; "
                 "pass base_url= or set GILAS_BASE_URL"
             )
         self.timeout = _as_timeout(timeout)
         self.max_retries = _check_max_retries(max_retries)
         self.policy = _check_policy(policy)
+        self.deadline = _check_deadline(deadline)
+        self.on_retry = _check_callback(on_retry)
+        if max_connections is not None and http_client is not None:
+            raise ValueError("max_connections sets the sender's own pool: pass it or http_client, not both")
+        self.max_connections = _check_max_connections(
+            DEFAULT_MAX_CONNECTIONS if max_connections is None else max_connections
+        )
         self._url = self.base_url + CHAT_COMPLETIONS_PATH
+        self._display_url = self._display_base_url + CHAT_COMPLETIONS_PATH
+        # Scrubbed from every message, body and log: the key, and the base URL's credentials
+        # (an error from the network layer or a server may echo them).
+        self._secrets = (self._api_key, *_url_credentials(self.base_url))
         # Owners a limit applied to at their last turn: their next turn plans its
         # reservation first instead of learning it from a refused transaction. A hint only:
         # the turn's transaction decides (set.add/discard are atomic under the GIL).
         self._limited: set[Any] = set()
         self._user_agent = _user_agent()
+
+    def _limits(self) -> httpx.Limits:
+        return httpx.Limits(
+            max_connections=self.max_connections,
+            max_keepalive_connections=min(DEFAULT_MAX_KEEPALIVE_CONNECTIONS, self.max_connections),
+        )
 
     @property
     def store(self) -> ConversationStore:
@@ -365,8 +571,9 @@ class _SenderBase:
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(base_url={self.base_url!r}, timeout={self.timeout!r}, "
-            f"max_retries={self.max_retries}, policy={self.policy!r})"
+            f"{type(self).__name__}(base_url={self._display_base_url!r}, timeout={self.timeout!r}, "
+            f"deadline={self.deadline!r}, max_retries={self.max_retries}, policy={self.policy!r}, "
+            f"max_connections={self.max_connections})"
         )
 
     # -- the turn, before and after the request ----------------------------------------------
@@ -379,18 +586,27 @@ class _SenderBase:
         timeout: float | httpx.Timeout | None,
         context_limit: int | None,
         policy: Policy | None,
+        deadline: float | None = None,
+        on_retry: RetryCallback | None = None,
     ) -> _Call:
-        """Check a call's options before anything is stored (ValueError if one is bad)."""
+        """Check a call's options before anything is stored (ValueError if one is bad).
+
+        The call's deadline starts counting here.
+        """
         checked = _api.check_params(params)
         _check_positive(checked.get("max_tokens"), "max_tokens")
         _check_positive(checked.get("max_completion_tokens"), "max_completion_tokens")
         _check_positive(context_limit, "context_limit")
+        seconds = self.deadline if deadline is None else _check_deadline(deadline)
         return _Call(
             params=checked,
             max_retries=self.max_retries if max_retries is None else _check_max_retries(max_retries),
             timeout=self.timeout if timeout is None else _as_timeout(timeout),
             context_limit=context_limit,
             policy=self.policy if policy is None else _check_policy(policy),
+            deadline=seconds,
+            expires=None if seconds is None else time.monotonic() + seconds,
+            on_retry=self.on_retry if on_retry is None else _check_callback(on_retry),
         )
 
     def _conversation(self, conversation: ConversationRef, owner: str | None) -> Conversation:
@@ -400,19 +616,12 @@ class _SenderBase:
         return self._store.get(conversation, owner=owner)
 
     def _prepare(
-        self,
-        conversation: ConversationRef,
-        content: Any,
-        call: _Call,
-        *,
-        owner: str | None,
-        stream: bool,
-        summarizer: Callable[[SummaryRequest], _api.Reply] | None,
+        self, conversation: ConversationRef, content: Any, call: _Call, *, owner: str | None
     ) -> _Turn:
-        """Take the turn (lease, new messages and, under a limit, the owner's quota, in one
-        transaction) and build the body; see the module docstring for the order.
-        ConversationBusy if another request holds the lease; QuotaExceeded with nothing
-        stored."""
+        """Take the turn (the lease, the turn's new messages and, under a limit, the
+        owner's quota, in one transaction; see the module docstring for the order): the
+        turn, not yet planned. ConversationBusy if another request holds the lease,
+        QuotaExceeded if the quota is spent; nothing is stored then."""
         conv = self._conversation(conversation, owner)
         answering = isinstance(content, _Answer)
         new = list(content.messages) if answering else [{"role": "user", "content": content}]
@@ -421,28 +630,10 @@ class _SenderBase:
             for message in added:
                 conv._saw(message)
             reply_to = self._pending(conv) if answering else added[0].seq
-            params = call.params
-            context = build_context(
-                conv,
-                model=params.get("model"),
-                context_limit=call.context_limit,
-                max_tokens=params.get("max_completion_tokens") or params.get("max_tokens"),
-                tools=params.get("tools"),
-                policy=call.policy,
-                summarizer=self._summary_recorder(conv, summarizer) if summarizer is not None else None,
-            )
-            if held is not None:
-                # The window is the one reserved for unless the history changed under the
-                # lease (an append outside any turn): then the hold grows to it, checked.
-                needed = context.prompt_tokens + self._reply_room(call)
-                held = self._store._grow_reservation(held, tokens=needed, model=context.model)
-            body = _api.build_request_body(
-                model=context.model, messages=context.messages, params=params, stream=stream
-            )
         except BaseException:
             self._release(conv.id, lease, held)
             raise
-        return _Turn(conv, reply_to, body, context.prompt_tokens, lease, held)
+        return _Turn(conv, reply_to, lease, reservation=held)
 
     def _take_turn(
         self, conv: Conversation, new: list[dict[str, Any]], call: _Call
@@ -505,26 +696,6 @@ class _SenderBase:
             prompt += plan.prompt_tokens
         return QuotaAsk(tokens=prompt + self._reply_room(call), model=model, last_seq=fresh.message_count)
 
-    def _summary_recorder(
-        self, conv: Conversation, ask: Callable[[SummaryRequest], _api.Reply]
-    ) -> Callable[[SummaryRequest], str]:
-        """The summarizer build_context calls: ask for the summary, record the request's
-        usage in the ledger (it was paid for, even if the text turns out unusable), return
-        the text."""
-
-        def summarize(request: SummaryRequest) -> str:
-            reply = ask(request)
-            self._store.record_usage(
-                owner=conv.owner,
-                conversation_id=conv.id,
-                model=reply.model or request.model,
-                kind="summary",
-                usage=reply.usage,
-            )
-            return self._summary_text(reply)
-
-        return summarize
-
     def _abandon(self, turn: _Turn) -> None:
         """End a turn that stores no reply (the request failed, nothing arrived): release
         its lease and give back the quota it held."""
@@ -542,6 +713,46 @@ class _SenderBase:
             logger.warning(
                 "could not release the turn lease or quota of conversation %s", conversation_id, exc_info=True
             )
+
+    def _plan(self, turn: _Turn, call: _Call, *, stream: bool) -> _Turn | SummaryRequest:
+        """Choose the context (one short read, no connection kept): the turn with its request
+        body, or the summary to ask the API for first (``policy="summarize"``)."""
+        params = call.params
+        plan = plan_context(
+            turn.conversation,
+            model=params.get("model"),
+            context_limit=call.context_limit,
+            max_tokens=params.get("max_completion_tokens") or params.get("max_tokens"),
+            tools=params.get("tools"),
+            policy=call.policy,
+        )
+        if not isinstance(plan, Context):
+            return plan
+        held = turn.reservation
+        if held is not None:
+            # The window is the one reserved for unless the history changed under the lease
+            # (an append outside any turn, a summary): then the hold grows to it, checked
+            # like a new request (QuotaExceeded: the caller abandons the turn).
+            needed = plan.prompt_tokens + self._reply_room(call)
+            held = self._store._grow_reservation(held, tokens=needed, model=plan.model)
+        body = _api.build_request_body(model=plan.model, messages=plan.messages, params=params, stream=stream)
+        return replace(turn, body=body, predicted_prompt_tokens=plan.prompt_tokens, reservation=held)
+
+    @staticmethod
+    def _check_progress(request: SummaryRequest, covered: int) -> int:
+        """Each summary asked for must reach further than the last (so the plan loop ends)."""
+        if request.to_seq <= covered:
+            raise RuntimeError(f"the summary up to message {covered} was stored but not found again")
+        return request.to_seq
+
+    def _save_summary(self, turn: _Turn, request: SummaryRequest, reply: _api.Reply) -> None:
+        summary = save_summary(turn.conversation, request, self._summary_text(reply), usage=reply.usage)
+        logger.debug(
+            "stored the summary of messages %s..%s of conversation %s",
+            summary.from_seq,
+            summary.to_seq,
+            summary.conversation_id,
+        )
 
     @staticmethod
     def _pending(conv: Conversation) -> int | None:
@@ -588,7 +799,24 @@ class _SenderBase:
 
     # -- HTTP, the parts without I/O ------------------------------------------------------------
 
-    def _build_request(self, body: dict[str, Any], *, stream: bool, timeout: httpx.Timeout) -> httpx.Request:
+    def _attempt_timeout(self, call: _Call) -> httpx.Timeout:
+        """The call's timeouts, none longer than the time left before its deadline
+        (APITimeoutError if it has passed)."""
+        left = call.remaining()
+        if left is None:
+            return call.timeout
+        if left <= 0:
+            raise self._deadline_error(call)
+        t = call.timeout
+
+        def clip(value: float | None) -> float:
+            return left if value is None else min(value, left)
+
+        return httpx.Timeout(
+            connect=clip(t.connect), read=clip(t.read), write=clip(t.write), pool=clip(t.pool)
+        )
+
+    def _build_request(self, body: dict[str, Any], *, stream: bool, call: _Call) -> httpx.Request:
         headers = {
             "Authorization": f"Bearer {self._api_key}",
             "Content-Type": "application/json",
@@ -600,11 +828,42 @@ class _SenderBase:
             self._url,
             content=_api.encode_body(body),
             headers=headers,
-            timeout=timeout,
+            timeout=self._attempt_timeout(call),
         )
 
-    def _connection_error(self, err: httpx.HTTPError) -> APIConnectionError:
-        return _translate(err, self._url, (self._api_key,))
+    def _deadline_error(
+        self, call: _Call, detail: str = "", *, request_id: str | None = None
+    ) -> APITimeoutError:
+        """The error for a call whose overall deadline passed (or would, waiting to retry)."""
+        assert call.deadline is not None
+        why = f": {detail}" if detail else ""
+        return APITimeoutError(
+            f"the request to {self._display_url} ran out of its deadline of {call.deadline:g} s "
+            f"(deadline=, retries and waits included){why}",
+            request_id=request_id,
+            deadline=call.deadline,
+        )
+
+    def _idle_error(self, call: _Call, request_id: str | None) -> APITimeoutError:
+        return APITimeoutError(
+            f"the stream from {self._display_url} sent no content for more than "
+            f"{call.timeout.read:g} s (the read timeout), only keep-alives or empty chunks",
+            request_id=request_id,
+        )
+
+    # A timeout within this many seconds of the deadline is taken as the deadline's: the
+    # phase timeouts were clipped to it.
+    _DEADLINE_SLACK = 0.05
+
+    def _connection_error(self, err: httpx.HTTPError, call: _Call | None = None) -> APIConnectionError:
+        left = call.remaining() if call is not None else None
+        if isinstance(err, httpx.TimeoutException) and left is not None and left <= self._DEADLINE_SLACK:
+            assert call is not None
+            error = self._deadline_error(call)
+            error.__cause__ = err
+            error.__suppress_context__ = True
+            return error
+        return _translate(err, self._display_url, self._secrets, max_connections=self.max_connections)
 
     def _status_error(self, response: httpx.Response, payload: bytes) -> APIStatusError:
         error = _api.status_error(
@@ -612,37 +871,77 @@ class _SenderBase:
             response.headers.get("content-type", ""),
             payload,
             request_id=response.headers.get("x-request-id"),
-            secrets=(self._api_key,),
+            secrets=self._secrets,
         )
         error.retry_after = response.headers.get("retry-after")
         return error
 
     def _retry_delay(
-        self, error: APIError, *, retries_done: int, max_retries: int, headers: httpx.Headers | None = None
+        self, error: APIError, call: _Call, *, retries_done: int, headers: httpx.Headers | None = None
     ) -> float:
-        """Log the decision about a failed attempt; the delay before the next, or raise ``error``."""
+        """Log the decision about a failed attempt and tell ``call.on_retry``; the delay
+        before the next attempt, or raise (``error``; past the deadline, APITimeoutError)."""
+        if isinstance(error, APITimeoutError) and error.deadline is not None:
+            raise error
         decision = decide(
             retries_done=retries_done,
-            max_retries=max_retries,
+            max_retries=call.max_retries,
             status=error.status_code if isinstance(error, APIStatusError) else None,
             headers=headers,
             error=type(error).__name__,
+            deadline_remaining=call.remaining(),
         )
-        logger.debug("POST %s: %s", self._url, decision.reason)
+        logger.debug("POST %s: %s", self._display_url, decision.reason)
+        if decision.deadline:
+            raise self._deadline_error(call, decision.reason, request_id=error.request_id) from error
         if not decision.retry:
             raise error
+        if call.on_retry is not None:
+            call.on_retry(decision)
         return decision.delay
 
-    def _completion(self, response: httpx.Response) -> _api.Reply:
+    def _completion(self, response: httpx.Response, payload: bytes | None) -> _api.Reply:
+        """The reply in a non-streamed answer (``payload``: its body, read by ``_request``)."""
+        assert payload is not None, "a non-streamed answer's body is always read"
         request_id = response.headers.get("x-request-id")
         data = _api.decode_json_body(
             response.status_code,
             response.headers.get("content-type", ""),
-            response.content,
+            payload,
             request_id=request_id,
-            secrets=(self._api_key,),
+            secrets=self._secrets,
         )
-        return _api.parse_completion(data, status=response.status_code, request_id=request_id)
+        return _api.parse_completion(
+            data, status=response.status_code, request_id=request_id, secrets=self._secrets
+        )
+
+    def _answer_without_stream(self, response: httpx.Response, payload: bytes) -> _api.Reply:
+        """A 2xx answer to a streaming request that is not an event stream: its reply, or raise."""
+        return _api.answer_without_stream(
+            response.status_code,
+            response.headers.get("content-type", ""),
+            payload,
+            request_id=response.headers.get("x-request-id"),
+            secrets=self._secrets,
+        )
+
+    def _stream_core(self, response: httpx.Response, call: _Call, whole: _api.Reply | None) -> _StreamCore:
+        request_id = response.headers.get("x-request-id")
+        return _StreamCore(
+            request_id,
+            self._secrets,
+            idle_limit=call.timeout.read,
+            expires=call.expires,
+            idle_error=lambda: self._idle_error(call, request_id),
+            deadline_error=lambda: self._deadline_error(call, request_id=request_id),
+            whole=whole,
+        )
+
+    def _check_clock(self, call: _Call) -> None:
+        """APITimeoutError if the call's deadline has passed."""
+        left = call.remaining()
+        if left is not None and left <= 0:
+            raise self._deadline_error(call)
 
     @staticmethod
     def _summary_body(request: SummaryRequest) -> dict[str, Any]:
