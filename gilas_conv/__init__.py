@@ -6,6 +6,7 @@ store the reply: nothing lost, nothing stored twice.
 """
 
 from ._prices import Prices, load_prices
+from ._version import __version__
 from .exceptions import (
     APIConnectionError,
     APIError,
@@ -34,12 +35,17 @@ from .exceptions import (
     UnprocessableEntityError,
 )
 from .sender import AsyncReplyStream, AsyncSender, ReplyStream, Sender, StreamChunk
-from .store import Conversation, ConversationStore, Message, Summary
-from .store._migrate import downgrade_database, head_revision, upgrade_database
+from .store import (
+    Conversation,
+    ConversationStore,
+    Message,
+    Summary,
+    downgrade_database,
+    head_revision,
+    upgrade_database,
+)
 from .tokens import ModelInfo, ModelRegistry, count_tokens, get_model_info
 from .truncation import Context, SummaryRequest, build_context, conversation_tokens
-
-__version__ = "0.1.0"
 
 __all__ = [
     "APIConnectionError",

@@ -199,6 +199,7 @@ def _turns_newest_first(
     chunks: Iterator[list[WindowRow]],
     anchors: Mapping[int, WindowRow],
     include_incomplete: bool,
+    room: Callable[[], int | None] = lambda: None,
 ) -> Generator[tuple[_Turn, int], None, None]:
     """Yield the history as whole turns, newest first, with the highest seq seen so far.
 
@@ -206,9 +207,16 @@ def _turns_newest_first(
     sent anyway, so only a turn's other rows are in it. ``chunks`` are the rows newest
     first; they are consumed only as far as turns are taken. The last turn may be the rows
     before the first user message.
+
+    ``room()``: the tokens a turn may cost and still be kept, or None while the turn must
+    be seen whole (the newest, whose full cost an error reports). Once the rows of a turn
+    that will certainly be sent (complete, or incomplete ones when included; no tool call
+    or result) cost more than that, the turn cannot be kept whatever its older rows hold:
+    it is yielded at once, with no rows and that cost, and nothing older is read.
     """
     current: list[WindowRow] = []  # the turn being gathered, newest row first
     cost = 0
+    certain = 0  # what the turn's rows certainly sent so far cost
     plain = True  # nothing in the turn that might be left out (the usual case: no filtering)
     top = max(anchors, default=0)
     for rows in chunks:
@@ -220,13 +228,22 @@ def _turns_newest_first(
                 cost += row.tokens
                 if row.status != "complete" or row.tool_calls is not None or row.role == "tool":
                     plain = False
+                    if row.role != "tool" and row.tool_calls is None and include_incomplete:
+                        certain += row.tokens
+                else:
+                    certain += row.tokens
             if row.role == "user":
                 current.reverse()
                 if plain:
                     yield _Turn(row.seq, current, cost), top
                 else:
                     yield _make_turn(row.seq, current, include_incomplete), top
-                current, cost, plain = [], 0, True
+                current, cost, certain, plain = [], 0, 0, True
+            elif current:
+                limit = room()
+                if limit is not None and certain > limit:
+                    yield _Turn(current[-1].seq, [], certain), top
+                    return
     if current:
         current.reverse()
         yield _make_turn(current[0].seq, current, include_incomplete), top
@@ -277,7 +294,9 @@ def _plan(
     # Closed on every way out, so the open query ends inside its transaction.
     with (
         closing(window.newest(lambda: left)) as chunks,
-        closing(_turns_newest_first(chunks, anchors, include_incomplete)) as turns,
+        closing(
+            _turns_newest_first(chunks, anchors, include_incomplete, lambda: left if kept else None)
+        ) as turns,
     ):
         for turn, top in turns:  # noqa: B007
             if not kept and turn.cost > left:

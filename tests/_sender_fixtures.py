@@ -394,3 +394,15 @@ def make_driver(sync: bool) -> Iterator[Callable[..., Driver]]:
     yield make
     for driver in made:
         driver.close()
+
+
+@pytest.fixture
+def api() -> FakeAPI:
+    """The fake API the ``driver`` fixture's sender talks to: script it with ``api.script(...)``."""
+    return FakeAPI()
+
+
+@pytest.fixture
+def driver(make_driver: Callable[..., Driver], sqlite_store: ConversationStore, api: FakeAPI) -> Driver:
+    """A sync or async driver (by the ``sync`` fixture) over a SQLite store and ``api``."""
+    return make_driver(sqlite_store, transport=api.transport())

@@ -44,6 +44,8 @@ list); each one answers one request, in order, then the default behaviour resume
                                          finish_reason or [DONE]
     {"no_done": true}                    everything but the final [DONE]
     {"error_event_after": 1}             1 content chunk, then data: {"error": {...}}
+        with "error_event": {...} (JSON) or "..." (sent as is) as that frame's data, and
+        "event_name": "error" to send it as a named ``event: error`` frame
     {"chunk_delay": 0.5}                 wait before each content chunk
     {"stall_after": 1, "stall": 2.0}     1 content chunk, then a 2 s silence, then the rest
     {"line_ending": "\\r\\n"}            the SSE line ending ("\\n" by default)
@@ -449,9 +451,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
             self.wfile.flush()
 
-        def event(data: Any) -> None:
+        def event(data: Any, name: str | None = None) -> None:
             payload = data if isinstance(data, str) else json.dumps(data)
-            write(f"data: {payload}{newline}{newline}")
+            field = f"event: {name}{newline}" if name else ""
+            write(f"{field}data: {payload}{newline}{newline}")
 
         delay = float(action.get("chunk_delay") or 0)
         write(f": keep-alive{newline}{newline}")
@@ -474,7 +477,8 @@ class _Handler(BaseHTTPRequestHandler):
                 write("")  # the chunked body's end: a clean close, but the reply is unfinished
                 return
             if count == action.get("error_event_after"):
-                event({"error": {"message": "stub error mid-stream", "type": "server_error"}})
+                default = {"error": {"message": "stub error mid-stream", "type": "server_error"}}
+                event(action.get("error_event", default), action.get("event_name"))
                 write("")
                 return
             if count == action.get("stall_after"):

@@ -1124,6 +1124,34 @@ def test_global_options_work_after_the_command(sqlite_url: str, stub: StubServer
     assert json.loads(owned.stdout) == []
 
 
+def test_a_retry_says_that_it_waits_and_for_how_long(cli: CLI) -> None:
+    assert cli.stub is not None
+    cli.stub.script({"status": 429, "headers": {"retry-after-ms": "50"}}, {"reply": "later"})
+    result = cli("send", "hi")
+    assert "later" in result.stdout
+    assert "Waiting: retry 1 of 2 in 0.05 s; the server asked for 0.05 s" in result.stderr
+
+
+def test_a_server_asking_to_wait_past_the_deadline_fails_at_once(cli: CLI) -> None:
+    assert cli.stub is not None
+    cli.stub.script({"status": 429, "headers": {"retry-after": "3600"}})
+    line = error_line(cli("send", "hi", "--deadline", "30", code=1))
+    assert "deadline of 30 s" in line and "raise --deadline" in line
+    assert len(cli.stub.requests) == 1  # no retry was attempted
+
+
+def test_the_deadline_cuts_a_reply_that_never_ends_and_keeps_what_arrived(cli: CLI) -> None:
+    assert cli.stub is not None
+    cli.stub.script({"endless": "content", "every": 0.05})
+    result = cli("send", "hi", "--deadline", "1", code=1)
+    line = error_line(result)
+    assert "deadline passed" in line and "after 1 s" in line and "raise --deadline" in line
+    with cli.store() as store:
+        [conv] = store.list()
+        last = conv.last_message()
+    assert last is not None and (last.role, last.status) == ("assistant", "incomplete") and last.content
+
+
 def test_model_option_is_the_conversations_model_from_now_on(cli: CLI) -> None:
     conv_id = new_conversation(cli, "first")
     cli("send", "--cid", conv_id, "-m", "gpt-4o", "second")

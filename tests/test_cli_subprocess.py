@@ -213,18 +213,7 @@ def test_chat_ctrl_c_stops_the_streamed_reply_then_twice_exits(
 def test_ctrl_c_during_send_keeps_the_partial_reply(
     env: dict[str, str], stub: StubServer, db_url: str
 ) -> None:
-    stub.script(SLOW)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gilas_conv", "send", "go"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-    )
-    assert process.stdout is not None
-    received = b""
-    deadline = time.monotonic() + TIMEOUT
-    while b"word3" not in received and time.monotonic() < deadline:
-        received += os.read(process.stdout.fileno(), 100)
+    process, received = _start_slow_send(env, stub)
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=TIMEOUT)
     assert process.returncode == 130

@@ -62,16 +62,6 @@ pytest_plugins = ["_sender_fixtures"]
 Store = ConversationStore
 
 
-@pytest.fixture
-def api() -> FakeAPI:
-    return FakeAPI()
-
-
-@pytest.fixture
-def driver(make_driver: Any, sqlite_store: Store, api: FakeAPI) -> Driver:
-    return make_driver(sqlite_store, transport=api.transport())  # type: ignore[no-any-return]
-
-
 def roles(store: Store, conv_id: str) -> list[tuple[str, str]]:
     return [(m.role, m.status) for m in store.get(conv_id).messages()]
 

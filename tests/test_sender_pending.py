@@ -8,7 +8,6 @@ and the redaction of the API key in an ``event: error`` frame.
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import pytest
 from _sender_fixtures import API_KEY, Driver, FakeAPI, completion, stream_response
@@ -18,16 +17,6 @@ from gilas_conv import APIError, ConversationStore
 pytest_plugins = ["_sender_fixtures"]
 
 Store = ConversationStore
-
-
-@pytest.fixture
-def api() -> FakeAPI:
-    return FakeAPI()
-
-
-@pytest.fixture
-def driver(make_driver: Any, sqlite_store: Store, api: FakeAPI) -> Driver:
-    return make_driver(sqlite_store, transport=api.transport())  # type: ignore[no-any-return]
 
 
 def test_retry_passes_over_two_interrupted_replies_in_a_row(

@@ -1113,3 +1113,45 @@ def test_sqlite_appends_store_values_exactly_as_core_inserts_do(
     assert created == appended
     assert created[0] == bumped[0] == "2026-01-01 10:00:00.000000"
     assert created[1] == '"سلام\\u0000"' and created[2:4] == ("integer", 1)
+
+
+def _terminate_pooled_backends(store: ConversationStore) -> int:
+    """Terminate, from a connection of its own, the server processes of the store's pooled
+    connections (as a server restart or an administrator would); how many there were."""
+    pids = []
+    for record in list(store.engine.pool._pool.queue):  # type: ignore[attr-defined]
+        dbapi = record.dbapi_connection
+        if dbapi is not None:
+            pids.append(dbapi.info.backend_pid)
+    import psycopg
+
+    conninfo = store.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(conninfo, autocommit=True) as admin:
+        for pid in pids:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    return len(pids)
+
+
+def test_a_pooled_connection_killed_on_the_server_is_replaced(store: ConversationStore) -> None:
+    """No ping per checkout: a connection found dead by a transaction's first statement is
+    replaced and the statement sent again, so reads and writes after a backend was
+    terminated succeed, and nothing is stored twice."""
+    if store.dialect != "postgresql":
+        pytest.skip("SQLite connections do not die on a server")
+    conv = store.create(model="gpt-4o-mini", system="s")
+    conv.append("user", "before")
+
+    assert _terminate_pooled_backends(store) >= 1
+    assert store.get(conv.id).message_count == 2  # a read
+
+    assert _terminate_pooled_backends(store) >= 1
+    stored = conv.append("user", "after")  # a write
+    assert stored.seq == 3
+    assert [m.content for m in conv.messages()] == ["s", "before", "after"]
+
+    assert _terminate_pooled_backends(store) >= 1
+    lease, _, added = store._begin_turn(conv.id, messages=[{"role": "user", "content": "turn"}])
+    assert _terminate_pooled_backends(store) >= 1
+    reply = conv.append("assistant", "answer", response_id="r1", reply_to=added[0].seq, lease=lease)
+    assert (added[0].seq, reply.seq) == (4, 5)
+    assert [m.content for m in conv.messages()][3:] == ["turn", "answer"]

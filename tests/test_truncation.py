@@ -43,7 +43,7 @@ from _truncation_strategies import (
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine, event, text
 
 from gilas_conv import (
     Context,
@@ -1034,6 +1034,80 @@ def test_property_truncation_invariants(
         tools=tools,
         include_incomplete=include_incomplete,
     )
+
+
+def _set_running_totals(
+    store: ConversationStore, conversation_id: str, totals: dict[int, int | None]
+) -> None:
+    with store.engine.begin() as conn:
+        conn.execute(
+            text("UPDATE messages SET tokens_total = :total WHERE conversation_id = :cid AND seq = :seq"),
+            [{"cid": conversation_id, "seq": seq, "total": total} for seq, total in totals.items()],
+        )
+
+
+def _context_or_error(conv: Conversation, **options: Any) -> Any:
+    try:
+        return build_context(conv, **options)
+    except ContextWindowExceeded as err:
+        return ("exceeded", err.needed, err.available)
+
+
+@_PROPERTY_SETTINGS
+@given(
+    spec=conversation_specs(),
+    permille=st.integers(-150, 1150),
+    max_tokens=st.integers(1, 400),
+    use_tools=st.booleans(),
+    include_incomplete=st.booleans(),
+    garbage=st.lists(st.one_of(st.none(), st.integers(-100, 20_000)), min_size=1, max_size=40),
+)
+def test_property_range_read_chooses_the_window_of_the_plain_read(
+    sqlite_store: ConversationStore,
+    spec: ConversationSpec,
+    permille: int,
+    max_tokens: int,
+    use_tools: bool,
+    include_incomplete: bool,
+    garbage: list[int | None],
+) -> None:
+    """The running token totals only decide how far the window reader's first read goes:
+    with them as appended (one range read), without them (the newest rows read in batches)
+    and with nonsense in them, every turn gets the same context, or the same error."""
+    conv = build_conversation(sqlite_store, spec)
+    stored = conv.messages()
+    tools = TOOLS if use_tools else None
+    minimal = count_tokens(_minimal_context(stored, include_incomplete), spec.model, tools=tools)
+    full = count_tokens(stored, spec.model, tools=tools)
+    limit = max(1, minimal + (full - minimal) * permille // 1000 + max_tokens)
+    options = dict(
+        context_limit=limit, max_tokens=max_tokens, tools=tools, include_incomplete=include_incomplete
+    )
+
+    ranged = _context_or_error(conv, **options)
+    _set_running_totals(sqlite_store, conv.id, {m.seq: None for m in stored})
+    plain = _context_or_error(conv, **options)
+    _set_running_totals(
+        sqlite_store, conv.id, {m.seq: garbage[i % len(garbage)] for i, m in enumerate(stored)}
+    )
+    nonsense = _context_or_error(conv, **options)
+
+    assert ranged == plain
+    assert nonsense == plain
+
+
+def test_range_read_reads_the_window_and_one_row_more(store: ConversationStore) -> None:
+    """With the running totals in place, a turn of a long plain conversation reads, in one
+    statement besides the anchors, the rows it sends and the older ones that fit until one
+    does not (here at most a user message and its reply)."""
+    conv = _persian_history(store, 3000)
+
+    with StatementLog(store.engine) as log:
+        ctx = build_context(conv, context_limit=3000, max_tokens=300)
+
+    reads = [sql for sql, _params in log.of_kind("SELECT") if "FROM messages" in sql]
+    assert len(reads) == 2, reads  # the anchors, then the range
+    assert len(ctx.seqs) + 1 <= log.rows_returned() <= len(ctx.seqs) + 2
 
 
 @settings(_PROPERTY_SETTINGS, max_examples=40)

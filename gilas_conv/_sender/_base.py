@@ -43,6 +43,7 @@ from .. import tokens as _tokens
 from .._config import DEFAULT_TURN_LEASE_SECONDS, redact_url, resolve_api_key, resolve_base_url
 from .._retry import RetryDecision, decide
 from .._sse import SSEDecoder
+from .._version import __version__
 from ..exceptions import (
     APIConnectionError,
     APIError,
@@ -220,8 +221,6 @@ def _check_positive(value: Any, name: str) -> None:
 
 
 def _user_agent() -> str:
-    from .. import __version__  # the package is fully imported by the time a sender exists
-
     return f"gilas-conv/{__version__}"
 
 
@@ -647,7 +646,12 @@ class _SenderBase:
         for _attempt in range(_PLAN_ATTEMPTS):
             try:
                 lease, _, added, held = self._store._take_turn(
-                    conv.id, owner=conv.owner, lease_seconds=self._lease_seconds, messages=new, quota=ask
+                    conv.id,
+                    owner=conv.owner,
+                    lease_seconds=self._lease_seconds,
+                    messages=new,
+                    quota=ask,
+                    model=conv.model,
                 )
             except (QuotaNeeded, HistoryMoved):
                 self._limited.add(key)

@@ -32,7 +32,6 @@ from typing import Any, NoReturn
 
 import click
 
-from .. import __version__
 from .._config import (
     DEFAULT_BASE_URL,
     ENV_API_KEY,
@@ -42,6 +41,7 @@ from .._config import (
     redact_url,
     resolve_database_url,
 )
+from .._version import __version__
 from ..exceptions import (
     APIConnectionError,
     APIError,
@@ -61,7 +61,7 @@ from ..exceptions import (
     SchemaOutOfDate,
     StreamInterrupted,
 )
-from ..sender import DEFAULT_TIMEOUT, Sender
+from ..sender import DEFAULT_DEADLINE, DEFAULT_TIMEOUT, RetryDecision, Sender
 from ..store import Conversation, ConversationStore, Message
 from ._render import visible
 
@@ -87,7 +87,7 @@ TITLE_LENGTH = 60
 DEFAULT_POLICY: str = inspect.signature(Sender).parameters["policy"].default
 POLICY_CHOICES = ("truncate", "summarize")
 
-GLOBAL_OPTIONS = ("--db", "--base-url", "--timeout", "--owner", "--debug")
+GLOBAL_OPTIONS = ("--db", "--base-url", "--timeout", "--deadline", "--owner", "--debug")
 
 _JSON_LINE = {"ensure_ascii": False, "separators": (",", ":")}
 
@@ -138,6 +138,9 @@ def _error_message(
     if isinstance(err, ConversationNotFound):
         return f"{err}; `gilas-conv list{owned}` shows the conversations"
     if isinstance(err, StreamInterrupted):
+        cause = err.__cause__
+        if isinstance(cause, APITimeoutError) and cause.deadline is not None:
+            return f"{err} after {cause.deadline:g} s; raise --deadline, or {retry} asks for the rest again"
         return f"{err}; {retry} asks for the reply again"
     if isinstance(err, SchemaOutOfDate | ContextWindowExceeded):
         return str(err)  # these messages already say what to do
@@ -158,6 +161,8 @@ def _error_message(
         return f"the API failed ({err}); try again later with {retry}"
     if isinstance(err, APIStatusError):
         return f"the API refused the request ({err})"
+    if isinstance(err, APITimeoutError) and err.deadline is not None:
+        return f"{err}; raise --deadline, or try again with {retry}"
     if isinstance(err, APITimeoutError):
         limit = f" within {timeout:g} s" if timeout else ""
         return f"{err}: no answer{limit}; raise --timeout, or try again with {retry}"
@@ -176,6 +181,16 @@ def _error_message(
         detail = str(cause).strip().splitlines()[0] if cause is not None and str(cause).strip() else ""
         return f"database error ({type(err).__name__}{': ' + detail if detail else ''})"
     return f"unexpected {type(err).__name__}: {err}; run again with --debug for the traceback and report it"
+
+
+def _say_waiting(decision: RetryDecision) -> None:
+    """Tell the terminal user that a retry is coming, and when: the wait may be long."""
+    asked = f"; the server asked for {decision.server_asked:g} s" if decision.server_asked is not None else ""
+    click.echo(
+        click.style("Waiting: ", fg="yellow", bold=True)
+        + f"retry {decision.number} of {decision.max_retries} in {decision.delay:.3g} s{asked}",
+        err=True,
+    )
 
 
 def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
@@ -250,6 +265,7 @@ class Settings:
     db: str | None = None
     base_url: str | None = None
     timeout: float | None = None
+    deadline: float | None = None
     debug: bool = False
     owner: str | None = None
     # The conversation a command is working on, for the retry hint of an error.
@@ -275,7 +291,9 @@ class Settings:
             options: dict[str, Any] = {"base_url": self.base_url}
             if self.timeout is not None:
                 options["timeout"] = self.timeout
-            self._sender = Sender(self.store(), **options)
+            if self.deadline is not None:
+                options["deadline"] = self.deadline
+            self._sender = Sender(self.store(), on_retry=_say_waiting, **options)
             click.get_current_context().call_on_close(self._sender.close)
         return self._sender
 
@@ -366,6 +384,13 @@ _TIMEOUT = _GlobalOption(
     f"Seconds to wait for each phase of an API request (connect, each read). Default: {DEFAULT_TIMEOUT:g}.",
     {"type": click.FloatRange(min=0, min_open=True), "metavar": "SECONDS"},
 )
+_DEADLINE = _GlobalOption(
+    ("--deadline",),
+    "deadline",
+    "Seconds a whole reply may take, retries and their waits included "
+    f"(a stream is cut there and what arrived is kept). Default: {DEFAULT_DEADLINE:g}.",
+    {"type": click.FloatRange(min=0, min_open=True), "metavar": "SECONDS"},
+)
 _OWNER = _GlobalOption(
     ("--owner",),
     "owner",
@@ -399,7 +424,7 @@ def owner_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def api_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """The global options of a command that asks the API for a reply."""
-    return _apply(command, (_DB, _BASE_URL, _TIMEOUT, _OWNER, _DEBUG))
+    return _apply(command, (_DB, _BASE_URL, _TIMEOUT, _DEADLINE, _OWNER, _DEBUG))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,6 +510,7 @@ def message_json(message: Message) -> dict[str, Any]:
 @_DB.on_group()
 @_BASE_URL.on_group()
 @_TIMEOUT.on_group()
+@_DEADLINE.on_group()
 @_OWNER.on_group()
 @_DEBUG.on_group()
 @click.version_option(__version__, "--version", prog_name="gilas-conv")
@@ -494,6 +520,7 @@ def main(
     db: str | None,
     base_url: str | None,
     timeout: float | None,
+    deadline: float | None,
     owner: str | None,
     debug: bool,
 ) -> None:
@@ -508,6 +535,8 @@ def main(
     to do), 2 for a bad command line, 130 when interrupted (129 and 143 when a hang-up or
     SIGTERM stopped a streaming reply).
     """
-    ctx.obj = Settings(db=db or None, base_url=base_url or None, timeout=timeout, owner=owner or None)
+    ctx.obj = Settings(
+        db=db or None, base_url=base_url or None, timeout=timeout, deadline=deadline, owner=owner or None
+    )
     if debug:
         ctx.obj.enable_debug()

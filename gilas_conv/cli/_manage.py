@@ -13,8 +13,7 @@ import click
 from .. import portable
 from .._config import DEFAULT_MODEL, redact_url
 from ..portable import parse_import
-from ..store import Conversation
-from ..store._migrate import upgrade_database
+from ..store import Conversation, upgrade_database
 from ..truncation import DEFAULT_REPLY_RESERVE, build_context, conversation_tokens
 from ._app import (
     Settings,

@@ -357,11 +357,6 @@ def _read_text(words: tuple[str, ...]) -> str:
     return content
 
 
-# XXX(sender): issue 8 item 10 / issue 9 item 7 want the CLI to say that it is waiting before
-# a retry, and for how long ("rate limited; retrying in 30 s"). That needs a callback from the
-# sender's retry loop (e.g. Sender(on_retry=callable(attempt, delay, error))); when it exists,
-# pass one here that prints Output().note(...). Likewise --deadline (issue 9 item 5) needs an
-# overall deadline in the sender; the CLI option would be added beside --timeout.
 def _deliver(
     output: Output,
     whole: Callable[[], Message],

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import logging
 import time
@@ -34,10 +35,15 @@ from .. import _api
 from .._config import DEFAULT_MODEL, resolve_api_key, resolve_base_url
 from ..exceptions import APIError, MessageNotFound, StreamInterrupted
 from ..sender import DEFAULT_TIMEOUT, AsyncSender, pending_reply_to
-from ..store import APIKeys, Conversation, ConversationStore, Message
-from ..store._migrate import current_revision, head_revision
-from ..store._validate import _validate_message
-from ..store._values import now as _now
+from ..store import (
+    APIKeys,
+    Conversation,
+    ConversationStore,
+    Message,
+    current_revision,
+    head_revision,
+    validate_message,
+)
 from ._errors import GatewayError, error_body, error_for
 from ._history import new_messages
 from ._wire import completion_body, conversation_object, item_object, messages_from_items, parse_item_id
@@ -94,7 +100,7 @@ def _as_message(conversation_id: str, seq: int, data: Mapping[str, Any]) -> Mess
         seq=seq,
         role=data["role"],
         content=data.get("content"),
-        created_at=_now(),
+        created_at=dt.datetime.now(dt.timezone.utc),
         tool_calls=data.get("tool_calls"),
         tool_call_id=data.get("tool_call_id"),
     )
@@ -114,7 +120,7 @@ def _check_messages(messages: Any, *, field: str = "messages") -> list[dict[str,
         if message.get("role") == "assistant" and kept.get("content") is None and not kept.get("tool_calls"):
             kept["content"] = ""
         try:
-            _validate_message(
+            validate_message(
                 kept.get("role"),
                 kept.get("content"),
                 name=kept.get("name"),

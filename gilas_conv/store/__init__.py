@@ -7,12 +7,13 @@ modules get rows or values, never a connection.
 Layout
     ``_store``     :class:`ConversationStore` and the :class:`Conversation` handle
     ``_values``    the immutable values handed out (:class:`Message`, :class:`Summary`)
-    ``_validate``  checks of everything written or looked up (pure; run before a transaction)
+    ``_validate``  checks of everything written or looked up (pure; run before a transaction;
+                   :func:`validate_message` checks a message as an append would)
     ``_io``        import: export data checked and turned into rows
     ``_tx``        the one transaction context and error translation
     ``_schema``    the tables (SQLAlchemy models; Alembic migrations build exactly these)
     ``_engine``    engines configured per backend (SQLite pragmas, the Postgres driver)
-    ``_migrate``   running the shipped Alembic migrations
+    ``_migrate``   running the shipped Alembic migrations (:func:`upgrade_database`, ...)
     ``_keys``      the gateway's client keys (:class:`APIKeys`; hashes only)
     ``_usage``     the usage ledger, its reports, quotas (limits, reservations, periods)
     ``_window``    the planner's reader: anchors, newest rows, ranges, recount write-back
@@ -20,8 +21,10 @@ Layout
 """
 
 from ._keys import APIKey, APIKeys
+from ._migrate import current_revision, downgrade_database, head_revision, upgrade_database
 from ._store import Conversation, ConversationStore, Deletion, Role
 from ._usage import QuotaLimits, QuotaStatus, Reservation, UsageRow
+from ._validate import _validate_message as validate_message
 from ._values import Message, Summary, openai_message
 from ._window import WindowReader, WindowRow
 
@@ -40,5 +43,10 @@ __all__ = [
     "UsageRow",
     "WindowReader",
     "WindowRow",
+    "current_revision",
+    "downgrade_database",
+    "head_revision",
     "openai_message",
+    "upgrade_database",
+    "validate_message",
 ]

@@ -12,7 +12,10 @@ SQLite
 
 Postgres
     A bare ``postgresql://`` URL is given the psycopg 3 driver, the one gilas-conv
-    installs with its ``postgres`` extra.
+    installs with its ``postgres`` extra. Pooled connections are not pinged when checked
+    out (``pool_pre_ping`` would cost a round trip per transaction); a connection found
+    dead by a transaction's first statement is replaced and that statement sent again
+    (see :mod:`._tx`).
 """
 
 from __future__ import annotations
@@ -90,7 +93,6 @@ def create_engine_for_url(
             engine, synchronous=mode, busy_timeout_ms=sqlite_busy_timeout_ms, read_only=read_only
         )
         return engine
-    kwargs.setdefault("pool_pre_ping", True)
     try:
         return _create(url, kwargs)
     except (ModuleNotFoundError, NoSuchModuleError) as err:

@@ -52,8 +52,11 @@ def _prepare_import(
             rows.append(_import_message(raw, model, now, max_message_chars=max_message_chars))
         except ValueError as err:
             raise ValueError(f"message {index + 1}: {err}") from err
+    total = 0
     for seq, row in enumerate(rows, start=1):
         row["seq"] = seq
+        total += row["tokens"] or 0
+        row["tokens_total"] = total
         created_at = min(created_at, row["created_at"])
     conversation = {
         "id": str(uuid.uuid4()),
@@ -61,6 +64,7 @@ def _prepare_import(
         "model": model,
         "metadata": dict(metadata) if metadata is not None else None,
         "last_seq": len(rows),
+        "tokens_total": total,
         "created_at": created_at,
         "updated_at": max([now, *(r["created_at"] for r in rows)]),
     }

@@ -12,6 +12,8 @@ Data model
     ``lease_expires_at`` are the turn lease: set while one request is answering the
     conversation, so that a second one is refused instead of interleaving its turn (see
     ``ConversationStore._begin_turn``). A lease past its expiry is free: its holder crashed.
+    ``tokens_total`` is the running sum of its messages' ``tokens`` as appended (see
+    ``messages.tokens_total``), advanced by the same ``UPDATE`` that numbers a message.
 
 ``messages``
     One row per message, keyed by ``(conversation_id, seq)``. Every query filters on
@@ -22,6 +24,12 @@ Data model
     on Postgres, whose TEXT type rejects it. ``tokens`` is the message's prompt-token
     cost under ``tokens_encoding`` (per-message overhead included), computed once at
     append and recomputed lazily when the conversation moves to another encoding.
+    ``tokens_total`` is the running total of ``tokens`` up to and including this message, as
+    they were when it was appended (the conversation's ``tokens_total`` after the append):
+    with the index on ``(conversation_id, tokens_total)`` the window reader finds in one
+    seek where the newest N tokens begin. It is a hint for how far to read, never trusted
+    for what is sent: a recount or a deleted message leaves it stale, and that only changes
+    how many rows are read.
     ``status`` is ``complete`` or ``incomplete`` (a streamed reply that was cut off).
     API bookkeeping for replies: ``response_id`` (the server's label for the completion,
     not a key: servers do reuse ids, so two replies may share one), ``model``, ``finish_reason``, ``usage``
@@ -106,7 +114,7 @@ __all__ = [
 
 # The Alembic revision these models describe: a new migration bumps it (a test checks that
 # it equals the head of migrations/), so opening a store compares one string.
-SCHEMA_REVISION = "0005"
+SCHEMA_REVISION = "0006"
 
 # The rows every context keeps: system and developer messages and pinned ones. The partial
 # index below holds exactly these; a query must repeat this predicate word for word (in
@@ -171,6 +179,7 @@ class ConversationRow(Base):
     model: Mapped[str] = mapped_column(String(255))
     meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON(none_as_null=True))
     last_seq: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    tokens_total: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     forked_from: Mapped[str | None] = mapped_column(String(36))
     forked_at: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[dt.datetime]
@@ -199,6 +208,7 @@ class MessageRow(Base):
     status: Mapped[str] = mapped_column(String(16), server_default=text("'complete'"))
     tokens: Mapped[int | None] = mapped_column(Integer)
     tokens_encoding: Mapped[str | None] = mapped_column(String(64))
+    tokens_total: Mapped[int | None] = mapped_column(Integer)
     response_id: Mapped[str | None] = mapped_column(String(255))
     model: Mapped[str | None] = mapped_column(String(255))
     finish_reason: Mapped[str | None] = mapped_column(String(64))
@@ -223,6 +233,8 @@ class MessageRow(Base):
             postgresql_where=text(ANCHOR_PREDICATE),
             sqlite_where=text(ANCHOR_PREDICATE),
         ),
+        # Where the newest N tokens of a conversation begin, in one seek (the window reader).
+        Index(None, "conversation_id", "tokens_total"),
         # Finds the replies carrying a response id, to tell a repeated append of the same
         # reply from a new reply that happens to reuse the id. Not unique: the id is the
         # server's label, and servers reuse them.

@@ -145,23 +145,111 @@ def _message_from_row(row: Row[Any] | Mapping[str, Any]) -> Message:
 # Validation: everything is checked before a transaction starts.
 
 
-def _bump_statement(*, owned: bool) -> Any:
-    """``UPDATE conversations SET last_seq = last_seq + 1 ... RETURNING last_seq``: the one
-    statement that numbers a new message and locks the conversation until commit."""
+def _bump_statement(*, owned: bool, lease: bool = False) -> Any:
+    """``UPDATE conversations SET last_seq = last_seq + 1, tokens_total = tokens_total +
+    :b_tokens ... RETURNING last_seq, tokens_total``: the one statement that numbers a new
+    message, advances the running token total, and locks the conversation until commit.
+
+    ``lease``: only where the turn lease is ``:b_lease``'s or free, and release it (the
+    append of a turn's reply); no row comes back when another request holds it.
+    """
     c = _conversations.c
     owner = c.owner == bindparam("b_owner") if owned else c.owner.is_(None)
+    now = bindparam("b_now", type_=c.updated_at.type)
+    values: dict[str, Any] = {
+        "last_seq": c.last_seq + 1,
+        "tokens_total": c.tokens_total + bindparam("b_tokens", type_=c.tokens_total.type),
+        "updated_at": now,
+    }
+    statement = update(_conversations).where(c.id == bindparam("b_cid"), owner)
+    if lease:
+        statement = statement.where(
+            or_(c.lease_token == bindparam("b_lease"), c.lease_token.is_(None), c.lease_expires_at <= now)
+        )
+        values.update(lease_token=None, lease_expires_at=None)
+    return statement.values(**values).returning(c.last_seq, c.tokens_total)
+
+
+def _append_cte(bump: Any) -> Any:
+    """Postgres: ``WITH bumped AS (<bump>) INSERT INTO messages ... SELECT ... FROM bumped
+    RETURNING seq``, an append in one statement (one round trip). The message's columns are
+    bound as ``m_<column>``; its seq and running total come from the bump."""
+    bumped = bump.cte("bumped")
+    names = [c.name for c in _messages.c]
+    taken = {"seq": bumped.c.last_seq, "tokens_total": bumped.c.tokens_total}
+    columns = [taken.get(c.name, bindparam(f"m_{c.name}", type_=c.type)) for c in _messages.c]
     return (
-        update(_conversations)
-        .where(c.id == bindparam("b_cid"), owner)
-        .values(last_seq=c.last_seq + 1, updated_at=bindparam("b_now", type_=c.updated_at.type))
-        .returning(c.last_seq)
+        insert(_messages).from_select(names, select(*columns).select_from(bumped)).returning(_messages.c.seq)
     )
 
 
 # Built once: constructing statements per append costs more than executing them.
 _BUMP_OWNED = _bump_statement(owned=True)
 _BUMP_UNOWNED = _bump_statement(owned=False)
+_BUMP_LEASE_OWNED = _bump_statement(owned=True, lease=True)
+_BUMP_LEASE_UNOWNED = _bump_statement(owned=False, lease=True)
 _INSERT_MESSAGE = insert(_messages)
+_APPEND_CTE = {
+    (owned, lease): _append_cte(_bump_statement(owned=owned, lease=lease))
+    for owned in (True, False)
+    for lease in (True, False)
+}
+# Another stored message with this response id: the reply may repeat it (see _stored_reply).
+_SAME_RESPONSE_ID = (
+    select(_messages.c.seq)
+    .where(
+        _messages.c.conversation_id == bindparam("cid"),
+        _messages.c.response_id == bindparam("rid"),
+        _messages.c.seq != bindparam("seq"),
+    )
+    .limit(1)
+)
+
+
+def _take_lease(*, owned: bool, adds: bool) -> Any:
+    """The UPDATE that takes a free (or expired) turn lease, and with ``adds`` numbers the
+    turn's ``:t_count`` messages and adds their ``:t_tokens``; RETURNING the whole row."""
+    c = _conversations.c
+    owner = c.owner == bindparam("t_owner") if owned else c.owner.is_(None)
+    now = bindparam("t_now", type_=c.updated_at.type)
+    values: dict[str, Any] = {
+        "lease_token": bindparam("t_token"),
+        "lease_expires_at": bindparam("t_expires", type_=c.lease_expires_at.type),
+    }
+    if adds:
+        values.update(
+            last_seq=c.last_seq + bindparam("t_count", type_=c.last_seq.type),
+            tokens_total=c.tokens_total + bindparam("t_tokens", type_=c.tokens_total.type),
+            updated_at=now,
+        )
+    return (
+        update(_conversations)
+        .where(c.id == bindparam("t_cid"), owner, or_(c.lease_token.is_(None), c.lease_expires_at <= now))
+        .values(**values)
+        .returning(*_conversations.c)
+    )
+
+
+def _take_lease_with_message(*, owned: bool) -> Any:
+    """Postgres: the lease taken and one message inserted in one statement; the
+    conversation's row comes back (``WITH bumped AS (UPDATE ...), added AS (INSERT ...)
+    SELECT * FROM bumped``: PostgreSQL runs a data-modifying WITH even when unread)."""
+    bumped = _take_lease(owned=owned, adds=True).cte("bumped")
+    names = [c.name for c in _messages.c]
+    taken = {"seq": bumped.c.last_seq, "tokens_total": bumped.c.tokens_total}
+    columns = [taken.get(c.name, bindparam(f"m_{c.name}", type_=c.type)) for c in _messages.c]
+    added = insert(_messages).from_select(names, select(*columns).select_from(bumped)).cte("added")
+    return select(*bumped.c).add_cte(added)
+
+
+_TAKE_LEASE = {
+    (owned, adds): _take_lease(owned=owned, adds=adds) for owned in (True, False) for adds in (True, False)
+}
+_TAKE_LEASE_WITH_MESSAGE = {owned: _take_lease_with_message(owned=owned) for owned in (True, False)}
+
+
+class _SlowPath(Exception):
+    """Raised inside an append's transaction to roll it back and take the general path."""
 
 
 def _lease_held(token: str | None, expires_at: dt.datetime | None, now: dt.datetime) -> bool:
@@ -173,14 +261,14 @@ def _stored_reply(conn: Any, conversation_id: str, columns: Mapping[str, Any]) -
     same role, content and tool calls. A reply that only shares the id is a new one."""
     if columns["response_id"] is None:
         return None
+    # Sorted here, not by the query: with ORDER BY seq, SQLite walks the conversation's
+    # primary key instead of the response-id index (linear in the history).
     found = conn.execute(
-        select(*_MESSAGE_COLUMNS)
-        .where(
+        select(*_MESSAGE_COLUMNS).where(
             _messages.c.conversation_id == conversation_id, _messages.c.response_id == columns["response_id"]
         )
-        .order_by(_messages.c.seq)
     ).all()
-    for row in found:
+    for row in sorted(found, key=lambda r: r.seq):
         message = _message_from_row(row)
         if (message.role, message.reply_to, message.content, message.tool_calls) == (
             columns["role"],
@@ -611,13 +699,20 @@ class ConversationStore:
                     model=model,
                     metadata=dict(metadata) if metadata is not None else None,
                     last_seq=1 if first else 0,
+                    tokens_total=first["tokens"] if first else 0,
                     created_at=now,
                     updated_at=now,
                 )
             )
             if first:
                 conn.execute(
-                    insert(_messages).values(conversation_id=conversation_id, seq=1, created_at=now, **first)
+                    insert(_messages).values(
+                        conversation_id=conversation_id,
+                        seq=1,
+                        created_at=now,
+                        tokens_total=first["tokens"],
+                        **first,
+                    )
                 )
         return Conversation(
             store=self,
@@ -1281,12 +1376,7 @@ class ConversationStore:
                 reservation=quota_reservation,
             )
         with self._write() as conn:
-            bump = {"b_cid": conversation_id, "b_owner": owner, "b_now": now}
-            row = {"conversation_id": conversation_id, "created_at": now, **columns}
-            statement = _BUMP_UNOWNED if owner is None else _BUMP_OWNED
-            seq = conn.execute(statement, bump).scalar()
-            if seq is not None:
-                conn.execute(_INSERT_MESSAGE, {**row, "seq": seq})
+            seq = self._bump_and_insert(conn, conversation_id, owner, columns, now, lease=None)
             if seq is None:
                 raise ConversationNotFound(conversation_id)
             if indexed is not None:
@@ -1294,6 +1384,52 @@ class ConversationStore:
             if event is not None or quota_reservation is not None:
                 _usage.settle(conn, event, quota_reservation)
         return Message(conversation_id=conversation_id, seq=seq, created_at=now, **columns)
+
+    def _bump_and_insert(
+        self,
+        conn: Any,
+        conversation_id: str,
+        owner: str | None,
+        columns: Mapping[str, Any],
+        now: dt.datetime,
+        *,
+        lease: str | None,
+    ) -> int | None:
+        """Number the message, advance the running total and insert the message; its seq,
+        or None when the conversation is not this owner's (or, with ``lease``, when another
+        request holds the turn lease: then nothing is written). On Postgres one statement
+        (a CTE); on SQLite, in-process, the bump and the insert."""
+        bump = {
+            "b_cid": conversation_id,
+            "b_owner": owner,
+            "b_now": now,
+            "b_tokens": columns["tokens"] or 0,
+            "b_lease": lease,
+        }
+        if self.dialect == "postgresql":
+            values = {f"m_{name}": value for name, value in columns.items()}
+            values.update(m_conversation_id=conversation_id, m_created_at=now)
+            statement = _APPEND_CTE[(owner is not None, lease is not None)]
+            return cast("int | None", conn.execute(statement, {**bump, **values}).scalar())
+        if lease is not None:
+            statement = _BUMP_LEASE_UNOWNED if owner is None else _BUMP_LEASE_OWNED
+        else:
+            statement = _BUMP_UNOWNED if owner is None else _BUMP_OWNED
+        bumped = conn.execute(statement, bump).first()
+        if bumped is None:
+            return None
+        seq, total = bumped
+        conn.execute(
+            _INSERT_MESSAGE,
+            {
+                "conversation_id": conversation_id,
+                "created_at": now,
+                "seq": seq,
+                "tokens_total": total,
+                **columns,
+            },
+        )
+        return cast(int, seq)
 
     def _append_reply(
         self,
@@ -1309,10 +1445,53 @@ class ConversationStore:
     ) -> Message:
         """The append of a reply (a response id or a lease given), checked under the lock.
 
-        The conversation's row is locked first (FOR UPDATE on Postgres; SQLite's write
-        transaction holds the database lock), so the check for the same reply already
-        stored and the lease check cannot race another append.
+        The usual reply (its lease held or free, no other message with its response id) is
+        stored by the bump-and-insert with the lease check in the bump's WHERE clause, then
+        one look for another message with the same response id, made holding the lock. Any
+        other case rolls that back and takes :meth:`_append_reply_checked`, which tells a
+        repeated reply from a new one and a busy lease from a free one.
         """
+        try:
+            with self._write() as conn:
+                seq = self._bump_and_insert(conn, conversation_id, owner, columns, now, lease=lease)
+                if seq is None:
+                    raise _SlowPath  # no such conversation, or another request holds the lease
+                if columns["response_id"] is not None:
+                    params = {"cid": conversation_id, "rid": columns["response_id"], "seq": seq}
+                    if conn.execute(_SAME_RESPONSE_ID, params).first() is not None:
+                        raise _SlowPath  # it may repeat a stored reply
+                if indexed is not None:
+                    _search.insert_rows(conn, [{"cid": conversation_id, "seq": seq, **indexed}])
+                if event is not None or reservation is not None:
+                    _usage.settle(conn, event, reservation)
+        except _SlowPath:
+            return self._append_reply_checked(
+                conversation_id,
+                owner,
+                columns,
+                now,
+                lease=lease,
+                indexed=indexed,
+                event=event,
+                reservation=reservation,
+            )
+        return Message(conversation_id=conversation_id, seq=seq, created_at=now, **columns)
+
+    def _append_reply_checked(
+        self,
+        conversation_id: str,
+        owner: str | None,
+        columns: dict[str, Any],
+        now: dt.datetime,
+        *,
+        lease: str | None,
+        indexed: dict[str, Any] | None,
+        event: dict[str, Any] | None = None,
+        reservation: _usage.Reservation | None = None,
+    ) -> Message:
+        """The general append of a reply: the conversation's row is locked first (FOR UPDATE
+        on Postgres; SQLite's write transaction holds the database lock), so the check for
+        the same reply already stored and the lease check cannot race another append."""
         c = _conversations.c
         with self._write() as conn:
             state = conn.execute(
@@ -1334,15 +1513,26 @@ class ConversationStore:
                 return stored
             if lease is not None and not ours and _lease_held(state.lease_token, state.lease_expires_at, now):
                 raise ConversationBusy(conversation_id, expires_at=state.lease_expires_at)
-            seq = conn.execute(
+            seq, total = conn.execute(
                 update(_conversations)
                 .where(c.id == conversation_id)
-                .values(last_seq=c.last_seq + 1, updated_at=now, **release)
-                .returning(c.last_seq)
-            ).scalar_one()
+                .values(
+                    last_seq=c.last_seq + 1,
+                    tokens_total=c.tokens_total + (columns["tokens"] or 0),
+                    updated_at=now,
+                    **release,
+                )
+                .returning(c.last_seq, c.tokens_total)
+            ).one()
             conn.execute(
                 _INSERT_MESSAGE,
-                {"conversation_id": conversation_id, "created_at": now, "seq": seq, **columns},
+                {
+                    "conversation_id": conversation_id,
+                    "created_at": now,
+                    "seq": seq,
+                    "tokens_total": total,
+                    **columns,
+                },
             )
             if indexed is not None:
                 _search.insert_rows(conn, [{"cid": conversation_id, "seq": seq, **indexed}])
@@ -1364,6 +1554,7 @@ class ConversationStore:
         owner: str | None = None,
         lease_seconds: float = DEFAULT_TURN_LEASE_SECONDS,
         messages: Sequence[Mapping[str, Any]] = (),
+        model: str | None = None,
     ) -> tuple[str, Conversation, builtins.list[Message]]:
         """Take the conversation's turn lease and append ``messages``, in one transaction
         (quotas are not checked: see :meth:`_take_turn`).
@@ -1373,6 +1564,11 @@ class ConversationStore:
         request stores nothing. ``messages`` are the turn's new messages (``role``,
         ``content``, and optionally ``name``, ``tool_calls``, ``tool_call_id``,
         ``pinned``), all validated before the transaction (ValueError, nothing written).
+
+        ``model``: the conversation's model as the caller knows it (a handle's), used only
+        to count the new messages' tokens; looked up when not given. Counting under a model
+        that changed meanwhile is harmless: the stored encoding says which one was used, and
+        the count is redone when read.
 
         Returns the lease token (a random string: whoever holds it owns the turn), the
         conversation as it is now, and the messages appended. The lease lasts
@@ -1387,6 +1583,7 @@ class ConversationStore:
             messages=messages,
             quota=None,
             check=False,
+            model=model,
         )
         return token, conv, added
 
@@ -1399,6 +1596,7 @@ class ConversationStore:
         messages: Sequence[Mapping[str, Any]],
         quota: _usage.QuotaAsk | None,
         check: bool = True,
+        model: str | None = None,
     ) -> tuple[str, Conversation, builtins.list[Message], _usage.Reservation | None]:
         """:meth:`_begin_turn` with the owner's quota, all in its one write transaction.
 
@@ -1417,36 +1615,42 @@ class ConversationStore:
             or not lease_seconds > 0
         ):
             raise ValueError(f"lease_seconds must be a positive number, not {lease_seconds!r}")
+        if model is not None:
+            _check_field(model, "model", allow_empty=False)
         rows = []
         if messages:
-            # Counted before the transaction, under the model read here: if the model changes
+            # Counted before the transaction, under the model known here: if the model changes
             # meanwhile, the stored encoding says so and the count is redone when read.
-            model = self.get(conversation_id, owner=owner).model
+            if model is None:
+                model = self.get(conversation_id, owner=owner).model
             for message in messages:
                 rows.append(_turn_message_columns(message, model, max_message_chars=self.max_message_chars))
         indexed = [_search.index_values(self.dialect, r["role"], r["content"]) for r in rows]
         token = str(uuid.uuid4())
         now = self._clock()
-        c = _conversations.c
-        values: dict[str, Any] = {
-            "lease_token": token,
-            "lease_expires_at": now + dt.timedelta(seconds=lease_seconds),
+        params = {
+            "t_cid": conversation_id,
+            "t_owner": owner,
+            "t_now": now,
+            "t_token": token,
+            "t_expires": now + dt.timedelta(seconds=lease_seconds),
+            "t_count": len(rows),
+            "t_tokens": sum(r["tokens"] or 0 for r in rows),
         }
-        if rows:
-            values.update(last_seq=c.last_seq + len(rows), updated_at=now)
+        key = (owner is not None, bool(rows))
+        c = _conversations.c
         with self._write() as conn:
             # One UPDATE takes the lease only where it is free, so two requests racing for it
             # are ordered by the row lock (Postgres) or the write lock (SQLite): one wins.
-            row = conn.execute(
-                update(_conversations)
-                .where(
-                    c.id == conversation_id,
-                    _owner_clause(owner),
-                    or_(c.lease_token.is_(None), c.lease_expires_at <= now),
-                )
-                .values(**values)
-                .returning(*_conversations.c)
-            ).first()
+            if self.dialect == "postgresql" and len(rows) == 1:
+                # The lease and the message in one statement (one round trip).
+                values = {f"m_{name}": value for name, value in rows[0].items()}
+                values.update(m_conversation_id=conversation_id, m_created_at=now)
+                row = conn.execute(_TAKE_LEASE_WITH_MESSAGE[owner is not None], {**params, **values}).first()
+                inserted = True
+            else:
+                row = conn.execute(_TAKE_LEASE[key], params).first()
+                inserted = False
             if row is None:
                 holder = conn.execute(
                     select(c.lease_expires_at).where(c.id == conversation_id, _owner_clause(owner))
@@ -1467,13 +1671,27 @@ class ConversationStore:
                 for i, columns in enumerate(rows)
             ]
             if rows:
-                conn.execute(
-                    insert(_messages),
-                    [
-                        {"conversation_id": conversation_id, "seq": m.seq, "created_at": now, **r}
-                        for m, r in zip(added, rows, strict=True)
-                    ],
-                )
+                if not inserted:
+                    # Running totals: the conversation's total after the last message, less
+                    # what the later messages of this turn add.
+                    totals = []
+                    total = row.tokens_total
+                    for columns in reversed(rows):
+                        totals.append(total)
+                        total -= columns["tokens"] or 0
+                    conn.execute(
+                        _INSERT_MESSAGE,
+                        [
+                            {
+                                "conversation_id": conversation_id,
+                                "seq": m.seq,
+                                "created_at": now,
+                                "tokens_total": t,
+                                **r,
+                            }
+                            for m, r, t in zip(added, rows, reversed(totals), strict=True)
+                        ],
+                    )
                 search_rows = [
                     {"cid": conversation_id, "seq": m.seq, **found}
                     for m, found in zip(added, indexed, strict=True)
@@ -1572,6 +1790,13 @@ class ConversationStore:
                 at = last
             elif not isinstance(at, int) or isinstance(at, bool) or not 0 <= at <= last:
                 raise ValueError(f"fork point must be a seq between 0 and {last}, not {at!r}")
+            # The copied messages keep their running totals: a prefix's totals are its own.
+            total = conn.execute(
+                select(_messages.c.tokens_total)
+                .where(_messages.c.conversation_id == source.id, _messages.c.seq <= at)
+                .order_by(_messages.c.seq.desc())
+                .limit(1)
+            ).scalar()
             conn.execute(
                 insert(_conversations).values(
                     id=new_id,
@@ -1580,6 +1805,7 @@ class ConversationStore:
                     model=row.model,
                     metadata=row.metadata,
                     last_seq=at,
+                    tokens_total=total or 0,
                     forked_from=row.id,
                     forked_at=at,
                     created_at=now,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, cast
@@ -30,6 +31,12 @@ class _Transaction:
         self._tx: Any = None
 
     def __enter__(self) -> Any:
+        self._open()
+        if self._engine.dialect.name == "postgresql":
+            return _RetryFirstStatement(self)
+        return self._conn
+
+    def _open(self) -> None:
         try:
             self._conn = self._engine.connect()
             if self._write:
@@ -45,7 +52,12 @@ class _Transaction:
             if self._conn is not None:
                 self._conn.close()
             raise StoreError(f"database error: {_describe(wrapped)}") from err
-        return self._conn
+
+    def _reopen(self) -> None:
+        """A fresh connection and transaction in place of a dead one (see _RetryFirstStatement)."""
+        with contextlib.suppress(DBAPIError):
+            self._conn.close()  # already invalidated: returns nothing to the pool
+        self._open()
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         if isinstance(exc, Exception):
@@ -124,3 +136,47 @@ def _describe(err: DBAPIError) -> str:
     """The driver's message alone: SQLAlchemy's text would echo every bound parameter."""
     text = str(err.orig).strip().splitlines()
     return text[0][:500] if text else type(err.orig).__name__
+
+
+class _RetryFirstStatement:
+    """A Postgres transaction's connection that survives a pooled connection found dead.
+
+    Connections are not pinged when checked out of the pool (a round trip each time).
+    Instead, when the first statement of a transaction fails because the connection was
+    already dead (the server restarted, or the backend was terminated, while it sat in the
+    pool), the transaction is begun again on a fresh connection and that statement is
+    sent again, once. That is the only failure retried: nothing of the transaction had run,
+    so nothing can be done twice (a statement the server might have run before the
+    connection broke was in an uncommitted transaction, which the server rolled back). A
+    connection that dies later in a transaction is a StoreError, as before. SQLAlchemy
+    marks the other pooled connections stale on such a failure, so they are replaced when
+    next checked out.
+    """
+
+    def __init__(self, transaction: _Transaction) -> None:
+        self._transaction = transaction
+
+    def execute(self, *args: Any, **kwargs: Any) -> Any:
+        return self._first("execute", args, kwargs)
+
+    def exec_driver_sql(self, *args: Any, **kwargs: Any) -> Any:
+        return self._first("exec_driver_sql", args, kwargs)
+
+    def _first(self, method: str, args: Any, kwargs: Any) -> Any:
+        conn = self._transaction._conn
+        # From the second statement on, straight to the connection.
+        self.execute = conn.execute  # type: ignore[method-assign]
+        self.exec_driver_sql = conn.exec_driver_sql  # type: ignore[method-assign]
+        try:
+            return getattr(conn, method)(*args, **kwargs)
+        except DBAPIError as err:
+            if not err.connection_invalidated:
+                raise
+        self._transaction._reopen()
+        conn = self._transaction._conn
+        self.execute = conn.execute  # type: ignore[method-assign]
+        self.exec_driver_sql = conn.exec_driver_sql  # type: ignore[method-assign]
+        return getattr(conn, method)(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transaction._conn, name)

@@ -6,10 +6,17 @@ opens a :class:`WindowReader` with :meth:`Conversation.read_window` and asks it 
 * :meth:`WindowReader.anchors`: the system, developer and pinned messages (one range scan
   of the partial anchor index), oldest first;
 * :meth:`WindowReader.newest`: the history newest first, in chunks, read only as far as the
-  caller iterates, in batches sized from the tokens the caller can still take, so a
-  100,000-message conversation reads about what fits in the window;
+  caller iterates. The first chunk is one indexed range read: the running token totals
+  (``messages.tokens_total``, see :mod:`._schema`) say where the newest N tokens begin, N
+  being what the caller can take, so in the usual case it is exactly the rows that fit and
+  the one before them. Further chunks (when rows were left out, or the totals are stale)
+  are read in batches sized from the tokens the caller can still take;
 * :meth:`WindowReader.between`: a seq range, oldest first (what a summary must cover);
 * :meth:`WindowReader.summaries`: the stored summaries, by ``to_seq``.
+
+The totals only decide how far the first read reaches; which rows are sent is decided by
+the planner from the rows themselves, so a stale or missing total changes how many rows are
+read, never the result.
 
 Everything is read in one read transaction (a consistent snapshot on Postgres), opened
 through the store's error-translating path (:mod:`._tx`), so a database error is a
@@ -33,11 +40,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import Table, Text, bindparam, select, text, update
+from sqlalchemy import Table, Text, bindparam, func, select, text, update
 from sqlalchemy import cast as sql_cast
 
 from .. import tokens as _tokens
-from ._schema import ANCHOR_PREDICATE, MessageRow, SummaryRow
+from ..exceptions import ConversationNotFound
+from ._schema import ANCHOR_PREDICATE, ConversationRow, MessageRow, SummaryRow
+from ._validate import _could_exist
 from ._values import Summary, openai_message
 
 if TYPE_CHECKING:
@@ -67,6 +76,7 @@ _FULL_COLUMNS = (
     _m.c.status,
     _m.c.tokens,
     _m.c.tokens_encoding,
+    _m.c.tokens_total,
 )
 _of_conversation = _m.c.conversation_id == bindparam("cid")
 # Statements are built once: building them per call costs more than running them.
@@ -109,6 +119,29 @@ def _select_newest(*, before: bool) -> Any:
 
 _SELECT_NEWEST = _select_newest(before=False)
 _SELECT_NEWEST_BEFORE = _select_newest(before=True)
+# The range read: every row from the oldest whose running total reaches :x (one seek of the
+# (conversation_id, tokens_total) index) to the newest, newest first. Reading from a seq
+# keeps the range contiguous whatever the totals hold.
+_FIRST_IN_RANGE = (
+    select(_m.c.seq)
+    .where(_m.c.conversation_id == bindparam("cid"), _m.c.tokens_total >= bindparam("x"))
+    .order_by(_m.c.tokens_total)
+    .limit(1)
+    .scalar_subquery()
+)
+_SELECT_RANGE = (
+    _select_newest(before=False)
+    .limit(None)
+    .where(_m.c.seq >= func.coalesce(_FIRST_IN_RANGE, bindparam("past_end")))
+)
+_SELECT_ALL_NEWEST = _select_newest(before=False).limit(None)
+_c = cast(Table, ConversationRow.__table__)
+_CONVERSATION_TOTAL = {
+    owned: select(_c.c.tokens_total).where(
+        _c.c.id == bindparam("cid"), _c.c.owner == bindparam("owner") if owned else _c.c.owner.is_(None)
+    )
+    for owned in (True, False)
+}
 _UPDATE_TOKENS = (
     update(_m)
     .where(_m.c.conversation_id == bindparam("b_cid"), _m.c.seq == bindparam("b_seq"))
@@ -173,15 +206,22 @@ class WindowReader:
     Made by :meth:`Conversation.read_window`; valid only inside its ``with`` block.
     """
 
-    def __init__(self, conn: Any, conversation_id: str, encoding: str) -> None:
+    def __init__(self, conn: Any, conversation_id: str, encoding: str, total: int | None = None) -> None:
         self._conn = conn
         self.conversation_id = conversation_id
         self.encoding = encoding
         self._recounted: list[dict[str, Any]] = []
+        # The conversation's running token total, and the anchors' (total, stored tokens):
+        # what the range read of newest() is computed from.
+        self._total = total
+        self._anchor_totals: list[tuple[int, int]] | None = None
 
     def anchors(self) -> list[WindowRow]:
         """System, developer and pinned messages, oldest first."""
-        return self._full_rows(_SELECT_ANCHORS)
+        totals: list[tuple[int, int]] = []
+        rows = self._full_rows(_SELECT_ANCHORS, totals=totals)
+        self._anchor_totals = totals
+        return rows
 
     def between(self, first: int, last: int) -> list[WindowRow]:
         """Messages ``first``..``last`` (inclusive), oldest first."""
@@ -194,12 +234,28 @@ class WindowReader:
     def newest(self, tokens_wanted: Callable[[], int]) -> Generator[list[WindowRow], None, None]:
         """The rows, newest first, in chunks, read only as far as the caller iterates.
 
-        ``tokens_wanted()`` says how many tokens the caller can still take; it sizes the
-        next batch, so the rows read are about the rows that fit.
+        ``tokens_wanted()`` says how many tokens the caller can still take. The first chunk
+        is the range the running totals say holds that many tokens and one row more (see
+        the module docs); later chunks are batches sized from ``tokens_wanted()``, so the
+        rows read are about the rows that fit.
         """
         params: dict[str, Any] = {"cid": self.conversation_id}
         statement, seen, tokens = _SELECT_NEWEST, 0, 0
+        start = self._range_start(tokens_wanted())
+        if start is not None:
+            if start <= 0:  # everything fits, as far as the totals tell: read it all
+                yield self._light_rows(self._conn.execute(_SELECT_ALL_NEWEST, params).all())
+                return
+            chunk = self._conn.execute(_SELECT_RANGE, {**params, "x": start, "past_end": 2**31 - 1}).all()
+            if chunk:
+                rows = self._light_rows(chunk)
+                yield rows
+                seen, tokens = len(rows), sum(r.tokens for r in rows)
+                statement = _SELECT_NEWEST_BEFORE
+                params["before"] = rows[-1].seq
         size = max(_MIN_BATCH, min(tokens_wanted() // _FIRST_BATCH_TOKENS_PER_ROW, _FIRST_BATCH))
+        if seen:
+            size = self._next_size(tokens_wanted(), tokens, seen)
         while True:
             chunk = self._conn.execute(statement, {**params, "n": size}).all()
             rows = self._light_rows(chunk)
@@ -208,17 +264,37 @@ class WindowReader:
                 return
             seen += len(rows)
             tokens += sum(r.tokens for r in rows)
-            per_row = max(tokens / seen, 1.0)
-            size = int(max(tokens_wanted(), 0) / per_row * _BATCH_MARGIN) + 1
-            size = max(_MIN_BATCH, min(size, _MAX_BATCH))
+            size = self._next_size(tokens_wanted(), tokens, seen)
             statement = _SELECT_NEWEST_BEFORE
             params["before"] = rows[-1].seq
 
-    def _full_rows(self, statement: Any, **params: Any) -> list[WindowRow]:
+    @staticmethod
+    def _next_size(wanted: int, tokens: int, seen: int) -> int:
+        per_row = max(tokens / seen, 1.0)
+        size = int(max(wanted, 0) / per_row * _BATCH_MARGIN) + 1
+        return max(_MIN_BATCH, min(size, _MAX_BATCH))
+
+    def _range_start(self, wanted: int) -> int | None:
+        """The running total from which the newest rows hold ``wanted`` tokens of non-anchor
+        messages (anchors inside that range do not count: they are sent anyway), or None
+        when there are no totals to go by (anchors() not read, or an old database)."""
+        if self._total is None or self._anchor_totals is None:
+            return None
+        start = self._total - max(wanted, 0)
+        for total, tokens in reversed(self._anchor_totals):  # newest first
+            if total >= start:
+                start -= tokens
+        return start
+
+    def _full_rows(
+        self, statement: Any, *, totals: list[tuple[int, int]] | None = None, **params: Any
+    ) -> list[WindowRow]:
         rows = []
-        for seq, role, content, name, calls, call_id, pinned, status, count, enc in self._conn.execute(
+        for seq, role, content, name, calls, call_id, pinned, status, count, enc, total in self._conn.execute(
             statement, {"cid": self.conversation_id, **params}
         ):
+            if totals is not None and total is not None:
+                totals.append((total, count or 0))
             row = WindowRow(seq, role, name, calls, call_id, bool(pinned), status, count or 0, content)
             if enc != self.encoding or count is None:
                 self._recount(row)
@@ -261,9 +337,16 @@ def read_window(
 ) -> Iterator[WindowReader]:
     """A :class:`WindowReader` on one read transaction, for this owner's conversation only
     (else ConversationNotFound); recounts written back after it."""
+    if not _could_exist(conversation_id, owner):
+        raise ConversationNotFound(conversation_id)
     with store._read() as conn:
-        store._check_owner(conversation_id, owner, conn)
-        reader = WindowReader(conn, conversation_id, encoding)
+        # The owner's check and the running total in one statement.
+        found = conn.execute(
+            _CONVERSATION_TOTAL[owner is not None], {"cid": conversation_id, "owner": owner}
+        ).first()
+        if found is None:
+            raise ConversationNotFound(conversation_id)
+        reader = WindowReader(conn, conversation_id, encoding, found[0])
         yield reader
     # After the read transaction: on a one-connection pool (``sqlite://``) the write needs
     # the connection the read held.
