@@ -54,8 +54,16 @@ from ..exceptions import (
     ConversationBusy,
     StoreError,
 )
-from ..store import Conversation, ConversationStore, Message, Reservation
-from ..store._usage import DEFAULT_QUOTA_RESERVATION, HistoryMoved, QuotaAsk, QuotaNeeded
+from ..store import (
+    DEFAULT_QUOTA_RESERVATION,
+    Conversation,
+    ConversationStore,
+    HistoryMoved,
+    Message,
+    QuotaAsk,
+    QuotaNeeded,
+    Reservation,
+)
 from ..truncation import SUMMARY_MAX_TOKENS, Context, Policy, SummaryRequest, plan_context, save_summary
 
 # The public module's name: log lines read as coming from gilas_conv.sender.
