@@ -109,14 +109,20 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=30)
     args = parser.parse_args()
     url = args.url or f"sqlite:///{args.db}"
+    from sqlalchemy import text
+
     with ConversationStore(url, auto_upgrade=True) as store:
         with store.engine.connect() as conn:
-            from sqlalchemy import text
-
             have = conn.execute(text("SELECT count(*) FROM messages")).scalar_one()
         if have < args.messages:
             print(f"building {args.messages - have:,} messages in {url} ...", file=sys.stderr)
             build(store, args.messages - have)
+            if store.dialect == "postgresql":
+                # Without statistics after a bulk build the planner picked a plan that ran a
+                # frequent-word search for minutes; autovacuum would analyze later.
+                with store.engine.connect() as conn:
+                    conn.execute(text("ANALYZE"))
+                    conn.commit()
         print(f"\n{store.dialect}, {max(have, args.messages):,} messages\n")
         print("| query | hits (limit 20) | median ms |")
         print("|---|---:|---:|")

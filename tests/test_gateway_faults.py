@@ -189,3 +189,96 @@ def test_two_requests_on_one_conversation_never_interleave(
     assert caught.value.code == "conversation_busy"
     assert [c for _, c, _ in history(store, cid)] == ["first", "echo: first", "slow", "slow answer"]
     assert len(stub.requests) == 2
+
+
+def long_conversation(store: ConversationStore) -> str:
+    conv = store.create(model="gpt-4o-mini", owner="alice")
+    for i in range(6):
+        conv.append("user", f"question {i} " + "about the weather " * 30)
+        conv.append("assistant", f"answer {i} " + "it is sunny " * 30)
+    return conv.id
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["plain", "streamed"])
+@pytest.mark.parametrize("held", ["reply", "summary"])
+def test_a_client_that_gives_up_while_the_upstream_holds_frees_the_conversation(
+    gateway: GatewayServer, store: ConversationStore, stub: StubServer, key: str, streamed: bool, held: str
+) -> None:
+    # "reply": the turn's own request is held; "summary": the summary made while the turn is
+    # prepared (its message stored and its lease taken) is held.
+    if held == "reply":
+        cid = start(sdk(gateway, key))
+        extra: dict[str, object] = {"conversation": cid}
+    else:
+        cid = long_conversation(store)
+        extra = {"conversation": cid, "policy": "summarize", "context_limit": 700}
+    stub.reset()
+    stub.script({"hold": True})
+    impatient = openai.OpenAI(base_url=gateway.url, api_key=key, max_retries=0, timeout=2.0)
+    with impatient, pytest.raises(openai.APITimeoutError):
+        impatient.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "gone"}],
+            max_tokens=100,
+            extra_body=extra,
+            stream=streamed,
+        )
+    assert len(stub.requests) == 1  # the client left while that one request was held
+    assert ("condense" in str(stub.requests[0]["body"])) == (held == "summary")
+    stub.release()  # the held request ends; the turn nobody waits for must free the conversation
+    began, reply = time.monotonic(), None
+    with sdk(gateway, key) as client:
+        while reply is None and time.monotonic() - began < 10:
+            try:
+                reply = client.chat.completions.create(
+                    model="gpt-4o-mini",
+                    messages=[{"role": "user", "content": "back"}],
+                    max_tokens=100,
+                    extra_body=extra,
+                )
+            except openai.ConflictError:
+                time.sleep(0.1)
+    assert reply is not None, "the conversation stayed busy after its client left"
+    assert reply.choices[0].message.content == "echo: back"
+    assert history(store, cid)[-3:] == [
+        ("user", "gone", "complete"),
+        ("user", "back", "complete"),
+        ("assistant", "echo: back", "complete"),
+    ]
+
+
+def test_items_written_while_a_turn_is_answered_are_refused_and_never_interleave(
+    gateway: GatewayServer, store: ConversationStore, stub: StubServer, key: str
+) -> None:
+    client = sdk(gateway, key)
+    cid = start(client)
+    stub.script({"hold": True, "reply": "slow answer"})
+    outcomes: dict[str, object] = {}
+
+    def slow() -> None:
+        outcomes["slow"] = client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "slow"}],
+            extra_body={"conversation": cid},
+        )
+
+    worker = threading.Thread(target=slow)
+    worker.start()
+    try:
+        wait_for(lambda: len(stub.requests) == 2)  # the slow turn reached the upstream
+        note = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "note"}]}
+        with pytest.raises(openai.ConflictError) as appended:
+            client.conversations.items.create(cid, items=[note])  # type: ignore[list-item]
+        with pytest.raises(openai.ConflictError) as deleted:
+            client.conversations.items.delete("msg_1", conversation_id=cid)
+        assert appended.value.code == deleted.value.code == "conversation_busy"
+        assert [c for _, c, _ in history(store, cid)] == ["first", "echo: first", "slow"]
+    finally:
+        stub.release()
+        worker.join()
+    # Once the turn is answered, the same writes go through, after its reply.
+    added = client.conversations.items.create(cid, items=[note])  # type: ignore[list-item]
+    assert [item.id for item in added.data] == ["msg_5"]
+    client.conversations.items.delete("msg_1", conversation_id=cid)
+    assert [c for _, c, _ in history(store, cid)] == ["echo: first", "slow", "slow answer", "note"]
+    assert len(stub.requests) == 2

@@ -236,6 +236,10 @@ STORE_PRIVATE_ALLOWED = {
     ("gilas_conv/_sender/_base.py", "_grow_reservation"): "the turn's quota: a window larger than "
     "the one reserved for grows the reservation, checked against the limits",
     ("gilas_conv/_sender/_base.py", "_end_turn"): "the turn lease API: releases the lease of a failed turn",
+    ("gilas_conv/_sender/_base.py", "_renew_turn"): "the turn lease API: a long stream extends its lease",
+    ("gilas_conv/server/_app.py", "_begin_turn"): "the turn lease API, for the gateway's item edits: "
+    "appended items and deletions take the lease, so they never land inside a turn (409 while one runs)",
+    ("gilas_conv/server/_app.py", "_end_turn"): "the turn lease API: an item edit releases the lease at once",
 }
 
 

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import sqlalchemy
 from stub_server import StubServer
 
 from gilas_conv import (
@@ -448,6 +449,80 @@ def test_a_stream_closed_early_stores_what_arrived_and_releases(
         ("user", "complete"),
         ("assistant", "incomplete"),
     ]
+    assert _free(store, conversation.id)
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["send", "stream"])
+def test_an_async_turn_cancelled_while_it_is_prepared_releases_the_conversation(
+    store: ConversationStore, stub: StubServer, streamed: bool
+) -> None:
+    # The turn's message is stored with the lease in a worker thread. Another transaction
+    # holds the conversation's row (a write lock on SQLite), so that thread waits inside the
+    # store while the caller is cancelled; then the lock goes, the thread takes the lease
+    # and returns a turn no one will send, which must free the conversation.
+    conversation = store.create(model="gpt-4o-mini")
+
+    async def run() -> bool:
+        async with AsyncSender(store, api_key=API_KEY, base_url=stub.base_url, max_retries=0) as sender:
+            call = sender.stream if streamed else sender.send
+            with store.engine.begin() as blocker:
+                blocker.execute(
+                    sqlalchemy.text("UPDATE conversations SET title = title WHERE id = :id"),
+                    {"id": conversation.id},
+                )
+                task = asyncio.ensure_future(call(conversation.id, "gone"))
+                await asyncio.sleep(0.5)  # the worker thread is waiting for the row
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+                if _free(store, conversation.id):
+                    return True
+            return False
+
+    assert asyncio.run(run()), "the conversation stayed busy after its turn was cancelled"
+    assert _contents(store, conversation.id) == [("user", "gone", "complete")]
+    assert stub.requests == []  # the cancelled turn was never sent
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["sync", "async"])
+def test_a_stream_longer_than_its_lease_keeps_the_conversation(
+    store: ConversationStore, stub: StubServer, use_async: bool
+) -> None:
+    # A 1 s lease and a reply streaming for about 4 s: the stream renews the lease as chunks
+    # arrive, so the conversation stays busy until the reply is stored.
+    conversation = store.create(model="gpt-4o-mini")
+    words = " ".join(f"w{i}" for i in range(16))
+    stub.script({"reply": words, "chunk_delay": 0.25})
+    lease, checks, first_chunk = 1.0, [], []
+
+    def check() -> None:
+        # Timed from the first chunk: the lease was taken before it (preparing may be slow).
+        first_chunk.append(first_chunk[0] if first_chunk else time.monotonic())
+        if time.monotonic() - first_chunk[0] > 2 * lease and len(checks) < 3:
+            checks.append(_free(store, conversation.id))
+
+    def sync_turn() -> Message | None:
+        with Sender(store, api_key=API_KEY, base_url=stub.base_url) as sender:
+            sender._lease_seconds = lease
+            with sender.stream(conversation.id, "question") as stream:
+                for _ in stream:
+                    check()
+            return stream.message
+
+    async def async_turn() -> Message | None:
+        async with AsyncSender(store, api_key=API_KEY, base_url=stub.base_url) as sender:
+            sender._lease_seconds = lease
+            async with await sender.stream(conversation.id, "question") as stream:
+                async for _ in stream:
+                    check()
+            return stream.message
+
+    message = asyncio.run(async_turn()) if use_async else sync_turn()
+    assert checks == [False, False, False]  # no one else could take the turn meanwhile
+    assert message is not None and message.content == words and message.status == "complete"
     assert _free(store, conversation.id)
 
 

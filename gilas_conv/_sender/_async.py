@@ -10,6 +10,7 @@ without I/O is in :mod:`._base`.
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -249,7 +250,10 @@ class AsyncSender(_SenderBase):
         """Store the user message, then plan the context; each summary the plan asks for is
         requested between two blocking store calls, holding neither a database connection
         nor a worker thread, and stored before planning again."""
-        turn = await AsyncBackend.run_blocking(self._prepare, conversation, content, call, owner=owner)
+        # The turn holds the conversation's lease: a caller cancelled meanwhile must not keep it.
+        turn = await AsyncBackend.run_claiming(
+            self._abandon, self._prepare, conversation, content, call, owner=owner
+        )
         try:
             covered = 0
             while True:
@@ -365,6 +369,7 @@ class AsyncReplyStream:
         self._ended = whole is not None  # a reply that came whole was read already
         self._cause: APIError | None = None
         self._settled = False
+        self._renewed_at = time.monotonic()  # when the turn's lease was taken or last renewed
         #: The stored reply, once the stream has ended (None if nothing arrived).
         self.message: Message | None = None
 
@@ -404,6 +409,9 @@ class AsyncReplyStream:
             else:
                 self._core.feed(data)
                 self._core.check_clock()
+                if self._sender._renewal_due(self._renewed_at):
+                    self._renewed_at = time.monotonic()
+                    await AsyncBackend.run_blocking(self._sender._renew, self._turn)
 
     async def final_message(self) -> Message | None:
         """Read the rest of the stream and return the stored reply."""

@@ -85,6 +85,10 @@ DEFAULT_MAX_KEEPALIVE_CONNECTIONS = 20
 # How far back retry() first looks for the turn to answer; it widens the window if needed.
 _RETRY_TAIL = 64
 POLICIES = ("truncate", "summarize")
+# A stream renews its turn's lease each time this fraction of the lease has passed (checked
+# as chunks arrive): a reply has a read timeout per chunk but none overall, so it may stream
+# for longer than the lease lasts, and must not lose the conversation to another request.
+_RENEW_FRACTION = 1 / 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -712,6 +716,30 @@ class _SenderBase:
         """End a turn that stores no reply (the request failed, nothing arrived): release
         its lease and give back the quota it held."""
         self._release(turn.conversation.id, turn.lease, turn.reservation)
+
+    def _renewal_due(self, renewed_at: float) -> bool:
+        """Whether a stream whose lease was last taken or renewed at ``renewed_at``
+        (``time.monotonic()``) should renew it now."""
+        return time.monotonic() - renewed_at >= self._lease_seconds * _RENEW_FRACTION
+
+    def _renew(self, turn: _Turn) -> None:
+        """Extend a streaming turn's lease by another ``_lease_seconds`` from now."""
+        if turn.lease is None:
+            return
+        try:
+            held = self._store._renew_turn(
+                turn.conversation.id, turn.lease, lease_seconds=self._lease_seconds
+            )
+        except StoreError:  # the lease is still good for two thirds of its time: try again later
+            logger.warning(
+                "could not renew the turn lease of conversation %s", turn.conversation.id, exc_info=True
+            )
+            return
+        if not held:
+            logger.warning(
+                "the turn lease of conversation %s expired and was taken over; this reply will be refused",
+                turn.conversation.id,
+            )
 
     def _release(self, conversation_id: str, lease: str | None, held: Reservation | None = None) -> None:
         # Called while another error is on its way up: a failed release must not replace it,

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -243,7 +244,10 @@ class Sender(_SenderBase):
         """Store the user message, then plan the context; each summary the plan asks for is
         requested between two blocking store calls, holding neither a database connection
         nor a worker thread, and stored before planning again."""
-        turn = SyncBackend.run_blocking(self._prepare, conversation, content, call, owner=owner)
+        # The turn holds the conversation's lease: a caller cancelled meanwhile must not keep it.
+        turn = SyncBackend.run_claiming(
+            self._abandon, self._prepare, conversation, content, call, owner=owner
+        )
         try:
             covered = 0
             while True:
@@ -359,6 +363,7 @@ class ReplyStream:
         self._ended = whole is not None  # a reply that came whole was read already
         self._cause: APIError | None = None
         self._settled = False
+        self._renewed_at = time.monotonic()  # when the turn's lease was taken or last renewed
         #: The stored reply, once the stream has ended (None if nothing arrived).
         self.message: Message | None = None
 
@@ -398,6 +403,9 @@ class ReplyStream:
             else:
                 self._core.feed(data)
                 self._core.check_clock()
+                if self._sender._renewal_due(self._renewed_at):
+                    self._renewed_at = time.monotonic()
+                    SyncBackend.run_blocking(self._sender._renew, self._turn)
 
     def final_message(self) -> Message | None:
         """Read the rest of the stream and return the stored reply."""

@@ -133,8 +133,30 @@ class _FoldTable(dict[int, str]):
 
 
 _TABLE = _FoldTable()
-# A run of letters, digits and joiners (``[^\W_]`` is exactly ``str.isalnum``).
-_RUN = re.compile(r"(?:[^\W_]|[\u200c\u200d])+")
+
+
+def _unchanged_characters() -> str:
+    """The characters of ASCII and the Arabic block that normalization leaves as they are
+    (most of Persian and English text), computed from the folding itself so the set is
+    right for this Python's Unicode tables."""
+    candidates = [chr(c) for c in (*range(0x80), *range(0x0600, 0x0700), 0x200C, 0x200D, 0xAB, 0xBB)]
+    return "".join(ch for ch in candidates if _fold_char(ch) == ch)
+
+
+# Any character normalization may change: normalize() replaces only these, one by one,
+# which for Persian text (a few of them per message, if any) is several times faster than
+# translating every character.
+_CHANGED = re.compile("[^" + re.escape(_unchanged_characters()) + "]")
+
+
+def _fold_match(match: re.Match[str]) -> str:
+    return _TABLE[ord(match.group())]
+
+
+# A run of letters, digits and joiners, captured so that re.split() returns the runs and
+# the text between them. ``\w`` is ``str.isalnum`` or "_"; "_" is replaced before splitting.
+_RUN_SPLIT = re.compile(r"([\w\u200c\u200d]+)")
+_RUN = re.compile(r"[\w\u200c\u200d]+")
 _JOINER_SPLIT = re.compile(r"[\u200c\u200d]+")
 
 
@@ -146,7 +168,7 @@ def normalize(text: str) -> str:
     """
     if text.isascii():
         return text.lower()
-    return text.translate(_TABLE)
+    return _CHANGED.sub(_fold_match, text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,57 +266,83 @@ def tokenize(text: str) -> list[Token]:
     return tokens
 
 
-def _merge(pieces: list[list[str]], gaps: list[str]) -> list[list[str]]:
-    """Affixes joined to their word (see the module docstring); ``gaps[i]`` is the normalized
-    text between word i-1 and word i."""
+_AFFIXES = _PREFIXES | _SUFFIXES
+
+
+def _words(normalized: str) -> list[tuple[str, tuple[str, ...]]]:
+    """:func:`words_and_parts` of text already normalized."""
+    if "_" in normalized:
+        # Neither a word character nor a space, like "_": the split below needs one class.
+        normalized = normalized.replace("_", "\x00")
+    chunks = _RUN_SPLIT.split(normalized)  # text between runs at even indexes, runs at odd
+    runs = chunks[1::2]
+    if ZWNJ not in normalized and ZWJ not in normalized and _AFFIXES.isdisjoint(runs):
+        # The usual message: every run is one word, and no affix can join another word.
+        return [(run, ()) for run in runs]
     merged: list[list[str]] = []
-    for index, word_pieces in enumerate(pieces):
-        if merged:
-            gap = gaps[index]
+    after_joiners = False  # a joiner lies between the previous word and this one
+    for index in range(1, len(chunks), 2):
+        run = chunks[index]
+        if ZWNJ in run or ZWJ in run:
+            pieces = [piece for piece in _JOINER_SPLIT.split(run) if piece]
+            if not pieces:
+                after_joiners = True
+                continue
+            # A joiner at the edge of a run sits in the gap as tokenize sees it: no join there.
+            after_joiners = after_joiners or run[0] in (ZWNJ, ZWJ)
+            ends_with_joiner = run[-1] in (ZWNJ, ZWJ)
+        else:
+            pieces = [run]
+            ends_with_joiner = False
+        if merged and not after_joiners:
+            gap = chunks[index - 1]
             previous = merged[-1]
-            word = "".join(word_pieces)
-            before = "".join(previous)
+            # Affixes join their word across spaces only (not a line break, not punctuation).
             if (
-                gap.strip() == ""
+                gap.isspace()
                 and "\n" not in gap
-                and _arabic_script(word)
-                and _arabic_script(before)
                 and (
-                    (before in _PREFIXES and len(previous) == 1)
-                    or (word in _SUFFIXES and len(word_pieces) == 1)
+                    (len(previous) == 1 and previous[0] in _PREFIXES and _arabic_script(pieces[0]))
+                    or (len(pieces) == 1 and pieces[0] in _SUFFIXES and _arabic_script(previous[0]))
                 )
             ):
-                merged[-1] = previous + word_pieces
+                previous.extend(pieces)
+                after_joiners = ends_with_joiner
                 continue
-        merged.append(word_pieces)
-    return merged
+        after_joiners = ends_with_joiner
+        merged.append(pieces)
+    return [("".join(p), tuple(p) if len(p) > 1 else ()) for p in merged]
 
 
 def words_and_parts(text: str) -> list[tuple[str, tuple[str, ...]]]:
     """The canonical words of ``text`` with their parts: what :func:`tokenize` gives without
-    the offsets, computed with ``str.translate`` and one regular expression (the indexing
-    path of every append, so kept fast). A test checks the two agree."""
-    normalized = normalize(text)
-    pieces: list[list[str]] = []
-    gaps: list[str] = []
-    end = 0
-    for run in _RUN.finditer(normalized):
-        split = [piece for piece in _JOINER_SPLIT.split(run.group()) if piece]
-        if not split:
-            continue
-        gaps.append(normalized[end : run.start()])
-        end = run.end()
-        pieces.append(split)
-    return [("".join(p), tuple(p) if len(p) > 1 else ()) for p in _merge(pieces, gaps)]
+    the offsets, computed with one substitution and one split (the indexing path of every
+    append, so kept fast). A test checks the two agree."""
+    return _words(normalize(text))
+
+
+# Text normalized to at most this many characters cannot reach the bounds: a word costs at
+# most twice its UTF-8 bytes (itself and its parts), and has at least one character and
+# one character between it and the next word.
+_UNBOUNDED_CHARS = min(MAX_INDEXED_BYTES // 8, 2 * MAX_INDEXED_TOKENS - 1)
 
 
 def index_terms(text: str) -> tuple[list[str], list[tuple[int, str]]]:
     """What the index holds for ``text``: its canonical words in order, and its parts, each
     with the index of the word it belongs to. Bounded as the module docstring says."""
+    normalized = normalize(text)
+    found = _words(normalized)
     words: list[str] = []
     parts: list[tuple[int, str]] = []
+    if len(normalized) <= _UNBOUNDED_CHARS:
+        for canonical, pieces in found:
+            if len(canonical) <= MAX_TOKEN_CHARS:
+                if pieces:
+                    parts.extend((len(words), p) for p in pieces)
+                words.append(canonical)
+        return words, parts
     budget = MAX_INDEXED_BYTES
-    for canonical, pieces in words_and_parts(text):
+    for canonical, pieces in found:
         if len(words) >= MAX_INDEXED_TOKENS:
             break
         if len(canonical) > MAX_TOKEN_CHARS:
@@ -309,3 +357,33 @@ def index_terms(text: str) -> tuple[list[str], list[tuple[int, str]]]:
         words.append(canonical)
         parts.extend((position, p) for p in token_parts)
     return words, parts
+
+
+def index_text(text: str) -> tuple[str, str]:
+    """:func:`index_terms` as the SQLite index stores it: the words, and the parts, each
+    joined by spaces. The same result, found without a loop in Python for most messages
+    (no affix to join, no word over the bounds); a test checks the two agree."""
+    normalized = normalize(text)
+    if len(normalized) <= _UNBOUNDED_CHARS:
+        runs = _RUN.findall(normalized.replace("_", " ") if "_" in normalized else normalized)
+        if _AFFIXES.isdisjoint(runs) and (not runs or max(map(len, runs)) <= MAX_TOKEN_CHARS):
+            if ZWNJ not in normalized and ZWJ not in normalized:
+                return " ".join(runs), ""
+            words: list[str] = []
+            parts: list[str] = []
+            for run in runs:
+                if ZWNJ not in run and ZWJ not in run:
+                    words.append(run)
+                    continue
+                pieces = [piece for piece in _JOINER_SPLIT.split(run) if piece]
+                if len(pieces) > 1:
+                    words.append("".join(pieces))
+                    parts.extend(pieces)
+                elif pieces:
+                    if pieces[0] in _AFFIXES:
+                        break  # it may join its neighbour: the general path decides
+                    words.append(pieces[0])
+            else:
+                return " ".join(words), " ".join(parts)
+    all_words, all_parts = index_terms(text)
+    return " ".join(all_words), " ".join(part for _, part in all_parts)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import json
 import logging
 import time
@@ -75,6 +76,9 @@ MAX_PAGE_LIMIT = 100
 _TAIL = 64
 # At shutdown, how long the streams cut by the server may take to store what arrived.
 _SHUTDOWN_STORE_SECONDS = 10.0
+# How long an edit of the items (append, delete) holds the turn lease at most: it is
+# released at once, so this only bounds how long a crash mid-edit keeps the conversation busy.
+_EDIT_LEASE_SECONDS = 60.0
 # Titles of conversations a completion creates: the first user line, cut to this length.
 _TITLE_LENGTH = 60
 # Body fields of a completion that are not sent upstream as parameters.
@@ -431,6 +435,22 @@ class _Gateway:
             context_limit=options.get("context_limit"),
             policy=options.get("policy"),
         )
+        return await _unless_client_leaves(
+            request, self._turn(owner, reference, messages, params, options, bool(stream), include_usage)
+        )
+
+    async def _turn(
+        self,
+        owner: str | None,
+        reference: str | None,
+        messages: list[dict[str, Any]],
+        params: dict[str, Any],
+        options: dict[str, Any],
+        stream: bool,
+        include_usage: bool,
+    ) -> Response:
+        """A checked completion: the turn, up to its response (a stream, once started)."""
+        assert self.sender is not None
         conv, new = await asyncio.to_thread(self._plan_turn, owner, reference, messages, params.get("model"))
         header = {CONVERSATION_HEADER: conv.id}
         try:
@@ -533,6 +553,25 @@ class _Gateway:
 
     # -- items -------------------------------------------------------------------------------------
 
+    def _between_turns(
+        self,
+        conv: Conversation,
+        messages: list[dict[str, Any]],
+        change: Callable[[], object] | None = None,
+    ) -> list[Message]:
+        """Append ``messages`` (then make ``change``) holding the conversation's turn lease, so
+        that an edit of the history never lands inside a turn: while a completion is being
+        answered it is refused (ConversationBusy, 409) and nothing is written."""
+        token, _, added = self.store._begin_turn(
+            conv.id, owner=conv.owner, lease_seconds=_EDIT_LEASE_SECONDS, messages=messages
+        )
+        try:
+            if change is not None:
+                change()
+        finally:
+            self.store._end_turn(conv.id, token)
+        return added
+
     async def create_items(self, request: Request) -> Response:
         owner = await self.owner(request)
         body = await self.json_body(request)
@@ -541,10 +580,7 @@ class _Gateway:
         if not items:
             raise GatewayError(400, "`items` must hold at least one item", param="items")
 
-        def append() -> list[Message]:
-            return [conv.append(**item) for item in items]
-
-        added = await asyncio.to_thread(append)
+        added = await asyncio.to_thread(self._between_turns, conv, items)
         data = [item_object(m) for m in added]
         return JSONResponse(
             {
@@ -600,9 +636,38 @@ class _Gateway:
         seq = parse_item_id(request.path_params["item_id"])
         if seq is None:
             raise MessageNotFound(conv.id, 0)
-        await asyncio.to_thread(conv.delete_message, seq)
+        await asyncio.to_thread(self._between_turns, conv, [], functools.partial(conv.delete_message, seq))
         conv = await asyncio.to_thread(conv.refresh)
         return JSONResponse(conversation_object(conv))
+
+
+async def _unless_client_leaves(request: Request, work: Awaitable[Response]) -> Response:
+    """``work``'s response, or, if the client disconnects first, ``work`` cancelled.
+
+    The server does not cancel a handler whose client left before the response began, so
+    a turn would run on (and hold its conversation) for a reader who is gone. Only called
+    once the body is read: what ``receive`` gives after that is the disconnect.
+    """
+    task = asyncio.ensure_future(work)
+    left = False
+
+    async def watch() -> None:
+        nonlocal left
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        left = True
+        task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if not left:
+            raise
+        # No one will read this; the sender released the turn on its way out.
+        return Response(status_code=499)
+    finally:
+        watcher.cancel()
 
 
 def _newest_before(conv: Conversation, before: int | None, count: int) -> list[Message]:

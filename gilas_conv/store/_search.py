@@ -37,7 +37,7 @@ from typing import Any
 
 from sqlalchemy import JSON, Float, Integer, String, Text, text
 
-from ..search._normalize import index_terms
+from ..search._normalize import index_terms, index_text
 from ..search._query import Query
 from ..search._snippet import searchable_text
 from ._schema import UTCDateTime
@@ -71,12 +71,14 @@ def unmodeled_table(name: str) -> bool:
 
 def index_values(dialect: str, role: str, content: Any) -> dict[str, Any] | None:
     """The search row's columns for a message (None when it has nothing to search)."""
-    words, parts = index_terms(searchable_text(role, content))
-    if not words:
+    searched = searchable_text(role, content)
+    if not searched:
         return None
     if dialect == "sqlite":
-        return {"body": " ".join(words), "parts": " ".join(part for _, part in parts)}
-    return {"document": _tsvector(words, parts)}
+        body, parts = index_text(searched)
+        return {"body": body, "parts": parts} if body else None
+    words, positioned = index_terms(searched)
+    return {"document": _tsvector(words, positioned)} if words else None
 
 
 def _tsvector(words: list[str], parts: list[tuple[int, str]]) -> str:
@@ -113,11 +115,25 @@ _COPY = {
 }
 
 
+# On SQLite the rows go straight to the driver (plain text and integers, nothing for
+# SQLAlchemy to convert): its per-statement work would cost more than the insert.
+_SQLITE_INSERT = f"INSERT INTO {SEARCH_TABLE} (conversation_id, seq, body, parts) VALUES (?, ?, ?, ?)"
+
+
 def insert_rows(conn: Any, rows: list[dict[str, Any]]) -> None:
     """Insert search rows (each ``{"cid", "seq", **index_values(...)}``) in the caller's
-    transaction."""
-    if rows:
-        conn.execute(_INSERT[conn.dialect.name], rows)
+    transaction. Driver errors are translated by the transaction (gilas_conv/store/_tx.py)."""
+    if not rows:
+        return
+    if conn.dialect.name == "sqlite":
+        driver = conn.connection.driver_connection
+        values = [(row["cid"], row["seq"], row["body"], row["parts"]) for row in rows]
+        if len(values) == 1:
+            driver.execute(_SQLITE_INSERT, values[0])
+        else:
+            driver.executemany(_SQLITE_INSERT, values)
+        return
+    conn.execute(_INSERT[conn.dialect.name], rows)
 
 
 # Pages of FTS5 merge work per transaction when compacting (see compact_step).

@@ -1,0 +1,371 @@
+"""What the gateway adds to a streamed turn, at 1, 10 and 100 concurrent conversations.
+
+Every process runs on 127.0.0.1, each in its own process:
+
+upstream
+    ``benchmarks/gateway_stub.py``: an asyncio (uvicorn) OpenAI-compatible stub that streams
+    a fixed reply of a few words at once, so what is measured is what sits in front of it.
+direct
+    The client calls the stub itself: the baseline every other figure is compared with.
+gateway
+    ``gilas-conv serve`` (one worker, a client key from ``gilas-conv keys create``) on
+    SQLite, and on Postgres when ``--postgres URL`` is given. Each conversation gets one
+    untimed first turn (which creates it); then every timed turn sends only its new user
+    message with ``conversation``: the gateway stores it, builds the window from the stored
+    history, streams the reply through and stores it.
+litellm
+    LiteLLM's proxy (``--litellm PATH`` to its ``litellm`` executable, installed apart from
+    this project) in front of the same stub, as the anchor: it does less (no history, no
+    window, nothing stored; it runs without a database here).
+
+Each concurrency level runs ``N`` conversations at once, each doing turns one after the
+other (the number of turns per level is bounded: see ``TURNS``). A turn is timed from the
+request to ``data: [DONE]``; time to first token is to the first chunk with content. The
+added latency of a front is its median turn minus the direct median at the same level.
+Turns per second: all the level's turns over its wall time. Memory: the resident set
+size (VmRSS) of the front's processes after the level, and its peak (VmHWM).
+
+    python benchmarks/gateway.py [--postgres URL] [--litellm /path/to/litellm]
+
+``benchmarks/README.md`` shows and explains the output. Speed is measured here, never in
+the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+UPSTREAM_KEY = "sk-bench-upstream"
+LITELLM_KEY = "sk-bench-litellm"
+MODEL = "gpt-4o-mini"
+# Concurrent conversations -> timed turns each (bounded: 40, 100 and 300 turns per level).
+TURNS = {1: 40, 10: 10, 100: 3}
+START_TIMEOUT_S = 60.0
+TURN_TIMEOUT_S = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def rss_kib(pids: list[int]) -> tuple[int, int]:
+    """(VmRSS, VmHWM) in KiB, summed over ``pids`` and their children."""
+    seen, todo, now, peak = set(), list(pids), 0, 0
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    now += int(line.split()[1])
+                elif line.startswith("VmHWM:"):
+                    peak += int(line.split()[1])
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                children = (task / "children").read_text().split()
+                todo.extend(int(c) for c in children)
+    return now, peak
+
+
+@contextlib.contextmanager
+def process(
+    args: list[str], *, env: dict[str, str] | None = None, ready: str, log: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Start ``args``; wait until GET ``ready`` answers; terminate it afterwards."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(args, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{args[0]} exited ({proc.returncode}); see {log}")
+            with contextlib.suppress(httpx.HTTPError):
+                if (
+                    httpx.get(
+                        ready, timeout=2, headers={"Authorization": f"Bearer {LITELLM_KEY}"}
+                    ).status_code
+                    < 500
+                ):
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{args[0]} did not start; see {log}")
+            time.sleep(0.2)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class Level:
+    turns: list[float] = field(default_factory=list)
+    first_tokens: list[float] = field(default_factory=list)
+    wall: float = 0.0
+    rss: tuple[int, int] = (0, 0)
+    errors: int = 0
+
+
+async def one_turn(
+    client: httpx.AsyncClient, url: str, key: str, body: dict[str, object]
+) -> tuple[float, float, str | None]:
+    """(seconds to [DONE], seconds to the first content, the conversation named)."""
+    began = time.perf_counter()
+    first = None
+    conversation = None
+    async with client.stream(
+        "POST", url + "/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+    ) as response:
+        if response.status_code != 200:
+            await response.aread()
+            raise RuntimeError(f"{response.status_code}: {response.text[:200]}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                break
+            chunk = json.loads(line[6:])
+            conversation = chunk.get("conversation", conversation)
+            if first is None and any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+                first = time.perf_counter() - began
+    return time.perf_counter() - began, first or 0.0, conversation
+
+
+async def run_level(url: str, key: str, *, concurrency: int, stateful: bool, pids: list[int]) -> Level:
+    level = Level()
+    limits = httpx.Limits(max_connections=concurrency + 10, max_keepalive_connections=concurrency + 10)
+    async with httpx.AsyncClient(timeout=TURN_TIMEOUT_S, limits=limits) as client:
+
+        def body(text: str, conversation: str | None) -> dict[str, object]:
+            out: dict[str, object] = {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": text}],
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            if conversation is not None:
+                out["conversation"] = conversation
+            return out
+
+        ready: list[int] = []
+
+        async def conversation(index: int) -> None:
+            cid = None
+            if stateful:  # the untimed turn that creates the conversation
+                _, _, cid = await one_turn(client, url, key, body(f"hello from {index}", None))
+            else:
+                await one_turn(client, url, key, body("warm up", None))
+            ready.append(index)
+            if len(ready) == concurrency:
+                warmed.set()
+            await start.wait()
+            for turn in range(TURNS[concurrency]):
+                try:
+                    total, first, _ = await one_turn(
+                        client, url, key, body(f"question {turn} of {index}", cid)
+                    )
+                except (httpx.HTTPError, RuntimeError):
+                    level.errors += 1
+                    continue
+                level.turns.append(total)
+                level.first_tokens.append(first)
+
+        start, warmed = asyncio.Event(), asyncio.Event()
+        tasks = [asyncio.ensure_future(conversation(i)) for i in range(concurrency)]
+        await warmed.wait()  # every conversation has had its untimed turn
+        began = time.perf_counter()
+        start.set()
+        await asyncio.gather(*tasks)
+        level.wall = time.perf_counter() - began
+    level.rss = rss_kib(pids)
+    return level
+
+
+def run_front(
+    name: str, url: str, key: str, *, stateful: bool, pids: list[int], levels: list[int]
+) -> dict[int, Level]:
+    results = {}
+    for concurrency in levels:
+        results[concurrency] = asyncio.run(
+            run_level(url, key, concurrency=concurrency, stateful=stateful, pids=pids)
+        )
+        level = results[concurrency]
+        print(
+            f"  {name:<18} c={concurrency:<3} turn {1000 * statistics.median(level.turns):7.1f} ms"
+            f"  ttft {1000 * statistics.median(level.first_tokens):7.1f} ms"
+            f"  {len(level.turns) / level.wall:6.1f} turns/s  rss {level.rss[0] / 1024:6.1f} MiB"
+            f"  errors {level.errors}",
+            file=sys.stderr,
+        )
+    return results
+
+
+def gilas(*args: str) -> list[str]:
+    return [sys.executable, "-m", "gilas_conv", *args]
+
+
+@contextlib.contextmanager
+def gateway(database_url: str, upstream: str, work: Path) -> Iterator[tuple[str, str, list[int]]]:
+    env = {"GILAS_API_KEY": UPSTREAM_KEY}
+    subprocess.run(
+        gilas("--db", database_url, "db", "upgrade"),
+        check=True,
+        capture_output=True,
+        env={**os.environ, **env},
+    )
+    key = subprocess.run(
+        gilas("--db", database_url, "keys", "create", "--owner", f"bench-{time.time_ns()}"),
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+    ).stdout.strip()
+    port = free_port()
+    args = gilas(
+        "--db", database_url, "--base-url", upstream, "serve", "--host", "127.0.0.1", "--port", str(port)
+    )
+    with process(
+        args, env=env, ready=f"http://127.0.0.1:{port}/healthz", log=work / f"gateway-{port}.log"
+    ) as proc:
+        yield f"http://127.0.0.1:{port}/v1", key, [proc.pid]
+
+
+@contextlib.contextmanager
+def litellm(executable: str, upstream: str, work: Path) -> Iterator[tuple[str, str, list[int]]]:
+    config = work / "litellm.yaml"
+    config.write_text(
+        "model_list:\n"
+        f"  - model_name: {MODEL}\n"
+        "    litellm_params:\n"
+        f"      model: openai/{MODEL}\n"
+        f"      api_base: {upstream}\n"
+        f"      api_key: {UPSTREAM_KEY}\n"
+        "general_settings:\n"
+        f"  master_key: {LITELLM_KEY}\n"
+        "litellm_settings:\n"
+        "  telemetry: false\n"
+    )
+    port = free_port()
+    env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR", "DISABLE_SCHEMA_UPDATE": "True"}
+    args = [
+        executable,
+        "--config",
+        str(config),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--num_workers",
+        "1",
+    ]
+    with process(
+        args, env=env, ready=f"http://127.0.0.1:{port}/health/liveliness", log=work / "litellm.log"
+    ) as proc:
+        yield f"http://127.0.0.1:{port}/v1", LITELLM_KEY, [proc.pid]
+
+
+def table(results: dict[str, dict[int, Level]], levels: list[int]) -> str:
+    direct = results["direct"]
+    anchor = results.get("litellm")
+    rows = [
+        "| front | concurrent | turn (median) | added | TTFT (median) | added to TTFT | turns/s "
+        "| RSS (peak) | vs LiteLLM's added |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, by_level in results.items():
+        for c in levels:
+            level = by_level[c]
+            turn = statistics.median(level.turns)
+            ttft = statistics.median(level.first_tokens)
+            added = turn - statistics.median(direct[c].turns)
+            added_ttft = ttft - statistics.median(direct[c].first_tokens)
+            versus = ""
+            if anchor is not None and name not in ("direct", "litellm"):
+                anchor_added = statistics.median(anchor[c].turns) - statistics.median(direct[c].turns)
+                versus = f"{added / anchor_added:.2f}x" if anchor_added > 0 else "n/a"
+            rss = f"{level.rss[0] / 1024:.0f} MiB ({level.rss[1] / 1024:.0f})" if name != "direct" else "-"
+            dash = name == "direct"
+            rows.append(
+                f"| {name} | {c} | {1000 * turn:.1f} ms | {'-' if dash else f'{1000 * added:+.1f} ms'} "
+                f"| {1000 * ttft:.1f} ms | {'-' if dash else f'{1000 * added_ttft:+.1f} ms'} "
+                f"| {len(level.turns) / level.wall:.0f} | {rss} | {versus} |"
+                + (f" ({level.errors} errors)" if level.errors else "")
+            )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--postgres", help="a Postgres URL to run the gateway on too (its tables are used)")
+    parser.add_argument(
+        "--litellm", help="the litellm executable (pip install 'litellm[proxy]', in its own venv)"
+    )
+    parser.add_argument("--levels", default="1,10,100", help="concurrency levels among 1,10,100")
+    parser.add_argument("--words", type=int, default=8, help="words per streamed reply")
+    args = parser.parse_args()
+    levels = [int(x) for x in args.levels.split(",")]
+    if any(c not in TURNS for c in levels):
+        parser.error(f"levels must be among {sorted(TURNS)}")
+    litellm_path = args.litellm or shutil.which("litellm")
+    with tempfile.TemporaryDirectory(prefix="gilas-gateway-bench-") as tmp:
+        work = Path(tmp)
+        port = free_port()
+        upstream = f"http://127.0.0.1:{port}/v1"
+        stub = [
+            sys.executable,
+            str(HERE / "gateway_stub.py"),
+            "--port",
+            str(port),
+            "--words",
+            str(args.words),
+        ]
+        results: dict[str, dict[int, Level]] = {}
+        with process(stub, ready=upstream + "/models", log=work / "stub.log") as stub_proc:
+            results["direct"] = run_front(
+                "direct", upstream, UPSTREAM_KEY, stateful=False, pids=[stub_proc.pid], levels=levels
+            )
+            backends = [("gateway (SQLite)", f"sqlite:///{work / 'bench.db'}")]
+            if args.postgres:
+                backends.append(("gateway (Postgres)", args.postgres))
+            for name, url in backends:
+                with gateway(url, upstream, work) as (front, key, pids):
+                    results[name] = run_front(name, front, key, stateful=True, pids=pids, levels=levels)
+            if litellm_path:
+                try:
+                    with litellm(litellm_path, upstream, work) as (front, key, pids):
+                        results["litellm"] = run_front(
+                            "litellm", front, key, stateful=False, pids=pids, levels=levels
+                        )
+                except RuntimeError as err:
+                    print(f"LiteLLM not measured: {err}", file=sys.stderr)
+                    print((work / "litellm.log").read_text()[-2000:], file=sys.stderr)
+            else:
+                print("LiteLLM not measured: pass --litellm PATH", file=sys.stderr)
+        print(table(results, levels))
+
+
+if __name__ == "__main__":
+    main()
