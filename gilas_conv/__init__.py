@@ -5,6 +5,7 @@ the API bills them, send each turn with the history trimmed to the model's windo
 store the reply: nothing lost, nothing stored twice.
 """
 
+from ._prices import Prices, load_prices
 from ._version import __version__
 from .exceptions import (
     APIConnectionError,
@@ -25,6 +26,7 @@ from .exceptions import (
     MissingAPIKeyError,
     NotFoundError,
     PermissionDeniedError,
+    QuotaExceeded,
     RateLimitError,
     SchemaOutOfDate,
     StoreError,
@@ -72,6 +74,8 @@ __all__ = [
     "ModelRegistry",
     "NotFoundError",
     "PermissionDeniedError",
+    "Prices",
+    "QuotaExceeded",
     "RateLimitError",
     "ReplyStream",
     "SchemaOutOfDate",
@@ -90,5 +94,6 @@ __all__ = [
     "downgrade_database",
     "get_model_info",
     "head_revision",
+    "load_prices",
     "upgrade_database",
 ]

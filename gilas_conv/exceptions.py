@@ -10,6 +10,7 @@
     │   ├── SchemaOutOfDate         the database schema is missing or behind: run `gilas-conv db upgrade`
     │   └── StoreIntegrityError     the database refused a write (constraint, lost connection)
     ├── ContextWindowExceeded       even the minimal context does not fit the model's window
+    ├── QuotaExceeded               the owner's token or cost limit would be passed; nothing sent or stored
     ├── StreamInterrupted           a streamed reply was cut off; what arrived is stored as incomplete
     └── APIError                    talking to the chat-completions API
         ├── APIConnectionError      the request never got an answer
@@ -34,6 +35,9 @@ chained with ``raise ... from err``, so the original cause is always kept on ``_
 
 from __future__ import annotations
 
+import datetime as dt
+from typing import Any
+
 __all__ = [
     "APIConnectionError",
     "APIError",
@@ -53,6 +57,7 @@ __all__ = [
     "MissingAPIKeyError",
     "NotFoundError",
     "PermissionDeniedError",
+    "QuotaExceeded",
     "RateLimitError",
     "SchemaOutOfDate",
     "StoreError",
@@ -139,6 +144,42 @@ class SchemaOutOfDate(StoreError):
 
 class StoreIntegrityError(StoreError):
     """The database refused or lost a write; nothing of the failed call was stored."""
+
+
+class QuotaExceeded(GilasConvError):
+    """The request would take its owner past a quota limit; nothing was sent or stored.
+
+    ``owner`` (None: the unowned scope), ``period`` (``"day"`` or ``"month"``), ``unit``
+    (``"tokens"``, or the currency of a cost limit), ``limit``, ``used`` (the period's
+    recorded usage plus the reservations of requests in flight), ``requested`` (this
+    request's reservation) and ``resets_at`` (an aware datetime: the next period boundary
+    in the store's quota time zone).
+    """
+
+    def __init__(
+        self,
+        *,
+        owner: str | None,
+        period: str,
+        unit: str,
+        limit: Any,
+        used: Any,
+        requested: Any,
+        resets_at: dt.datetime,
+    ) -> None:
+        self.owner = owner
+        self.period = period
+        self.unit = unit
+        self.limit = limit
+        self.used = used
+        self.requested = requested
+        self.resets_at = resets_at
+        who = f"owner {owner!r}" if owner is not None else "the unowned scope"
+        super().__init__(
+            f"{'daily' if period == 'day' else 'monthly'} quota of {who} reached: {used} of "
+            f"{limit} {unit} used, this request needs {requested}; it resets at "
+            f"{resets_at.isoformat(timespec='minutes')}"
+        )
 
 
 class ContextWindowExceeded(GilasConvError):

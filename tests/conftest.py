@@ -103,7 +103,12 @@ class PostgresServer:
                 version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
                 if version != head_revision():
                     raise RuntimeError(f"shared test database is at {version}")
-                conn.execute(text("TRUNCATE messages, summaries, conversations, api_keys CASCADE"))
+                conn.execute(
+                    text(
+                        "TRUNCATE messages, summaries, conversations, api_keys, usage_events,"
+                        " quota_limits, quota_reservations, settings CASCADE"
+                    )
+                )
         finally:
             engine.dispose()
 

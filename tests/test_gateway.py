@@ -357,3 +357,32 @@ def test_another_tenants_conversation_does_not_exist_on_any_endpoint(
     assert [c["id"] for c in listed["data"]] != [cid] and cid not in {c["id"] for c in listed["data"]}
     assert stored(store, cid) == before and len(stub.requests) == sent
     assert alice.conversations.retrieve(cid).id == cid
+
+
+def test_a_request_over_its_owners_quota_gets_429_insufficient_quota_and_nothing_is_stored_or_sent(
+    gateway: GatewayServer, store: ConversationStore, stub: StubServer, alice_key: str, bob_key: str
+) -> None:
+    sdk = client(gateway, alice_key)
+    cid = sdk.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "one"}], max_tokens=50
+    ).conversation  # type: ignore[attr-defined]
+    store.set_quota("alice", daily_tokens=10)  # already used more than that
+    before, sent = stored(store, cid), len(stub.requests)
+    with pytest.raises(openai.RateLimitError) as caught:
+        sdk.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "two"}],
+            max_tokens=50,
+            extra_body={"conversation": cid},
+        )
+    assert caught.value.status_code == 429
+    assert caught.value.code == "insufficient_quota"
+    assert caught.value.type == "insufficient_quota"
+    assert "quota" in caught.value.message
+    assert int(caught.value.response.headers["retry-after"]) >= 1
+    assert stored(store, cid) == before and len(stub.requests) == sent
+    # Another owner is not limited by alice's quota.
+    other = client(gateway, bob_key).chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], max_tokens=50
+    )
+    assert other.choices[0].message.content == "echo: hi"

@@ -230,8 +230,11 @@ def test_the_cycle_check_sees_cycles() -> None:
 
 # Private store names other modules may use, with the reason.
 STORE_PRIVATE_ALLOWED = {
-    ("gilas_conv/_sender/_base.py", "_begin_turn"): "the turn lease API, documented in store/_store.py "
-    "for the senders: it takes the lease and stores the turn's messages in one transaction",
+    ("gilas_conv/_sender/_base.py", "_take_turn"): "the turn lease API, documented in store/_store.py "
+    "for the senders: it takes the lease, the owner's quota and stores the turn's messages in one "
+    "transaction (_begin_turn without the quota)",
+    ("gilas_conv/_sender/_base.py", "_grow_reservation"): "the turn's quota: a window larger than "
+    "the one reserved for grows the reservation, checked against the limits",
     ("gilas_conv/_sender/_base.py", "_end_turn"): "the turn lease API: releases the lease of a failed turn",
     ("gilas_conv/_sender/_base.py", "_renew_turn"): "the turn lease API: a long stream extends its lease",
     ("gilas_conv/server/_app.py", "_begin_turn"): "the turn lease API, for the gateway's item edits: "

@@ -37,7 +37,16 @@ from gilas_conv.store._schema import metadata
 from gilas_conv.store._search import unmodeled_table
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TABLES = {"api_keys", "conversations", "messages", "summaries"}
+TABLES = {
+    "api_keys",
+    "conversations",
+    "messages",
+    "summaries",
+    "usage_events",
+    "quota_limits",
+    "quota_reservations",
+    "settings",
+}
 # As conftest.py words it, so every skipped Postgres test gives the same reason.
 POSTGRES_SKIP_REASON = (
     "Postgres tests need GILAS_CONV_TEST_POSTGRES_URL=postgresql://user@host:port/dbname "

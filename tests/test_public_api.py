@@ -16,11 +16,12 @@ EXPECTED_TOP_LEVEL = {
     "ContextWindowExceeded", "Conversation", "ConversationBusy", "ConversationNotFound", "ConversationStore",
     "GilasConvError", "InternalServerError", "Message", "MessageNotFound",
     "MissingAPIKeyError", "ModelInfo", "ModelRegistry", "NotFoundError",
-    "PermissionDeniedError", "RateLimitError", "ReplyStream", "SchemaOutOfDate", "Sender",
+    "PermissionDeniedError", "Prices", "QuotaExceeded", "RateLimitError", "ReplyStream",
+    "SchemaOutOfDate", "Sender",
     "StoreError", "StoreIntegrityError", "StreamChunk", "StreamInterrupted", "Summary",
     "SummaryRequest", "UnprocessableEntityError", "__version__", "build_context",
     "conversation_tokens", "count_tokens", "downgrade_database", "get_model_info",
-    "head_revision", "upgrade_database",
+    "head_revision", "load_prices", "upgrade_database",
 }  # fmt: skip
 
 # Names the issues mark as part of the contract.
@@ -28,7 +29,7 @@ CONTRACT = {
     "ConversationStore", "ConversationNotFound", "Sender", "AsyncSender", "count_tokens",
     "build_context", "ContextWindowExceeded", "AuthenticationError", "PermissionDeniedError",
     "NotFoundError", "BadRequestError", "RateLimitError", "APIStatusError",
-    "APIConnectionError", "APITimeoutError",
+    "APIConnectionError", "APITimeoutError", "QuotaExceeded",
 }  # fmt: skip
 
 

@@ -1189,7 +1189,7 @@ def test_async_store_calls_run_off_the_event_loop(
 
         monkeypatch.setattr(type(sqlite_store), name, spy)
 
-    spy_on("_begin_turn")  # stores the user message
+    spy_on("_take_turn")  # stores the user message (the lease, and the quota under a limit)
     spy_on("_append")  # stores the reply
     api = FakeAPI(default=completion("x"))
     conv = sqlite_store.create()

@@ -147,6 +147,10 @@ def test_no_argument_and_no_environment_uses_sqlite_file_in_user_data_dir() -> N
             "conversations",
             "messages",
             "summaries",
+            "usage_events",
+            "quota_limits",
+            "quota_reservations",
+            "settings",
         }
         assert "message_search" in tables
     finally:

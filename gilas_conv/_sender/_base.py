@@ -5,6 +5,25 @@ retry, choosing the context and storing the reply (``_prepare`` / ``_store_reply
 blocking calls, which :mod:`._async` runs through its backend), and decoding a stream into
 chunks and a reply (:class:`_StreamCore`). The I/O itself -- sending, sleeping, reading a
 stream -- is in :mod:`._async` (written by hand) and :mod:`._sync` (generated from it).
+
+The order of a turn under a quota (``_prepare``, ``_take_turn``, ``_plan``):
+
+1. The store's ``_take_turn`` is asked without a reservation. In its one write transaction
+   it takes the lease, checks whether a limit applies to the owner (one indexed read) and
+   appends the new messages. An owner without a limit is done: that read is all it pays.
+2. If a limit applies, the transaction is rolled back (``QuotaNeeded``: nothing written).
+   The window is then planned over the stored history with the new messages' tokens kept
+   free (``_quota_ask``), and ``_take_turn`` is asked again with that reservation and the
+   last message the plan saw: in one transaction it takes the lease, checks the history is
+   still the one planned over (``HistoryMoved`` otherwise, nothing written: plan again),
+   takes the reservation atomically (``QuotaExceeded``: nothing written, no lease taken,
+   nothing sent) and appends the new messages. The sender remembers the owner is limited,
+   so its next turn plans first and needs one transaction.
+3. ``_plan`` builds the request from the same history under the lease, so the window sent
+   is the window reserved for; if it is larger (the history changed without a lease, or a
+   summary was stored) the reservation grows to it, checked like a new request.
+4. The reply is stored, its usage charged and the reservation settled, and the lease
+   released, in one transaction; a failed request releases the lease and the reservation.
 """
 
 from __future__ import annotations
@@ -20,6 +39,7 @@ from typing import Any
 import httpx
 
 from .. import _api
+from .. import tokens as _tokens
 from .._config import DEFAULT_TURN_LEASE_SECONDS, redact_url, resolve_api_key, resolve_base_url
 from .._retry import RetryDecision, decide
 from .._sse import SSEDecoder
@@ -31,10 +51,20 @@ from ..exceptions import (
     APIStatusError,
     APITimeoutError,
     ConfigurationError,
+    ConversationBusy,
     StoreError,
 )
-from ..store import Conversation, ConversationStore, Message
-from ..truncation import Context, Policy, SummaryRequest, plan_context, save_summary
+from ..store import (
+    DEFAULT_QUOTA_RESERVATION,
+    Conversation,
+    ConversationStore,
+    HistoryMoved,
+    Message,
+    QuotaAsk,
+    QuotaNeeded,
+    Reservation,
+)
+from ..truncation import SUMMARY_MAX_TOKENS, Context, Policy, SummaryRequest, plan_context, save_summary
 
 # The public module's name: log lines read as coming from gilas_conv.sender.
 logger = logging.getLogger("gilas_conv.sender")
@@ -83,6 +113,15 @@ ConversationRef = str | Conversation
 #: Called with each decision to retry, before the wait (see :class:`gilas_conv.sender.Sender`).
 RetryCallback = Callable[[RetryDecision], object]
 
+# A turn under a quota plans its window, then checks in its transaction that the history is
+# still the one planned over; a conversation appended to this often in between is busy.
+_PLAN_ATTEMPTS = 5
+_UNOWNED: Any = object()
+
+
+def _owner_key(owner: str | None) -> Any:
+    return _UNOWNED if owner is None else owner
+
 
 @dataclass(frozen=True, slots=True)
 class StreamChunk:
@@ -130,6 +169,9 @@ class _Turn:
     lease: str | None = None  # the conversation's turn lease, released with the reply
     body: dict[str, Any] = field(default_factory=dict)
     predicted_prompt_tokens: int = 0
+    # The owner's quota held for this request (None: no limit applies); settled when the
+    # reply is stored, released when the request fails.
+    reservation: Reservation | None = None
 
 
 def _as_timeout(value: float | httpx.Timeout) -> httpx.Timeout:
@@ -522,6 +564,10 @@ class _SenderBase:
         # Scrubbed from every message, body and log: the key, and the base URL's credentials
         # (an error from the network layer or a server may echo them).
         self._secrets = (self._api_key, *_url_credentials(self.base_url))
+        # Owners a limit applied to at their last turn: their next turn plans its
+        # reservation first instead of learning it from a refused transaction. A hint only:
+        # the turn's transaction decides (set.add/discard are atomic under the GIL).
+        self._limited: set[Any] = set()
         self._user_agent = _user_agent()
 
     def _limits(self) -> httpx.Limits:
@@ -583,28 +629,93 @@ class _SenderBase:
     def _prepare(
         self, conversation: ConversationRef, content: Any, call: _Call, *, owner: str | None
     ) -> _Turn:
-        """Take the turn lease with the turn's new messages (the user message; or, for an
-        ``_Answer``, its messages, then find the pending turn): the turn, not yet planned.
-        ConversationBusy if another request holds the lease; nothing is stored then."""
+        """Take the turn (the lease, the turn's new messages and, under a limit, the
+        owner's quota, in one transaction; see the module docstring for the order): the
+        turn, not yet planned. ConversationBusy if another request holds the lease,
+        QuotaExceeded if the quota is spent; nothing is stored then."""
         conv = self._conversation(conversation, owner)
         answering = isinstance(content, _Answer)
         new = list(content.messages) if answering else [{"role": "user", "content": content}]
-        lease, _, added = self._store._begin_turn(
-            conv.id, owner=conv.owner, lease_seconds=self._lease_seconds, messages=new, model=conv.model
-        )
+        lease, held, added = self._take_turn(conv, new, call)
         try:
             for message in added:
                 conv._saw(message)
             reply_to = self._pending(conv) if answering else added[0].seq
         except BaseException:
-            self._release(conv.id, lease)
+            self._release(conv.id, lease, held)
             raise
-        return _Turn(conv, reply_to, lease)
+        return _Turn(conv, reply_to, lease, reservation=held)
+
+    def _take_turn(
+        self, conv: Conversation, new: list[dict[str, Any]], call: _Call
+    ) -> tuple[str, Reservation | None, list[Message]]:
+        """The store's ``_take_turn``, asked first without a reservation for an owner not
+        known to be limited (an owner without a limit pays one indexed read in the turn's
+        transaction), and with one planned over the history as it is when a limit applies
+        (again if the history moved between the plan and the transaction)."""
+        key = _owner_key(conv.owner)
+        ask = self._quota_ask(conv, new, call) if key in self._limited else None
+        for _attempt in range(_PLAN_ATTEMPTS):
+            try:
+                lease, _, added, held = self._store._take_turn(
+                    conv.id,
+                    owner=conv.owner,
+                    lease_seconds=self._lease_seconds,
+                    messages=new,
+                    quota=ask,
+                    model=conv.model,
+                )
+            except (QuotaNeeded, HistoryMoved):
+                self._limited.add(key)
+                ask = self._quota_ask(conv, new, call)
+                continue
+            if ask is not None and held is None:
+                self._limited.discard(key)  # the limit was removed meanwhile
+            return lease, held, added
+        raise ConversationBusy(conv.id)
+
+    def _reply_room(self, call: _Call) -> int:
+        """What a reservation holds beyond the prompt: the reply's max_tokens (or the
+        documented default), and one summary's room under ``policy="summarize"``."""
+        params = call.params
+        room = params.get("max_completion_tokens") or params.get("max_tokens") or DEFAULT_QUOTA_RESERVATION
+        if call.policy == "summarize":
+            room += SUMMARY_MAX_TOKENS
+        return int(room)
+
+    def _quota_ask(self, conv: Conversation, new: list[dict[str, Any]], call: _Call) -> QuotaAsk:
+        """What to reserve: the prompt tokens of the window about to be sent plus
+        ``_reply_room``. The new messages are not stored yet, so the window is planned over
+        the stored history (as it is now: ``last_seq`` lets the turn's transaction check it
+        has not changed) with the new messages' tokens kept free, plus those messages."""
+        fresh = self._store.get(conv.id, owner=conv.owner)
+        params = call.params
+        model = params.get("model") or fresh.model
+        new_tokens = 0
+        try:
+            encoding = _tokens.get_model_info(model).encoding
+            new_tokens = sum(_tokens.message_tokens(message, encoding) for message in new)
+        except (TypeError, ValueError, KeyError):
+            new_tokens = 0  # bad content: the turn's validation refuses it, nothing is held
+        prompt = new_tokens
+        if fresh.message_count:
+            reply_tokens = params.get("max_completion_tokens") or params.get("max_tokens") or 0
+            plan = plan_context(
+                fresh,
+                model=params.get("model"),
+                context_limit=call.context_limit,
+                max_tokens=(reply_tokens + new_tokens) or None,
+                tools=params.get("tools"),
+                policy="truncate",
+            )
+            assert isinstance(plan, Context)
+            prompt += plan.prompt_tokens
+        return QuotaAsk(tokens=prompt + self._reply_room(call), model=model, last_seq=fresh.message_count)
 
     def _abandon(self, turn: _Turn) -> None:
-        """End a turn that stores no reply (the request failed, nothing arrived): release its lease."""
-        if turn.lease is not None:
-            self._release(turn.conversation.id, turn.lease)
+        """End a turn that stores no reply (the request failed, nothing arrived): release
+        its lease and give back the quota it held."""
+        self._release(turn.conversation.id, turn.lease, turn.reservation)
 
     def _renewal_due(self, renewed_at: float) -> bool:
         """Whether a stream whose lease was last taken or renewed at ``renewed_at``
@@ -630,14 +741,17 @@ class _SenderBase:
                 turn.conversation.id,
             )
 
-    def _release(self, conversation_id: str, lease: str) -> None:
+    def _release(self, conversation_id: str, lease: str | None, held: Reservation | None = None) -> None:
         # Called while another error is on its way up: a failed release must not replace it,
-        # and the lease expires by itself.
+        # and the lease and the reservation expire by themselves.
         try:
-            self._store._end_turn(conversation_id, lease)
+            if lease is not None:
+                self._store._end_turn(conversation_id, lease)
+            if held is not None:
+                self._store.release_quota(held)
         except StoreError:
             logger.warning(
-                "could not release the turn lease of conversation %s", conversation_id, exc_info=True
+                "could not release the turn lease or quota of conversation %s", conversation_id, exc_info=True
             )
 
     def _plan(self, turn: _Turn, call: _Call, *, stream: bool) -> _Turn | SummaryRequest:
@@ -654,8 +768,15 @@ class _SenderBase:
         )
         if not isinstance(plan, Context):
             return plan
+        held = turn.reservation
+        if held is not None:
+            # The window is the one reserved for unless the history changed under the lease
+            # (an append outside any turn, a summary): then the hold grows to it, checked
+            # like a new request (QuotaExceeded: the caller abandons the turn).
+            needed = plan.prompt_tokens + self._reply_room(call)
+            held = self._store._grow_reservation(held, tokens=needed, model=plan.model)
         body = _api.build_request_body(model=plan.model, messages=plan.messages, params=params, stream=stream)
-        return replace(turn, body=body, predicted_prompt_tokens=plan.prompt_tokens)
+        return replace(turn, body=body, predicted_prompt_tokens=plan.prompt_tokens, reservation=held)
 
     @staticmethod
     def _check_progress(request: SummaryRequest, covered: int) -> int:
@@ -687,7 +808,7 @@ class _SenderBase:
                 window *= 4
 
     def _store_reply(self, turn: _Turn, reply: _api.Reply, *, status: str) -> Message:
-        try:  # the reply is stored and the turn's lease released in one transaction
+        try:  # the reply is stored, its quota settled and the lease released in one transaction
             message = turn.conversation.append(
                 "assistant",
                 reply.content,
@@ -701,6 +822,7 @@ class _SenderBase:
                 reply_to=turn.reply_to,
                 extra=reply.extra,
                 lease=turn.lease,
+                quota_reservation=turn.reservation,
             )
         except BaseException:
             self._abandon(turn)

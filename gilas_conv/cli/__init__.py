@@ -10,6 +10,8 @@ Sender, build_context, ...) and prints. The package is laid out by concern:
   (Ctrl-C, SIGTERM and SIGHUP store what arrived);
 * :mod:`._manage`: ``list``, ``show``, ``export``, ``import``, ``fork``, ``rm``, ``pin``,
   ``rename``, ``tokens``, ``db upgrade``;
+* :mod:`._quota`: ``usage``, ``quota set/show/rm``, ``prune`` (``rm --owner X --all`` is
+  in :mod:`._manage`); a call refused by a quota exits with status 3 (``EXIT_QUOTA``);
 * :mod:`._search`: ``search``;
 * :mod:`._chat`: the interactive ``chat`` REPL;
 * ``serve`` and ``keys``: the gateway's commands, in :mod:`gilas_conv.server._cli`;
@@ -26,8 +28,17 @@ from __future__ import annotations
 # The gateway's commands live with the gateway; they import its ASGI stack only when run.
 from ..server._cli import keys as _keys_command
 from ..server._cli import serve as _serve_command
-from . import _chat, _manage, _turns  # noqa: F401  (they register their commands on main)
-from ._app import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, TITLE_LENGTH, error_message, fold_line, main
+from . import _chat, _manage, _quota, _turns  # noqa: F401  (they register their commands on main)
+from ._app import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_QUOTA,
+    EXIT_USAGE,
+    TITLE_LENGTH,
+    error_message,
+    fold_line,
+    main,
+)
 from ._chat import read_message
 from ._manage import parse_import, token_report
 from ._search import search
@@ -40,6 +51,7 @@ main.add_command(_keys_command)
 __all__ = [
     "EXIT_ERROR",
     "EXIT_INTERRUPTED",
+    "EXIT_QUOTA",
     "EXIT_USAGE",
     "TITLE_LENGTH",
     "error_message",

@@ -56,6 +56,7 @@ from ..exceptions import (
     InternalServerError,
     NotFoundError,
     PermissionDeniedError,
+    QuotaExceeded,
     RateLimitError,
     SchemaOutOfDate,
     StreamInterrupted,
@@ -67,6 +68,7 @@ from ._render import visible
 __all__ = [
     "EXIT_ERROR",
     "EXIT_INTERRUPTED",
+    "EXIT_QUOTA",
     "EXIT_USAGE",
     "GLOBAL_OPTIONS",
     "error_message",
@@ -77,6 +79,7 @@ __all__ = [
 EXIT_ERROR = 1  # an API, store or runtime error: the one-line message says what to do
 EXIT_USAGE = 2  # a bad command line (click's UsageError)
 EXIT_INTERRUPTED = 130  # Ctrl-C outside chat (128 + SIGINT, as shells report it)
+EXIT_QUOTA = 3  # the owner's quota refused the request: nothing was sent or stored
 
 # A new conversation is titled after its first message, cut to this many characters.
 TITLE_LENGTH = 60
@@ -248,7 +251,8 @@ class _FunnelGroup(click.Group):
                     timeout=settings.timeout,
                     conversation_id=settings.conversation_id,
                     owner=settings.owner,
-                )
+                ),
+                EXIT_QUOTA if isinstance(err, QuotaExceeded) else EXIT_ERROR,
             )
 
 

@@ -1,6 +1,6 @@
 """The commands that read and change stored conversations without asking the API:
-``list``, ``show``, ``export``, ``import``, ``fork``, ``rm``, ``pin``, ``rename``,
-``tokens`` and ``db upgrade``."""
+``list``, ``show``, ``export``, ``import``, ``fork``, ``rm`` (and ``rm --owner X --all``),
+``pin``, ``rename``, ``tokens`` and ``db upgrade``."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from ._app import (
     store_options,
     title_from,
 )
+from ._quota import confirm_deletion, report_deletion
 from ._render import Output, content_text, terminal_json, visible
 
 __all__ = ["DRIFT_ROWS", "parse_import", "token_lines", "token_report"]
@@ -287,16 +288,31 @@ def fork(
 
 
 @main.command()
-@click.argument("conversation_ids", metavar="ID...", nargs=-1, required=True)
+@click.argument("conversation_ids", metavar="[ID...]", nargs=-1)
+@click.option("--all", "erase_all", is_flag=True, help="Every conversation of --owner (an erasure request).")
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 @owner_options
 @pass_settings
-def rm(settings: Settings, conversation_ids: tuple[str, ...], yes: bool) -> None:
+def rm(settings: Settings, conversation_ids: tuple[str, ...], erase_all: bool, yes: bool) -> None:
     """Delete conversations and all their messages.
 
-    Asks first, unless --yes; if any ID is unknown, nothing is deleted.
+    Asks first, unless --yes; if any ID is unknown, nothing is deleted. `rm --owner X --all`
+    erases every conversation of owner X (messages, summaries, and on SQLite the text in
+    the file too; the usage ledger keeps the spending) and prints what it deleted.
     """
     store = settings.store()
+    if erase_all:
+        if conversation_ids:
+            raise click.UsageError("give IDs or --all, not both")
+        if settings.owner is None:
+            raise click.UsageError("--all needs --owner NAME (whose conversations to erase)")
+        found = store.erase_owner(settings.owner, dry_run=True)
+        if found.conversations and not yes:
+            confirm_deletion(found, f"everything of owner {settings.owner!r}")
+        report_deletion(store.erase_owner(settings.owner), dry_run=False)
+        return
+    if not conversation_ids:
+        raise click.UsageError("give the IDs to delete, or --owner NAME --all")
     conversations = [settings.get(cid) for cid in conversation_ids]  # all exist, or nothing is deleted
     if not yes:
         output = Output(out=sys.stderr)
@@ -312,9 +328,14 @@ def rm(settings: Settings, conversation_ids: tuple[str, ...], yes: bool) -> None
             click.echo(err=True)  # the answer read from a pipe was not echoed
         if not confirmed:
             fail("nothing was deleted (pass --yes to delete without asking)")
+    messages = 0
     for conv in conversations:
         store.delete(conv.id, owner=settings.owner)
-    Output().note(f"deleted {plural(len(conversations), 'conversation', 'conversations')}")
+        messages += conv.message_count
+    Output().note(
+        f"deleted {plural(len(conversations), 'conversation', 'conversations')} and "
+        f"{plural(messages, 'message', 'messages')}"
+    )
 
 
 @main.command()

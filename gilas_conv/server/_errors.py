@@ -8,7 +8,9 @@ for users (the upstream key is already scrubbed from them); anything unexpected 
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+import math
 from typing import Any
 
 from .. import exceptions as exc
@@ -63,6 +65,18 @@ def error_for(err: BaseException) -> GatewayError:
             code="conversation_busy",
             param="conversation",
             headers={"Retry-After": "1"},
+        )
+    if isinstance(err, exc.QuotaExceeded):
+        # OpenAI's answer to an account out of quota: 429 with type and code
+        # "insufficient_quota", which its SDKs raise as RateLimitError. Retry-After: when the
+        # period resets.
+        wait = max(1, math.ceil((err.resets_at - dt.datetime.now(dt.timezone.utc)).total_seconds()))
+        return GatewayError(
+            429,
+            str(err),
+            type="insufficient_quota",
+            code="insufficient_quota",
+            headers={"Retry-After": str(wait)},
         )
     if isinstance(err, exc.ConversationNotFound):
         return GatewayError(404, "no such conversation", code="conversation_not_found", param="conversation")

@@ -15,13 +15,22 @@ Layout
     ``_engine``    engines configured per backend (SQLite pragmas, the Postgres driver)
     ``_migrate``   running the shipped Alembic migrations (:func:`upgrade_database`, ...)
     ``_keys``      the gateway's client keys (:class:`APIKeys`; hashes only)
+    ``_usage``     the usage ledger, its reports, quotas (limits, reservations, periods)
     ``_window``    the planner's reader: anchors, newest rows, ranges, recount write-back
                    (:class:`WindowReader`, opened by :meth:`Conversation.read_window`)
 """
 
 from ._keys import APIKey, APIKeys
 from ._migrate import current_revision, downgrade_database, head_revision, upgrade_database
-from ._store import Conversation, ConversationStore, Role
+from ._store import Conversation, ConversationStore, Deletion, Role
+
+# The quota side of the turn protocol (``ConversationStore._take_turn``), for the senders;
+# not part of the public API, so not in __all__.
+from ._usage import DEFAULT_QUOTA_RESERVATION as DEFAULT_QUOTA_RESERVATION
+from ._usage import HistoryMoved as HistoryMoved
+from ._usage import QuotaAsk as QuotaAsk
+from ._usage import QuotaLimits, QuotaStatus, Reservation, UsageRow
+from ._usage import QuotaNeeded as QuotaNeeded
 from ._validate import _validate_message as validate_message
 from ._values import Message, Summary, openai_message
 from ._window import WindowReader, WindowRow
@@ -31,9 +40,14 @@ __all__ = [
     "APIKeys",
     "Conversation",
     "ConversationStore",
+    "Deletion",
     "Message",
+    "QuotaLimits",
+    "QuotaStatus",
+    "Reservation",
     "Role",
     "Summary",
+    "UsageRow",
     "WindowReader",
     "WindowRow",
     "current_revision",

@@ -2,7 +2,8 @@
 
 SQLite
     Every connection runs in WAL mode (readers never block the writer) with foreign keys
-    on, a busy timeout, and ``synchronous`` NORMAL unless the caller asks for FULL. The
+    on, ``secure_delete`` on (freed space is zeroed), a busy timeout, and ``synchronous``
+    NORMAL unless the caller asks for FULL. The
     driver's own transaction handling is switched off and gilas-conv emits ``BEGIN``
     itself: ``BEGIN IMMEDIATE`` for write transactions, so a writer takes the write lock
     up front and waits for it under the busy timeout, instead of failing with "database
@@ -163,6 +164,10 @@ def _configure_sqlite(engine: Engine, *, synchronous: str, busy_timeout_ms: int,
                 cursor.execute("PRAGMA journal_mode = WAL")
             cursor.execute(f"PRAGMA synchronous = {synchronous}")
             cursor.execute("PRAGMA foreign_keys = ON")
+            # Deleted rows are overwritten with zeros, not just marked free: a deleted
+            # conversation's text must not stay readable in the file (benchmarks/quota.py
+            # measures what this costs an append). Some builds default to it; not all do.
+            cursor.execute("PRAGMA secure_delete = ON")
         finally:
             cursor.close()
 

@@ -47,6 +47,28 @@ Data model
 ``summaries``
     Stored summaries of dropped history: each covers messages ``from_seq``..``to_seq``
     of one conversation. The originals are never deleted.
+
+``usage_events``
+    The usage ledger: one row per API request whose usage was reported (a reply, or a
+    summary request of the summarize policy), with owner, conversation, model, kind
+    (``reply``/``summary``), prompt/completion/total/cached tokens and, when a price was
+    known at record time, its ``cost_micros`` (millionths of ``currency``: an integer, so
+    sums are exact). No foreign key and no content: deleting a conversation keeps the
+    spending it caused, and nothing the user wrote. Reports read it through its
+    ``(owner, created_at)`` and ``(created_at)`` indexes, never the messages.
+
+``quota_limits``
+    Token and cost limits per day and per month, one row per owner; the row whose
+    ``owner`` is the empty string (never a valid owner name) is the default for owners
+    without their own.
+
+``quota_reservations``
+    Quota held by requests in flight: taken before a request is sent, deleted in the
+    transaction that writes the reply's ledger row (or when the request fails); a row past
+    ``expires_at`` (its process died) no longer counts.
+
+``settings``
+    Store-wide settings as name/value text (``quota_timezone``).
 """
 
 from __future__ import annotations
@@ -56,6 +78,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     CheckConstraint,
     DateTime,
@@ -81,7 +104,11 @@ __all__ = [
     "Base",
     "ConversationRow",
     "MessageRow",
+    "QuotaLimitRow",
+    "QuotaReservationRow",
+    "SettingRow",
     "SummaryRow",
+    "UsageEventRow",
     "metadata",
 ]
 
@@ -255,3 +282,64 @@ class APIKeyRow(Base):
         Index(None, "key_hash", unique=True),
         Index(None, "owner"),
     )
+
+
+# An auto-incrementing 64-bit key: BIGINT on Postgres, SQLite's INTEGER PRIMARY KEY (rowid).
+_BigId = BigInteger().with_variant(Integer(), "sqlite")
+USAGE_KINDS = ("reply", "summary")
+
+
+class UsageEventRow(Base):
+    __tablename__ = "usage_events"
+
+    id: Mapped[int] = mapped_column(_BigId, primary_key=True, autoincrement=True)
+    owner: Mapped[str | None] = mapped_column(String(255))
+    conversation_id: Mapped[str | None] = mapped_column(String(36))
+    model: Mapped[str | None] = mapped_column(String(255))
+    kind: Mapped[str] = mapped_column(String(16))
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    total_tokens: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    cached_tokens: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    cost_micros: Mapped[int | None] = mapped_column(BigInteger)
+    currency: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[dt.datetime]
+
+    __table_args__ = (
+        # A quota check sums one owner's period; a report filters by owner and time.
+        Index(None, "owner", "created_at"),
+        # Reports over every owner scan a time range.
+        Index(None, "created_at"),
+        CheckConstraint(_in("kind", USAGE_KINDS), name="kind_known"),
+    )
+
+
+class QuotaLimitRow(Base):
+    __tablename__ = "quota_limits"
+
+    owner: Mapped[str] = mapped_column(String(255), primary_key=True)
+    daily_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    monthly_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    daily_cost_micros: Mapped[int | None] = mapped_column(BigInteger)
+    monthly_cost_micros: Mapped[int | None] = mapped_column(BigInteger)
+    updated_at: Mapped[dt.datetime]
+
+
+class QuotaReservationRow(Base):
+    __tablename__ = "quota_reservations"
+
+    id: Mapped[int] = mapped_column(_BigId, primary_key=True, autoincrement=True)
+    owner: Mapped[str | None] = mapped_column(String(255))
+    tokens: Mapped[int] = mapped_column(BigInteger)
+    cost_micros: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[dt.datetime]
+    expires_at: Mapped[dt.datetime]
+
+    __table_args__ = (Index(None, "owner", "expires_at"),)
+
+
+class SettingRow(Base):
+    __tablename__ = "settings"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)

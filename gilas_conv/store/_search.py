@@ -42,7 +42,15 @@ from ..search._query import Query
 from ..search._snippet import searchable_text
 from ._schema import UTCDateTime
 
-__all__ = ["SEARCH_TABLE", "copy_rows", "index_values", "insert_rows", "search_rows", "unmodeled_table"]
+__all__ = [
+    "SEARCH_TABLE",
+    "compact_step",
+    "copy_rows",
+    "index_values",
+    "insert_rows",
+    "search_rows",
+    "unmodeled_table",
+]
 
 SEARCH_TABLE = "message_search"
 FTS_TABLE = "message_search_fts"
@@ -126,6 +134,25 @@ def insert_rows(conn: Any, rows: list[dict[str, Any]]) -> None:
             driver.executemany(_SQLITE_INSERT, values)
         return
     conn.execute(_INSERT[conn.dialect.name], rows)
+
+
+# Pages of FTS5 merge work per transaction when compacting (see compact_step).
+COMPACT_PAGES = 1000
+
+
+def compact_step(conn: Any, pages: int = COMPACT_PAGES) -> bool:
+    """SQLite: one bounded step of merging the FTS5 index's segments into one; True while
+    there is work left. Deleting a row from an FTS5 index only adds a delete marker: the
+    deleted words stay in the older segments until they are merged with the marker. A
+    negative ``merge`` merges every segment, whatever its level (an incremental
+    ``optimize``); the old segments' pages are freed, and ``secure_delete`` zeroes them.
+    (FTS5's own ``secure-delete`` option needs SQLite 3.42 and makes the file unreadable to
+    older versions, so it is not used.)"""
+    before = conn.exec_driver_sql("SELECT total_changes()").scalar()
+    conn.exec_driver_sql(f"INSERT INTO {FTS_TABLE} ({FTS_TABLE}, rank) VALUES ('merge', -{int(pages)})")
+    after = conn.exec_driver_sql("SELECT total_changes()").scalar()
+    # FTS5's documented test: a delta of 2 or more means the command merged something.
+    return int(after) - int(before) >= 2
 
 
 def copy_rows(conn: Any, *, source: str, new: str, at: int) -> None:

@@ -33,11 +33,15 @@ What is guaranteed
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import datetime as dt
+import logging
+import os
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from typing import Any, Literal, cast
 
 from sqlalchemy import (
@@ -63,6 +67,7 @@ from .._config import (
     DEFAULT_TURN_LEASE_SECONDS,
 )
 from .._config import resolve_database_url as _resolve_database_url
+from .._prices import MICROS, Prices, resolve_prices
 from ..exceptions import (
     ConversationBusy,
     ConversationNotFound,
@@ -73,12 +78,12 @@ from ..exceptions import (
 )
 from ..search import SearchHit, make_snippet, parse_query, searchable_text
 from ..search._snippet import marked as _marked
-from . import _search
+from . import _search, _usage
 from ._engine import create_engine_for_url, redact_url
 from ._io import _prepare_import
 from ._migrate import check_schema_state, current_revision, head_revision, upgrade_database
 from ._schema import ConversationRow, MessageRow, SummaryRow
-from ._tx import _opening, _Transaction
+from ._tx import _Checkpoint, _opening, _Transaction
 from ._validate import (
     _check_conversation_id,
     _check_field,
@@ -97,7 +102,7 @@ from ._window import WindowReader
 from ._window import read_window as _read_window
 from ._window import summary_rows as _summary_rows
 
-__all__ = ["Conversation", "ConversationStore", "Message", "Role", "Summary"]
+__all__ = ["Conversation", "ConversationStore", "Deletion", "Message", "Role", "Summary"]
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 
@@ -106,6 +111,23 @@ _messages = cast(Table, MessageRow.__table__)
 _summaries = cast(Table, SummaryRow.__table__)
 
 DEFAULT_LIST_LIMIT = 50
+# prune/erase_owner: conversations and (about) messages deleted per transaction. A batch of
+# 50,000 messages takes well under a second on SQLite, the longest any append waits.
+DEFAULT_DELETE_BATCH_CONVERSATIONS = 500
+DEFAULT_DELETE_BATCH_MESSAGES = 50_000
+
+logger = logging.getLogger("gilas_conv.store")
+
+
+@dataclass(frozen=True, slots=True)
+class Deletion:
+    """What :meth:`ConversationStore.prune` or :meth:`~ConversationStore.erase_owner`
+    deleted (or, in a dry run, would delete)."""
+
+    conversations: int
+    messages: int
+
+
 DEFAULT_SEARCH_LIMIT = 20
 # A search returns at most this many hits, whatever limit it is given: each hit's snippet
 # is cut in Python from the message's text.
@@ -337,6 +359,12 @@ class Conversation:
         ``reply_to``, role, content and tool calls) returns the stored message instead of
         storing it twice; a reply that only shares the response id is a new reply, stored.
         (``lease``, for the senders: see ``ConversationStore._append``.)
+
+        An assistant reply with ``usage`` (or, lacking it, with ``predicted_prompt_tokens``:
+        a reply the API cut off before reporting usage, charged at that count plus the
+        reply's own tokens) also writes its usage-ledger row, in the same transaction.
+        ``quota_reservation`` (a :class:`~gilas_conv.store.Reservation`) is settled there
+        too: deleted as its usage is recorded (or, for a reply already stored, released).
         """
         message = self.store._append(
             self.id,
@@ -496,6 +524,33 @@ class Conversation:
         return data
 
 
+def _instant(value: dt.date | dt.datetime | None, zone: Any, what: str, *, end: bool) -> dt.datetime | None:
+    """A report bound as a UTC instant: a datetime as it is (aware), a date as the start of
+    that day in ``zone`` (of the next day for an inclusive ``until``)."""
+    if value is None:
+        return None
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None:
+            raise ValueError(f"{what} must be timezone-aware, or a date")
+        return value.astimezone(dt.timezone.utc)
+    if not isinstance(value, dt.date):
+        raise ValueError(f"{what} must be a date or a datetime, not {value!r}")
+    day = value + dt.timedelta(days=1) if end else value
+    return dt.datetime(day.year, day.month, day.day, tzinfo=zone).astimezone(dt.timezone.utc)
+
+
+def _cost_micros(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float | str | Decimal):
+        raise ValueError(f"{name} must be a number, not {value!r}")
+    try:
+        number = Decimal(str(value))
+    except InvalidOperation as err:
+        raise ValueError(f"{name} must be a number, not {value!r}") from err
+    if not number.is_finite() or number < 0:
+        raise ValueError(f"{name} must be a number >= 0, not {value!r}")
+    return int((number * MICROS).to_integral_value())
+
+
 # ---------------------------------------------------------------------------------------------
 # The store
 
@@ -526,6 +581,11 @@ class ConversationStore:
     with a few hundred concurrent streams, ``pool_size=20, max_overflow=20`` is plenty,
     and the total over all processes must stay under Postgres's ``max_connections``.
     ``engine_options`` passes any other option to SQLAlchemy's ``create_engine``.
+
+    ``prices``: the price table the usage ledger records costs with (a :class:`Prices`,
+    or a TOML/JSON file); else the file named by ``$GILAS_CONV_PRICES``; else none, and
+    costs stay ``None`` (see :mod:`gilas_conv._prices`). ``clock``: returns the current
+    aware datetime, for timestamps and quota periods (tests and simulations move it).
     """
 
     def __init__(
@@ -539,6 +599,8 @@ class ConversationStore:
         max_message_chars: int = DEFAULT_MAX_MESSAGE_CHARS,
         pool_size: int | None = None,
         max_overflow: int | None = None,
+        prices: Prices | str | os.PathLike[str] | None = None,
+        clock: Callable[[], dt.datetime] | None = None,
     ) -> None:
         if (
             not isinstance(max_message_chars, int)
@@ -547,6 +609,8 @@ class ConversationStore:
         ):
             raise ValueError("max_message_chars must be a positive integer")
         self.max_message_chars = max_message_chars
+        self.prices = resolve_prices(prices)
+        self._clock = clock or _now
         options = dict(engine_options or {})
         for name, value in (("pool_size", pool_size), ("max_overflow", max_overflow)):
             if value is not None:
@@ -628,7 +692,7 @@ class ConversationStore:
             first = _validate_message("system", system)
             _check_size(first, self.max_message_chars)
             first.update(_token_columns(first, model))
-        now = _now()
+        now = self._clock()
         conversation_id = str(uuid.uuid4())
         with self._write() as conn:
             conn.execute(
@@ -846,6 +910,355 @@ class ConversationStore:
             for header, _rows in prepared
         ]
 
+    # -- usage and quotas ----------------------------------------------------------------------
+
+    def usage(
+        self,
+        *,
+        owner: str | None = None,
+        since: dt.date | dt.datetime | None = None,
+        until: dt.date | dt.datetime | None = None,
+        by: str = "day",
+        prices: Prices | str | os.PathLike[str] | None = None,
+    ) -> builtins.list[_usage.UsageRow]:
+        """What was spent, from the usage ledger, grouped ``by`` day, month, model, owner or
+        conversation: a :class:`UsageRow` per group (requests, prompt/completion/total/
+        cached tokens, cost).
+
+        ``owner``: that owner's requests only (None: every owner). ``since``/``until``:
+        calendar dates in the store's quota time zone, both included (a datetime is an
+        instant: from it / before it). Days and months are calendar days and months of
+        that zone. ``cost`` is what was recorded with each request (fixed at record time),
+        None for a group with no priced request; ``prices`` prices the tokens at that table
+        instead, at report time. Reads only the ledger and its indexes, never the messages;
+        the ledger keeps the spending of deleted conversations.
+        """
+        if by not in _usage.GROUPINGS:
+            raise ValueError(f"by must be one of {', '.join(_usage.GROUPINGS)}, not {by!r}")
+        if owner is not None:
+            _check_field(owner, "owner", allow_empty=False)
+        table = resolve_prices(prices) if prices is not None else None
+        with self._read() as conn:
+            zone = _usage.read_zone(conn)
+            return _usage.usage_report(
+                conn,
+                self.dialect,
+                owner=owner,
+                since=_instant(since, zone, "since", end=False),
+                until=_instant(until, zone, "until", end=True),
+                by=by,
+                zone=zone,
+                prices=table,
+            )
+
+    def set_quota(
+        self,
+        owner: str | None = None,
+        *,
+        default: bool = False,
+        daily_tokens: int | None = None,
+        monthly_tokens: int | None = None,
+        daily_cost: Decimal | float | str | None = None,
+        monthly_cost: Decimal | float | str | None = None,
+    ) -> _usage.QuotaLimits:
+        """Set limits of ``owner``, or with ``default=True`` of every owner without a limit
+        of its own (the unowned scope, ``owner=None``, is always under the default). Only
+        the limits given change; the others keep their value. Costs are in the currency of
+        the price table. Returns the limits now in force for that row."""
+        key = self._quota_key(owner, default)
+        values: dict[str, int | None] = {}
+        for name, value in (("daily_tokens", daily_tokens), ("monthly_tokens", monthly_tokens)):
+            if value is not None:
+                # BIGINT columns: any token count a budget could name.
+                if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+                    raise ValueError(f"{name} must be an integer >= 0, not {value!r}")
+                values[name] = value
+        for name, cost in (("daily_cost", daily_cost), ("monthly_cost", monthly_cost)):
+            if cost is not None:
+                values[f"{name}_micros"] = _cost_micros(cost, name)
+        if not values:
+            raise ValueError(
+                "give at least one limit (daily_tokens, monthly_tokens, daily_cost, monthly_cost)"
+            )
+        with self._write() as conn:
+            _usage.set_limits(conn, key, values, self._clock())
+            found = _usage.limits_of(conn, key)
+        assert found is not None
+        return found
+
+    def remove_quota(self, owner: str | None = None, *, default: bool = False) -> bool:
+        """Remove every limit of ``owner`` (or the default); False when it had none. The
+        owner then falls under the default, if one is set."""
+        key = self._quota_key(owner, default)
+        with self._write() as conn:
+            return _usage.remove_limits(conn, key)
+
+    def quota_limits(self) -> builtins.list[_usage.QuotaLimits]:
+        """Every limit row: the default (``default=True``) and each owner's."""
+        with self._read() as conn:
+            return _usage.all_limits(conn)
+
+    def quota(self, owner: str | None = None) -> builtins.list[_usage.QuotaStatus]:
+        """The limits in force for ``owner`` now, each with what is used, what requests in
+        flight hold and when it resets; an empty list when no limit applies."""
+        if owner is not None:
+            _check_field(owner, "owner", allow_empty=False)
+        with self._read() as conn:
+            return _usage.status(conn, owner, self._clock(), _usage.read_zone(conn))
+
+    def set_quota_timezone(self, zone: str) -> None:
+        """The IANA time zone whose calendar days and months quota periods and usage
+        reports follow (store-wide; the default is UTC). ValueError for an unknown zone."""
+        if not isinstance(zone, str) or not zone:
+            raise ValueError("the time zone must be an IANA name such as Asia/Tehran")
+        _usage.zone_named(zone)
+        with self._write() as conn:
+            _usage.write_zone(conn, zone)
+
+    def quota_timezone(self) -> str:
+        with self._read() as conn:
+            return str(_usage.read_zone(conn).key)
+
+    def reserve_quota(
+        self, owner: str | None, *, tokens: int, model: str | None = None
+    ) -> _usage.Reservation | None:
+        """Hold ``tokens`` of ``owner``'s quota for a request about to be sent, or raise
+        :class:`~gilas_conv.QuotaExceeded` (holding nothing). None when no limit applies.
+
+        Atomic across processes and hosts (see :mod:`gilas_conv.store._usage`). The cost
+        held is ``tokens`` at ``model``'s highest price (none when it has no price). Settle
+        it by appending the reply with ``quota_reservation=``, or :meth:`release_quota` it
+        when the request fails; one neither settled nor released stops counting after
+        ``RESERVATION_TTL``.
+        """
+        if owner is not None:
+            _check_field(owner, "owner", allow_empty=False)
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or not 0 <= tokens < 2**62:
+            raise ValueError(f"tokens must be an integer >= 0, not {tokens!r}")
+        with self._write() as conn:
+            return self._reserve_in(conn, owner, tokens, model, self._clock())
+
+    def _hold_cost(self, tokens: int, model: str | None) -> int | None:
+        highest = self.prices.most_expensive(model) if self.prices is not None else None
+        return None if highest is None else int((tokens * highest).to_integral_value())
+
+    def _reserve_in(
+        self, conn: Any, owner: str | None, tokens: int, model: str | None, now: dt.datetime
+    ) -> _usage.Reservation | None:
+        return _usage.reserve(
+            conn,
+            self.dialect,
+            owner=owner,
+            tokens=tokens,
+            cost_micros=self._hold_cost(tokens, model),
+            now=now,
+            currency=self.prices.currency if self.prices is not None else None,
+        )
+
+    def _grow_reservation(
+        self, reservation: _usage.Reservation, *, tokens: int, model: str | None
+    ) -> _usage.Reservation:
+        """Raise a held reservation to ``tokens`` (a window larger than planned), checked
+        against the limits like a new one: QuotaExceeded leaves the old one held."""
+        extra = tokens - reservation.tokens
+        if extra <= 0:
+            return reservation
+        with self._write() as conn:
+            now = self._clock()
+            # Checked as a new request of ``extra`` tokens, under the owner's lock.
+            probe = _usage.reserve(
+                conn,
+                self.dialect,
+                owner=reservation.owner,
+                tokens=extra,
+                cost_micros=self._hold_cost(extra, model),
+                now=now,
+                currency=self.prices.currency if self.prices is not None else None,
+            )
+            if probe is not None:
+                _usage.release(conn, probe)
+            cost = self._hold_cost(tokens, model)
+            _usage.grow(conn, reservation, tokens, cost)
+        return dataclasses.replace(reservation, tokens=tokens, cost_micros=cost)
+
+    def release_quota(self, reservation: _usage.Reservation) -> None:
+        """Give back a reservation whose request failed (nothing is charged for it)."""
+        with self._write() as conn:
+            _usage.release(conn, reservation)
+
+    def record_usage(
+        self,
+        *,
+        owner: str | None,
+        conversation_id: str | None,
+        model: str | None,
+        kind: str = "reply",
+        usage: Mapping[str, Any] | None,
+    ) -> bool:
+        """Write one ledger row for a request whose answer is stored elsewhere or not at all
+        (the senders record each summary request this way). False when ``usage`` reports
+        no tokens, and nothing is written. Replies appended with ``usage`` and summaries
+        added with ``usage`` are recorded by the store itself; do not record them again."""
+        if kind not in _usage.USAGE_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(_usage.USAGE_KINDS)}, not {kind!r}")
+        if owner is not None:
+            _check_field(owner, "owner", allow_empty=False)
+        if conversation_id is not None:
+            _check_conversation_id(conversation_id)
+        if model is not None:
+            _check_field(model, "model", allow_empty=False)
+        event = self._ledger_event(owner, conversation_id, model, kind, usage, now=self._clock())
+        if event is None:
+            return False
+        with self._write() as conn:
+            _usage.settle(conn, event, None)
+        return True
+
+    def _quota_applies(self, owner: str | None) -> bool:
+        """Whether any limit applies to ``owner`` (one read; lets a turn skip the check)."""
+        with self._read() as conn:
+            return _usage.any_limit(conn, owner)
+
+    @staticmethod
+    def _quota_key(owner: str | None, default: bool) -> str:
+        if default:
+            if owner is not None:
+                raise ValueError("give an owner or default=True, not both")
+            return _usage.DEFAULT_OWNER_KEY
+        if owner is None:
+            raise ValueError("give an owner, or default=True for the default limits")
+        return _check_field(owner, "owner", allow_empty=False)
+
+    # -- retention and erasure -----------------------------------------------------------------
+
+    def prune(
+        self,
+        *,
+        inactive_for: dt.timedelta,
+        owner: str | None = None,
+        dry_run: bool = False,
+        batch_conversations: int = DEFAULT_DELETE_BATCH_CONVERSATIONS,
+        batch_messages: int = DEFAULT_DELETE_BATCH_MESSAGES,
+    ) -> Deletion:
+        """Delete every conversation whose last activity (``updated_at``) is older than
+        ``inactive_for``, of ``owner`` only when given (None: of every owner). Returns how
+        many conversations and messages were deleted (with ``dry_run``: would be, and
+        nothing is). See :meth:`erase_owner` for what deleted means and how it runs."""
+        if not isinstance(inactive_for, dt.timedelta) or inactive_for <= dt.timedelta(0):
+            raise ValueError("inactive_for must be a positive timedelta")
+        conditions = [_conversations.c.updated_at < self._clock() - inactive_for]
+        if owner is not None:
+            conditions.append(_conversations.c.owner == _check_field(owner, "owner", allow_empty=False))
+        return self._delete_where(conditions, dry_run, batch_conversations, batch_messages)
+
+    def erase_owner(
+        self,
+        owner: str,
+        *,
+        dry_run: bool = False,
+        batch_conversations: int = DEFAULT_DELETE_BATCH_CONVERSATIONS,
+        batch_messages: int = DEFAULT_DELETE_BATCH_MESSAGES,
+    ) -> Deletion:
+        """Delete every conversation of ``owner`` (a user's erasure request) and return how
+        many conversations and messages went.
+
+        Deleted means gone: messages, summaries and rows derived from them (the search
+        index's rows cascade from their messages). On SQLite the freed space is overwritten
+        (``PRAGMA secure_delete`` is on for every connection), the FTS5 search index is
+        merged so its segments drop the deleted words, and the write-ahead log is
+        checkpointed and truncated afterwards, so the text no
+        longer lies in the database file or its -wal file; on Postgres the old row versions
+        stay on disk until VACUUM reclaims them (see the README). The usage ledger keeps
+        the spending, which holds no content.
+
+        Runs in batches of at most ``batch_conversations`` conversations and about
+        ``batch_messages`` messages per transaction, so live chats wait at most one batch
+        for the write lock; a conversation is always deleted whole in one transaction
+        (longer than ``batch_messages``: alone), so an interrupted run leaves every
+        conversation whole or gone, and running it again finishes the work.
+        """
+        owner = _check_field(owner, "owner", allow_empty=False)
+        return self._delete_where(
+            [_conversations.c.owner == owner], dry_run, batch_conversations, batch_messages
+        )
+
+    def _delete_where(
+        self, conditions: builtins.list[Any], dry_run: bool, max_conversations: int, max_messages: int
+    ) -> Deletion:
+        for value, name in ((max_conversations, "batch_conversations"), (max_messages, "batch_messages")):
+            if _check_int(value, name) is None or value < 1:
+                raise ValueError(f"{name} must be a positive integer, not {value!r}")
+        c = _conversations.c
+        if dry_run:
+            with self._read() as conn:
+                count, messages = conn.execute(
+                    select(func.count(), func.coalesce(func.sum(c.last_seq), 0)).where(*conditions)
+                ).one()
+            return Deletion(conversations=int(count), messages=int(messages))
+        conversations = messages = 0
+        while True:
+            with self._write() as conn:
+                # Postgres: the rows stay locked until commit, so an append racing the delete
+                # waits and then finds the conversation gone; SQLite holds the write lock.
+                found = conn.execute(
+                    select(c.id, c.last_seq)
+                    .where(*conditions)
+                    .order_by(c.updated_at, c.id)
+                    .limit(max_conversations)
+                    .with_for_update(skip_locked=True)
+                ).all()
+                batch: builtins.list[str] = []
+                size = 0
+                for row in found:
+                    if batch and size + row.last_seq > max_messages:
+                        break
+                    batch.append(row.id)
+                    size += row.last_seq
+                if batch:
+                    # Every seq 1..last_seq exists (appends number them contiguously), so
+                    # last_seq is the message count.
+                    conn.execute(delete(_summaries).where(_summaries.c.conversation_id.in_(batch)))
+                    conn.execute(delete(_messages).where(_messages.c.conversation_id.in_(batch)))
+                    conn.execute(delete(_conversations).where(c.id.in_(batch)))
+            if not batch:
+                break
+            conversations += len(batch)
+            messages += size
+        if conversations:
+            self._compact_search_index()
+            self._forget_freed_pages()
+        return Deletion(conversations=conversations, messages=messages)
+
+    def _compact_search_index(self) -> None:
+        """SQLite: merge the FTS5 index's segments, in bounded transactions, so the deleted
+        messages' words leave it (see ``_search.compact_step``). Its cost grows with the
+        size of the index, not with what was deleted; each step holds the write lock for
+        about ``COMPACT_PAGES`` pages of work, so live chats wait at most one step."""
+        if self.dialect != "sqlite":
+            return
+        while True:
+            with self._write() as conn:
+                more = _search.compact_step(conn)
+            if not more:
+                return
+
+    def _forget_freed_pages(self) -> None:
+        """SQLite: copy the write-ahead log into the database file and truncate it, so the
+        pages that held deleted text (zeroed there by secure_delete) are gone from -wal too."""
+        if self.dialect != "sqlite":
+            return
+        with self._checkpoint() as conn:
+            busy, _log, _done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            logger.warning(
+                "the write-ahead log of %s could not be truncated while other connections read it; "
+                "deleted text may stay in the -wal file until the next checkpoint",
+                self.url,
+            )
+
+    def _checkpoint(self) -> Any:
+        return _Checkpoint(self._engine, self.url)
+
     # -- internals used by Conversation and the other modules -----------------------------------
 
     def _write(self) -> Any:
@@ -905,6 +1318,7 @@ class ConversationStore:
         predicted_prompt_tokens: int | None = None,
         reply_to: int | None = None,
         extra: dict[str, Any] | None = None,
+        quota_reservation: _usage.Reservation | None = None,
         lease: str | None = None,
     ) -> Message:
         """Append one message (see Conversation.append); ``model`` is the model that answered.
@@ -942,19 +1356,43 @@ class ConversationStore:
             reply_to=reply_to,
             extra=extra,
         )
+        if quota_reservation is not None and not isinstance(quota_reservation, _usage.Reservation):
+            raise ValueError("quota_reservation must be a Reservation from reserve_quota()")
         columns.update(_token_columns(columns, conversation_model))
         if lease is not None:
             _check_str(lease, "lease")
         indexed = _search.index_values(self.dialect, columns["role"], columns["content"])
-        now = _now()
+        now = self._clock()
+        event = None
+        if role == "assistant":
+            event = self._ledger_event(
+                owner,
+                conversation_id,
+                model or conversation_model,
+                "reply",
+                usage,
+                estimate=(predicted_prompt_tokens, columns.get("tokens")),
+                now=now,
+            )
         if response_id is not None or lease is not None:
-            return self._append_reply(conversation_id, owner, columns, now, lease=lease, indexed=indexed)
+            return self._append_reply(
+                conversation_id,
+                owner,
+                columns,
+                now,
+                lease=lease,
+                indexed=indexed,
+                event=event,
+                reservation=quota_reservation,
+            )
         with self._write() as conn:
             seq = self._bump_and_insert(conn, conversation_id, owner, columns, now, lease=None)
             if seq is None:
                 raise ConversationNotFound(conversation_id)
             if indexed is not None:
                 _search.insert_rows(conn, [{"cid": conversation_id, "seq": seq, **indexed}])
+            if event is not None or quota_reservation is not None:
+                _usage.settle(conn, event, quota_reservation)
         return Message(conversation_id=conversation_id, seq=seq, created_at=now, **columns)
 
     def _bump_and_insert(
@@ -1012,6 +1450,8 @@ class ConversationStore:
         *,
         lease: str | None,
         indexed: dict[str, Any] | None,
+        event: dict[str, Any] | None = None,
+        reservation: _usage.Reservation | None = None,
     ) -> Message:
         """The append of a reply (a response id or a lease given), checked under the lock.
 
@@ -1032,9 +1472,18 @@ class ConversationStore:
                         raise _SlowPath  # it may repeat a stored reply
                 if indexed is not None:
                     _search.insert_rows(conn, [{"cid": conversation_id, "seq": seq, **indexed}])
+                if event is not None or reservation is not None:
+                    _usage.settle(conn, event, reservation)
         except _SlowPath:
             return self._append_reply_checked(
-                conversation_id, owner, columns, now, lease=lease, indexed=indexed
+                conversation_id,
+                owner,
+                columns,
+                now,
+                lease=lease,
+                indexed=indexed,
+                event=event,
+                reservation=reservation,
             )
         return Message(conversation_id=conversation_id, seq=seq, created_at=now, **columns)
 
@@ -1047,6 +1496,8 @@ class ConversationStore:
         *,
         lease: str | None,
         indexed: dict[str, Any] | None,
+        event: dict[str, Any] | None = None,
+        reservation: _usage.Reservation | None = None,
     ) -> Message:
         """The general append of a reply: the conversation's row is locked first (FOR UPDATE
         on Postgres; SQLite's write transaction holds the database lock), so the check for
@@ -1066,6 +1517,9 @@ class ConversationStore:
             if stored is not None:
                 if ours:
                     conn.execute(update(_conversations).where(c.id == conversation_id).values(**release))
+                if reservation is not None:
+                    # Stored (and charged) before: the reservation this request held just ends.
+                    _usage.settle(conn, None, reservation)
                 return stored
             if lease is not None and not ours and _lease_held(state.lease_token, state.lease_expires_at, now):
                 raise ConversationBusy(conversation_id, expires_at=state.lease_expires_at)
@@ -1092,6 +1546,8 @@ class ConversationStore:
             )
             if indexed is not None:
                 _search.insert_rows(conn, [{"cid": conversation_id, "seq": seq, **indexed}])
+            if event is not None or reservation is not None:
+                _usage.settle(conn, event, reservation)
         return Message(conversation_id=conversation_id, seq=seq, created_at=now, **columns)
 
     # -- the turn lease: one request answers a conversation at a time ---------------------------
@@ -1110,7 +1566,8 @@ class ConversationStore:
         messages: Sequence[Mapping[str, Any]] = (),
         model: str | None = None,
     ) -> tuple[str, Conversation, builtins.list[Message]]:
-        """Take the conversation's turn lease and append ``messages``, in one transaction.
+        """Take the conversation's turn lease and append ``messages``, in one transaction
+        (quotas are not checked: see :meth:`_take_turn`).
 
         The lease is taken if it is free or expired (its holder died); otherwise
         :class:`~gilas_conv.ConversationBusy` is raised and nothing is written, so a refused
@@ -1128,6 +1585,37 @@ class ConversationStore:
         ``lease_seconds`` (:data:`~gilas_conv._config.DEFAULT_TURN_LEASE_SECONDS` by
         default: longer than any whole turn may take); expiry is judged by this process's
         clock, so hosts sharing a database need clocks in step to well under that.
+        """
+        token, conv, added, _held = self._take_turn(
+            conversation_id,
+            owner=owner,
+            lease_seconds=lease_seconds,
+            messages=messages,
+            quota=None,
+            check=False,
+            model=model,
+        )
+        return token, conv, added
+
+    def _take_turn(
+        self,
+        conversation_id: str,
+        *,
+        owner: str | None,
+        lease_seconds: float,
+        messages: Sequence[Mapping[str, Any]],
+        quota: _usage.QuotaAsk | None,
+        check: bool = True,
+        model: str | None = None,
+    ) -> tuple[str, Conversation, builtins.list[Message], _usage.Reservation | None]:
+        """:meth:`_begin_turn` with the owner's quota, all in its one write transaction.
+
+        With ``check`` and no ``quota``: if a limit applies to ``owner``, ``QuotaNeeded``
+        is raised and nothing is written (the sender then plans the window and asks
+        again); otherwise the turn costs one more indexed read. With ``quota``: if the
+        conversation's last message is no longer ``quota.last_seq``, ``HistoryMoved``
+        (nothing written); else ``quota.tokens`` are reserved (QuotaExceeded: nothing
+        written, no lease taken) and the reservation is returned with the turn.
         """
         if not _could_exist(conversation_id, owner):
             raise ConversationNotFound(conversation_id)
@@ -1149,7 +1637,7 @@ class ConversationStore:
                 rows.append(_turn_message_columns(message, model, max_message_chars=self.max_message_chars))
         indexed = [_search.index_values(self.dialect, r["role"], r["content"]) for r in rows]
         token = str(uuid.uuid4())
-        now = _now()
+        now = self._clock()
         params = {
             "t_cid": conversation_id,
             "t_owner": owner,
@@ -1180,6 +1668,13 @@ class ConversationStore:
                 if holder is None:
                     raise ConversationNotFound(conversation_id)
                 raise ConversationBusy(conversation_id, expires_at=holder.lease_expires_at)
+            held = None
+            if quota is not None:
+                if row.last_seq - len(rows) != quota.last_seq:
+                    raise _usage.HistoryMoved(conversation_id)
+                held = self._reserve_in(conn, owner, quota.tokens, quota.model, now)
+            elif check and _usage.any_limit(conn, owner):
+                raise _usage.QuotaNeeded(conversation_id)
             first = row.last_seq - len(rows) + 1
             added = [
                 Message(conversation_id=conversation_id, seq=first + i, created_at=now, **columns)
@@ -1214,7 +1709,7 @@ class ConversationStore:
                 ]
                 if search_rows:
                     _search.insert_rows(conn, search_rows)
-        return token, self._conversation_from_row(row), added
+        return token, self._conversation_from_row(row), added, held
 
     def _end_turn(self, conversation_id: str, token: str) -> bool:
         """Release the lease ``token`` without storing a reply (the request failed).
@@ -1243,7 +1738,7 @@ class ConversationStore:
             renewed = conn.execute(
                 update(_conversations)
                 .where(c.id == conversation_id, c.lease_token == token)
-                .values(lease_expires_at=_now() + dt.timedelta(seconds=lease_seconds))
+                .values(lease_expires_at=self._clock() + dt.timedelta(seconds=lease_seconds))
             ).rowcount
         return bool(renewed)
 
@@ -1291,7 +1786,7 @@ class ConversationStore:
     def _fork(self, source: Conversation, *, at: int | None, title: str | None) -> Conversation:
         if title is not None:
             _check_field(title, "title", max_length=None)
-        now = _now()
+        now = self._clock()
         new_id = str(uuid.uuid4())
         copied = [c for c in _messages.c if c.name != "conversation_id"]
         with self._write() as conn:
@@ -1370,7 +1865,9 @@ class ConversationStore:
                 )
             conn.execute(delete(_messages).where(m.conversation_id == conversation_id, m.seq == seq))
             conn.execute(
-                update(_conversations).where(_conversations.c.id == conversation_id).values(updated_at=_now())
+                update(_conversations)
+                .where(_conversations.c.id == conversation_id)
+                .values(updated_at=self._clock())
             )
 
     def _pin(self, conversation_id: str, owner: str | None, seq: int, pinned: bool) -> None:
@@ -1417,7 +1914,7 @@ class ConversationStore:
             values["metadata"] = dict(_check_json(metadata, "metadata"))
         if not values:
             return
-        values["updated_at"] = _now()
+        values["updated_at"] = self._clock()
         with self._write() as conn:
             changed = conn.execute(
                 update(_conversations)
@@ -1446,7 +1943,7 @@ class ConversationStore:
         usage: dict[str, Any] | None,
     ) -> Summary:
         _check_str(content, "summary")
-        now = _now()
+        now = self._clock()
         values: dict[str, Any] = dict(
             conversation_id=conversation_id,
             from_seq=from_seq,
@@ -1458,10 +1955,13 @@ class ConversationStore:
             usage=usage,
             created_at=now,
         )
+        event = self._ledger_event(owner, conversation_id, model, "summary", usage, now=now)
         try:
             with self._write() as conn:
                 self._check_owner(conversation_id, owner, conn)
                 conn.execute(insert(_summaries).values(**values))
+                if event is not None:
+                    _usage.settle(conn, event, None)
         except StoreIntegrityError:
             # Another process summarized the same range first; theirs is as good as ours.
             with self._read() as conn:
@@ -1472,5 +1972,43 @@ class ConversationStore:
                 ).first()
             if row is None:
                 raise
+            if event is not None:  # that request was made and paid for all the same
+                with self._write() as conn:
+                    _usage.settle(conn, event, None)
             return Summary(**{name: row._mapping[name] for name in Summary.__dataclass_fields__})
         return Summary(**values)
+
+    def _ledger_event(
+        self,
+        owner: str | None,
+        conversation_id: str | None,
+        model: str | None,
+        kind: str,
+        usage: Mapping[str, Any] | None,
+        *,
+        estimate: tuple[int | None, int | None] = (None, None),
+        now: dt.datetime,
+    ) -> dict[str, Any] | None:
+        """The ledger row of a request: from ``usage``; without it, from ``estimate``
+        (the prompt tokens counted before sending, the reply's tokens) when the prompt count
+        is known; None when neither says anything."""
+        numbers = _usage.usage_numbers(usage)
+        if numbers is None:
+            prompt, completion = estimate
+            if prompt is None:
+                return None
+            numbers = {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion or 0,
+                "total_tokens": prompt + (completion or 0),
+                "cached_tokens": 0,
+            }
+        return _usage.ledger_row(
+            owner=owner,
+            conversation_id=conversation_id,
+            model=model,
+            kind=kind,
+            numbers=numbers,
+            prices=self.prices,
+            now=now,
+        )

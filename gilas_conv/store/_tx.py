@@ -80,6 +80,34 @@ class _Transaction:
             raise StoreError(f"database error: {_describe(exc)}") from exc
 
 
+class _Checkpoint:
+    """``with _Checkpoint(engine, url) as dbapi_connection``: a SQLite driver connection
+    outside any transaction (``PRAGMA wal_checkpoint`` cannot run inside one), its
+    errors translated like a transaction's."""
+
+    def __init__(self, engine: Engine, shown_url: str) -> None:
+        self._engine = engine
+        self._url = shown_url
+        self._conn: Any = None
+
+    def __enter__(self) -> Any:
+        try:
+            self._conn = self._engine.connect()
+            return self._conn.connection.dbapi_connection
+        except Exception as err:
+            self.__exit__(type(err), err, None)
+            raise
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if isinstance(exc, Exception):
+            wrapped = _as_dbapi_error(self._engine, exc)
+            if wrapped is not None:
+                raise StoreError(f"database error: {_describe(wrapped)}") from exc
+
+
 @contextmanager
 def _opening(engine: Engine, shown_url: str) -> Iterator[None]:
     """Translate database errors raised while a database is opened, checked or migrated

@@ -1,7 +1,7 @@
 """running token totals: messages.tokens_total and conversations.tokens_total, backfilled
 
 Revision ID: 0006
-Revises: 0004
+Revises: 0005
 Create Date: 2026-12-03
 
 ``messages.tokens_total`` is the running sum of ``tokens`` within the conversation up to and
@@ -26,7 +26,7 @@ from alembic import op
 
 revision: str = "0006"
 # 0005 (usage ledger) is being written beside this one; the two are chained when merged.
-down_revision: str | Sequence[str] | None = "0004"
+down_revision: str | Sequence[str] | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

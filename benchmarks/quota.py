@@ -1,0 +1,181 @@
+"""What quotas and the ledger cost: the quota check added to a turn, secure_delete on an
+append, and `usage` over a large ledger.
+
+    python benchmarks/quota.py [--rows 1000000] [--postgres URL]
+
+Prints a table of medians. The turn is the store side of one turn: append the user message,
+append the reply with its usage (the ledger row); "with quota" adds the reservation (a read
+of the limits, then the write transaction that sums the period and inserts the hold) and
+settles it in the reply's transaction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+
+from gilas_conv import ConversationStore
+from gilas_conv.store import _usage
+from gilas_conv.truncation import plan_context
+
+USAGE = {"prompt_tokens": 120, "completion_tokens": 30, "total_tokens": 150}
+
+
+def _median_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1000
+
+
+def turn(store: ConversationStore, owner: str, *, quota: bool, n: int = 400) -> float:
+    """The store side of a sender's turn: the turn's transaction (lease, user message and,
+    under a limit, the reservation: ``_take_turn``), then the reply with its ledger row,
+    settling the reservation and releasing the lease. Without a limit the turn's
+    transaction only adds the indexed read that finds no limit. (The window planning a
+    limited owner's turn also does is timed separately: ``plan``.)"""
+    conv = store.create(owner=owner)
+    times = []
+    for i in range(n):
+        start = time.perf_counter()
+        ask = _usage.QuotaAsk(tokens=1200, model=None, last_seq=2 * i) if quota else None
+        lease, _, _, held = store._take_turn(
+            conv.id,
+            owner=owner,
+            lease_seconds=60,
+            messages=[{"role": "user", "content": f"question {i}"}],
+            quota=ask,
+        )
+        conv.append(
+            "assistant", f"answer {i}", usage=USAGE, model="gpt-4o-mini", lease=lease, quota_reservation=held
+        )
+        times.append(time.perf_counter() - start)
+    return _median_ms(times[n // 10 :])
+
+
+def plan(store: ConversationStore, owner: str, n: int = 200) -> float:
+    """What a limited owner's turn adds before its transaction: planning the window the
+    reservation is for (one window read), on a conversation of 40 messages."""
+    conv = store.create(owner=owner, system="Be brief.")
+    for i in range(20):
+        conv.append("user", f"question {i} " + "words " * 20)
+        conv.append("assistant", f"answer {i} " + "words " * 20)
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        plan_context(conv, model="gpt-4o-mini", max_tokens=500, policy="truncate")
+        times.append(time.perf_counter() - start)
+    return _median_ms(times[n // 10 :])
+
+
+def fill_ledger(store: ConversationStore, rows: int) -> None:
+    rng = random.Random(7)
+    start = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    owners = [f"user{i}" for i in range(1000)]
+    models = ["gpt-4o-mini", "gpt-4o", "o3-mini"]
+    batch = []
+    for i in range(rows):
+        batch.append(
+            {
+                "owner": rng.choice(owners),
+                "conversation_id": None,
+                "model": rng.choice(models),
+                "kind": "reply",
+                "prompt_tokens": 100,
+                "completion_tokens": 20,
+                "total_tokens": 120,
+                "cached_tokens": 0,
+                "cost_micros": None,
+                "currency": None,
+                "created_at": start + dt.timedelta(seconds=i * 30),
+            }
+        )
+        if len(batch) == 50_000:
+            with store._write() as conn:
+                conn.execute(_usage.INSERT_EVENT, batch)
+            batch = []
+    if batch:
+        with store._write() as conn:
+            conn.execute(_usage.INSERT_EVENT, batch)
+
+
+def timed(call: Any, repeat: int = 3) -> float:
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        call()
+        samples.append(time.perf_counter() - start)
+    return _median_ms(samples)
+
+
+def run(url: str, label: str, rows: int) -> list[tuple[str, str, str]]:
+    out = []
+    with ConversationStore(url) as store:
+        store.set_quota("limited", daily_tokens=10**12)
+        turn(store, "warm", quota=False, n=50)
+        plain = turn(store, "free", quota=False)
+        limited = turn(store, "limited", quota=True)
+        out.append((label, "turn (store side), no limit applies", f"{plain:.3f} ms"))
+        out.append((label, "turn with quota reserve + settle", f"{limited:.3f} ms"))
+        out.append((label, "added by the quota check (transaction side)", f"{limited - plain:.3f} ms"))
+        out.append(
+            (label, "planning the reserved window (limited owners)", f"{plan(store, 'limited'):.3f} ms")
+        )
+        if store.dialect == "sqlite":
+            store.engine.dispose()
+
+            @event.listens_for(store.engine, "connect")
+            def _off(dbapi_connection: Any, _record: Any) -> None:
+                dbapi_connection.execute("PRAGMA secure_delete = OFF")
+
+            off = turn(store, "free2", quota=False)
+            out.append((label, "turn with secure_delete OFF (for comparison)", f"{off:.3f} ms"))
+    with ConversationStore(url) as store:
+        start = time.perf_counter()
+        fill_ledger(store, rows)
+        out.append((label, f"fill {rows:,} ledger rows", f"{time.perf_counter() - start:.1f} s"))
+        for by in ("day", "month", "model", "owner"):
+            ms = timed(lambda by=by: store.usage(by=by))  # type: ignore[misc]
+            out.append((label, f"usage(by={by!r}) over {rows:,} rows", f"{ms:.0f} ms"))
+        out.append(
+            (
+                label,
+                "usage(owner=one, by='day')",
+                f"{timed(lambda: store.usage(owner='user7', by='day')):.1f} ms",
+            )
+        )
+        store.set_quota("user7", monthly_tokens=10**12)
+        store._clock = lambda: dt.datetime(2026, 6, 15, tzinfo=dt.timezone.utc)  # inside the filled range
+
+        def reserve() -> None:
+            held = store.reserve_quota("user7", tokens=100)
+            assert held is not None
+            store.release_quota(held)
+
+        out.append((label, "reserve+release, owner with ~1,000 rows a month", f"{timed(reserve, 50):.3f} ms"))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--postgres")
+    args = parser.parse_args()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        results += run(f"sqlite:///{Path(tmp) / 'quota.db'}", "SQLite", args.rows)
+    if args.postgres:
+        results += run(args.postgres, "Postgres", args.rows)
+    print("| backend | measurement | median |")
+    print("|---|---|---|")
+    for row in results:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()

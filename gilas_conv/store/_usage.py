@@ -1,0 +1,706 @@
+"""The usage ledger, its reports, and quotas: the SQL behind :meth:`ConversationStore.usage`,
+``set_quota`` / ``reserve_quota`` and the ledger rows written with replies and summaries.
+
+Cost is fixed when a request is recorded
+    A ledger row's ``cost_micros`` is computed from the store's price table at the moment
+    the reply (or summary) is stored, and never changes: a bill must not move when the
+    operator edits tomorrow's prices. A report may be asked to price tokens at other prices
+    (``usage(prices=...)``, ``gilas-conv usage --prices FILE``): that recomputes every
+    group's cost from its tokens per model, at report time, and says nothing of what was
+    recorded.
+
+Quotas
+    A request first takes a *reservation* (prompt tokens about to be sent + the reply's
+    ``max_tokens``, or :data:`DEFAULT_QUOTA_RESERVATION`), in one write transaction that
+    also reads what the owner used: on SQLite ``BEGIN IMMEDIATE`` serializes all writers;
+    on Postgres a transaction-scoped advisory lock keyed by the owner serializes that
+    owner's reservations on every host. ``used`` is the period's ledger total plus the
+    reservations still held; a request is refused when ``used + its reservation`` would
+    pass a limit, so requests in flight together can never pass it by more than the
+    difference between one reservation and that request's real usage. The reservation is
+    deleted in the transaction that writes the reply's ledger row (settled), deleted when
+    the request fails (released), and stops counting after :data:`RESERVATION_TTL`
+    (a process that died holding it).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, cast
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from sqlalchemy import Table, bindparam, case, delete, func, insert, literal_column, select, text, update
+
+from .._prices import MICROS, Prices
+from ..exceptions import QuotaExceeded
+from ._schema import QuotaLimitRow, QuotaReservationRow, SettingRow, UsageEventRow
+
+__all__ = [
+    "DEFAULT_QUOTA_RESERVATION",
+    "DEFAULT_QUOTA_TIMEZONE",
+    "GROUPINGS",
+    "RESERVATION_TTL",
+    "QuotaLimits",
+    "QuotaStatus",
+    "Reservation",
+    "UsageRow",
+]
+
+_events = cast(Table, UsageEventRow.__table__)
+_limits = cast(Table, QuotaLimitRow.__table__)
+_reservations = cast(Table, QuotaReservationRow.__table__)
+_settings = cast(Table, SettingRow.__table__)
+
+# Completion tokens reserved for a request that gives no max_tokens: the quota bound holds
+# exactly only when the reply is capped, so pass max_tokens when a quota matters.
+DEFAULT_QUOTA_RESERVATION = 4096
+# A reservation not settled or released within this time stops counting: its process died
+# (a reply that streams longer than this is still charged in full when it is stored).
+RESERVATION_TTL = dt.timedelta(minutes=30)
+DEFAULT_QUOTA_TIMEZONE = "UTC"
+TIMEZONE_SETTING = "quota_timezone"
+# The quota_limits row of the default (an empty owner name is never a valid owner).
+DEFAULT_OWNER_KEY = ""
+GROUPINGS = ("day", "month", "model", "owner", "conversation")
+USAGE_KINDS = ("reply", "summary")
+_LIMIT_FIELDS = ("daily_tokens", "monthly_tokens", "daily_cost", "monthly_cost")
+
+
+# ---------------------------------------------------------------------------------------------
+# Ledger rows
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def usage_numbers(usage: Mapping[str, Any] | None) -> dict[str, int] | None:
+    """The ledger's token columns from an API ``usage`` object, or None when it reports none."""
+    if not isinstance(usage, Mapping):
+        return None
+    prompt = _count(usage.get("prompt_tokens"))
+    completion = _count(usage.get("completion_tokens"))
+    total = _count(usage.get("total_tokens")) or prompt + completion
+    details = usage.get("prompt_tokens_details")
+    cached = _count(details.get("cached_tokens")) if isinstance(details, Mapping) else 0
+    if not (prompt or completion or total):
+        return None
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": total,
+        "cached_tokens": cached,
+    }
+
+
+def ledger_row(
+    *,
+    owner: str | None,
+    conversation_id: str | None,
+    model: str | None,
+    kind: str,
+    numbers: Mapping[str, int],
+    prices: Prices | None,
+    now: dt.datetime,
+) -> dict[str, Any]:
+    cost = None
+    if prices is not None:
+        cost = prices.cost_micros(
+            model,
+            prompt_tokens=numbers["prompt_tokens"],
+            completion_tokens=numbers["completion_tokens"],
+            cached_tokens=numbers["cached_tokens"],
+        )
+    return {
+        "owner": owner,
+        "conversation_id": conversation_id,
+        "model": model,
+        "kind": kind,
+        **numbers,
+        "cost_micros": cost,
+        "currency": prices.currency if cost is not None and prices is not None else None,
+        "created_at": now,
+    }
+
+
+INSERT_EVENT = insert(_events)
+
+
+def settle(conn: Any, event: Mapping[str, Any] | None, reservation: Reservation | None) -> None:
+    """Write a ledger row and delete the reservation it settles, in the caller's transaction.
+    A reservation already expired and swept is simply gone: nothing is charged twice."""
+    if event is not None:
+        conn.execute(INSERT_EVENT, event)
+    if reservation is not None:
+        conn.execute(_DELETE_RESERVATION, {"r_id": reservation.id})
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    """One group of a usage report. ``key`` is the day (``YYYY-MM-DD``), month
+    (``YYYY-MM``), model, owner or conversation id; ``cost`` is None when no request of the
+    group had a price (recorded, or given to the report), else in ``currency``."""
+
+    by: str
+    key: str | None
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cached_tokens: int
+    cost: Decimal | None
+    currency: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            self.by: self.key,
+            "requests": self.requests,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+            "cached_tokens": self.cached_tokens,
+            "cost": float(self.cost) if self.cost is not None else None,
+            "currency": self.currency,
+        }
+
+
+def _bucket(dialect: str) -> Any:
+    """The UTC quarter hour of ``created_at`` as text: every time zone's day starts on a
+    quarter hour, so quarters fold into local days and months exactly, in Python."""
+    if dialect == "sqlite":  # stored as 'YYYY-MM-DD HH:MM:SS[.ffffff]' in UTC
+        return literal_column(
+            "substr(created_at, 1, 14) || (CAST(substr(created_at, 15, 2) AS INTEGER) / 15)"
+        )
+    return literal_column(
+        "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:') || "
+        "(CAST(extract(minute FROM created_at AT TIME ZONE 'UTC') AS INTEGER) / 15)"
+    )
+
+
+def usage_report(
+    conn: Any,
+    dialect: str,
+    *,
+    owner: str | None,
+    since: dt.datetime | None,
+    until: dt.datetime | None,
+    by: str,
+    zone: ZoneInfo,
+    prices: Prices | None,
+) -> list[UsageRow]:
+    c = _events.c
+    group: list[Any] = {
+        "day": [_bucket(dialect)],
+        "month": [_bucket(dialect)],
+        "model": [],
+        "owner": [c.owner],
+        "conversation": [c.conversation_id],
+    }[by]
+    columns = [
+        *(g.label("g") for g in group),
+        c.model,
+        c.currency,
+        func.count().label("requests"),
+        func.sum(c.prompt_tokens).label("prompt"),
+        func.sum(c.completion_tokens).label("completion"),
+        func.sum(c.total_tokens).label("total"),
+        func.sum(c.cached_tokens).label("cached"),
+        func.sum(c.cost_micros).label("cost"),
+    ]
+    query = select(*columns)
+    if owner is not None:
+        query = query.where(c.owner == owner)
+    if since is not None:
+        query = query.where(c.created_at >= since)
+    if until is not None:
+        query = query.where(c.created_at < until)
+    query = query.group_by(*group, c.model, c.currency)
+    groups: dict[Any, dict[str, Any]] = {}
+    local: dict[str, str] = {}
+    for row in conn.execute(query):
+        if by in ("day", "month"):
+            key = local.get(row.g)
+            if key is None:
+                start, quarter = row.g.rsplit(":", 1)
+                instant = dt.datetime.strptime(start, "%Y-%m-%d %H").replace(tzinfo=dt.timezone.utc)
+                day = (instant + dt.timedelta(minutes=15 * int(quarter))).astimezone(zone).date()
+                key = local[row.g] = day.isoformat() if by == "day" else day.isoformat()[:7]
+        elif by == "model":
+            key = row.model
+        else:
+            key = row.g
+        acc = groups.setdefault(
+            key,
+            {
+                "requests": 0,
+                "prompt": 0,
+                "completion": 0,
+                "total": 0,
+                "cached": 0,
+                "cost": None,
+                "cur": set(),
+            },
+        )
+        for name in ("requests", "prompt", "completion", "total", "cached"):
+            acc[name] += int(getattr(row, name) or 0)
+        if prices is not None:
+            cost = prices.cost_micros(
+                row.model,
+                prompt_tokens=int(row.prompt or 0),
+                completion_tokens=int(row.completion or 0),
+                cached_tokens=int(row.cached or 0),
+            )
+            currency = prices.currency
+        else:
+            cost, currency = (int(row.cost) if row.cost is not None else None), row.currency
+        if cost is not None:
+            acc["cost"] = (acc["cost"] or 0) + cost
+            acc["cur"].add(currency)
+    result = []
+    for key, acc in groups.items():
+        currencies = sorted(acc["cur"])
+        mixed = len(currencies) > 1  # the price table changed currency: no one sum is right
+        result.append(
+            UsageRow(
+                by=by,
+                key=key,
+                requests=acc["requests"],
+                prompt_tokens=acc["prompt"],
+                completion_tokens=acc["completion"],
+                total_tokens=acc["total"],
+                cached_tokens=acc["cached"],
+                cost=None if acc["cost"] is None or mixed else Decimal(acc["cost"]) / MICROS,
+                currency=", ".join(currencies) if currencies else None,
+            )
+        )
+    if by in ("day", "month"):
+        result.sort(key=lambda r: r.key or "")
+    else:
+        result.sort(key=lambda r: (-r.total_tokens, r.key or ""))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Quotas
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaLimits:
+    """Limits of one owner (or the default, ``owner`` None and ``default`` True); None is
+    no limit. Costs are in the currency of the store's price table."""
+
+    owner: str | None
+    default: bool
+    daily_tokens: int | None = None
+    monthly_tokens: int | None = None
+    daily_cost: Decimal | None = None
+    monthly_cost: Decimal | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaStatus:
+    """One limit of an owner now: ``limit``, ``used`` (recorded this period), ``reserved``
+    (held by requests in flight) and ``resets_at`` (the period's end, aware)."""
+
+    owner: str | None
+    period: str  # "day" or "month"
+    unit: str  # "tokens" or "cost"
+    limit: int | Decimal
+    used: int | Decimal
+    reserved: int | Decimal
+    resets_at: dt.datetime
+    inherited: bool  # the default's limit, the owner having none of its own
+
+    def to_json(self) -> dict[str, Any]:
+        def number(value: int | Decimal) -> int | float:
+            return float(value) if isinstance(value, Decimal) else value
+
+        return {
+            "owner": self.owner,
+            "period": self.period,
+            "unit": self.unit,
+            "limit": number(self.limit),
+            "used": number(self.used),
+            "reserved": number(self.reserved),
+            "resets_at": self.resets_at.isoformat(),
+            "default": self.inherited,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """Quota held by one request in flight: settle it by storing the reply with
+    ``quota_reservation=``, or give it back with :meth:`ConversationStore.release_quota`."""
+
+    id: int
+    owner: str | None
+    tokens: int
+    cost_micros: int | None
+    expires_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaAsk:
+    """What a turn asks to hold (see ``ConversationStore._take_turn``): ``tokens`` of the
+    owner's quota, priced at ``model``, for a window planned over a history whose newest
+    message was ``last_seq``."""
+
+    tokens: int
+    model: str | None
+    last_seq: int
+
+
+class QuotaNeeded(Exception):
+    """A turn that asked for no reservation found a limit in force (nothing written): plan
+    the window and ask again."""
+
+
+class HistoryMoved(Exception):
+    """A turn's window was planned over a history that has changed since (nothing
+    written): plan again."""
+
+
+def zone_named(name: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as err:
+        raise ValueError(f"unknown time zone {name!r}; use an IANA name such as Asia/Tehran or UTC") from err
+
+
+_READ_ZONE = select(_settings.c.value).where(_settings.c.name == TIMEZONE_SETTING)
+_ZONES: dict[str, ZoneInfo] = {}
+
+
+def read_zone(conn: Any) -> ZoneInfo:
+    return _zone_of(conn.execute(_READ_ZONE).scalar())
+
+
+def _zone_of(name: str | None) -> ZoneInfo:
+    name = name or DEFAULT_QUOTA_TIMEZONE
+    zone = _ZONES.get(name)
+    if zone is None:
+        zone = _ZONES[name] = zone_named(name)
+    return zone
+
+
+def write_zone(conn: Any, name: str) -> None:
+    conn.execute(delete(_settings).where(_settings.c.name == TIMEZONE_SETTING))
+    conn.execute(insert(_settings).values(name=TIMEZONE_SETTING, value=name))
+
+
+def periods(now: dt.datetime, zone: ZoneInfo) -> dict[str, tuple[dt.datetime, dt.datetime]]:
+    """``{"day": (start, end), "month": (start, end)}`` in UTC: the calendar day and month of
+    ``now`` in ``zone`` (a day across a DST change is 23 or 25 hours long)."""
+    local = now.astimezone(zone)
+    day = dt.datetime(local.year, local.month, local.day, tzinfo=zone)
+    next_day_date = local.date() + dt.timedelta(days=1)
+    next_day = dt.datetime(next_day_date.year, next_day_date.month, next_day_date.day, tzinfo=zone)
+    month = dt.datetime(local.year, local.month, 1, tzinfo=zone)
+    next_month = dt.datetime(local.year + local.month // 12, local.month % 12 + 1, 1, tzinfo=zone)
+    utc = dt.timezone.utc
+    return {
+        "day": (day.astimezone(utc), next_day.astimezone(utc)),
+        "month": (month.astimezone(utc), next_month.astimezone(utc)),
+    }
+
+
+def _owner_is(column: Any, owner: str | None) -> Any:
+    return column.is_(None) if owner is None else column == owner
+
+
+def lock_owner(conn: Any, dialect: str, owner: str | None) -> None:
+    """Serialize this owner's quota transactions on Postgres until commit (SQLite's
+    BEGIN IMMEDIATE already serializes every writer)."""
+    if dialect != "postgresql":
+        return
+    digest = hashlib.blake2b(f"gilas-conv quota\0{owner!r}".encode(), digest_size=8).digest()
+    conn.execute(_ADVISORY_LOCK, {"k": int.from_bytes(digest, "big", signed=True)})
+
+
+_ADVISORY_LOCK = text("SELECT pg_advisory_xact_lock(:k)")
+
+
+def _limits_from(row: Any, owner: str | None) -> QuotaLimits:
+    def cost(value: int | None) -> Decimal | None:
+        return None if value is None else Decimal(value) / MICROS
+
+    return QuotaLimits(
+        owner=None if row.owner == DEFAULT_OWNER_KEY else owner,
+        default=row.owner == DEFAULT_OWNER_KEY,
+        daily_tokens=row.daily_tokens,
+        monthly_tokens=row.monthly_tokens,
+        daily_cost=cost(row.daily_cost_micros),
+        monthly_cost=cost(row.monthly_cost_micros),
+    )
+
+
+# Built once (see the module docstring: a turn's quota check must cost next to nothing).
+# The limits of an owner and the default, with the store's time zone on each row.
+_LIMITS = select(
+    *_limits.c, select(_settings.c.value).where(_settings.c.name == TIMEZONE_SETTING).scalar_subquery()
+).where(_limits.c.owner.in_([bindparam("l_owner"), bindparam("l_default")]))
+_LIMITS_UNOWNED = select(
+    *_limits.c, select(_settings.c.value).where(_settings.c.name == TIMEZONE_SETTING).scalar_subquery()
+).where(_limits.c.owner == bindparam("l_default"))
+_ANY_LIMIT: Any = select(literal_column("1")).where(
+    _limits.c.owner.in_([bindparam("l_owner"), bindparam("l_default")])
+)
+_ANY_LIMIT_UNOWNED: Any = select(literal_column("1")).where(_limits.c.owner == bindparam("l_default"))
+
+
+def _limit_rows(conn: Any, owner: str | None) -> tuple[Any, Any, str | None]:
+    """(the owner's own row or None, the default row or None, the time zone's name)."""
+    if owner is None:
+        rows = conn.execute(_LIMITS_UNOWNED, {"l_default": DEFAULT_OWNER_KEY}).all()
+    else:
+        rows = conn.execute(_LIMITS, {"l_owner": owner, "l_default": DEFAULT_OWNER_KEY}).all()
+    own = default = None
+    zone = None
+    for row in rows:
+        zone = row[-1]
+        if row.owner == DEFAULT_OWNER_KEY:
+            default = row
+        else:
+            own = row
+    return own, default, zone
+
+
+def effective_limits(conn: Any, owner: str | None) -> tuple[Any, Any]:
+    """(the owner's own row or None, the default row or None)."""
+    own, default, _zone = _limit_rows(conn, owner)
+    return own, default
+
+
+def any_limit(conn: Any, owner: str | None) -> bool:
+    """Whether a limit applies to ``owner``: one indexed read of a small table."""
+    if owner is None:
+        found = conn.execute(_ANY_LIMIT_UNOWNED, {"l_default": DEFAULT_OWNER_KEY}).first()
+    else:
+        found = conn.execute(_ANY_LIMIT, {"l_owner": owner, "l_default": DEFAULT_OWNER_KEY}).first()
+    return found is not None
+
+
+def _checks(own: Any, default: Any) -> list[tuple[str, str, int, bool]]:
+    """(period, unit, limit, inherited) for each limit in force: the owner's own limits
+    replace the default's one by one (an owner with only a daily limit keeps the default's
+    monthly one)."""
+    found = []
+    for period, unit, column in (
+        ("day", "tokens", "daily_tokens"),
+        ("month", "tokens", "monthly_tokens"),
+        ("day", "cost", "daily_cost_micros"),
+        ("month", "cost", "monthly_cost_micros"),
+    ):
+        mine = getattr(own, column) if own is not None else None
+        theirs = getattr(default, column) if default is not None else None
+        if mine is not None:
+            found.append((period, unit, mine, False))
+        elif theirs is not None:
+            found.append((period, unit, theirs, True))
+    return found
+
+
+def _used_statement(*, owned: bool) -> Any:
+    """What an owner used this month (and today) and holds in reservations, as ONE
+    statement: on Postgres each statement of a READ COMMITTED transaction sees its own
+    snapshot, and a reply settling between two separate reads (its ledger row in, its
+    reservation out, committed together) would be missed by both, letting a racing request
+    pass the limit."""
+    c = _events.c
+    r = _reservations.c
+    in_day = c.created_at >= bindparam("u_day", type_=c.created_at.type)
+    owner_e = c.owner == bindparam("u_owner") if owned else c.owner.is_(None)
+    owner_r = r.owner == bindparam("u_owner") if owned else r.owner.is_(None)
+    spent = (
+        select(
+            func.coalesce(func.sum(case((in_day, c.total_tokens), else_=0)), 0).label("day_tokens"),
+            func.coalesce(func.sum(c.total_tokens), 0).label("month_tokens"),
+            func.coalesce(func.sum(case((in_day, c.cost_micros), else_=0)), 0).label("day_cost"),
+            func.coalesce(func.sum(c.cost_micros), 0).label("month_cost"),
+        )
+        .where(
+            owner_e,
+            c.created_at >= bindparam("u_month", type_=c.created_at.type),
+            c.created_at < bindparam("u_month_end", type_=c.created_at.type),
+        )
+        .subquery()
+    )
+    held = (
+        select(
+            func.coalesce(func.sum(r.tokens), 0).label("tokens"),
+            func.coalesce(func.sum(r.cost_micros), 0).label("cost"),
+        )
+        .where(owner_r, r.expires_at > bindparam("u_now", type_=r.expires_at.type))
+        .subquery()
+    )
+    return select(
+        spent.c.day_tokens,
+        spent.c.month_tokens,
+        spent.c.day_cost,
+        spent.c.month_cost,
+        held.c.tokens,
+        held.c.cost,
+    ).select_from(spent.join(held, literal_column("1") == literal_column("1")))
+
+
+_USED_OWNED = _used_statement(owned=True)
+_USED_UNOWNED = _used_statement(owned=False)
+
+
+def _used(
+    conn: Any, owner: str | None, now: dt.datetime, bounds: Mapping[str, tuple[dt.datetime, dt.datetime]]
+) -> dict[str, int]:
+    params = {
+        "u_day": bounds["day"][0],
+        "u_month": bounds["month"][0],
+        "u_month_end": bounds["month"][1],
+        "u_now": now,
+    }
+    if owner is None:
+        row = conn.execute(_USED_UNOWNED, params).one()
+    else:
+        row = conn.execute(_USED_OWNED, {**params, "u_owner": owner}).one()
+    return {
+        "day tokens": int(row[0]),
+        "month tokens": int(row[1]),
+        "day cost": int(row[2]),
+        "month cost": int(row[3]),
+        "reserved tokens": int(row[4]),
+        "reserved cost": int(row[5]),
+    }
+
+
+def status(conn: Any, owner: str | None, now: dt.datetime, zone: ZoneInfo) -> list[QuotaStatus]:
+    own, default = effective_limits(conn, owner)
+    checks = _checks(own, default)
+    if not checks:
+        return []
+    bounds = periods(now, zone)
+    used = _used(conn, owner, now, bounds)
+    result = []
+    for period, unit, limit, inherited in checks:
+        scale = (lambda v: Decimal(v) / MICROS) if unit == "cost" else (lambda v: v)
+        result.append(
+            QuotaStatus(
+                owner=owner,
+                period=period,
+                unit=unit,
+                limit=scale(limit),
+                used=scale(used[f"{period} {unit}"]),
+                reserved=scale(used[f"reserved {unit}"]),
+                resets_at=bounds[period][1],
+                inherited=inherited,
+            )
+        )
+    return result
+
+
+def reserve(
+    conn: Any,
+    dialect: str,
+    *,
+    owner: str | None,
+    tokens: int,
+    cost_micros: int | None,
+    now: dt.datetime,
+    currency: str | None,
+) -> Reservation | None:
+    """Take a reservation or raise QuotaExceeded, in the caller's write transaction. None
+    when no limit applies to ``owner`` (nothing is held)."""
+    lock_owner(conn, dialect, owner)
+    own, default, zone_name = _limit_rows(conn, owner)
+    checks = _checks(own, default)
+    if not checks:
+        return None
+    # Reservations of processes that died: swept here, where this owner's lock is held.
+    conn.execute(_SWEEP_UNOWNED if owner is None else _SWEEP_OWNED, {"s_owner": owner, "s_now": now})
+    bounds = periods(now, _zone_of(zone_name))
+    used = _used(conn, owner, now, bounds)
+    for period, unit, limit, _inherited in checks:
+        asked = tokens if unit == "tokens" else (cost_micros or 0)
+        taken = used[f"{period} {unit}"] + used[f"reserved {unit}"]
+        if taken + asked > limit:
+            if unit == "cost":
+                shown: tuple[Any, Any, Any] = tuple(Decimal(v) / MICROS for v in (limit, taken, asked))  # type: ignore[assignment]
+                label = currency or "cost"
+            else:
+                shown, label = (limit, taken, asked), "tokens"
+            raise QuotaExceeded(
+                owner=owner,
+                period=period,
+                unit=label,
+                limit=shown[0],
+                used=shown[1],
+                requested=shown[2],
+                resets_at=bounds[period][1],
+            )
+    expires = now + RESERVATION_TTL
+    new_id = conn.execute(
+        _INSERT_RESERVATION,
+        {
+            "owner": owner,
+            "tokens": tokens,
+            "cost_micros": cost_micros,
+            "created_at": now,
+            "expires_at": expires,
+        },
+    ).scalar_one()
+    return Reservation(
+        id=int(new_id), owner=owner, tokens=tokens, cost_micros=cost_micros, expires_at=expires
+    )
+
+
+def grow(conn: Any, reservation: Reservation, tokens: int, cost_micros: int | None) -> None:
+    """Raise a held reservation to ``tokens`` (and ``cost_micros``), in the caller's
+    transaction (which has already checked the limit)."""
+    conn.execute(
+        update(_reservations)
+        .where(_reservations.c.id == reservation.id)
+        .values(tokens=tokens, cost_micros=cost_micros)
+    )
+
+
+_SWEEP_OWNED = delete(_reservations).where(
+    _reservations.c.owner == bindparam("s_owner"),
+    _reservations.c.expires_at <= bindparam("s_now", type_=_reservations.c.expires_at.type),
+)
+_SWEEP_UNOWNED = delete(_reservations).where(
+    _reservations.c.owner.is_(None),
+    _reservations.c.expires_at <= bindparam("s_now", type_=_reservations.c.expires_at.type),
+)
+_INSERT_RESERVATION = insert(_reservations).returning(_reservations.c.id)
+_DELETE_RESERVATION = delete(_reservations).where(_reservations.c.id == bindparam("r_id"))
+
+
+def release(conn: Any, reservation: Reservation) -> None:
+    conn.execute(_DELETE_RESERVATION, {"r_id": reservation.id})
+
+
+def set_limits(conn: Any, key: str, values: Mapping[str, int | None], now: dt.datetime) -> None:
+    existing = conn.execute(select(_limits).where(_limits.c.owner == key)).first()
+    if existing is None:
+        conn.execute(insert(_limits).values(owner=key, updated_at=now, **values))
+    else:
+        conn.execute(update(_limits).where(_limits.c.owner == key).values(updated_at=now, **values))
+
+
+def remove_limits(conn: Any, key: str) -> bool:
+    return bool(conn.execute(delete(_limits).where(_limits.c.owner == key)).rowcount)
+
+
+def all_limits(conn: Any) -> list[QuotaLimits]:
+    rows = conn.execute(select(_limits).order_by(_limits.c.owner)).all()
+    return [_limits_from(row, None if row.owner == DEFAULT_OWNER_KEY else row.owner) for row in rows]
+
+
+def limits_of(conn: Any, key: str) -> QuotaLimits | None:
+    row = conn.execute(select(_limits).where(_limits.c.owner == key)).first()
+    return None if row is None else _limits_from(row, None if key == DEFAULT_OWNER_KEY else key)

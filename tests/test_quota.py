@@ -1,0 +1,208 @@
+"""Quotas: limits per owner and a default, periods in the store's time zone, reservations
+taken atomically (threads and processes of one owner never pass a limit together) and
+settled by the reply's ledger row or released."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from gilas_conv import ConversationStore, QuotaExceeded
+from gilas_conv._prices import parse_prices
+from gilas_conv.store._usage import RESERVATION_TTL
+
+MODEL = "gpt-4o-mini"
+WORKER = Path(__file__).with_name("_quota_workers.py")
+REPO = Path(__file__).resolve().parent.parent
+TEHRAN_MIDNIGHT = dt.datetime(2026, 3, 9, 20, 30, tzinfo=dt.timezone.utc)  # 10 March 00:00 in Tehran
+
+
+class Clock:
+    def __init__(self, start: dt.datetime) -> None:
+        self.now = start
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+
+def _reply(conv: object, tokens: int, **kwargs: object) -> None:
+    usage = {"prompt_tokens": tokens, "completion_tokens": 0, "total_tokens": tokens}
+    conv.append("assistant", "ok", usage=usage, model=MODEL, **kwargs)  # type: ignore[attr-defined]
+
+
+def test_limits_per_owner_and_default(store: ConversationStore) -> None:
+    assert store.reserve_quota("alice", tokens=10**9) is None  # no limit: nothing held
+    store.set_quota(default=True, daily_tokens=100, monthly_tokens=1000)
+    store.set_quota("alice", daily_tokens=500)
+    status = {(s.period, s.unit): s for s in store.quota("alice")}
+    assert status["day", "tokens"].limit == 500 and not status["day", "tokens"].inherited
+    assert status["month", "tokens"].limit == 1000 and status["month", "tokens"].inherited
+    assert [s.limit for s in store.quota("bob")] == [100, 1000]
+    assert [s.limit for s in store.quota(None)] == [100, 1000]  # the unowned scope: the default
+    assert {(q.owner, q.default) for q in store.quota_limits()} == {(None, True), ("alice", False)}
+    assert store.remove_quota("alice") is True and store.remove_quota("alice") is False
+    assert [s.limit for s in store.quota("alice")] == [100, 1000]
+    with pytest.raises(ValueError, match="at least one limit"):
+        store.set_quota("alice")
+    with pytest.raises(ValueError, match="not both"):
+        store.set_quota("alice", default=True, daily_tokens=1)
+    with pytest.raises(ValueError, match=">= 0"):
+        store.set_quota("alice", daily_tokens=-1)
+
+
+def test_a_reservation_is_refused_settled_and_released(store: ConversationStore) -> None:
+    store.set_quota("alice", daily_tokens=100)
+    conv = store.create(model=MODEL, owner="alice")
+    held = store.reserve_quota("alice", tokens=60)
+    assert held is not None
+    with pytest.raises(QuotaExceeded) as info:
+        store.reserve_quota("alice", tokens=50)  # 60 held + 50 > 100
+    err = info.value
+    assert (err.owner, err.period, err.unit, err.limit, err.used, err.requested) == (
+        "alice",
+        "day",
+        "tokens",
+        100,
+        60,
+        50,
+    )
+    assert err.resets_at > dt.datetime.now(dt.timezone.utc)
+    # Settled: the reply's usage (30) replaces the 60 held.
+    _reply(conv, 30, quota_reservation=held)
+    [status] = store.quota("alice")
+    assert (status.used, status.reserved) == (30, 0)
+    again = store.reserve_quota("alice", tokens=70)  # 30 + 70 = 100: exactly the limit
+    assert again is not None
+    store.release_quota(again)  # the request failed: nothing charged
+    [status] = store.quota("alice")
+    assert (status.used, status.reserved) == (30, 0)
+
+
+def test_cost_limits_use_recorded_costs(db_url: str) -> None:
+    prices = parse_prices({"currency": "IRR", "models": {MODEL: {"input": 1_000_000, "output": 2_000_000}}})
+    with ConversationStore(db_url, prices=prices) as store:
+        store.set_quota("alice", monthly_cost=Decimal("10"))
+        conv = store.create(model=MODEL, owner="alice")
+        _reply(conv, 7)  # 7 input tokens at one rial each
+        with pytest.raises(QuotaExceeded) as info:
+            store.reserve_quota("alice", tokens=2, model=MODEL)  # held at the output price: 4
+        assert (info.value.unit, info.value.used, info.value.requested) == ("IRR", 7, 4)
+        assert store.reserve_quota("alice", tokens=1, model=MODEL) is not None
+
+
+def test_periods_reset_at_midnight_in_tehran(db_url: str) -> None:
+    clock = Clock(TEHRAN_MIDNIGHT - dt.timedelta(minutes=10))  # 23:50 on 9 March in Tehran
+    with ConversationStore(db_url, clock=clock) as store:
+        store.set_quota_timezone("Asia/Tehran")
+        assert store.quota_timezone() == "Asia/Tehran"
+        store.set_quota("alice", daily_tokens=100, monthly_tokens=150)
+        conv = store.create(model=MODEL, owner="alice")
+        _reply(conv, 90)
+        with pytest.raises(QuotaExceeded) as info:
+            store.reserve_quota("alice", tokens=20)
+        assert info.value.period == "day"
+        assert info.value.resets_at == TEHRAN_MIDNIGHT
+        clock.now = TEHRAN_MIDNIGHT  # a new day in Tehran (still 9 March in UTC)
+        held = store.reserve_quota("alice", tokens=20)
+        assert held is not None
+        store.release_quota(held)
+        # The month has not turned: 90 used + 70 > 150.
+        with pytest.raises(QuotaExceeded) as info:
+            store.reserve_quota("alice", tokens=70)
+        assert info.value.period == "month"
+        # Tehran's April starts at 20:30 UTC on 31 March.
+        assert info.value.resets_at == dt.datetime(2026, 3, 31, 20, 30, tzinfo=dt.timezone.utc)
+        status = {s.period: s for s in store.quota("alice")}
+        assert (status["day"].used, status["month"].used) == (0, 90)
+
+
+def test_a_reservation_of_a_dead_process_expires(db_url: str) -> None:
+    clock = Clock(dt.datetime(2026, 5, 5, 12, tzinfo=dt.timezone.utc))
+    with ConversationStore(db_url, clock=clock) as store:
+        store.set_quota("alice", daily_tokens=100)
+        assert store.reserve_quota("alice", tokens=100) is not None  # never settled
+        with pytest.raises(QuotaExceeded):
+            store.reserve_quota("alice", tokens=1)
+        clock.now += RESERVATION_TTL
+        assert store.reserve_quota("alice", tokens=100) is not None
+
+
+def test_threads_and_processes_of_one_owner_never_pass_the_limit(db_url: str) -> None:
+    limit, tokens, processes, threads = 1000, 30, 3, 3
+    with ConversationStore(db_url) as store:
+        store.set_quota("racer", daily_tokens=limit)
+        conv = store.create(model=MODEL, owner="racer")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    workers = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), db_url, conv.id, "racer", str(tokens), str(threads)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(processes)
+    ]
+    try:
+        for worker in workers:
+            assert json.loads(worker.stdout.readline()) == {"ready": True}  # type: ignore[union-attr]
+        for worker in workers:
+            worker.stdin.write("go\n")  # type: ignore[union-attr]
+            worker.stdin.flush()  # type: ignore[union-attr]
+        settled = 0
+        for worker in workers:
+            out, _ = worker.communicate(timeout=300)
+            settled += json.loads(out.strip().splitlines()[-1])["settled"]
+            assert worker.returncode == 0
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+    with ConversationStore(db_url) as store:
+        [row] = store.usage(by="owner")
+        [status] = store.quota("racer")
+        stored = len(store.get(conv.id, owner="racer").messages())
+    # Each reply used exactly what it reserved, so the bound is the limit itself; every
+    # settled reply is charged once, and no reservation is left held.
+    assert row.total_tokens == settled * tokens == stored * tokens
+    assert limit - tokens < row.total_tokens <= limit
+    assert status.reserved == 0
+
+
+def test_a_reply_settling_while_a_reservation_reads_is_seen_once(db_url: str) -> None:
+    """The cause of a once-flaky race on Postgres: under READ COMMITTED each statement has
+    its own snapshot, so reading the ledger and the reservations in two statements could
+    miss a reply that settled in between (its ledger row after the first read, its
+    reservation gone before the second) and let a racing request pass the limit. Here that
+    reply is committed exactly between the reservation's statements."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("SQLite's BEGIN IMMEDIATE serializes every writer: no statement runs in between")
+    from sqlalchemy import event
+
+    with ConversationStore(db_url) as store, ConversationStore(db_url) as other:
+        store.set_quota("alice", daily_tokens=100)
+        conv = other.create(model=MODEL, owner="alice")
+        first = other.reserve_quota("alice", tokens=60)
+        assert first is not None
+        fired: list[str] = []
+
+        def settle_now(conn: object, cursor: object, statement: str, *args: object) -> None:
+            if not fired and "usage_events" in statement and "sum" in statement.lower():
+                fired.append(statement)
+                # Another host stores the reply of the first request: 60 used, 0 held.
+                _reply(other.get(conv.id, owner="alice"), 60, quota_reservation=first)
+
+        event.listen(store.engine, "after_cursor_execute", settle_now)
+        with pytest.raises(QuotaExceeded) as info:
+            store.reserve_quota("alice", tokens=50)
+        assert fired and info.value.used == 60
+        [status] = store.quota("alice")
+        assert (status.used, status.reserved) == (60, 0)

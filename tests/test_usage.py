@@ -1,0 +1,215 @@
+"""The usage ledger and its reports: every request's usage recorded with the reply or summary
+that carried it, kept when conversations are deleted, priced only with a price table, and
+reported by day, month, model, owner or conversation in the quota time zone."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from gilas_conv import ConfigurationError, ConversationStore, Prices, load_prices
+from gilas_conv._prices import parse_prices
+from gilas_conv.store._engine import create_engine_for_url
+from gilas_conv.store._migrate import upgrade_database
+
+MODEL = "gpt-4o-mini"
+PRICES = parse_prices(
+    {
+        "currency": "IRR",
+        "models": {MODEL: {"input": 150_000, "cached_input": 75_000, "output": 600_000}},
+    }
+)
+
+
+def _usage(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
+    usage: dict[str, Any] = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+    if cached:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached}
+    return usage
+
+
+class Clock:
+    """A controllable clock for the store."""
+
+    def __init__(self, start: dt.datetime) -> None:
+        self.now = start
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+
+def test_a_reply_with_usage_is_recorded_and_survives_deleting_its_conversation(
+    store: ConversationStore,
+) -> None:
+    conv = store.create(model=MODEL, owner="alice")
+    conv.append("user", "hello")
+    conv.append("assistant", "hi there", usage=_usage(20, 5), model=MODEL, response_id="r1")
+    # The same reply appended again (a retried store) is neither stored nor charged twice.
+    conv.append("assistant", "hi there", usage=_usage(20, 5), model=MODEL, response_id="r1")
+    conv.append("user", "no usage here", usage=None)
+    [row] = store.usage(by="conversation")
+    assert (row.key, row.requests, row.prompt_tokens, row.completion_tokens, row.total_tokens) == (
+        conv.id,
+        1,
+        20,
+        5,
+        25,
+    )
+    assert row.cost is None  # no price table: tokens only, never an invented figure
+    store.delete(conv.id, owner="alice")
+    [after] = store.usage(by="owner")
+    assert (after.key, after.total_tokens, after.requests) == ("alice", 25, 1)
+
+
+def test_summary_usage_is_recorded_as_a_summary_request(store: ConversationStore) -> None:
+    conv = store.create(model=MODEL, owner="bob")
+    for i in range(3):
+        conv.append("user", f"q{i}")
+    conv.add_summary("short", from_seq=1, to_seq=2, model=MODEL, usage=_usage(100, 30))
+    # Another process's summary of the same range won: ours was paid for all the same.
+    conv.add_summary("other", from_seq=1, to_seq=2, model=MODEL, usage=_usage(90, 20))
+    [row] = store.usage(by="model")
+    assert (row.key, row.requests, row.total_tokens) == (MODEL, 2, 240)
+
+
+def test_costs_are_fixed_when_recorded_and_reports_can_reprice(db_url: str) -> None:
+    with ConversationStore(db_url, prices=PRICES) as store:
+        conv = store.create(model=MODEL, owner="alice")
+        # A dated snapshot name takes the prices of its base name.
+        conv.append("assistant", "a", usage=_usage(1000, 100, cached=400), model=f"{MODEL}-2024-07-18")
+        conv.append("assistant", "b", usage=_usage(10, 10), model="unpriced-model")
+        rows = {r.key: r for r in store.usage(by="model")}
+    # 600 x 150000 + 400 x 75000 + 100 x 600000 millionths = 180 rials
+    assert rows[f"{MODEL}-2024-07-18"].cost == Decimal(180)
+    assert rows[f"{MODEL}-2024-07-18"].currency == "IRR"
+    assert rows["unpriced-model"].cost is None
+    # Prices changed later do not move what was recorded ...
+    with ConversationStore(db_url) as store:
+        assert store.usage(by="owner")[0].cost == Decimal(180)
+        # ... unless the report is asked to price the tokens itself.
+        doubled = parse_prices(
+            {
+                "currency": "USD",
+                "models": {MODEL: {"input": 2, "output": 4}, "unpriced-model": {"input": 1, "output": 1}},
+            }
+        )
+        [row] = store.usage(by="owner", prices=doubled)
+    assert row.currency == "USD"
+    assert row.cost == Decimal(1000 * 2 + 100 * 4 + 20) / 1_000_000
+
+
+def test_price_files_toml_json_and_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    toml = tmp_path / "prices.toml"
+    toml.write_text('currency = "toman"\n[models."gpt-4o"]\ninput = 2.5\noutput = 10\n')
+    loaded = load_prices(toml)
+    assert loaded.currency == "toman"
+    assert loaded.cost_micros("gpt-4o", prompt_tokens=1_000_000, completion_tokens=0) == 2_500_000
+    as_json = tmp_path / "prices.json"
+    as_json.write_text(json.dumps({"currency": "USD", "models": {"m": {"input": 1, "output": 2}}}))
+    assert load_prices(as_json).models["m"].cached_input == Decimal(1)
+    monkeypatch.setenv("GILAS_CONV_PRICES", str(as_json))
+    with ConversationStore(f"sqlite:///{tmp_path / 'p.db'}") as store:
+        assert isinstance(store.prices, Prices) and store.prices.currency == "USD"
+    bad = tmp_path / "bad.json"
+    for content, message in (
+        ("{", "not valid"),
+        ('{"currency": "USD", "models": {"m": {"input": -1, "output": 1}}}', ">= 0"),
+        ('{"models": {"m": {"input": 1, "output": 1}}}', "currency"),
+        ('{"currency": "USD", "models": {"m": {"input": 1}}}', "'output'"),
+    ):
+        bad.write_text(content)
+        with pytest.raises(ConfigurationError, match=message):
+            load_prices(bad)
+    with pytest.raises(ConfigurationError, match="cannot read"):
+        load_prices(tmp_path / "missing.toml")
+
+
+def test_days_and_months_follow_the_quota_time_zone(db_url: str) -> None:
+    # 20:29 UTC on 31 January is 23:59 in Tehran (+03:30); 20:31 is already 1 February there.
+    clock = Clock(dt.datetime(2026, 1, 31, 20, 29, tzinfo=dt.timezone.utc))
+    with ConversationStore(db_url, clock=clock) as store:
+        store.set_quota_timezone("Asia/Tehran")
+        conv = store.create(model=MODEL, owner="alice")
+        conv.append("assistant", "late", usage=_usage(10, 0), model=MODEL)
+        clock.now += dt.timedelta(minutes=2)
+        conv.append("assistant", "early", usage=_usage(1, 0), model=MODEL)
+        by_day = [(r.key, r.total_tokens) for r in store.usage(by="day")]
+        by_month = [(r.key, r.total_tokens) for r in store.usage(by="month")]
+        # since/until are dates of that zone, both included.
+        only_feb = store.usage(by="day", since=dt.date(2026, 2, 1))
+        only_jan = store.usage(by="day", until=dt.date(2026, 1, 31), owner="alice")
+        nobody = store.usage(by="day", owner="bob")
+    assert by_day == [("2026-01-31", 10), ("2026-02-01", 1)]
+    assert by_month == [("2026-01", 10), ("2026-02", 1)]
+    assert [r.key for r in only_feb] == ["2026-02-01"]
+    assert [r.key for r in only_jan] == ["2026-01-31"]
+    assert nobody == []
+
+
+def test_bad_report_arguments(store: ConversationStore) -> None:
+    with pytest.raises(ValueError, match="by must be one of"):
+        store.usage(by="week")
+    with pytest.raises(ValueError, match="timezone-aware"):
+        store.usage(since=dt.datetime(2026, 1, 1))
+    with pytest.raises(ValueError, match="unknown time zone"):
+        store.set_quota_timezone("Mars/Olympus")
+
+
+def test_the_migration_backfills_the_ledger_from_stored_replies(empty_db_url: str) -> None:
+    upgrade_database(empty_db_url, "0001")
+    engine = create_engine_for_url(empty_db_url)
+    now = dt.datetime(2025, 5, 1, 12, tzinfo=dt.timezone.utc)
+    stamp = now.replace(tzinfo=None) if engine.dialect.name == "sqlite" else now
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO conversations (id, owner, model, last_seq, created_at, updated_at)"
+                    " VALUES ('c1', 'alice', :m, 3, :t, :t)"
+                ),
+                {"m": MODEL, "t": stamp},
+            )
+            for seq, role, usage in (
+                (1, "user", None),
+                (2, "assistant", json.dumps(_usage(12, 3, cached=2))),
+                (3, "assistant", None),
+            ):
+                conn.execute(
+                    text(
+                        "INSERT INTO messages (conversation_id, seq, role, content, model, usage, created_at)"
+                        " VALUES ('c1', :s, :r, '\"x\"', :m, :u, :t)"
+                    ),
+                    {"s": seq, "r": role, "m": MODEL, "u": usage, "t": stamp},
+                )
+            conn.execute(
+                text(
+                    "INSERT INTO summaries"
+                    " (conversation_id, to_seq, from_seq, content, model, usage, created_at)"
+                    " VALUES ('c1', 1, 1, '\"s\"', :m, :u, :t)"
+                ),
+                {"m": MODEL, "u": json.dumps(_usage(40, 8)), "t": stamp},
+            )
+    finally:
+        engine.dispose()
+    upgrade_database(empty_db_url)
+    with ConversationStore(empty_db_url) as store:
+        [row] = store.usage(by="owner")
+        [day] = store.usage(by="day")
+    assert (row.key, row.requests, row.prompt_tokens, row.completion_tokens, row.cached_tokens) == (
+        "alice",
+        2,
+        52,
+        11,
+        2,
+    )
+    assert row.cost is None and day.key == "2025-05-01"
