@@ -169,7 +169,8 @@ def test_the_migration_backfills_the_ledger_from_stored_replies(empty_db_url: st
     upgrade_database(empty_db_url, "0001")
     engine = create_engine_for_url(empty_db_url)
     now = dt.datetime(2025, 5, 1, 12, tzinfo=dt.timezone.utc)
-    stamp = now.replace(tzinfo=None) if engine.dialect.name == "sqlite" else now
+    # SQLite: the text the store writes (sqlite3's default datetime adapter is deprecated).
+    stamp = now.strftime("%Y-%m-%d %H:%M:%S.%f") if engine.dialect.name == "sqlite" else now
     try:
         with engine.begin() as conn:
             conn.execute(
