@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .exceptions import ConfigurationError, MissingAPIKeyError
 
@@ -78,7 +79,32 @@ def resolve_database_url(url: str | None) -> tuple[str, bool]:
 
 
 def resolve_base_url(base_url: str | None) -> str:
-    return (base_url or os.environ.get(ENV_BASE_URL) or DEFAULT_BASE_URL).rstrip("/")
+    """The API's base URL from the argument, else $GILAS_BASE_URL, else the Gilas API.
+
+    It must be an http(s) URL with a host and no user name or password: the API key travels
+    as a Bearer token, and credentials in the URL would replace it (HTTP clients turn them
+    into Basic auth), so every request would be refused for a missing key. The error shows
+    the URL with its credentials masked.
+    """
+    raw = base_url or os.environ.get(ENV_BASE_URL) or DEFAULT_BASE_URL
+    url = raw.rstrip("/")
+    shown = repr(redact_url(raw)) + ("" if base_url else f" (from ${ENV_BASE_URL})")
+    try:
+        parts = urlsplit(url)
+        has_credentials = parts.username is not None or parts.password is not None
+        hostname = parts.hostname
+    except ValueError:
+        raise ConfigurationError(f"the base URL {shown} is not a valid URL") from None
+    if parts.scheme.lower() not in ("http", "https") or not hostname:
+        raise ConfigurationError(
+            f"the base URL must start with http:// or https:// and name a host, not {shown}"
+        )
+    if has_credentials:
+        raise ConfigurationError(
+            f"the base URL {shown} carries a user name or password: remove them (gilas-conv "
+            "sends the API key as a Bearer token, which URL credentials would replace)"
+        )
+    return url
 
 
 def resolve_api_key(api_key: str | None) -> str:

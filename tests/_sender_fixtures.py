@@ -306,8 +306,8 @@ class Driver:
             self.sender: Any = Sender(store, **options)
             self.sender._sleep = self.sleeps.append
         else:
+            self.sender = AsyncSender(store, **options)  # first: a refused option leaves no loop open
             self.loop = asyncio.new_event_loop()
-            self.sender = AsyncSender(store, **options)
 
             async def sleep(seconds: float) -> None:
                 self.sleeps.append(seconds)

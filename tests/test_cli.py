@@ -642,6 +642,13 @@ def test_base_url_option_beats_the_environment(cli: CLI) -> None:
         pytest.param(["send", "--cid", "nope", "hi"], {}, 1, "not found", id="send-not-found"),
         pytest.param(["send", "hi"], {"GILAS_API_KEY": "sk-bad"}, 1, "the API refused the key", id="401"),
         pytest.param(["--base-url", "ftp://x", "send", "hi"], {}, 1, "must start with http", id="base-url"),
+        pytest.param(
+            ["send", "hi"],
+            {"GILAS_BASE_URL": "https://user:hunter2@api.test/v1"},
+            1,
+            "'https://user:***@api.test/v1' carries a user name or password",
+            id="base-url-credentials",
+        ),
         pytest.param(["--db", "not a url", "list"], {}, 1, "not a database URL", id="bad-db-url"),
         pytest.param(["send", "--context-limit", "20", "hello " * 50], {}, 1, "prompt tokens", id="window"),
     ],
