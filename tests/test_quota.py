@@ -13,12 +13,14 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from stub_server import StubServer
 
 from gilas_conv import ConversationStore, QuotaExceeded
 from gilas_conv._prices import parse_prices
 from gilas_conv.store._usage import RESERVATION_TTL
 
 MODEL = "gpt-4o-mini"
+API_KEY = "sk-quota-race"  # the stub server's
 WORKER = Path(__file__).with_name("_quota_workers.py")
 REPO = Path(__file__).resolve().parent.parent
 TEHRAN_MIDNIGHT = dt.datetime(2026, 3, 9, 20, 30, tzinfo=dt.timezone.utc)  # 10 March 00:00 in Tehran
@@ -134,20 +136,17 @@ def test_a_reservation_of_a_dead_process_expires(db_url: str) -> None:
         assert store.reserve_quota("alice", tokens=100) is not None
 
 
-def test_threads_and_processes_of_one_owner_never_pass_the_limit(db_url: str) -> None:
-    limit, tokens, processes, threads = 1000, 30, 3, 3
-    with ConversationStore(db_url) as store:
-        store.set_quota("racer", daily_tokens=limit)
-        conv = store.create(model=MODEL, owner="racer")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+def _race(mode: str, db_url: str, target: str, owner: str, amount: int, processes: int = 3, threads: int = 3) -> int:
+    """Run ``processes`` workers of tests/_quota_workers.py, started together, each with
+    ``threads`` threads; return how many replies they stored in all."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "GILAS_API_KEY": API_KEY,
+    }
+    command = [sys.executable, str(WORKER), mode, db_url, target, owner, str(amount), str(threads)]
     workers = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), db_url, conv.id, "racer", str(tokens), str(threads)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
+        subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         for _ in range(processes)
     ]
     try:
@@ -159,13 +158,22 @@ def test_threads_and_processes_of_one_owner_never_pass_the_limit(db_url: str) ->
         settled = 0
         for worker in workers:
             out, _ = worker.communicate(timeout=300)
-            settled += json.loads(out.strip().splitlines()[-1])["settled"]
             assert worker.returncode == 0
+            settled += json.loads(out.strip().splitlines()[-1])["settled"]
+        return settled
     finally:
         for worker in workers:
             if worker.poll() is None:
                 worker.kill()
                 worker.wait()
+
+
+def test_threads_and_processes_of_one_owner_never_pass_the_limit(db_url: str) -> None:
+    limit, tokens = 1000, 30
+    with ConversationStore(db_url) as store:
+        store.set_quota("racer", daily_tokens=limit)
+        conv = store.create(model=MODEL, owner="racer")
+    settled = _race("reserve", db_url, conv.id, "racer", tokens)
     with ConversationStore(db_url) as store:
         [row] = store.usage(by="owner")
         [status] = store.quota("racer")
@@ -174,6 +182,32 @@ def test_threads_and_processes_of_one_owner_never_pass_the_limit(db_url: str) ->
     # settled reply is charged once, and no reservation is left held.
     assert row.total_tokens == settled * tokens == stored * tokens
     assert limit - tokens < row.total_tokens <= limit
+    assert status.reserved == 0
+
+
+def test_senders_of_one_owner_racing_through_the_api_never_pass_the_limit(db_url: str, stub: StubServer) -> None:
+    # What a bot does: 3 processes x 3 threads, each thread a Sender with its own
+    # conversation, sending turns to a real local API server until the quota refuses them.
+    limit, max_tokens = 3000, 20
+    with ConversationStore(db_url) as store:
+        store.set_quota("racer", daily_tokens=limit)
+    settled = _race("send", db_url, stub.base_url, "racer", max_tokens)
+    with ConversationStore(db_url) as store:
+        [row] = store.usage(by="owner")
+        [status] = store.quota("racer")
+        conversations = store.list(owner="racer", limit=100)
+        stored = [m for conv in conversations for m in conv.messages()]
+    replies = [m for m in stored if m.role == "assistant"]
+    asked = [r for r in stub.requests if r["path"].endswith("/chat/completions")]
+    # Each request was made once, stored once and charged once; a refused turn stored nothing.
+    assert len(replies) == len(asked) == row.requests == settled > 0
+    assert len(stored) == 2 * len(replies) and len(conversations) == 9
+    # A reservation is the window sent plus max_tokens, and a reply's usage stays within its
+    # own, so together they can pass the limit by less than one request's reservation.
+    largest = max(m.usage["total_tokens"] for m in replies if m.usage)
+    assert row.key == "racer" and row.total_tokens <= limit + largest
+    # Each was refused only when its next reservation would not fit: they went up to it.
+    assert row.total_tokens > limit - 2 * (largest + max_tokens)
     assert status.reserved == 0
 
 
