@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import sys
 import threading
-
 from collections.abc import Callable
 
 from gilas_conv import ConversationStore, QuotaExceeded, Sender

@@ -136,7 +136,9 @@ def test_a_reservation_of_a_dead_process_expires(db_url: str) -> None:
         assert store.reserve_quota("alice", tokens=100) is not None
 
 
-def _race(mode: str, db_url: str, target: str, owner: str, amount: int, processes: int = 3, threads: int = 3) -> int:
+def _race(
+    mode: str, db_url: str, target: str, owner: str, amount: int, processes: int = 3, threads: int = 3
+) -> int:
     """Run ``processes`` workers of tests/_quota_workers.py, started together, each with
     ``threads`` threads; return how many replies they stored in all."""
     env = {
@@ -185,7 +187,9 @@ def test_threads_and_processes_of_one_owner_never_pass_the_limit(db_url: str) ->
     assert status.reserved == 0
 
 
-def test_senders_of_one_owner_racing_through_the_api_never_pass_the_limit(db_url: str, stub: StubServer) -> None:
+def test_senders_of_one_owner_racing_through_the_api_never_pass_the_limit(
+    db_url: str, stub: StubServer
+) -> None:
     # What a bot does: 3 processes x 3 threads, each thread a Sender with its own
     # conversation, sending turns to a real local API server until the quota refuses them.
     limit, max_tokens = 3000, 20

@@ -46,7 +46,6 @@ from click.testing import CliRunner, Result
 from stub_server import StubServer
 
 from gilas_conv import (
-    APIConnectionError,
     APIError,
     APIResponseValidationError,
     APITimeoutError,
