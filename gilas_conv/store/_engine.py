@@ -23,6 +23,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sqlite3
+import time
 import urllib.parse
 from functools import partial
 from typing import Any
@@ -161,7 +163,7 @@ def _configure_sqlite(engine: Engine, *, synchronous: str, busy_timeout_ms: int,
         try:
             cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
             if not _is_memory(engine) and not read_only:
-                cursor.execute("PRAGMA journal_mode = WAL")
+                _journal_mode_wal(cursor, busy_timeout_ms)
             cursor.execute(f"PRAGMA synchronous = {synchronous}")
             cursor.execute("PRAGMA foreign_keys = ON")
             # Deleted rows are overwritten with zeros, not just marked free: a deleted
@@ -177,6 +179,27 @@ def _configure_sqlite(engine: Engine, *, synchronous: str, busy_timeout_ms: int,
         # Straight to the driver: this runs for every transaction, and SQLAlchemy's
         # statement machinery would cost more than the BEGIN itself.
         conn.connection.dbapi_connection.execute("BEGIN IMMEDIATE" if write else "BEGIN")  # type: ignore[union-attr]
+
+
+def _journal_mode_wal(cursor: sqlite3.Cursor, busy_timeout_ms: int) -> None:
+    """Switch the file to WAL, waiting up to the busy timeout for the lock that takes.
+
+    The switch needs the file to itself, and SQLite reports "database is locked" at once
+    instead of waiting when other processes hold it: several processes opening a new file
+    together (workers of one app starting) would fail. Once the file is in WAL mode the
+    statement is a no-op that always succeeds at once.
+    """
+    deadline = time.monotonic() + busy_timeout_ms / 1000
+    pause = 0.001
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() >= deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
 
 
 def _is_memory(engine: Engine) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Engine, inspect, text
+from sqlalchemy import Connection, Engine, inspect, text
 
 from .._config import redact_url
 from ..exceptions import StoreError
@@ -65,9 +65,13 @@ def current_revision(engine: Engine) -> str | None:
     Read with plain SQL, so opening a store never has to load Alembic.
     """
     with engine.connect() as conn:
-        if not inspect(conn).has_table(_VERSION_TABLE):
-            return None
-        versions = conn.execute(text(f"SELECT version_num FROM {_VERSION_TABLE}")).scalars().all()
+        return _revision_on(conn)
+
+
+def _revision_on(conn: Connection) -> str | None:
+    if not inspect(conn).has_table(_VERSION_TABLE):
+        return None
+    versions = conn.execute(text(f"SELECT version_num FROM {_VERSION_TABLE}")).scalars().all()
     if len(versions) > 1:
         raise RuntimeError(f"the database has several schema heads: {', '.join(versions)}")
     return versions[0] if versions else None
@@ -80,14 +84,17 @@ def known_revisions() -> set[str]:
     return {script.revision for script in ScriptDirectory.from_config(_alembic_config()).walk_revisions()}
 
 
-def check_schema_state(engine: Engine, current: str | None) -> None:
+def check_schema_state(bind: Engine | Connection, current: str | None) -> None:
     """Raise StoreError for the states ``db upgrade`` cannot fix: a schema newer than this
-    gilas-conv, or gilas-conv's tables with no record of their revision."""
-    shown = redact_url(engine.url.render_as_string(hide_password=False))
+    gilas-conv, or gilas-conv's tables with no record of their revision.
+
+    Before a migration it runs inside the migration's own transaction (see ``_run``): read
+    outside it, another process's migration could commit between reading the revision
+    and looking for the tables, and a new database would look half made."""
+    shown = redact_url(bind.engine.url.render_as_string(hide_password=False))
     if current is None:
-        with engine.connect() as conn:
-            tables = inspect(conn).has_table("conversations") or inspect(conn).has_table("messages")
-        if tables:
+        inspector = inspect(bind)
+        if inspector.has_table("conversations") or inspector.has_table("messages"):
             raise StoreError(
                 f"the database {shown} has gilas-conv tables but no record of their schema "
                 f"revision (the {_VERSION_TABLE} table is missing or empty), so it cannot be "
@@ -112,6 +119,8 @@ def _run(engine: Engine, action: str, revision: str) -> None:
     # that opens a new file at the same moment wait for the first one's migration (under the
     # busy timeout) and then find the schema current, instead of failing with "locked".
     with engine.connect() as conn, conn.execution_options(**WRITE).begin():
+        if action == "upgrade":
+            check_schema_state(conn, _revision_on(conn))
         config.attributes["connection"] = conn
         getattr(command, action)(config, revision)
 
@@ -130,7 +139,6 @@ def upgrade_database(url: str | Engine | None = None, revision: str = "head") ->
         engine, owned = create_engine_for_url(resolve_database_url(url)[0]), True
     try:
         with _opening(engine, redact_url(engine.url.render_as_string(hide_password=False))):
-            check_schema_state(engine, current_revision(engine))
             _run(engine, "upgrade", revision)
             return current_revision(engine) or "base"
     finally:

@@ -640,10 +640,10 @@ class ConversationStore:
             head = head_revision()
             if current == head:
                 return
-            check_schema_state(self._engine, current)
             if auto_upgrade:
-                upgrade_database(self._engine)
+                upgrade_database(self._engine)  # checks the schema's state under its lock
                 return
+            check_schema_state(self._engine, current)
         raise SchemaOutOfDate(self.url, current, head)
 
     @property
