@@ -595,12 +595,14 @@ class _SenderBase:
         *,
         max_retries: int | None,
         timeout: float | httpx.Timeout | None,
-        context_limit: int | None,
-        policy: Policy | None,
         deadline: float | None = None,
         on_retry: RetryCallback | None = None,
+        context_limit: int | None,
+        policy: Policy | None,
     ) -> _Call:
-        """Check a call's options before anything is stored (ValueError if one is bad).
+        """Check the options of a send/stream/retry/stream_retry call, in the order of their
+        signatures, before anything is stored (ValueError if one is bad); None keeps the
+        sender's own. The one path from the public methods' keywords to a :class:`_Call`.
 
         The call's deadline starts counting here.
         """
