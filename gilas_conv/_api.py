@@ -581,6 +581,10 @@ class StreamAccumulator:
         """True while nothing of a reply has arrived (role-only chunks do not count)."""
         return all(c.empty for c in self._choices.values())
 
+    def _invalid(self, problem: str, data: Any) -> APIResponseValidationError:
+        """What is wrong with a part of this stream (its 200 answer), as the error to raise."""
+        return _invalid(problem, data, status=200, request_id=self.request_id, secrets=self._secrets)
+
     def add(self, data: str) -> StreamDelta | None:
         """Take one event's data; None for ``[DONE]``.
 
@@ -601,25 +605,13 @@ class StreamAccumulator:
                 request_id=self.request_id,
             ) from err
         if not isinstance(chunk, dict):
-            raise _invalid(
-                "a streamed chunk is not an object",
-                chunk,
-                status=200,
-                request_id=self.request_id,
-                secrets=self._secrets,
-            )
+            raise self._invalid("a streamed chunk is not an object", chunk)
         error = chunk.get("error")
         if error is not None:
             raise stream_error({"error": error}, data, request_id=self.request_id, secrets=self._secrets)
         choices = chunk.get("choices", [])
         if not isinstance(choices, list):
-            raise _invalid(
-                "a streamed chunk has no choices list",
-                chunk,
-                status=200,
-                request_id=self.request_id,
-                secrets=self._secrets,
-            )
+            raise self._invalid("a streamed chunk has no choices list", chunk)
         if self.response_id is None and isinstance(chunk.get("id"), str) and chunk["id"]:
             self.response_id = chunk["id"]
         # Azure opens with a prompt_filter_results chunk whose model is "": the served
@@ -635,26 +627,14 @@ class StreamAccumulator:
         reply_delta = StreamDelta("", "", None, None, usage if isinstance(usage, dict) else None, chunk)
         for position, choice in enumerate(choices):
             if not isinstance(choice, dict):
-                raise _invalid(
-                    "a streamed choice is not an object",
-                    chunk,
-                    status=200,
-                    request_id=self.request_id,
-                    secrets=self._secrets,
-                )
+                raise self._invalid("a streamed choice is not an object", chunk)
             index = choice.get("index", position)
             if not isinstance(index, int):
                 index = position
             state = self._choices.setdefault(index, _ChoiceState())
             delta = choice.get("delta") or {}
             if not isinstance(delta, dict):
-                raise _invalid(
-                    "a streamed delta is not an object",
-                    chunk,
-                    status=200,
-                    request_id=self.request_id,
-                    secrets=self._secrets,
-                )
+                raise self._invalid("a streamed delta is not an object", chunk)
             content = delta.get("content")
             if isinstance(content, str):
                 state.content.append(content)
@@ -750,9 +730,7 @@ class StreamAccumulator:
                 message["content"] or None, message.get("refusal"), tool_calls is not None
             )
         except ValueError as err:
-            raise _invalid(
-                str(err), message, status=200, request_id=self.request_id, secrets=self._secrets
-            ) from err
+            raise self._invalid(str(err), message) from err
         others = [
             {
                 "index": index,

@@ -143,13 +143,12 @@ class AsyncSender(_SenderBase):
             params,
             max_retries=max_retries,
             timeout=timeout,
-            context_limit=context_limit,
-            policy=policy,
             deadline=deadline,
             on_retry=on_retry,
+            context_limit=context_limit,
+            policy=policy,
         )
-        turn = await self._prepare_turn(conversation, content, call, owner=owner, stream=False)
-        return await self._complete(turn, call)
+        return await self._complete(conversation, content, call, owner=owner)
 
     async def retry(
         self,
@@ -178,13 +177,12 @@ class AsyncSender(_SenderBase):
             params,
             max_retries=max_retries,
             timeout=timeout,
-            context_limit=context_limit,
-            policy=policy,
             deadline=deadline,
             on_retry=on_retry,
+            context_limit=context_limit,
+            policy=policy,
         )
-        turn = await self._prepare_turn(conversation, _answer(messages), call, owner=owner, stream=False)
-        return await self._complete(turn, call)
+        return await self._complete(conversation, _answer(messages), call, owner=owner)
 
     async def stream(
         self,
@@ -209,13 +207,12 @@ class AsyncSender(_SenderBase):
             params,
             max_retries=max_retries,
             timeout=timeout,
-            context_limit=context_limit,
-            policy=policy,
             deadline=deadline,
             on_retry=on_retry,
+            context_limit=context_limit,
+            policy=policy,
         )
-        turn = await self._prepare_turn(conversation, content, call, owner=owner, stream=True)
-        return await self._open_stream(turn, call)
+        return await self._open_stream(conversation, content, call, owner=owner)
 
     async def stream_retry(
         self,
@@ -236,13 +233,12 @@ class AsyncSender(_SenderBase):
             params,
             max_retries=max_retries,
             timeout=timeout,
-            context_limit=context_limit,
-            policy=policy,
             deadline=deadline,
             on_retry=on_retry,
+            context_limit=context_limit,
+            policy=policy,
         )
-        turn = await self._prepare_turn(conversation, _answer(messages), call, owner=owner, stream=True)
-        return await self._open_stream(turn, call)
+        return await self._open_stream(conversation, _answer(messages), call, owner=owner)
 
     async def _prepare_turn(
         self, conversation: ConversationRef, content: Any, call: _Call, *, owner: str | None, stream: bool
@@ -269,7 +265,11 @@ class AsyncSender(_SenderBase):
             await AsyncBackend.run_blocking(self._abandon, turn)
             raise
 
-    async def _complete(self, turn: _Turn, call: _Call) -> Message:
+    async def _complete(
+        self, conversation: ConversationRef, content: Any, call: _Call, *, owner: str | None
+    ) -> Message:
+        """The turn of send() and retry(): prepared, requested, its reply stored."""
+        turn = await self._prepare_turn(conversation, content, call, owner=owner, stream=False)
         try:
             response, payload = await self._request(turn.body, stream=False, call=call)
             reply = self._completion(response, payload)
@@ -280,7 +280,11 @@ class AsyncSender(_SenderBase):
             raise
         return await AsyncBackend.run_blocking(self._store_reply, turn, reply, status="complete")
 
-    async def _open_stream(self, turn: _Turn, call: _Call) -> AsyncReplyStream:
+    async def _open_stream(
+        self, conversation: ConversationRef, content: Any, call: _Call, *, owner: str | None
+    ) -> AsyncReplyStream:
+        """The turn of stream() and stream_retry(): prepared, requested, its stream started."""
+        turn = await self._prepare_turn(conversation, content, call, owner=owner, stream=True)
         try:
             response, payload = await self._request(turn.body, stream=True, call=call)
             whole = None

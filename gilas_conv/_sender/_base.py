@@ -275,13 +275,16 @@ def pending_reply_to(messages: Sequence[Message], *, whole: bool = True) -> int 
     skipped. Raises ValueError when there is nothing to answer, and LookupError when
     ``messages`` is too short to tell (the caller reads further back).
     """
+
+    def ran_out(why: str) -> Exception:
+        # The start of ``messages`` was reached: the answer if it is the whole history.
+        return ValueError(why) if whole else LookupError()
+
     index = len(messages) - 1
     while index >= 0 and messages[index].role == "assistant" and not messages[index].complete:
         index -= 1
     if index < 0:
-        if not whole:
-            raise LookupError
-        raise ValueError("nothing to answer: the conversation has no user message yet; use send()")
+        raise ran_out("nothing to answer: the conversation has no user message yet; use send()")
     last = messages[index]
     if last.role == "user":
         return last.seq
@@ -291,9 +294,7 @@ def pending_reply_to(messages: Sequence[Message], *, whole: bool = True) -> int 
             answered.add(messages[index].tool_call_id)
             index -= 1
         if index < 0:
-            if not whole:
-                raise LookupError
-            raise ValueError("the last messages are tool results with no assistant tool_calls before them")
+            raise ran_out("the last messages are tool results with no assistant tool_calls before them")
         caller = messages[index]
         if caller.role != "assistant" or not caller.tool_calls:
             raise ValueError(
@@ -595,12 +596,14 @@ class _SenderBase:
         *,
         max_retries: int | None,
         timeout: float | httpx.Timeout | None,
-        context_limit: int | None,
-        policy: Policy | None,
         deadline: float | None = None,
         on_retry: RetryCallback | None = None,
+        context_limit: int | None,
+        policy: Policy | None,
     ) -> _Call:
-        """Check a call's options before anything is stored (ValueError if one is bad).
+        """Check the options of a send/stream/retry/stream_retry call, in the order of their
+        signatures, before anything is stored (ValueError if one is bad); None keeps the
+        sender's own. The one path from the public methods' keywords to a :class:`_Call`.
 
         The call's deadline starts counting here.
         """

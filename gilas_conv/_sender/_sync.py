@@ -137,13 +137,12 @@ class Sender(_SenderBase):
             params,
             max_retries=max_retries,
             timeout=timeout,
-            context_limit=context_limit,
-            policy=policy,
             deadline=deadline,
             on_retry=on_retry,
+            context_limit=context_limit,
+            policy=policy,
         )
-        turn = self._prepare_turn(conversation, content, call, owner=owner, stream=False)
-        return self._complete(turn, call)
+        return self._complete(conversation, content, call, owner=owner)
 
     def retry(
         self,
@@ -172,13 +171,12 @@ class Sender(_SenderBase):
             params,
             max_retries=max_retries,
             timeout=timeout,
-            context_limit=context_limit,
-            policy=policy,
             deadline=deadline,
             on_retry=on_retry,
+            context_limit=context_limit,
+            policy=policy,
         )
-        turn = self._prepare_turn(conversation, _answer(messages), call, owner=owner, stream=False)
-        return self._complete(turn, call)
+        return self._complete(conversation, _answer(messages), call, owner=owner)
 
     def stream(
         self,
@@ -203,13 +201,12 @@ class Sender(_SenderBase):
             params,
             max_retries=max_retries,
             timeout=timeout,
-            context_limit=context_limit,
-            policy=policy,
             deadline=deadline,
             on_retry=on_retry,
+            context_limit=context_limit,
+            policy=policy,
         )
-        turn = self._prepare_turn(conversation, content, call, owner=owner, stream=True)
-        return self._open_stream(turn, call)
+        return self._open_stream(conversation, content, call, owner=owner)
 
     def stream_retry(
         self,
@@ -230,13 +227,12 @@ class Sender(_SenderBase):
             params,
             max_retries=max_retries,
             timeout=timeout,
-            context_limit=context_limit,
-            policy=policy,
             deadline=deadline,
             on_retry=on_retry,
+            context_limit=context_limit,
+            policy=policy,
         )
-        turn = self._prepare_turn(conversation, _answer(messages), call, owner=owner, stream=True)
-        return self._open_stream(turn, call)
+        return self._open_stream(conversation, _answer(messages), call, owner=owner)
 
     def _prepare_turn(
         self, conversation: ConversationRef, content: Any, call: _Call, *, owner: str | None, stream: bool
@@ -263,7 +259,11 @@ class Sender(_SenderBase):
             SyncBackend.run_blocking(self._abandon, turn)
             raise
 
-    def _complete(self, turn: _Turn, call: _Call) -> Message:
+    def _complete(
+        self, conversation: ConversationRef, content: Any, call: _Call, *, owner: str | None
+    ) -> Message:
+        """The turn of send() and retry(): prepared, requested, its reply stored."""
+        turn = self._prepare_turn(conversation, content, call, owner=owner, stream=False)
         try:
             response, payload = self._request(turn.body, stream=False, call=call)
             reply = self._completion(response, payload)
@@ -274,7 +274,11 @@ class Sender(_SenderBase):
             raise
         return SyncBackend.run_blocking(self._store_reply, turn, reply, status="complete")
 
-    def _open_stream(self, turn: _Turn, call: _Call) -> ReplyStream:
+    def _open_stream(
+        self, conversation: ConversationRef, content: Any, call: _Call, *, owner: str | None
+    ) -> ReplyStream:
+        """The turn of stream() and stream_retry(): prepared, requested, its stream started."""
+        turn = self._prepare_turn(conversation, content, call, owner=owner, stream=True)
         try:
             response, payload = self._request(turn.body, stream=True, call=call)
             whole = None

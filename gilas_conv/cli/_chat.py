@@ -31,12 +31,11 @@ from ._render import Output, ReplyPrinter
 from ._search import print_hits
 from ._turns import (
     StreamStopped,
+    TurnOptions,
     ignore_stop_signals,
     print_stream,
     stopped_note,
-    switch_model,
     turn_options,
-    turn_params,
 )
 
 if TYPE_CHECKING:
@@ -403,28 +402,22 @@ def chat(
     continue_latest: bool,
     cid: str | None,
     system: str | None,
-    model: str | None,
-    max_tokens: int | None,
-    context_limit: int | None,
-    policy: str | None,
-    options: tuple[tuple[str, str], ...],
+    turn: TurnOptions,
 ) -> None:
-    params = turn_params(max_tokens=max_tokens, context_limit=context_limit, policy=policy, options=options)
     output = Output()
     settings.sender()  # a missing API key is reported before the first prompt
     conv = pick_conversation(
         settings, positional=conversation_id, cid=cid, continue_latest=continue_latest, required=False
     )
     if conv is not None:
-        switch_model(conv, model)
+        turn.switch_model(conv)
         if system:
             conv.append("system", system)
             system = None
-    session = _Chat(settings, output, conv, model=model or DEFAULT_MODEL, system=system, params=params)
+    model = turn.model or DEFAULT_MODEL
+    session = _Chat(settings, output, conv, model=model, system=system, params=turn.params)
     if conv is not None:
         session.show_resumed()
     else:
-        output.line(
-            f"Chatting with {model or DEFAULT_MODEL}. /help for commands, Ctrl-D to exit.", style="dim"
-        )
+        output.line(f"Chatting with {model}. /help for commands, Ctrl-D to exit.", style="dim")
     session.run()

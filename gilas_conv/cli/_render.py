@@ -183,6 +183,11 @@ def _rstrip_segments(line: list[Segment]) -> list[Segment]:
     return line
 
 
+def _console(stream: IO[str], *, rich: bool) -> Console:
+    # markup/emoji/highlight off: message text is data, "[b]" or ":smile:" stay as typed.
+    return Console(file=stream, force_terminal=rich, markup=False, emoji=False, highlight=False)
+
+
 class Output:
     """Where a command writes: ``out`` (stdout) and ``err`` (stderr), each rich or plain.
 
@@ -195,21 +200,8 @@ class Output:
         self.err = err if err is not None else sys.stderr
         self.rich = isatty(self.out)
         self.err_rich = isatty(self.err)
-        # markup/emoji/highlight off: message text is data, "[b]" or ":smile:" stay as typed.
-        self.console = Console(
-            file=self.out,
-            force_terminal=self.rich,
-            markup=False,
-            emoji=False,
-            highlight=False,
-        )
-        self.err_console = Console(
-            file=self.err,
-            force_terminal=self.err_rich,
-            markup=False,
-            emoji=False,
-            highlight=False,
-        )
+        self.console = _console(self.out, rich=self.rich)
+        self.err_console = _console(self.err, rich=self.err_rich)
 
     # -- plain lines -----------------------------------------------------------------------
 

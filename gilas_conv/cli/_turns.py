@@ -11,11 +11,13 @@ SIGTERM: 128 plus the signal number, as shells report it).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -42,7 +44,7 @@ from ._render import Output, ReplyPrinter, content_text
 if TYPE_CHECKING:
     from ..sender import ReplyStream
 
-__all__ = ["StreamStopped", "parse_options", "print_stream", "stopped_note", "turn_options"]
+__all__ = ["StreamStopped", "TurnOptions", "parse_options", "print_stream", "stopped_note", "turn_options"]
 
 # Signals that stop a streaming reply the way Ctrl-C does (SIGHUP does not exist on Windows).
 STOP_SIGNALS = tuple(
@@ -198,10 +200,59 @@ _TURN_OPTIONS = (
 )
 
 
+@dataclass(frozen=True)
+class TurnOptions:
+    """What ``-m``, ``--max-tokens``, ``--context-limit``, ``--policy`` and ``-o`` ask of a turn."""
+
+    model: str | None  # -m: the conversation's model from now on (None: keep it)
+    params: dict[str, Any]  # the keyword arguments of a sender call
+
+    @classmethod
+    def from_flags(
+        cls,
+        *,
+        model: str | None,
+        max_tokens: int | None,
+        context_limit: int | None,
+        policy: str | None,
+        options: tuple[tuple[str, str], ...],
+    ) -> TurnOptions:
+        params = parse_options(options)
+        for key, value in (("max_tokens", max_tokens), ("context_limit", context_limit), ("policy", policy)):
+            if value is not None:
+                params[key] = value
+        return cls(model, params)
+
+    def switch_model(self, conv: Conversation) -> None:
+        """``-m``: the conversation's model from now on."""
+        if self.model and self.model != conv.model:
+            conv.update(model=self.model)
+
+
 def turn_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The options of a command that asks for a reply, given to it as one ``turn``
+    (:class:`TurnOptions`) argument."""
+
+    @functools.wraps(command)
+    def run(
+        *args: Any,
+        model: str | None,
+        max_tokens: int | None,
+        context_limit: int | None,
+        policy: str | None,
+        options: tuple[tuple[str, str], ...],
+        **kwargs: Any,
+    ) -> Any:
+        turn = TurnOptions.from_flags(
+            model=model, max_tokens=max_tokens, context_limit=context_limit, policy=policy, options=options
+        )
+        return command(*args, turn=turn, **kwargs)
+
+    # The options the command's own decorators declared so far, in a list of run's own.
+    run.__click_params__ = list(getattr(command, "__click_params__", []))  # type: ignore[attr-defined]
     for option in reversed(_TURN_OPTIONS):
-        command = option(command)
-    return command
+        run = option(run)
+    return run
 
 
 _OUTPUT_OPTIONS = (
@@ -214,30 +265,6 @@ def _output_options(command: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(_OUTPUT_OPTIONS):
         command = option(command)
     return command
-
-
-def turn_params(
-    *,
-    max_tokens: int | None,
-    context_limit: int | None,
-    policy: str | None,
-    options: tuple[tuple[str, str], ...],
-) -> dict[str, Any]:
-    """The keyword arguments of a sender call (the model is the conversation's)."""
-    params = parse_options(options)
-    if max_tokens is not None:
-        params["max_tokens"] = max_tokens
-    if context_limit is not None:
-        params["context_limit"] = context_limit
-    if policy is not None:
-        params["policy"] = policy
-    return params
-
-
-def switch_model(conv: Conversation, model: str | None) -> None:
-    """``-m``: the conversation's model from now on."""
-    if model and model != conv.model:
-        conv.update(model=model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,11 +285,7 @@ def send(
     continue_latest: bool,
     cid: str | None,
     system: str | None,
-    model: str | None,
-    max_tokens: int | None,
-    context_limit: int | None,
-    policy: str | None,
-    options: tuple[tuple[str, str], ...],
+    turn: TurnOptions,
     no_stream: bool,
     as_json: bool,
 ) -> None:
@@ -276,24 +299,23 @@ def send(
     {"conversation_id": ..., "message": {...the stored reply...}, "usage": {...}}.
     """
     content = _read_text(text)
-    params = turn_params(max_tokens=max_tokens, context_limit=context_limit, policy=policy, options=options)
     output = Output()
     sender = settings.sender()
     conv = pick_conversation(settings, cid=cid, continue_latest=continue_latest, required=False)
     if conv is None:
         conv = settings.store().create(
-            model=model or DEFAULT_MODEL, title=title_from(content), owner=settings.owner
+            model=turn.model or DEFAULT_MODEL, title=title_from(content), owner=settings.owner
         )
         settings.conversation_id = conv.id
         output.note(f"conversation {conv.id}")
     else:
-        switch_model(conv, model)
+        turn.switch_model(conv)
     if system:
         conv.append("system", system)
     reply = _deliver(
         output,
-        lambda: sender.send(conv, content, **params),
-        lambda: sender.stream(conv, content, **params),
+        lambda: sender.send(conv, content, **turn.params),
+        lambda: sender.stream(conv, content, **turn.params),
         stream=not no_stream,
         as_json=as_json,
     )
@@ -313,11 +335,7 @@ def retry(
     conversation_id: str | None,
     continue_latest: bool,
     cid: str | None,
-    model: str | None,
-    max_tokens: int | None,
-    context_limit: int | None,
-    policy: str | None,
-    options: tuple[tuple[str, str], ...],
+    turn: TurnOptions,
     no_stream: bool,
     as_json: bool,
 ) -> None:
@@ -328,16 +346,15 @@ def retry(
     an interrupted, incomplete reply after it is skipped, and the new reply is stored after
     it.
     """
-    params = turn_params(max_tokens=max_tokens, context_limit=context_limit, policy=policy, options=options)
     output = Output()
     sender = settings.sender()
     conv = pick_conversation(settings, positional=conversation_id, cid=cid, continue_latest=continue_latest)
     assert conv is not None
-    switch_model(conv, model)
+    turn.switch_model(conv)
     reply = _deliver(
         output,
-        lambda: sender.retry(conv, **params),
-        lambda: sender.stream_retry(conv, **params),
+        lambda: sender.retry(conv, **turn.params),
+        lambda: sender.stream_retry(conv, **turn.params),
         stream=not no_stream,
         as_json=as_json,
     )
