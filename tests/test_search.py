@@ -23,6 +23,7 @@ from gilas_conv.search._normalize import (
     index_text,
     words_and_parts,
 )
+from gilas_conv.store import _search as store_search
 from gilas_conv.store._engine import create_engine_for_url
 
 MODEL = "gpt-4o-mini"
@@ -313,6 +314,53 @@ def test_hits_are_best_first(store: ConversationStore) -> None:
     hits = store.search("kiwi")
     assert hits[0].conversation_id == best
     assert hits[0].rank >= hits[1].rank
+
+
+@pytest.fixture
+def small_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bounds on ranking, small enough to cross with a handful of messages."""
+    monkeypatch.setattr(store_search, "SEARCH_CANDIDATES", 4)
+    monkeypatch.setattr(store_search, "PG_RECENT_WINDOW", 4)
+    monkeypatch.setattr(store_search, "PG_FREQUENT_MATCHES", 2)
+
+
+@pytest.mark.usefixtures("small_bounds")
+def test_a_frequent_word_ranks_only_its_newest_matches(store: ConversationStore) -> None:
+    """More matches than the bounds: the newest ones are ranked (SQLite: the newest
+    SEARCH_CANDIDATES matches; Postgres: the matches among the newest PG_RECENT_WINDOW
+    messages, enough of them to call the word frequent), so an old better match is left out
+    and both backends give the same hits."""
+    best_but_old = _conversation(store, "kiwi kiwi kiwi kiwi")
+    newer = [_conversation(store, f"kiwi and other words {n}") for n in range(6)]
+    hits = store.search("kiwi")
+    assert {h.conversation_id for h in hits} == set(newer[-4:])
+    assert best_but_old not in {h.conversation_id for h in hits}
+
+
+@pytest.mark.usefixtures("small_bounds")
+def test_a_rare_word_in_old_history_is_found_and_ranked(store: ConversationStore) -> None:
+    old_best = _conversation(store, "walrus walrus here")
+    old = _conversation(store, "a walrus among many other words in this message")
+    for n in range(6):
+        _conversation(store, f"nothing to see {n}")
+    hits = store.search("walrus")
+    assert [h.conversation_id for h in hits] == [old_best, old]
+
+
+@pytest.mark.usefixtures("small_bounds")
+def test_few_recent_matches_of_a_frequent_word_are_ranked_with_older_ones(store: ConversationStore) -> None:
+    """Postgres: more matches than SEARCH_CANDIDATES but few recent ones: the recent
+    matches and those the index finds are ranked together, so the page fills up."""
+    old = [_conversation(store, "emu " * (n + 1)) for n in range(6)]
+    recent = _conversation(store, "an emu")
+    for n in range(3):
+        _conversation(store, f"nothing to see {n}")
+    found = {h.conversation_id for h in store.search("emu")}
+    assert recent in found
+    if store.dialect == "postgresql":
+        assert len(found) >= 5 and found <= {*old, recent}
+    else:
+        assert found == {recent, *old[-3:]}
 
 
 def test_snippet_is_cut_from_the_original_text_around_the_match(store: ConversationStore) -> None:
