@@ -48,6 +48,7 @@ __all__ = [
     "copy_rows",
     "index_values",
     "insert_rows",
+    "prepare_delete",
     "search_rows",
     "unmodeled_table",
 ]
@@ -143,21 +144,52 @@ def insert_rows(conn: Any, rows: list[dict[str, Any]]) -> None:
 
 # Pages of FTS5 merge work per transaction when compacting (see compact_step).
 COMPACT_PAGES = 1000
+# The first SQLite whose FTS5 has a dependable ``secure-delete`` option (added in 3.42).
+FTS5_SECURE_DELETE_SINCE = (3, 44, 0)
 
 
 def compact_step(conn: Any, pages: int = COMPACT_PAGES) -> bool:
     """SQLite: one bounded step of merging the FTS5 index's segments into one; True while
-    there is work left. Deleting a row from an FTS5 index only adds a delete marker: the
-    deleted words stay in the older segments until they are merged with the marker. A
-    negative ``merge`` merges every segment, whatever its level (an incremental
-    ``optimize``); the old segments' pages are freed, and ``secure_delete`` zeroes them.
-    (FTS5's own ``secure-delete`` option needs SQLite 3.42 and makes the file unreadable to
-    older versions, so it is not used.)"""
+    there is work left. Deleting a row from an FTS5 index only adds a delete marker (unless
+    its ``secure-delete`` option is on, see :func:`prepare_delete`): the deleted words stay
+    in the older segments until they are merged with the marker. A negative ``merge``
+    merges every segment, whatever its level (an incremental ``optimize``); the old
+    segments' pages are freed, and ``secure_delete`` zeroes them."""
     before = conn.exec_driver_sql("SELECT total_changes()").scalar()
     conn.exec_driver_sql(f"INSERT INTO {FTS_TABLE} ({FTS_TABLE}, rank) VALUES ('merge', -{int(pages)})")
     after = conn.exec_driver_sql("SELECT total_changes()").scalar()
     # FTS5's documented test: a delta of 2 or more means the command merged something.
     return int(after) - int(before) >= 2
+
+
+def prepare_delete(conn: Any, conversation_id: str) -> bool:
+    """Before deleting a conversation in ``conn``'s transaction: True when the search index
+    must be compacted afterwards (:func:`compact_step` until done) for the conversation's
+    words to leave it.
+
+    On SQLite 3.44 or later, FTS5's ``secure-delete`` option is turned on (once; it is
+    stored in the index), and FTS5 then removes a deleted row's words from its segments
+    at once: no compaction is needed, except once when the option is first turned on, for
+    words older deletions left. Older SQLite versions cannot read or write the index once
+    the option is on, which is why it is only turned on by a SQLite that has it. Before
+    3.44 the whole index is merged after the delete, which costs time in proportion to its
+    size (see benchmarks/README.md). Postgres needs neither (see the README on VACUUM)."""
+    if conn.dialect.name != "sqlite":
+        return False
+    indexed = conn.exec_driver_sql(
+        f"SELECT 1 FROM {SEARCH_TABLE} WHERE conversation_id = ? LIMIT 1", (conversation_id,)
+    ).first()
+    if indexed is None:
+        return False
+    if tuple(conn.dialect.server_version_info or ()) < FTS5_SECURE_DELETE_SINCE:
+        return True
+    already = conn.exec_driver_sql(
+        f"SELECT v FROM {FTS_TABLE}_config WHERE k = 'secure-delete'"
+    ).scalar()
+    if already is not None and int(already) == 1:
+        return False
+    conn.exec_driver_sql(f"INSERT INTO {FTS_TABLE} ({FTS_TABLE}, rank) VALUES ('secure-delete', 1)")
+    return True
 
 
 def copy_rows(conn: Any, *, source: str, new: str, at: int) -> None:
