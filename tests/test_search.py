@@ -402,7 +402,7 @@ def test_delete_leaves_no_word_in_the_fts5_index_bytes(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'erased.db'}"
     with ConversationStore(url) as store:
         # Written before the kept messages, so its words sit in segments older than theirs.
-        gone = _conversation(store, "quokkasecret in a message", *(f"another quokkasecret{n}" for n in range(20)))
+        gone = _conversation(store, "quokkasecret", *(f"another quokkasecret{n}" for n in range(20)))
         kept = _conversation(store, *(f"kept words {n}" for n in range(30)))
         untouched = _conversation(store)  # no search rows: nothing to merge
         store.delete(untouched)

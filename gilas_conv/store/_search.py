@@ -28,6 +28,11 @@ Postgres
 
 The store writes a message and its search row in one transaction (append, import, fork);
 a message with no searchable text (a system prompt, a bare tool call) has no search row.
+
+Ranking is bounded on both: a word in hundreds of thousands of messages is ranked among
+its recent matches, not all of them (SQLite: the newest ``SEARCH_CANDIDATES`` matches, which
+FTS5 yields newest first; Postgres: see :func:`_pg_best`, since GIN yields matches in no
+useful order and reading every match's row is what cost 0.4 s at a million messages).
 """
 
 from __future__ import annotations
@@ -183,9 +188,7 @@ def prepare_delete(conn: Any, conversation_id: str) -> bool:
         return False
     if tuple(conn.dialect.server_version_info or ()) < FTS5_SECURE_DELETE_SINCE:
         return True
-    already = conn.exec_driver_sql(
-        f"SELECT v FROM {FTS_TABLE}_config WHERE k = 'secure-delete'"
-    ).scalar()
+    already = conn.exec_driver_sql(f"SELECT v FROM {FTS_TABLE}_config WHERE k = 'secure-delete'").scalar()
     if already is not None and int(already) == 1:
         return False
     conn.exec_driver_sql(f"INSERT INTO {FTS_TABLE} ({FTS_TABLE}, rank) VALUES ('secure-delete', 1)")
