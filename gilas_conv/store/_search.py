@@ -28,6 +28,11 @@ Postgres
 
 The store writes a message and its search row in one transaction (append, import, fork);
 a message with no searchable text (a system prompt, a bare tool call) has no search row.
+
+Ranking is bounded on both: a word in hundreds of thousands of messages is ranked among
+its recent matches, not all of them (SQLite: the newest ``SEARCH_CANDIDATES`` matches, which
+FTS5 yields newest first; Postgres: see :func:`_pg_best`, since GIN yields matches in no
+useful order and reading every match's row is what cost 0.4 s at a million messages).
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ __all__ = [
     "copy_rows",
     "index_values",
     "insert_rows",
+    "prepare_delete",
     "search_rows",
     "unmodeled_table",
 ]
@@ -55,8 +61,13 @@ __all__ = [
 SEARCH_TABLE = "message_search"
 FTS_TABLE = "message_search_fts"
 
-# On SQLite, the newest this many matches are ranked (see _matches_sql).
-SQLITE_CANDIDATES = 2000
+# On SQLite, the newest this many matches are ranked (see _sqlite_matches_sql); on Postgres,
+# up to this many matches found through the index are ranked (see _pg_best).
+SEARCH_CANDIDATES = 2000
+# Postgres: how many of the owner's newest messages a search looks at first, and how many
+# matches among them make a word frequent enough to rank only those (see _pg_best).
+PG_RECENT_WINDOW = 10_000
+PG_FREQUENT_MATCHES = 500
 
 # Postgres keeps at most 256 positions per lexeme and positions up to 16383.
 _PG_MAX_POSITIONS = 255
@@ -138,21 +149,50 @@ def insert_rows(conn: Any, rows: list[dict[str, Any]]) -> None:
 
 # Pages of FTS5 merge work per transaction when compacting (see compact_step).
 COMPACT_PAGES = 1000
+# The first SQLite whose FTS5 has a dependable ``secure-delete`` option (added in 3.42).
+FTS5_SECURE_DELETE_SINCE = (3, 44, 0)
 
 
 def compact_step(conn: Any, pages: int = COMPACT_PAGES) -> bool:
     """SQLite: one bounded step of merging the FTS5 index's segments into one; True while
-    there is work left. Deleting a row from an FTS5 index only adds a delete marker: the
-    deleted words stay in the older segments until they are merged with the marker. A
-    negative ``merge`` merges every segment, whatever its level (an incremental
-    ``optimize``); the old segments' pages are freed, and ``secure_delete`` zeroes them.
-    (FTS5's own ``secure-delete`` option needs SQLite 3.42 and makes the file unreadable to
-    older versions, so it is not used.)"""
+    there is work left. Deleting a row from an FTS5 index only adds a delete marker (unless
+    its ``secure-delete`` option is on, see :func:`prepare_delete`): the deleted words stay
+    in the older segments until they are merged with the marker. A negative ``merge``
+    merges every segment, whatever its level (an incremental ``optimize``); the old
+    segments' pages are freed, and ``secure_delete`` zeroes them."""
     before = conn.exec_driver_sql("SELECT total_changes()").scalar()
     conn.exec_driver_sql(f"INSERT INTO {FTS_TABLE} ({FTS_TABLE}, rank) VALUES ('merge', -{int(pages)})")
     after = conn.exec_driver_sql("SELECT total_changes()").scalar()
     # FTS5's documented test: a delta of 2 or more means the command merged something.
     return int(after) - int(before) >= 2
+
+
+def prepare_delete(conn: Any, conversation_id: str) -> bool:
+    """Before deleting a conversation in ``conn``'s transaction: True when the search index
+    must be compacted afterwards (:func:`compact_step` until done) for the conversation's
+    words to leave it.
+
+    On SQLite 3.44 or later, FTS5's ``secure-delete`` option is turned on (once; it is
+    stored in the index), and FTS5 then removes a deleted row's words from its segments
+    at once: no compaction is needed, except once when the option is first turned on, for
+    words older deletions left. Older SQLite versions cannot read or write the index once
+    the option is on, which is why it is only turned on by a SQLite that has it. Before
+    3.44 the whole index is merged after the delete, which costs time in proportion to its
+    size (see benchmarks/README.md). Postgres needs neither (see the README on VACUUM)."""
+    if conn.dialect.name != "sqlite":
+        return False
+    indexed = conn.exec_driver_sql(
+        f"SELECT 1 FROM {SEARCH_TABLE} WHERE conversation_id = ? LIMIT 1", (conversation_id,)
+    ).first()
+    if indexed is None:
+        return False
+    if tuple(conn.dialect.server_version_info or ()) < FTS5_SECURE_DELETE_SINCE:
+        return True
+    already = conn.exec_driver_sql(f"SELECT v FROM {FTS_TABLE}_config WHERE k = 'secure-delete'").scalar()
+    if already is not None and int(already) == 1:
+        return False
+    conn.exec_driver_sql(f"INSERT INTO {FTS_TABLE} ({FTS_TABLE}, rank) VALUES ('secure-delete', 1)")
+    return True
 
 
 def copy_rows(conn: Any, *, source: str, new: str, at: int) -> None:
@@ -164,30 +204,95 @@ def _owner_sql(owner: str | None) -> str:
     return "c.owner IS NULL" if owner is None else "c.owner = :owner"
 
 
-def _matches_sql(dialect: str, *, owner: str | None, conversation: str | None) -> str:
+def _sqlite_matches_sql(*, owner: str | None, conversation: str | None) -> str:
     only = " AND c.id = :cid" if conversation is not None else ""
-    if dialect == "sqlite":
-        # bm25 is lower-is-better; parts count half as much as whole words. The inner query
-        # walks the matches newest first (FTS5 iterates rowids in either order) and stops
-        # after SQLITE_CANDIDATES of this owner: ranking every match of a frequent word
-        # would cost time in proportion to the whole history.
-        return (
-            "SELECT conversation_id, seq, rank FROM ("
-            f"SELECT d.conversation_id AS conversation_id, d.seq AS seq,"
-            f" -bm25({FTS_TABLE}, 1.0, 0.5) AS rank"
-            f" FROM {FTS_TABLE} JOIN {SEARCH_TABLE} d ON d.id = {FTS_TABLE}.rowid"
-            f" JOIN conversations c ON c.id = d.conversation_id"
-            f" WHERE {FTS_TABLE} MATCH :query AND {_owner_sql(owner)}{only}"
-            f" ORDER BY {FTS_TABLE}.rowid DESC LIMIT {SQLITE_CANDIDATES})"
-            " ORDER BY rank DESC, conversation_id, seq LIMIT :limit"
-        )
+    # bm25 is lower-is-better; parts count half as much as whole words. The inner query
+    # walks the matches newest first (FTS5 iterates rowids in either order) and stops
+    # after SEARCH_CANDIDATES of this owner: ranking every match of a frequent word
+    # would cost time in proportion to the whole history.
     return (
-        "SELECT s.conversation_id AS conversation_id, s.seq AS seq,"
-        " ts_rank(s.document, CAST(:query AS tsquery)) AS rank"
+        "SELECT conversation_id, seq, rank FROM ("
+        f"SELECT d.conversation_id AS conversation_id, d.seq AS seq,"
+        f" -bm25({FTS_TABLE}, 1.0, 0.5) AS rank"
+        f" FROM {FTS_TABLE} JOIN {SEARCH_TABLE} d ON d.id = {FTS_TABLE}.rowid"
+        f" JOIN conversations c ON c.id = d.conversation_id"
+        f" WHERE {FTS_TABLE} MATCH :query AND {_owner_sql(owner)}{only}"
+        f" ORDER BY {FTS_TABLE}.rowid DESC LIMIT {SEARCH_CANDIDATES})"
+        " ORDER BY rank DESC, conversation_id, seq LIMIT :limit"
+    )
+
+
+def _pg_recent_sql(*, owner: str | None, conversation: str | None) -> str:
+    """Postgres, first step: the owner's newest PG_RECENT_WINDOW search rows (most recently
+    active conversation first, its newest message first), each with its rank when it
+    matches (NULL when not), best first, with how many rows were walked and how many
+    matched. A nested loop over the (owner, updated_at) index of conversations and the
+    primary key of message_search: it reads those rows and no others, however many
+    messages match in the whole history. ``ts_match_vq`` is ``@@`` written as a function,
+    which the planner does not turn into a GIN scan (one per conversation would cost more
+    than the walk)."""
+    only = " AND c.id = :cid" if conversation is not None else ""
+    # ORDER BY c.owner too: the index is (owner, updated_at), and "owner IS NULL" (unlike
+    # "owner = x") does not tell the planner that the index is in updated_at order. Rows of
+    # conversations last active at the same instant come in the index's order.
+    walk = (
+        "SELECT s.conversation_id, s.seq, s.document FROM conversations c CROSS JOIN LATERAL"
+        f" (SELECT s.conversation_id, s.seq, s.document FROM {SEARCH_TABLE} s"
+        " WHERE s.conversation_id = c.id ORDER BY s.seq DESC) s"
+        f" WHERE {_owner_sql(owner)}{only}"
+        f" ORDER BY c.owner DESC, c.updated_at DESC LIMIT {PG_RECENT_WINDOW}"
+    )
+    return (
+        "WITH r AS (SELECT w.conversation_id, w.seq,"
+        " CASE WHEN ts_match_vq(w.document, CAST(:query AS tsquery))"
+        " THEN ts_rank(w.document, CAST(:query AS tsquery)) END AS rank"
+        f" FROM ({walk}) w)"
+        " SELECT b.conversation_id, b.seq, b.rank, t.walked, t.matched"
+        " FROM (SELECT count(*) AS walked, count(rank) AS matched FROM r) t"
+        " LEFT JOIN LATERAL (SELECT conversation_id, seq, rank FROM r WHERE rank IS NOT NULL"
+        " ORDER BY rank DESC, conversation_id, seq LIMIT :limit) b ON true"
+    )
+
+
+def _pg_indexed_sql(*, owner: str | None, conversation: str | None) -> str:
+    """Postgres, second step: matches found through the GIN index, at most
+    SEARCH_CANDIDATES + 1 of them (in no particular order), best first, with their count."""
+    only = " AND c.id = :cid" if conversation is not None else ""
+    return (
+        "SELECT conversation_id, seq, rank, count(*) OVER () AS matched FROM ("
+        "SELECT s.conversation_id, s.seq, ts_rank(s.document, CAST(:query AS tsquery)) AS rank"
         f" FROM {SEARCH_TABLE} s JOIN conversations c ON c.id = s.conversation_id"
         f" WHERE s.document @@ CAST(:query AS tsquery) AND {_owner_sql(owner)}{only}"
-        " ORDER BY rank DESC, s.conversation_id, s.seq LIMIT :limit"
+        f" LIMIT {SEARCH_CANDIDATES + 1}) g"
+        " ORDER BY rank DESC, conversation_id, seq LIMIT :limit"
     )
+
+
+def _pg_best(conn: Any, params: dict[str, Any], *, owner: str | None, conversation: str | None) -> list[Any]:
+    """Postgres: the best ``limit`` matches as (conversation_id, seq, rank) rows.
+
+    GIN finds the messages that match but cannot order them, and ranking every match of a
+    word in a tenth of a million messages reads each of their rows (0.4-0.5 s). So:
+
+    1. Walk the owner's newest PG_RECENT_WINDOW messages and rank those that match. If that
+       walked all of the owner's messages, or found at least PG_FREQUENT_MATCHES matches (a
+       frequent word: a full page of recent hits), those are the result.
+    2. Otherwise find the matches through the GIN index, at most SEARCH_CANDIDATES + 1: if
+       there are no more than SEARCH_CANDIDATES, all of them are ranked (exact).
+    3. Otherwise (more matches than that, few of them recent) the recent matches and those
+       the index found are ranked together, so a page is full whenever there are enough
+       matches.
+    """
+    recent = conn.execute(text(_pg_recent_sql(owner=owner, conversation=conversation)), params).all()
+    found = [row for row in recent if row.rank is not None]
+    if recent[0].walked < PG_RECENT_WINDOW or recent[0].matched >= PG_FREQUENT_MATCHES:
+        return found
+    indexed = conn.execute(text(_pg_indexed_sql(owner=owner, conversation=conversation)), params).all()
+    if not indexed or indexed[0].matched <= SEARCH_CANDIDATES:
+        return indexed
+    both = {(row.conversation_id, row.seq): row for row in (*indexed, *found)}
+    best = sorted(both.values(), key=lambda row: (-row.rank, row.conversation_id, row.seq))
+    return best[: params["limit"]]
 
 
 def search_rows(
@@ -195,9 +300,32 @@ def search_rows(
 ) -> list[Any]:
     """The best ``limit`` matches, best first, with their message and conversation columns."""
     dialect = conn.dialect.name
+    params: dict[str, Any] = {
+        "query": query.fts5() if dialect == "sqlite" else query.tsquery(),
+        "limit": limit,
+    }
+    if owner is not None:
+        params["owner"] = owner
+    if conversation is not None:
+        params["cid"] = conversation
+    if dialect == "sqlite":
+        hits = f"({_sqlite_matches_sql(owner=owner, conversation=conversation)}) AS h"
+    else:
+        best = _pg_best(conn, params, owner=owner, conversation=conversation)
+        if not best:
+            return []
+        hits = (
+            "unnest(CAST(:cids AS varchar[]), CAST(:seqs AS integer[]), CAST(:ranks AS float8[]))"
+            " AS h (conversation_id, seq, rank)"
+        )
+        params = {
+            "cids": [row.conversation_id for row in best],
+            "seqs": [row.seq for row in best],
+            "ranks": [row.rank for row in best],
+        }
     statement = text(
         f"SELECT h.conversation_id, h.seq, h.rank, m.role, m.content, m.status, m.created_at, c.title"
-        f" FROM ({_matches_sql(dialect, owner=owner, conversation=conversation)}) h"
+        f" FROM {hits}"
         " JOIN messages m ON m.conversation_id = h.conversation_id AND m.seq = h.seq"
         " JOIN conversations c ON c.id = h.conversation_id"
         " ORDER BY h.rank DESC, h.conversation_id, h.seq"
@@ -211,12 +339,4 @@ def search_rows(
         created_at=UTCDateTime(),
         title=Text(),
     )
-    params: dict[str, Any] = {
-        "query": query.fts5() if dialect == "sqlite" else query.tsquery(),
-        "limit": limit,
-    }
-    if owner is not None:
-        params["owner"] = owner
-    if conversation is not None:
-        params["cid"] = conversation
     return list(conn.execute(statement, params))

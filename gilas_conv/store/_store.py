@@ -790,15 +790,22 @@ class ConversationStore:
             )
 
     def delete(self, conversation_id: str, *, owner: str | None = None) -> None:
-        """Delete a conversation and all its messages; raises ConversationNotFound."""
+        """Delete a conversation and all its messages; raises ConversationNotFound.
+
+        On SQLite the search index drops the deleted words too: at once when SQLite's FTS5
+        has ``secure-delete`` (3.44+), otherwise by merging the index afterwards in bounded
+        steps (``_search.prepare_delete``), as prune and erase_owner do."""
         if not _could_exist(conversation_id, owner):
             raise ConversationNotFound(conversation_id)
         with self._write() as conn:
+            compact = _search.prepare_delete(conn, conversation_id)
             deleted = conn.execute(
                 delete(_conversations).where(_conversations.c.id == conversation_id, _owner_clause(owner))
             ).rowcount
         if not deleted:
             raise ConversationNotFound(conversation_id)
+        if compact:
+            self._compact_search_index()
 
     def search(
         self,
