@@ -50,7 +50,6 @@ from ..exceptions import (
     APIResponseValidationError,
     APIStatusError,
     APITimeoutError,
-    ConfigurationError,
     ConversationBusy,
     StoreError,
 )
@@ -213,18 +212,6 @@ def _check_callback(value: Any) -> RetryCallback | None:
     if value is not None and not callable(value):
         raise ValueError(f"on_retry must be callable, not {value!r}")
     return value
-
-
-def _url_credentials(url: str) -> tuple[str, ...]:
-    """The secret of ``url``'s credentials: the password, or a user name alone (a token,
-    as in ``https://TOKEN@host``). A user name beside a password is not secret, and
-    scrubbing it would mask ordinary words in what the API says."""
-    try:
-        parsed = httpx.URL(url)
-    except (httpx.InvalidURL, TypeError, ValueError):
-        return ()
-    secret = parsed.password or parsed.username
-    return (secret,) if secret else ()
 
 
 def _check_positive(value: Any, name: str) -> None:
@@ -545,11 +532,6 @@ class _SenderBase:
         self.base_url = resolve_base_url(base_url)
         # What is shown of the URL anywhere (repr, errors, logs): credentials masked.
         self._display_base_url = redact_url(self.base_url)
-        if not self.base_url.startswith(("http://", "https://")):
-            raise ConfigurationError(
-                f"the base URL must start with http:// or https://, not {self._display_base_url!r}; "
-                "pass base_url= or set GILAS_BASE_URL"
-            )
         self.timeout = _as_timeout(timeout)
         self.max_retries = _check_max_retries(max_retries)
         self.policy = _check_policy(policy)
@@ -562,9 +544,9 @@ class _SenderBase:
         )
         self._url = self.base_url + CHAT_COMPLETIONS_PATH
         self._display_url = self._display_base_url + CHAT_COMPLETIONS_PATH
-        # Scrubbed from every message, body and log: the key, and the base URL's credentials
-        # (an error from the network layer or a server may echo them).
-        self._secrets = (self._api_key, *_url_credentials(self.base_url))
+        # Scrubbed from every message, body and log (a server may echo the key). The base URL
+        # carries no credentials: resolve_base_url refuses them.
+        self._secrets = (self._api_key,)
         # Owners a limit applied to at their last turn: their next turn plans its
         # reservation first instead of learning it from a refused transaction. A hint only:
         # the turn's transaction decides (set.add/discard are atomic under the GIL).
