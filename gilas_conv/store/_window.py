@@ -40,7 +40,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import Table, Text, bindparam, func, select, text, update
+from sqlalchemy import Table, Text, bindparam, func, literal_column, select, text, update
 from sqlalchemy import cast as sql_cast
 
 from .. import tokens as _tokens
@@ -129,9 +129,17 @@ _FIRST_IN_RANGE = (
     .limit(1)
     .scalar_subquery()
 )
+# At most RANGE_BATCH rows, a limit the planner cannot see through (a sub-SELECT, not a
+# constant or a parameter), so that it takes the limit for a small part of the range: it
+# cannot know where the range starts (the subquery's value) and guesses a third of the
+# conversation; without the limit (or with one it could compare with that guess) Postgres
+# read such a range through a bitmap and sorted it, or, for a conversation holding most of
+# a large table, scanned the whole table in parallel (60 ms instead of 0.2 ms at 100,000
+# messages), where walking the primary key newest first and stopping is what it should do.
+# A longer range is read on by the later batches of newest().
 _SELECT_RANGE = (
     _select_newest(before=False)
-    .limit(None)
+    .limit(select(literal_column(str(RANGE_BATCH))).scalar_subquery())
     .where(_m.c.seq >= func.coalesce(_FIRST_IN_RANGE, bindparam("past_end")))
 )
 _SELECT_ALL_NEWEST = _select_newest(before=False).limit(None)
