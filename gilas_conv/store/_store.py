@@ -209,7 +209,9 @@ _SAME_RESPONSE_ID = (
 
 def _take_lease(*, owned: bool, adds: bool) -> Any:
     """The UPDATE that takes a free (or expired) turn lease, and with ``adds`` numbers the
-    turn's ``:t_count`` messages and adds their ``:t_tokens``; RETURNING the whole row."""
+    turn's ``:t_count`` messages and adds their ``:t_tokens``; RETURNING the whole row and
+    ``quota_applies``, whether a quota limit applies to the owner (the quota check of a
+    turn, at the cost of one index probe: see ``_take_turn``)."""
     c = _conversations.c
     owner = c.owner == bindparam("t_owner") if owned else c.owner.is_(None)
     now = bindparam("t_now", type_=c.updated_at.type)
@@ -227,7 +229,7 @@ def _take_lease(*, owned: bool, adds: bool) -> Any:
         update(_conversations)
         .where(c.id == bindparam("t_cid"), owner, or_(c.lease_token.is_(None), c.lease_expires_at <= now))
         .values(**values)
-        .returning(*_conversations.c)
+        .returning(*_conversations.c, _usage.limit_applies(bindparam("t_owner") if owned else None))
     )
 
 
@@ -1612,7 +1614,10 @@ class ConversationStore:
 
         With ``check`` and no ``quota``: if a limit applies to ``owner``, ``QuotaNeeded``
         is raised and nothing is written (the sender then plans the window and asks
-        again); otherwise the turn costs one more indexed read. With ``quota``: if the
+        again). The lease statement itself says whether a limit applies (an index probe of
+        ``quota_limits`` in its RETURNING clause), so an owner without limits costs the turn
+        no statement of its own; the answer is read in the turn's transaction, never
+        cached, so a limit set by another process counts from its commit on. With ``quota``: if the
         conversation's last message is no longer ``quota.last_seq``, ``HistoryMoved``
         (nothing written); else ``quota.tokens`` are reserved (QuotaExceeded: nothing
         written, no lease taken) and the reservation is returned with the turn.
@@ -1673,7 +1678,7 @@ class ConversationStore:
                 if row.last_seq - len(rows) != quota.last_seq:
                     raise _usage.HistoryMoved(conversation_id)
                 held = self._reserve_in(conn, owner, quota.tokens, quota.model, now)
-            elif check and _usage.any_limit(conn, owner):
+            elif check and row.quota_applies:
                 raise _usage.QuotaNeeded(conversation_id)
             first = row.last_seq - len(rows) + 1
             added = [

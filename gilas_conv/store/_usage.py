@@ -33,7 +33,20 @@ from decimal import Decimal
 from typing import Any, cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import Table, bindparam, case, delete, func, insert, literal_column, select, text, update
+from sqlalchemy import (
+    Table,
+    bindparam,
+    case,
+    delete,
+    exists,
+    func,
+    insert,
+    literal,
+    literal_column,
+    select,
+    text,
+    update,
+)
 
 from .._prices import MICROS, Prices
 from ..exceptions import QuotaExceeded
@@ -450,10 +463,19 @@ _LIMITS = select(
 _LIMITS_UNOWNED = select(
     *_limits.c, select(_settings.c.value).where(_settings.c.name == TIMEZONE_SETTING).scalar_subquery()
 ).where(_limits.c.owner == bindparam("l_default"))
-_ANY_LIMIT: Any = select(literal_column("1")).where(
-    _limits.c.owner.in_([bindparam("l_owner"), bindparam("l_default")])
-)
-_ANY_LIMIT_UNOWNED: Any = select(literal_column("1")).where(_limits.c.owner == bindparam("l_default"))
+
+
+def limit_applies(owner: Any) -> Any:
+    """SQL that is true when a limit applies to ``owner`` (a bound parameter or column; None
+    for no owner): a row of its own or the default's. The turn's lease statement returns it
+    (see ``ConversationStore._take_turn``), so an owner without limits costs a turn one
+    probe of this small table's key, inside a statement the turn runs anyway."""
+    keys = [literal(DEFAULT_OWNER_KEY)] if owner is None else [owner, literal(DEFAULT_OWNER_KEY)]
+    return exists().where(_limits.c.owner.in_(keys)).label("quota_applies")
+
+
+_ANY_LIMIT = select(limit_applies(bindparam("l_owner")))
+_ANY_LIMIT_UNOWNED = select(limit_applies(None))
 
 
 def _limit_rows(conn: Any, owner: str | None) -> tuple[Any, Any, str | None]:
@@ -482,10 +504,8 @@ def effective_limits(conn: Any, owner: str | None) -> tuple[Any, Any]:
 def any_limit(conn: Any, owner: str | None) -> bool:
     """Whether a limit applies to ``owner``: one indexed read of a small table."""
     if owner is None:
-        found = conn.execute(_ANY_LIMIT_UNOWNED, {"l_default": DEFAULT_OWNER_KEY}).first()
-    else:
-        found = conn.execute(_ANY_LIMIT, {"l_owner": owner, "l_default": DEFAULT_OWNER_KEY}).first()
-    return found is not None
+        return bool(conn.execute(_ANY_LIMIT_UNOWNED).scalar())
+    return bool(conn.execute(_ANY_LIMIT, {"l_owner": owner}).scalar())
 
 
 def _checks(own: Any, default: Any) -> list[tuple[str, str, int, bool]]:
