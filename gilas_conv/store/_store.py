@@ -33,6 +33,7 @@ What is guaranteed
 from __future__ import annotations
 
 import builtins
+import contextlib
 import dataclasses
 import datetime as dt
 import logging
@@ -51,6 +52,7 @@ from sqlalchemy import (
     and_,
     bindparam,
     delete,
+    exists,
     func,
     insert,
     literal,
@@ -146,13 +148,15 @@ def _message_from_row(row: Row[Any] | Mapping[str, Any]) -> Message:
 # Validation: everything is checked before a transaction starts.
 
 
-def _bump_statement(*, owned: bool, lease: bool = False) -> Any:
+def _bump_statement(*, owned: bool, lease: bool = False, new_reply: bool = False) -> Any:
     """``UPDATE conversations SET last_seq = last_seq + 1, tokens_total = tokens_total +
     :b_tokens ... RETURNING last_seq, tokens_total``: the one statement that numbers a new
     message, advances the running token total, and locks the conversation until commit.
 
     ``lease``: only where the turn lease is ``:b_lease``'s or free, and release it (the
     append of a turn's reply); no row comes back when another request holds it.
+    ``new_reply`` (SQLite): only where no stored message has the response id ``:b_rid``
+    (the reply may repeat it: see ``ConversationStore._insert_reply``).
     """
     c = _conversations.c
     owner = c.owner == bindparam("b_owner") if owned else c.owner.is_(None)
@@ -168,6 +172,11 @@ def _bump_statement(*, owned: bool, lease: bool = False) -> Any:
             or_(c.lease_token == bindparam("b_lease"), c.lease_token.is_(None), c.lease_expires_at <= now)
         )
         values.update(lease_token=None, lease_expires_at=None)
+    if new_reply:
+        m = _messages.c
+        statement = statement.where(
+            ~exists().where(m.conversation_id == bindparam("b_cid"), m.response_id == bindparam("b_rid"))
+        )
     return statement.values(**values).returning(c.last_seq, c.tokens_total)
 
 
@@ -185,17 +194,21 @@ def _append_cte(bump: Any) -> Any:
 
 
 # Built once: constructing statements per append costs more than executing them.
-_BUMP_OWNED = _bump_statement(owned=True)
-_BUMP_UNOWNED = _bump_statement(owned=False)
-_BUMP_LEASE_OWNED = _bump_statement(owned=True, lease=True)
-_BUMP_LEASE_UNOWNED = _bump_statement(owned=False, lease=True)
+# Keyed by (owned, lease, new_reply).
+_BUMP = {
+    (owned, lease, new_reply): _bump_statement(owned=owned, lease=lease, new_reply=new_reply)
+    for owned in (True, False)
+    for lease in (True, False)
+    for new_reply in (True, False)
+}
 _INSERT_MESSAGE = insert(_messages)
 _APPEND_CTE = {
     (owned, lease): _append_cte(_bump_statement(owned=owned, lease=lease))
     for owned in (True, False)
     for lease in (True, False)
 }
-# Another stored message with this response id: the reply may repeat it (see _stored_reply).
+# Postgres: another stored message with this response id, the reply just inserted being
+# ``:seq``: the reply may repeat it (see _stored_reply and _insert_reply).
 _SAME_RESPONSE_ID = (
     select(_messages.c.seq)
     .where(
@@ -1406,11 +1419,13 @@ class ConversationStore:
         now: dt.datetime,
         *,
         lease: str | None,
+        new_reply: bool = False,
     ) -> int | None:
         """Number the message, advance the running total and insert the message; its seq,
         or None when the conversation is not this owner's (or, with ``lease``, when another
-        request holds the turn lease: then nothing is written). On Postgres one statement
-        (a CTE); on SQLite, in-process, the bump and the insert."""
+        request holds the turn lease; with ``new_reply`` on SQLite, when a stored message
+        has its response id): then nothing is written. On Postgres one statement (a CTE);
+        on SQLite, in-process, the bump and the insert."""
         bump = {
             "b_cid": conversation_id,
             "b_owner": owner,
@@ -1423,11 +1438,10 @@ class ConversationStore:
             values.update(m_conversation_id=conversation_id, m_created_at=now)
             statement = _APPEND_CTE[(owner is not None, lease is not None)]
             return cast("int | None", conn.execute(statement, {**bump, **values}).scalar())
-        if lease is not None:
-            statement = _BUMP_LEASE_UNOWNED if owner is None else _BUMP_LEASE_OWNED
-        else:
-            statement = _BUMP_UNOWNED if owner is None else _BUMP_OWNED
-        bumped = conn.execute(statement, bump).first()
+        new_reply = new_reply and columns["response_id"] is not None
+        if new_reply:
+            bump["b_rid"] = columns["response_id"]
+        bumped = conn.execute(_BUMP[(owner is not None, lease is not None, new_reply)], bump).first()
         if bumped is None:
             return None
         seq, total = bumped
@@ -1442,6 +1456,46 @@ class ConversationStore:
             },
         )
         return cast(int, seq)
+
+    def _insert_reply(
+        self,
+        conn: Any,
+        conversation_id: str,
+        owner: str | None,
+        columns: Mapping[str, Any],
+        now: dt.datetime,
+        *,
+        lease: str | None,
+        new_reply: bool,
+        indexed: dict[str, Any] | None,
+        event: dict[str, Any] | None,
+        reservation: _usage.Reservation | None,
+    ) -> int | None:
+        """Store a reply in the caller's write transaction: the message (releasing the
+        lease ``lease``), its search row, its ledger row and the settling of its quota
+        reservation. Its seq; or None, and the caller must roll back, when the conversation
+        is not this owner's, another request holds the lease, or (``new_reply``) a stored
+        message has the reply's response id, so that it may be a repeat.
+
+        The response-id check is made holding the conversation's lock, so a repeat
+        appended concurrently is seen: on SQLite (whose write transaction holds the
+        database lock from its BEGIN) inside the bump, on Postgres by a statement after
+        it (a subquery of the bump would read the snapshot taken before it waited for the
+        row lock)."""
+        seq = self._bump_and_insert(
+            conn, conversation_id, owner, columns, now, lease=lease, new_reply=new_reply
+        )
+        if seq is None:
+            return None
+        if new_reply and self.dialect == "postgresql" and columns["response_id"] is not None:
+            params = {"cid": conversation_id, "rid": columns["response_id"], "seq": seq}
+            if conn.execute(_SAME_RESPONSE_ID, params).first() is not None:
+                return None
+        if indexed is not None:
+            _search.insert_rows(conn, [{"cid": conversation_id, "seq": seq, **indexed}])
+        if event is not None or reservation is not None:
+            _usage.settle(conn, event, reservation)
+        return seq
 
     def _append_reply(
         self,
@@ -1458,52 +1512,32 @@ class ConversationStore:
         """The append of a reply (a response id or a lease given), checked under the lock.
 
         The usual reply (its lease held or free, no other message with its response id) is
-        stored by the bump-and-insert with the lease check in the bump's WHERE clause, then
-        one look for another message with the same response id, made holding the lock. Any
-        other case rolls that back and takes :meth:`_append_reply_checked`, which tells a
-        repeated reply from a new one and a busy lease from a free one.
+        stored by :meth:`_insert_reply` in one transaction. Any other case rolls that back
+        and takes the general path, which locks the conversation's row first (FOR UPDATE
+        on Postgres; SQLite's write transaction holds the database lock), so that telling a
+        repeated reply from a new one, and a busy lease from a free one, cannot race
+        another append.
         """
-        try:
-            with self._write() as conn:
-                seq = self._bump_and_insert(conn, conversation_id, owner, columns, now, lease=lease)
-                if seq is None:
-                    raise _SlowPath  # no such conversation, or another request holds the lease
-                if columns["response_id"] is not None:
-                    params = {"cid": conversation_id, "rid": columns["response_id"], "seq": seq}
-                    if conn.execute(_SAME_RESPONSE_ID, params).first() is not None:
-                        raise _SlowPath  # it may repeat a stored reply
-                if indexed is not None:
-                    _search.insert_rows(conn, [{"cid": conversation_id, "seq": seq, **indexed}])
-                if event is not None or reservation is not None:
-                    _usage.settle(conn, event, reservation)
-        except _SlowPath:
-            return self._append_reply_checked(
+
+        def insert_reply(conn: Any, *, new_reply: bool) -> int | None:
+            return self._insert_reply(
+                conn,
                 conversation_id,
                 owner,
                 columns,
                 now,
                 lease=lease,
+                new_reply=new_reply,
                 indexed=indexed,
                 event=event,
                 reservation=reservation,
             )
-        return Message(conversation_id=conversation_id, seq=seq, created_at=now, **columns)
 
-    def _append_reply_checked(
-        self,
-        conversation_id: str,
-        owner: str | None,
-        columns: dict[str, Any],
-        now: dt.datetime,
-        *,
-        lease: str | None,
-        indexed: dict[str, Any] | None,
-        event: dict[str, Any] | None = None,
-        reservation: _usage.Reservation | None = None,
-    ) -> Message:
-        """The general append of a reply: the conversation's row is locked first (FOR UPDATE
-        on Postgres; SQLite's write transaction holds the database lock), so the check for
-        the same reply already stored and the lease check cannot race another append."""
+        with contextlib.suppress(_SlowPath), self._write() as conn:
+            seq = insert_reply(conn, new_reply=True)
+            if seq is None:
+                raise _SlowPath  # rolls the transaction back
+            return Message(conversation_id=conversation_id, seq=seq, created_at=now, **columns)
         c = _conversations.c
         with self._write() as conn:
             state = conn.execute(
@@ -1514,42 +1548,24 @@ class ConversationStore:
             if state is None:
                 raise ConversationNotFound(conversation_id)
             ours = lease is not None and state.lease_token == lease
-            release = {"lease_token": None, "lease_expires_at": None} if lease is not None else {}
             stored = _stored_reply(conn, conversation_id, columns)
             if stored is not None:
                 if ours:
-                    conn.execute(update(_conversations).where(c.id == conversation_id).values(**release))
+                    conn.execute(
+                        update(_conversations)
+                        .where(c.id == conversation_id)
+                        .values(lease_token=None, lease_expires_at=None)
+                    )
                 if reservation is not None:
                     # Stored (and charged) before: the reservation this request held just ends.
                     _usage.settle(conn, None, reservation)
                 return stored
             if lease is not None and not ours and _lease_held(state.lease_token, state.lease_expires_at, now):
                 raise ConversationBusy(conversation_id, expires_at=state.lease_expires_at)
-            seq, total = conn.execute(
-                update(_conversations)
-                .where(c.id == conversation_id)
-                .values(
-                    last_seq=c.last_seq + 1,
-                    tokens_total=c.tokens_total + (columns["tokens"] or 0),
-                    updated_at=now,
-                    **release,
-                )
-                .returning(c.last_seq, c.tokens_total)
-            ).one()
-            conn.execute(
-                _INSERT_MESSAGE,
-                {
-                    "conversation_id": conversation_id,
-                    "created_at": now,
-                    "seq": seq,
-                    "tokens_total": total,
-                    **columns,
-                },
-            )
-            if indexed is not None:
-                _search.insert_rows(conn, [{"cid": conversation_id, "seq": seq, **indexed}])
-            if event is not None or reservation is not None:
-                _usage.settle(conn, event, reservation)
+            # The lease is this request's, free or expired: the bump's lease check passes.
+            seq = insert_reply(conn, new_reply=False)
+            if seq is None:
+                raise StoreError(f"conversation {conversation_id} changed under its row lock")
         return Message(conversation_id=conversation_id, seq=seq, created_at=now, **columns)
 
     # -- the turn lease: one request answers a conversation at a time ---------------------------
