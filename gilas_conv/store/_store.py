@@ -1401,61 +1401,21 @@ class ConversationStore:
                 reservation=quota_reservation,
             )
         with self._write() as conn:
-            seq = self._bump_and_insert(conn, conversation_id, owner, columns, now, lease=None)
+            seq = self._insert_reply(
+                conn,
+                conversation_id,
+                owner,
+                columns,
+                now,
+                lease=None,
+                new_reply=False,
+                indexed=indexed,
+                event=event,
+                reservation=quota_reservation,
+            )
             if seq is None:
                 raise ConversationNotFound(conversation_id)
-            if indexed is not None:
-                _search.insert_rows(conn, [{"cid": conversation_id, "seq": seq, **indexed}])
-            if event is not None or quota_reservation is not None:
-                _usage.settle(conn, event, quota_reservation)
         return Message(conversation_id=conversation_id, seq=seq, created_at=now, **columns)
-
-    def _bump_and_insert(
-        self,
-        conn: Any,
-        conversation_id: str,
-        owner: str | None,
-        columns: Mapping[str, Any],
-        now: dt.datetime,
-        *,
-        lease: str | None,
-        new_reply: bool = False,
-    ) -> int | None:
-        """Number the message, advance the running total and insert the message; its seq,
-        or None when the conversation is not this owner's (or, with ``lease``, when another
-        request holds the turn lease; with ``new_reply`` on SQLite, when a stored message
-        has its response id): then nothing is written. On Postgres one statement (a CTE);
-        on SQLite, in-process, the bump and the insert."""
-        bump = {
-            "b_cid": conversation_id,
-            "b_owner": owner,
-            "b_now": now,
-            "b_tokens": columns["tokens"] or 0,
-            "b_lease": lease,
-        }
-        if self.dialect == "postgresql":
-            values = {f"m_{name}": value for name, value in columns.items()}
-            values.update(m_conversation_id=conversation_id, m_created_at=now)
-            statement = _APPEND_CTE[(owner is not None, lease is not None)]
-            return cast("int | None", conn.execute(statement, {**bump, **values}).scalar())
-        new_reply = new_reply and columns["response_id"] is not None
-        if new_reply:
-            bump["b_rid"] = columns["response_id"]
-        bumped = conn.execute(_BUMP[(owner is not None, lease is not None, new_reply)], bump).first()
-        if bumped is None:
-            return None
-        seq, total = bumped
-        conn.execute(
-            _INSERT_MESSAGE,
-            {
-                "conversation_id": conversation_id,
-                "created_at": now,
-                "seq": seq,
-                "tokens_total": total,
-                **columns,
-            },
-        )
-        return cast(int, seq)
 
     def _insert_reply(
         self,
@@ -1471,31 +1431,60 @@ class ConversationStore:
         event: dict[str, Any] | None,
         reservation: _usage.Reservation | None,
     ) -> int | None:
-        """Store a reply in the caller's write transaction: the message (releasing the
-        lease ``lease``), its search row, its ledger row and the settling of its quota
+        """Store a reply (or any appended message) in the caller's write transaction: the
+        message, numbered and counted into the running total (releasing the lease
+        ``lease``), its search row, its ledger row and the settling of its quota
         reservation. Its seq; or None, and the caller must roll back, when the conversation
         is not this owner's, another request holds the lease, or (``new_reply``) a stored
         message has the reply's response id, so that it may be a repeat.
 
-        The response-id check is made holding the conversation's lock, so a repeat
-        appended concurrently is seen: on SQLite (whose write transaction holds the
-        database lock from its BEGIN) inside the bump, on Postgres by a statement after
-        it (a subquery of the bump would read the snapshot taken before it waited for the
-        row lock)."""
-        seq = self._bump_and_insert(
-            conn, conversation_id, owner, columns, now, lease=lease, new_reply=new_reply
-        )
-        if seq is None:
-            return None
-        if new_reply and self.dialect == "postgresql" and columns["response_id"] is not None:
-            params = {"cid": conversation_id, "rid": columns["response_id"], "seq": seq}
-            if conn.execute(_SAME_RESPONSE_ID, params).first() is not None:
+        On Postgres the message takes one statement (a CTE: the bump, then the insert); on
+        SQLite, in-process, two. The response-id check is made holding the conversation's
+        lock, so a repeat appended concurrently is seen: on SQLite (whose write transaction
+        holds the database lock from its BEGIN) inside the bump, on Postgres by a statement
+        after it (a subquery of the bump would read the snapshot taken before it waited for
+        the row lock)."""
+        bump = {
+            "b_cid": conversation_id,
+            "b_owner": owner,
+            "b_now": now,
+            "b_tokens": columns["tokens"] or 0,
+            "b_lease": lease,
+        }
+        new_reply = new_reply and columns["response_id"] is not None
+        if self.dialect == "postgresql":
+            values = {f"m_{name}": value for name, value in columns.items()}
+            values.update(m_conversation_id=conversation_id, m_created_at=now)
+            statement = _APPEND_CTE[(owner is not None, lease is not None)]
+            seq = conn.execute(statement, {**bump, **values}).scalar()
+            if seq is None:
                 return None
+            if new_reply:
+                params = {"cid": conversation_id, "rid": columns["response_id"], "seq": seq}
+                if conn.execute(_SAME_RESPONSE_ID, params).first() is not None:
+                    return None
+        else:
+            if new_reply:
+                bump["b_rid"] = columns["response_id"]
+            bumped = conn.execute(_BUMP[(owner is not None, lease is not None, new_reply)], bump).first()
+            if bumped is None:
+                return None
+            seq, total = bumped
+            conn.execute(
+                _INSERT_MESSAGE,
+                {
+                    "conversation_id": conversation_id,
+                    "created_at": now,
+                    "seq": seq,
+                    "tokens_total": total,
+                    **columns,
+                },
+            )
         if indexed is not None:
             _search.insert_rows(conn, [{"cid": conversation_id, "seq": seq, **indexed}])
         if event is not None or reservation is not None:
             _usage.settle(conn, event, reservation)
-        return seq
+        return cast(int, seq)
 
     def _append_reply(
         self,
