@@ -335,6 +335,17 @@ def _owner_clause(owner: str | None) -> Any:
     return column.is_(None) if owner is None else column == owner
 
 
+def _of_owner(owned: bool) -> Any:
+    """The conversation ``:cid`` of the owner ``:owner`` (``owned``) or of no owner."""
+    c = _conversations.c
+    return and_(c.id == bindparam("cid"), c.owner == bindparam("owner") if owned else c.owner.is_(None))
+
+
+# Built once, keyed by whether an owner is given.
+_SELECT_CONVERSATION = {owned: select(_conversations).where(_of_owner(owned)) for owned in (True, False)}
+_CONVERSATION_EXISTS = {owned: select(literal(1)).where(_of_owner(owned)) for owned in (True, False)}
+
+
 @dataclass(eq=False)
 class Conversation:
     """A handle on one stored conversation.
@@ -749,9 +760,9 @@ class ConversationStore:
         """The conversation with this id; raises ConversationNotFound (also for another owner)."""
         if not _could_exist(conversation_id, owner):
             raise ConversationNotFound(conversation_id)
-        with self._read() as conn:
+        with self._read_one() as conn:
             row = conn.execute(
-                select(_conversations).where(_conversations.c.id == conversation_id, _owner_clause(owner))
+                _SELECT_CONVERSATION[owner is not None], {"cid": conversation_id, "owner": owner}
             ).first()
         if row is None:
             raise ConversationNotFound(conversation_id)
@@ -1284,6 +1295,12 @@ class ConversationStore:
         self._check_open()
         return _Transaction(self._engine, write=False)
 
+    def _read_one(self) -> Any:
+        """A read that runs one statement: atomic on its own, so it runs without BEGIN and
+        COMMIT (in autocommit mode), errors translated as in any transaction."""
+        self._check_open()
+        return _Transaction(self._engine, write=False, single=True)
+
     def _check_open(self) -> None:
         if getattr(self, "_closed", False):
             raise StoreError(f"the store {self.url} is closed; open a new ConversationStore to use it again")
@@ -1759,12 +1776,13 @@ class ConversationStore:
         owner, so checking in a transaction of its own is as good as in the reader's."""
         if not _could_exist(conversation_id, owner):
             raise ConversationNotFound(conversation_id)
-        query = select(literal(1)).where(_conversations.c.id == conversation_id, _owner_clause(owner))
+        query = _CONVERSATION_EXISTS[owner is not None]
+        params = {"cid": conversation_id, "owner": owner}
         if conn is None:
-            with self._read() as conn:
-                found = conn.execute(query).first()
+            with self._read_one() as conn:
+                found = conn.execute(query, params).first()
         else:
-            found = conn.execute(query).first()
+            found = conn.execute(query, params).first()
         if found is None:
             raise ConversationNotFound(conversation_id)
 
