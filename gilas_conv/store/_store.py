@@ -97,6 +97,7 @@ from ._validate import (
     _could_exist,
     _token_columns,
     _validate_message,
+    _validate_message_dict,
 )
 from ._values import Message, Summary
 from ._values import now as _now
@@ -308,15 +309,7 @@ def _turn_message_columns(
     unknown = set(message) - _TURN_MESSAGE_KEYS
     if unknown:
         raise ValueError(f"unknown message field(s): {', '.join(sorted(map(str, unknown)))}")
-    columns = _validate_message(
-        message.get("role"),
-        message.get("content"),
-        name=message.get("name"),
-        tool_calls=message.get("tool_calls"),
-        tool_call_id=message.get("tool_call_id"),
-        pinned=message.get("pinned", False),
-    )
-    _check_size(columns, max_message_chars)
+    columns = _validate_message_dict(message, max_message_chars=max_message_chars)
     columns.update(
         response_id=None,
         model=None,
