@@ -3,10 +3,11 @@ append, and `usage` over a large ledger.
 
     python benchmarks/quota.py [--rows 1000000] [--postgres URL]
 
-Prints a table of medians. The turn is the store side of one turn: append the user message,
-append the reply with its usage (the ledger row); "with quota" adds the reservation (a read
-of the limits, then the write transaction that sums the period and inserts the hold) and
-settles it in the reply's transaction.
+Prints a table of medians. The turn is the store side of one turn: the lease with the user
+message (whose statement also says whether a limit applies), the reply with its usage (the
+ledger row); "not checked" leaves the quota out; "with quota" adds the reservation in the
+turn's transaction (one statement reading limits, zone, usage and holds, one inserting the
+hold) and settles it in the reply's transaction. See benchmarks/README.md.
 """
 
 from __future__ import annotations
