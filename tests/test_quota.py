@@ -244,3 +244,50 @@ def test_a_reply_settling_while_a_reservation_reads_is_seen_once(db_url: str) ->
         assert fired and info.value.used == 60
         [status] = store.quota("alice")
         assert (status.used, status.reserved) == (60, 0)
+
+
+def test_the_turn_asks_whether_a_limit_applies_in_its_lease_statement(db_url: str) -> None:
+    """A turn's quota check costs no statement of its own (the lease statement says whether
+    a limit applies), and is never stale: a limit set by another store (another process)
+    counts from the next turn on, for the owner's own limit and for the default."""
+    from sqlalchemy import event
+
+    from gilas_conv.store import QuotaNeeded
+
+    with ConversationStore(db_url) as store, ConversationStore(db_url) as other:
+        conv = store.create(model=MODEL, owner="alice")
+        statements: list[str] = []
+
+        def record(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+            statements.append(statement)
+
+        def turn() -> None:
+            token, _, _, held = store._take_turn(
+                conv.id,
+                owner="alice",
+                lease_seconds=60,
+                messages=[{"role": "user", "content": "hi"}],
+                quota=None,
+            )
+            assert held is None
+            assert store._end_turn(conv.id, token)
+
+        event.listen(store.engine, "before_cursor_execute", record)
+        try:
+            turn()
+        finally:
+            event.remove(store.engine, "before_cursor_execute", record)
+        assert not [
+            s
+            for s in statements
+            if "quota_limits" in s and not s.lstrip().upper().startswith(("UPDATE", "WITH"))
+        ]
+        assert any("quota_limits" in s for s in statements)
+
+        for owner, default in (("alice", False), (None, True)):
+            other.set_quota(owner, default=default, daily_tokens=1000)
+            with pytest.raises(QuotaNeeded):
+                turn()
+            other.remove_quota(owner, default=default)
+            turn()
+        assert [m.role for m in conv.messages()] == ["user", "user", "user"]

@@ -29,7 +29,7 @@ import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from _truncation_strategies import (
@@ -43,7 +43,7 @@ from _truncation_strategies import (
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, event, text
+from sqlalchemy import Engine, Table, event, insert, text, update
 
 from gilas_conv import (
     Context,
@@ -59,6 +59,7 @@ from gilas_conv import (
     count_tokens,
     get_model_info,
 )
+from gilas_conv.store._schema import ConversationRow, MessageRow
 from gilas_conv.tokens import REPLY_PRIMING_TOKENS, message_tokens, tools_tokens
 from gilas_conv.truncation import DEFAULT_REPLY_RESERVE, plan_context, save_summary
 
@@ -1105,8 +1106,10 @@ def test_range_read_reads_the_window_and_one_row_more(store: ConversationStore) 
     with StatementLog(store.engine) as log:
         ctx = build_context(conv, context_limit=3000, max_tokens=300)
 
-    reads = [sql for sql, _params in log.of_kind("SELECT") if "FROM messages" in sql]
-    assert len(reads) == 2, reads  # the anchors, then the range
+    reads = [
+        sql for sql, _params in log.of_kind("SELECT") if "FROM messages" in sql or "JOIN messages" in sql
+    ]
+    assert len(reads) == 2, reads  # the conversation with its anchors, then the range
     assert len(ctx.seqs) + 1 <= log.rows_returned() <= len(ctx.seqs) + 2
 
 
@@ -1264,3 +1267,60 @@ def test_add_summary_refuses_bad_values_and_writes_nothing(
     with pytest.raises(ValueError, match=what):
         conv.add_summary(**kwargs)
     assert conv.summaries() == []
+
+
+def test_range_read_uses_the_key_when_conversations_fill_the_table(store: ConversationStore) -> None:
+    """The range read's plan on long conversations that make up the whole table (with
+    planner statistics, as autovacuum keeps them): an index range scan, newest first, that
+    stops early; not a scan of the table, not a sort. Postgres cannot know where the range
+    starts (a subquery's value); given no row limit it guessed a third of the conversation
+    and read it through a bitmap and a sort, or, on a table large enough for parallel
+    workers, scanned the whole table (issue 10: 60 ms a turn at 100,000 messages; that
+    needs a larger table than a test should build, so this checks the plan's shape)."""
+    rows = 10_000
+    messages = cast(Table, MessageRow.__table__)
+    conversations = cast(Table, ConversationRow.__table__)
+    convs = [store.create(model=MODEL, system="Be brief.") for _ in range(2)]
+    for conv in convs:
+        total = conv.messages()[0].tokens or 0
+        batch = []
+        for seq in range(2, rows + 1):
+            total += 20
+            batch.append(
+                {
+                    "conversation_id": conv.id,
+                    "seq": seq,
+                    "role": "user" if seq % 2 == 0 else "assistant",
+                    "content": f"message {seq}",
+                    "status": "complete",
+                    "pinned": False,
+                    "tokens": 20,
+                    "tokens_encoding": "o200k_base",
+                    "tokens_total": total,
+                    "created_at": conv.created_at,
+                }
+            )
+        with store.engine.begin() as conn:
+            conn.execute(insert(messages), batch)
+            conn.execute(
+                update(conversations)
+                .where(conversations.c.id == conv.id)
+                .values(last_seq=rows, tokens_total=total)
+            )
+    with store.engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql("ANALYZE")
+    conv = store.get(convs[-1].id)
+
+    with StatementLog(store.engine) as log:
+        ctx = build_context(conv, context_limit=3000, max_tokens=300)
+    assert ctx.seqs[-1] == rows
+    ((statement, params),) = [(sql, p) for sql, p in log.of_kind("SELECT") if "tokens_total >=" in sql]
+    with store.engine.connect() as conn:
+        plan = [str(r[-1]) for r in conn.exec_driver_sql(_EXPLAIN[store.dialect] + statement, params)]
+    if store.dialect == "sqlite":
+        assert not any(d.startswith("SCAN messages") or "TEMP B-TREE" in d for d in plan), plan
+    else:
+        assert not any("Seq Scan" in d or "Sort" in d for d in plan), plan
+
+
+_EXPLAIN = {"sqlite": "EXPLAIN QUERY PLAN ", "postgresql": "EXPLAIN "}

@@ -36,10 +36,16 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from .._config import DEFAULT_SQLITE_BUSY_TIMEOUT_MS, DEFAULT_SQLITE_SYNCHRONOUS, redact_url
 from ..exceptions import ConfigurationError
 
-__all__ = ["WRITE", "create_engine_for_url", "normalize_url", "redact_url"]
+__all__ = ["SINGLE_READ", "WRITE", "create_engine_for_url", "normalize_url", "redact_url"]
 
 # Execution option asking for a write transaction (BEGIN IMMEDIATE on SQLite).
-WRITE = {"gilas_write": True}
+WRITE: dict[str, Any] = {"gilas_write": True}
+# Execution options of a read that is one statement, which is atomic on its own and needs no
+# BEGIN and COMMIT around it (two round trips on Postgres): autocommit.
+SINGLE_READ: dict[str, dict[str, Any]] = {
+    "sqlite": {"gilas_single": True},
+    "postgresql": {"isolation_level": "AUTOCOMMIT"},
+}
 
 _SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
@@ -175,10 +181,14 @@ def _configure_sqlite(engine: Engine, *, synchronous: str, busy_timeout_ms: int,
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        write = conn.get_execution_options().get("gilas_write", False)
+        options = conn.get_execution_options()
+        if options.get("gilas_single", False):
+            return  # one statement: its own implicit transaction (see SINGLE_READ)
         # Straight to the driver: this runs for every transaction, and SQLAlchemy's
         # statement machinery would cost more than the BEGIN itself.
-        conn.connection.dbapi_connection.execute("BEGIN IMMEDIATE" if write else "BEGIN")  # type: ignore[union-attr]
+        conn.connection.dbapi_connection.execute(  # type: ignore[union-attr]
+            "BEGIN IMMEDIATE" if options.get("gilas_write", False) else "BEGIN"
+        )
 
 
 def _journal_mode_wal(cursor: sqlite3.Cursor, busy_timeout_ms: int) -> None:

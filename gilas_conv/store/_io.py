@@ -14,10 +14,9 @@ from ._validate import (
     _check_int,
     _check_json,
     _check_reply_fields,
-    _check_size,
     _parse_timestamp,
     _token_columns,
-    _validate_message,
+    _validate_message_dict,
 )
 from ._values import now as _now
 
@@ -84,16 +83,7 @@ def _import_message(raw: Any, model: str, now: dt.datetime, *, max_message_chars
         raise ValueError(f"unknown field(s) {', '.join(sorted(map(str, unknown)))}")
     if "content" not in raw and not raw.get("tool_calls"):
         raise ValueError('missing "content"')
-    columns = _validate_message(
-        raw.get("role"),
-        raw.get("content"),
-        name=raw.get("name"),
-        tool_calls=raw.get("tool_calls"),
-        tool_call_id=raw.get("tool_call_id"),
-        status=raw.get("status", "complete"),
-        pinned=raw.get("pinned", False),
-    )
-    _check_size(columns, max_message_chars)
+    columns = _validate_message_dict(raw, max_message_chars=max_message_chars)
     _check_reply_fields(raw.get("response_id"), raw.get("model"), raw.get("finish_reason"))
     for key in ("response_id", "model", "finish_reason"):
         columns[key] = raw.get(key)

@@ -33,6 +33,7 @@ What is guaranteed
 from __future__ import annotations
 
 import builtins
+import contextlib
 import dataclasses
 import datetime as dt
 import logging
@@ -51,6 +52,7 @@ from sqlalchemy import (
     and_,
     bindparam,
     delete,
+    exists,
     func,
     insert,
     literal,
@@ -95,6 +97,7 @@ from ._validate import (
     _could_exist,
     _token_columns,
     _validate_message,
+    _validate_message_dict,
 )
 from ._values import Message, Summary
 from ._values import now as _now
@@ -146,13 +149,15 @@ def _message_from_row(row: Row[Any] | Mapping[str, Any]) -> Message:
 # Validation: everything is checked before a transaction starts.
 
 
-def _bump_statement(*, owned: bool, lease: bool = False) -> Any:
+def _bump_statement(*, owned: bool, lease: bool = False, new_reply: bool = False) -> Any:
     """``UPDATE conversations SET last_seq = last_seq + 1, tokens_total = tokens_total +
     :b_tokens ... RETURNING last_seq, tokens_total``: the one statement that numbers a new
     message, advances the running token total, and locks the conversation until commit.
 
     ``lease``: only where the turn lease is ``:b_lease``'s or free, and release it (the
     append of a turn's reply); no row comes back when another request holds it.
+    ``new_reply`` (SQLite): only where no stored message has the response id ``:b_rid``
+    (the reply may repeat it: see ``ConversationStore._insert_reply``).
     """
     c = _conversations.c
     owner = c.owner == bindparam("b_owner") if owned else c.owner.is_(None)
@@ -168,6 +173,11 @@ def _bump_statement(*, owned: bool, lease: bool = False) -> Any:
             or_(c.lease_token == bindparam("b_lease"), c.lease_token.is_(None), c.lease_expires_at <= now)
         )
         values.update(lease_token=None, lease_expires_at=None)
+    if new_reply:
+        m = _messages.c
+        statement = statement.where(
+            ~exists().where(m.conversation_id == bindparam("b_cid"), m.response_id == bindparam("b_rid"))
+        )
     return statement.values(**values).returning(c.last_seq, c.tokens_total)
 
 
@@ -185,17 +195,21 @@ def _append_cte(bump: Any) -> Any:
 
 
 # Built once: constructing statements per append costs more than executing them.
-_BUMP_OWNED = _bump_statement(owned=True)
-_BUMP_UNOWNED = _bump_statement(owned=False)
-_BUMP_LEASE_OWNED = _bump_statement(owned=True, lease=True)
-_BUMP_LEASE_UNOWNED = _bump_statement(owned=False, lease=True)
+# Keyed by (owned, lease, new_reply).
+_BUMP = {
+    (owned, lease, new_reply): _bump_statement(owned=owned, lease=lease, new_reply=new_reply)
+    for owned in (True, False)
+    for lease in (True, False)
+    for new_reply in (True, False)
+}
 _INSERT_MESSAGE = insert(_messages)
 _APPEND_CTE = {
     (owned, lease): _append_cte(_bump_statement(owned=owned, lease=lease))
     for owned in (True, False)
     for lease in (True, False)
 }
-# Another stored message with this response id: the reply may repeat it (see _stored_reply).
+# Postgres: another stored message with this response id, the reply just inserted being
+# ``:seq``: the reply may repeat it (see _stored_reply and _insert_reply).
 _SAME_RESPONSE_ID = (
     select(_messages.c.seq)
     .where(
@@ -209,7 +223,9 @@ _SAME_RESPONSE_ID = (
 
 def _take_lease(*, owned: bool, adds: bool) -> Any:
     """The UPDATE that takes a free (or expired) turn lease, and with ``adds`` numbers the
-    turn's ``:t_count`` messages and adds their ``:t_tokens``; RETURNING the whole row."""
+    turn's ``:t_count`` messages and adds their ``:t_tokens``; RETURNING the whole row and
+    ``quota_applies``, whether a quota limit applies to the owner (the quota check of a
+    turn, at the cost of one index probe: see ``_take_turn``)."""
     c = _conversations.c
     owner = c.owner == bindparam("t_owner") if owned else c.owner.is_(None)
     now = bindparam("t_now", type_=c.updated_at.type)
@@ -227,7 +243,7 @@ def _take_lease(*, owned: bool, adds: bool) -> Any:
         update(_conversations)
         .where(c.id == bindparam("t_cid"), owner, or_(c.lease_token.is_(None), c.lease_expires_at <= now))
         .values(**values)
-        .returning(*_conversations.c)
+        .returning(*_conversations.c, _usage.limit_applies(bindparam("t_owner") if owned else None))
     )
 
 
@@ -293,15 +309,7 @@ def _turn_message_columns(
     unknown = set(message) - _TURN_MESSAGE_KEYS
     if unknown:
         raise ValueError(f"unknown message field(s): {', '.join(sorted(map(str, unknown)))}")
-    columns = _validate_message(
-        message.get("role"),
-        message.get("content"),
-        name=message.get("name"),
-        tool_calls=message.get("tool_calls"),
-        tool_call_id=message.get("tool_call_id"),
-        pinned=message.get("pinned", False),
-    )
-    _check_size(columns, max_message_chars)
+    columns = _validate_message_dict(message, max_message_chars=max_message_chars)
     columns.update(
         response_id=None,
         model=None,
@@ -318,6 +326,17 @@ def _turn_message_columns(
 def _owner_clause(owner: str | None) -> Any:
     column = _conversations.c.owner
     return column.is_(None) if owner is None else column == owner
+
+
+def _of_owner(owned: bool) -> Any:
+    """The conversation ``:cid`` of the owner ``:owner`` (``owned``) or of no owner."""
+    c = _conversations.c
+    return and_(c.id == bindparam("cid"), c.owner == bindparam("owner") if owned else c.owner.is_(None))
+
+
+# Built once, keyed by whether an owner is given.
+_SELECT_CONVERSATION = {owned: select(_conversations).where(_of_owner(owned)) for owned in (True, False)}
+_CONVERSATION_EXISTS = {owned: select(literal(1)).where(_of_owner(owned)) for owned in (True, False)}
 
 
 @dataclass(eq=False)
@@ -734,9 +753,9 @@ class ConversationStore:
         """The conversation with this id; raises ConversationNotFound (also for another owner)."""
         if not _could_exist(conversation_id, owner):
             raise ConversationNotFound(conversation_id)
-        with self._read() as conn:
+        with self._read_one() as conn:
             row = conn.execute(
-                select(_conversations).where(_conversations.c.id == conversation_id, _owner_clause(owner))
+                _SELECT_CONVERSATION[owner is not None], {"cid": conversation_id, "owner": owner}
             ).first()
         if row is None:
             raise ConversationNotFound(conversation_id)
@@ -1276,6 +1295,12 @@ class ConversationStore:
         self._check_open()
         return _Transaction(self._engine, write=False)
 
+    def _read_one(self) -> Any:
+        """A read that runs one statement: atomic on its own, so it runs without BEGIN and
+        COMMIT (in autocommit mode), errors translated as in any transaction."""
+        self._check_open()
+        return _Transaction(self._engine, write=False, single=True)
+
     def _check_open(self) -> None:
         if getattr(self, "_closed", False):
             raise StoreError(f"the store {self.url} is closed; open a new ConversationStore to use it again")
@@ -1393,16 +1418,23 @@ class ConversationStore:
                 reservation=quota_reservation,
             )
         with self._write() as conn:
-            seq = self._bump_and_insert(conn, conversation_id, owner, columns, now, lease=None)
+            seq = self._insert_reply(
+                conn,
+                conversation_id,
+                owner,
+                columns,
+                now,
+                lease=None,
+                new_reply=False,
+                indexed=indexed,
+                event=event,
+                reservation=quota_reservation,
+            )
             if seq is None:
                 raise ConversationNotFound(conversation_id)
-            if indexed is not None:
-                _search.insert_rows(conn, [{"cid": conversation_id, "seq": seq, **indexed}])
-            if event is not None or quota_reservation is not None:
-                _usage.settle(conn, event, quota_reservation)
         return Message(conversation_id=conversation_id, seq=seq, created_at=now, **columns)
 
-    def _bump_and_insert(
+    def _insert_reply(
         self,
         conn: Any,
         conversation_id: str,
@@ -1411,11 +1443,24 @@ class ConversationStore:
         now: dt.datetime,
         *,
         lease: str | None,
+        new_reply: bool,
+        indexed: dict[str, Any] | None,
+        event: dict[str, Any] | None,
+        reservation: _usage.Reservation | None,
     ) -> int | None:
-        """Number the message, advance the running total and insert the message; its seq,
-        or None when the conversation is not this owner's (or, with ``lease``, when another
-        request holds the turn lease: then nothing is written). On Postgres one statement
-        (a CTE); on SQLite, in-process, the bump and the insert."""
+        """Store a reply (or any appended message) in the caller's write transaction: the
+        message, numbered and counted into the running total (releasing the lease
+        ``lease``), its search row, its ledger row and the settling of its quota
+        reservation. Its seq; or None, and the caller must roll back, when the conversation
+        is not this owner's, another request holds the lease, or (``new_reply``) a stored
+        message has the reply's response id, so that it may be a repeat.
+
+        On Postgres the message takes one statement (a CTE: the bump, then the insert); on
+        SQLite, in-process, two. The response-id check is made holding the conversation's
+        lock, so a repeat appended concurrently is seen: on SQLite (whose write transaction
+        holds the database lock from its BEGIN) inside the bump, on Postgres by a statement
+        after it (a subquery of the bump would read the snapshot taken before it waited for
+        the row lock)."""
         bump = {
             "b_cid": conversation_id,
             "b_owner": owner,
@@ -1423,29 +1468,39 @@ class ConversationStore:
             "b_tokens": columns["tokens"] or 0,
             "b_lease": lease,
         }
+        new_reply = new_reply and columns["response_id"] is not None
         if self.dialect == "postgresql":
             values = {f"m_{name}": value for name, value in columns.items()}
             values.update(m_conversation_id=conversation_id, m_created_at=now)
             statement = _APPEND_CTE[(owner is not None, lease is not None)]
-            return cast("int | None", conn.execute(statement, {**bump, **values}).scalar())
-        if lease is not None:
-            statement = _BUMP_LEASE_UNOWNED if owner is None else _BUMP_LEASE_OWNED
+            seq = conn.execute(statement, {**bump, **values}).scalar()
+            if seq is None:
+                return None
+            if new_reply:
+                params = {"cid": conversation_id, "rid": columns["response_id"], "seq": seq}
+                if conn.execute(_SAME_RESPONSE_ID, params).first() is not None:
+                    return None
         else:
-            statement = _BUMP_UNOWNED if owner is None else _BUMP_OWNED
-        bumped = conn.execute(statement, bump).first()
-        if bumped is None:
-            return None
-        seq, total = bumped
-        conn.execute(
-            _INSERT_MESSAGE,
-            {
-                "conversation_id": conversation_id,
-                "created_at": now,
-                "seq": seq,
-                "tokens_total": total,
-                **columns,
-            },
-        )
+            if new_reply:
+                bump["b_rid"] = columns["response_id"]
+            bumped = conn.execute(_BUMP[(owner is not None, lease is not None, new_reply)], bump).first()
+            if bumped is None:
+                return None
+            seq, total = bumped
+            conn.execute(
+                _INSERT_MESSAGE,
+                {
+                    "conversation_id": conversation_id,
+                    "created_at": now,
+                    "seq": seq,
+                    "tokens_total": total,
+                    **columns,
+                },
+            )
+        if indexed is not None:
+            _search.insert_rows(conn, [{"cid": conversation_id, "seq": seq, **indexed}])
+        if event is not None or reservation is not None:
+            _usage.settle(conn, event, reservation)
         return cast(int, seq)
 
     def _append_reply(
@@ -1463,52 +1518,32 @@ class ConversationStore:
         """The append of a reply (a response id or a lease given), checked under the lock.
 
         The usual reply (its lease held or free, no other message with its response id) is
-        stored by the bump-and-insert with the lease check in the bump's WHERE clause, then
-        one look for another message with the same response id, made holding the lock. Any
-        other case rolls that back and takes :meth:`_append_reply_checked`, which tells a
-        repeated reply from a new one and a busy lease from a free one.
+        stored by :meth:`_insert_reply` in one transaction. Any other case rolls that back
+        and takes the general path, which locks the conversation's row first (FOR UPDATE
+        on Postgres; SQLite's write transaction holds the database lock), so that telling a
+        repeated reply from a new one, and a busy lease from a free one, cannot race
+        another append.
         """
-        try:
-            with self._write() as conn:
-                seq = self._bump_and_insert(conn, conversation_id, owner, columns, now, lease=lease)
-                if seq is None:
-                    raise _SlowPath  # no such conversation, or another request holds the lease
-                if columns["response_id"] is not None:
-                    params = {"cid": conversation_id, "rid": columns["response_id"], "seq": seq}
-                    if conn.execute(_SAME_RESPONSE_ID, params).first() is not None:
-                        raise _SlowPath  # it may repeat a stored reply
-                if indexed is not None:
-                    _search.insert_rows(conn, [{"cid": conversation_id, "seq": seq, **indexed}])
-                if event is not None or reservation is not None:
-                    _usage.settle(conn, event, reservation)
-        except _SlowPath:
-            return self._append_reply_checked(
+
+        def insert_reply(conn: Any, *, new_reply: bool) -> int | None:
+            return self._insert_reply(
+                conn,
                 conversation_id,
                 owner,
                 columns,
                 now,
                 lease=lease,
+                new_reply=new_reply,
                 indexed=indexed,
                 event=event,
                 reservation=reservation,
             )
-        return Message(conversation_id=conversation_id, seq=seq, created_at=now, **columns)
 
-    def _append_reply_checked(
-        self,
-        conversation_id: str,
-        owner: str | None,
-        columns: dict[str, Any],
-        now: dt.datetime,
-        *,
-        lease: str | None,
-        indexed: dict[str, Any] | None,
-        event: dict[str, Any] | None = None,
-        reservation: _usage.Reservation | None = None,
-    ) -> Message:
-        """The general append of a reply: the conversation's row is locked first (FOR UPDATE
-        on Postgres; SQLite's write transaction holds the database lock), so the check for
-        the same reply already stored and the lease check cannot race another append."""
+        with contextlib.suppress(_SlowPath), self._write() as conn:
+            seq = insert_reply(conn, new_reply=True)
+            if seq is None:
+                raise _SlowPath  # rolls the transaction back
+            return Message(conversation_id=conversation_id, seq=seq, created_at=now, **columns)
         c = _conversations.c
         with self._write() as conn:
             state = conn.execute(
@@ -1519,42 +1554,24 @@ class ConversationStore:
             if state is None:
                 raise ConversationNotFound(conversation_id)
             ours = lease is not None and state.lease_token == lease
-            release = {"lease_token": None, "lease_expires_at": None} if lease is not None else {}
             stored = _stored_reply(conn, conversation_id, columns)
             if stored is not None:
                 if ours:
-                    conn.execute(update(_conversations).where(c.id == conversation_id).values(**release))
+                    conn.execute(
+                        update(_conversations)
+                        .where(c.id == conversation_id)
+                        .values(lease_token=None, lease_expires_at=None)
+                    )
                 if reservation is not None:
                     # Stored (and charged) before: the reservation this request held just ends.
                     _usage.settle(conn, None, reservation)
                 return stored
             if lease is not None and not ours and _lease_held(state.lease_token, state.lease_expires_at, now):
                 raise ConversationBusy(conversation_id, expires_at=state.lease_expires_at)
-            seq, total = conn.execute(
-                update(_conversations)
-                .where(c.id == conversation_id)
-                .values(
-                    last_seq=c.last_seq + 1,
-                    tokens_total=c.tokens_total + (columns["tokens"] or 0),
-                    updated_at=now,
-                    **release,
-                )
-                .returning(c.last_seq, c.tokens_total)
-            ).one()
-            conn.execute(
-                _INSERT_MESSAGE,
-                {
-                    "conversation_id": conversation_id,
-                    "created_at": now,
-                    "seq": seq,
-                    "tokens_total": total,
-                    **columns,
-                },
-            )
-            if indexed is not None:
-                _search.insert_rows(conn, [{"cid": conversation_id, "seq": seq, **indexed}])
-            if event is not None or reservation is not None:
-                _usage.settle(conn, event, reservation)
+            # The lease is this request's, free or expired: the bump's lease check passes.
+            seq = insert_reply(conn, new_reply=False)
+            if seq is None:
+                raise StoreError(f"conversation {conversation_id} changed under its row lock")
         return Message(conversation_id=conversation_id, seq=seq, created_at=now, **columns)
 
     # -- the turn lease: one request answers a conversation at a time ---------------------------
@@ -1619,7 +1636,10 @@ class ConversationStore:
 
         With ``check`` and no ``quota``: if a limit applies to ``owner``, ``QuotaNeeded``
         is raised and nothing is written (the sender then plans the window and asks
-        again); otherwise the turn costs one more indexed read. With ``quota``: if the
+        again). The lease statement itself says whether a limit applies (an index probe of
+        ``quota_limits`` in its RETURNING clause), so an owner without limits costs the turn
+        no statement of its own; the answer is read in the turn's transaction, never
+        cached, so a limit set by another process counts from its commit on. With ``quota``: if the
         conversation's last message is no longer ``quota.last_seq``, ``HistoryMoved``
         (nothing written); else ``quota.tokens`` are reserved (QuotaExceeded: nothing
         written, no lease taken) and the reservation is returned with the turn.
@@ -1680,7 +1700,7 @@ class ConversationStore:
                 if row.last_seq - len(rows) != quota.last_seq:
                     raise _usage.HistoryMoved(conversation_id)
                 held = self._reserve_in(conn, owner, quota.tokens, quota.model, now)
-            elif check and _usage.any_limit(conn, owner):
+            elif check and row.quota_applies:
                 raise _usage.QuotaNeeded(conversation_id)
             first = row.last_seq - len(rows) + 1
             added = [
@@ -1756,12 +1776,13 @@ class ConversationStore:
         owner, so checking in a transaction of its own is as good as in the reader's."""
         if not _could_exist(conversation_id, owner):
             raise ConversationNotFound(conversation_id)
-        query = select(literal(1)).where(_conversations.c.id == conversation_id, _owner_clause(owner))
+        query = _CONVERSATION_EXISTS[owner is not None]
+        params = {"cid": conversation_id, "owner": owner}
         if conn is None:
-            with self._read() as conn:
-                found = conn.execute(query).first()
+            with self._read_one() as conn:
+                found = conn.execute(query, params).first()
         else:
-            found = conn.execute(query).first()
+            found = conn.execute(query, params).first()
         if found is None:
             raise ConversationNotFound(conversation_id)
 

@@ -12,11 +12,13 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from ..exceptions import StoreError, StoreIntegrityError
-from ._engine import WRITE
+from ._engine import SINGLE_READ, WRITE
 
 
 class _Transaction:
     """``with store._write() as conn``: one transaction, database errors translated.
+    (``single``: a read of one statement, run in autocommit mode, which saves the BEGIN and
+    COMMIT round trips on Postgres: see ``ConversationStore._read_one``.)
 
     Write transactions ask SQLite for the write lock up front (BEGIN IMMEDIATE). That
     BEGIN runs on the driver's connection from an engine hook, outside SQLAlchemy's error
@@ -24,9 +26,13 @@ class _Transaction:
     are translated here as well.
     """
 
-    def __init__(self, engine: Engine, *, write: bool) -> None:
+    def __init__(self, engine: Engine, *, write: bool, single: bool = False) -> None:
         self._engine = engine
         self._write = write
+        # A read of one statement: no BEGIN/COMMIT around it (see _engine.SINGLE_READ).
+        self._options: dict[str, Any] | None = (
+            WRITE if write else SINGLE_READ[engine.dialect.name] if single else None
+        )
         self._conn: Any = None
         self._tx: Any = None
 
@@ -39,8 +45,8 @@ class _Transaction:
     def _open(self) -> None:
         try:
             self._conn = self._engine.connect()
-            if self._write:
-                self._conn.execution_options(**WRITE)
+            if self._options is not None:
+                self._conn.execution_options(**self._options)
             self._tx = self._conn.begin()
         except PoolTimeoutError as err:
             # Every pooled connection stayed checked out for the whole pool timeout.

@@ -33,7 +33,20 @@ from decimal import Decimal
 from typing import Any, cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import Table, bindparam, case, delete, func, insert, literal_column, select, text, update
+from sqlalchemy import (
+    Table,
+    bindparam,
+    case,
+    delete,
+    exists,
+    func,
+    insert,
+    literal,
+    literal_column,
+    select,
+    text,
+    update,
+)
 
 from .._prices import MICROS, Prices
 from ..exceptions import QuotaExceeded
@@ -450,10 +463,19 @@ _LIMITS = select(
 _LIMITS_UNOWNED = select(
     *_limits.c, select(_settings.c.value).where(_settings.c.name == TIMEZONE_SETTING).scalar_subquery()
 ).where(_limits.c.owner == bindparam("l_default"))
-_ANY_LIMIT: Any = select(literal_column("1")).where(
-    _limits.c.owner.in_([bindparam("l_owner"), bindparam("l_default")])
-)
-_ANY_LIMIT_UNOWNED: Any = select(literal_column("1")).where(_limits.c.owner == bindparam("l_default"))
+
+
+def limit_applies(owner: Any) -> Any:
+    """SQL that is true when a limit applies to ``owner`` (a bound parameter or column; None
+    for no owner): a row of its own or the default's. The turn's lease statement returns it
+    (see ``ConversationStore._take_turn``), so an owner without limits costs a turn one
+    probe of this small table's key, inside a statement the turn runs anyway."""
+    keys = [literal(DEFAULT_OWNER_KEY)] if owner is None else [owner, literal(DEFAULT_OWNER_KEY)]
+    return exists().where(_limits.c.owner.in_(keys)).label("quota_applies")
+
+
+_ANY_LIMIT = select(limit_applies(bindparam("l_owner")))
+_ANY_LIMIT_UNOWNED = select(limit_applies(None))
 
 
 def _limit_rows(conn: Any, owner: str | None) -> tuple[Any, Any, str | None]:
@@ -482,10 +504,18 @@ def effective_limits(conn: Any, owner: str | None) -> tuple[Any, Any]:
 def any_limit(conn: Any, owner: str | None) -> bool:
     """Whether a limit applies to ``owner``: one indexed read of a small table."""
     if owner is None:
-        found = conn.execute(_ANY_LIMIT_UNOWNED, {"l_default": DEFAULT_OWNER_KEY}).first()
-    else:
-        found = conn.execute(_ANY_LIMIT, {"l_owner": owner, "l_default": DEFAULT_OWNER_KEY}).first()
-    return found is not None
+        return bool(conn.execute(_ANY_LIMIT_UNOWNED).scalar())
+    return bool(conn.execute(_ANY_LIMIT, {"l_owner": owner}).scalar())
+
+
+@dataclass(frozen=True, slots=True)
+class _Limits:
+    """One quota_limits row's limits (all None: no row)."""
+
+    daily_tokens: int | None
+    monthly_tokens: int | None
+    daily_cost_micros: int | None
+    monthly_cost_micros: int | None
 
 
 def _checks(own: Any, default: Any) -> list[tuple[str, str, int, bool]]:
@@ -508,18 +538,13 @@ def _checks(own: Any, default: Any) -> list[tuple[str, str, int, bool]]:
     return found
 
 
-def _used_statement(*, owned: bool) -> Any:
-    """What an owner used this month (and today) and holds in reservations, as ONE
-    statement: on Postgres each statement of a READ COMMITTED transaction sees its own
-    snapshot, and a reply settling between two separate reads (its ledger row in, its
-    reservation out, committed together) would be missed by both, letting a racing request
-    pass the limit."""
+def _spent(*, owned: bool) -> Any:
+    """What the owner (``:u_owner``, or none) used from ``:u_month`` to ``:u_month_end``,
+    and from ``:u_day`` on: tokens and cost, as one row."""
     c = _events.c
-    r = _reservations.c
     in_day = c.created_at >= bindparam("u_day", type_=c.created_at.type)
     owner_e = c.owner == bindparam("u_owner") if owned else c.owner.is_(None)
-    owner_r = r.owner == bindparam("u_owner") if owned else r.owner.is_(None)
-    spent = (
+    return (
         select(
             func.coalesce(func.sum(case((in_day, c.total_tokens), else_=0)), 0).label("day_tokens"),
             func.coalesce(func.sum(c.total_tokens), 0).label("month_tokens"),
@@ -533,14 +558,42 @@ def _used_statement(*, owned: bool) -> Any:
         )
         .subquery()
     )
+
+
+def _reserve_read_statement(*, owned: bool) -> Any:
+    """What an owner used this month (and today) and holds in reservations, with all a
+    reservation decides on, as ONE statement: on Postgres each statement of a READ
+    COMMITTED transaction sees its own snapshot, and a reply settling between two separate
+    reads (its ledger row in, its reservation out, committed together) would be missed by
+    both, letting a racing request pass the limit. Also the owner's own limits and the
+    default's (NULLs where there is no row), the store's time zone (the periods' bounds are
+    computed with the zone the caller expects; it checks the one returned), and how many
+    of the owner's reservations have expired (swept only when some have)."""
+    r = _reservations.c
+    owner_r = r.owner == bindparam("u_owner") if owned else r.owner.is_(None)
+    spent = _spent(owned=owned)
+    live = r.expires_at > bindparam("u_now", type_=r.expires_at.type)
     held = (
         select(
-            func.coalesce(func.sum(r.tokens), 0).label("tokens"),
-            func.coalesce(func.sum(r.cost_micros), 0).label("cost"),
+            func.coalesce(func.sum(case((live, r.tokens), else_=0)), 0).label("tokens"),
+            func.coalesce(func.sum(case((live, r.cost_micros), else_=0)), 0).label("cost"),
+            func.coalesce(func.sum(case((live, 0), else_=1)), 0).label("expired"),
         )
-        .where(owner_r, r.expires_at > bindparam("u_now", type_=r.expires_at.type))
+        .where(owner_r)
         .subquery()
     )
+    own = _limits.alias("own")
+    default = _limits.alias("dflt")
+    joined = spent.join(held, literal_column("1") == literal_column("1")).outerjoin(
+        default, default.c.owner == literal(DEFAULT_OWNER_KEY)
+    )
+    mine: list[Any]
+    if owned:
+        joined = joined.outerjoin(own, own.c.owner == bindparam("u_owner"))
+        mine = [own.c[name] for name in _LIMIT_COLUMNS]
+    else:  # an owner of None has no row of its own: the default's limits only
+        mine = [literal(None).label(f"own_{name}") for name in _LIMIT_COLUMNS]
+    zone = select(_settings.c.value).where(_settings.c.name == TIMEZONE_SETTING).scalar_subquery()
     return select(
         spent.c.day_tokens,
         spent.c.month_tokens,
@@ -548,33 +601,43 @@ def _used_statement(*, owned: bool) -> Any:
         spent.c.month_cost,
         held.c.tokens,
         held.c.cost,
-    ).select_from(spent.join(held, literal_column("1") == literal_column("1")))
+        held.c.expired,
+        zone.label("zone"),
+        *mine,
+        *(default.c[name] for name in _LIMIT_COLUMNS),
+    ).select_from(joined)
 
 
-_USED_OWNED = _used_statement(owned=True)
-_USED_UNOWNED = _used_statement(owned=False)
+_LIMIT_COLUMNS = ("daily_tokens", "monthly_tokens", "daily_cost_micros", "monthly_cost_micros")
+_RESERVE_READ = {owned: _reserve_read_statement(owned=owned) for owned in (True, False)}
+# The zone the last reservation found: the next one computes its periods with it, and
+# reads again only when the store's zone has changed since.
+_expected_zone = DEFAULT_QUOTA_TIMEZONE
 
 
 def _used(
     conn: Any, owner: str | None, now: dt.datetime, bounds: Mapping[str, tuple[dt.datetime, dt.datetime]]
-) -> dict[str, int]:
+) -> Any:
+    """The row of :func:`_reserve_read_statement` for these period bounds."""
     params = {
+        "u_owner": owner,
         "u_day": bounds["day"][0],
         "u_month": bounds["month"][0],
         "u_month_end": bounds["month"][1],
         "u_now": now,
     }
-    if owner is None:
-        row = conn.execute(_USED_UNOWNED, params).one()
-    else:
-        row = conn.execute(_USED_OWNED, {**params, "u_owner": owner}).one()
+    return conn.execute(_RESERVE_READ[owner is not None], params).one()
+
+
+def _amounts(row: Any) -> dict[str, int]:
+    """What :func:`_used` found, by period and unit."""
     return {
-        "day tokens": int(row[0]),
-        "month tokens": int(row[1]),
-        "day cost": int(row[2]),
-        "month cost": int(row[3]),
-        "reserved tokens": int(row[4]),
-        "reserved cost": int(row[5]),
+        "day tokens": int(row.day_tokens),
+        "month tokens": int(row.month_tokens),
+        "day cost": int(row.day_cost),
+        "month cost": int(row.month_cost),
+        "reserved tokens": int(row.tokens),
+        "reserved cost": int(row.cost),
     }
 
 
@@ -584,7 +647,7 @@ def status(conn: Any, owner: str | None, now: dt.datetime, zone: ZoneInfo) -> li
     if not checks:
         return []
     bounds = periods(now, zone)
-    used = _used(conn, owner, now, bounds)
+    used = _amounts(_used(conn, owner, now, bounds))
     result = []
     for period, unit, limit, inherited in checks:
         scale = (lambda v: Decimal(v) / MICROS) if unit == "cost" else (lambda v: v)
@@ -614,16 +677,31 @@ def reserve(
     currency: str | None,
 ) -> Reservation | None:
     """Take a reservation or raise QuotaExceeded, in the caller's write transaction. None
-    when no limit applies to ``owner`` (nothing is held)."""
+    when no limit applies to ``owner`` (nothing is held).
+
+    One statement reads the limits, the zone, what was used and what is held
+    (:func:`_reserve_read_statement`), a second inserts the reservation; expired
+    reservations are swept only when there are some, and the used amounts read again only
+    when the store's time zone is not the one expected."""
+    global _expected_zone
     lock_owner(conn, dialect, owner)
-    own, default, zone_name = _limit_rows(conn, owner)
-    checks = _checks(own, default)
+    zone_name = _expected_zone
+    bounds = periods(now, _zone_of(zone_name))
+    row = _used(conn, owner, now, bounds)
+    n = len(_LIMIT_COLUMNS)
+    own = dict(zip(_LIMIT_COLUMNS, row[8 : 8 + n], strict=True))
+    default = dict(zip(_LIMIT_COLUMNS, row[8 + n : 8 + 2 * n], strict=True))
+    checks = _checks(_Limits(**own), _Limits(**default))
     if not checks:
         return None
-    # Reservations of processes that died: swept here, where this owner's lock is held.
-    conn.execute(_SWEEP_UNOWNED if owner is None else _SWEEP_OWNED, {"s_owner": owner, "s_now": now})
-    bounds = periods(now, _zone_of(zone_name))
-    used = _used(conn, owner, now, bounds)
+    if row.expired:
+        # Reservations of processes that died: swept here, where this owner's lock is held.
+        conn.execute(_SWEEP_UNOWNED if owner is None else _SWEEP_OWNED, {"s_owner": owner, "s_now": now})
+    if (row.zone or DEFAULT_QUOTA_TIMEZONE) != zone_name:
+        zone_name = _expected_zone = row.zone or DEFAULT_QUOTA_TIMEZONE
+        bounds = periods(now, _zone_of(zone_name))
+        row = _used(conn, owner, now, bounds)
+    used = _amounts(row)
     for period, unit, limit, _inherited in checks:
         asked = tokens if unit == "tokens" else (cost_micros or 0)
         taken = used[f"{period} {unit}"] + used[f"reserved {unit}"]

@@ -300,3 +300,19 @@ def _token_columns(columns: Mapping[str, Any], model: str) -> dict[str, Any]:
         if columns.get(key) is not None:
             message[key] = columns[key]
     return {"tokens": _tokens.message_tokens(message, encoding), "tokens_encoding": encoding}
+
+
+def _validate_message_dict(message: Mapping[str, Any], *, max_message_chars: int) -> dict[str, Any]:
+    """:func:`_validate_message` of a message given as a dict (a turn's or an import's), its
+    size checked too; its columns. Raises ValueError, having touched nothing."""
+    columns = _validate_message(
+        message.get("role"),
+        message.get("content"),
+        name=message.get("name"),
+        tool_calls=message.get("tool_calls"),
+        tool_call_id=message.get("tool_call_id"),
+        status=message.get("status", "complete"),
+        pinned=message.get("pinned", False),
+    )
+    _check_size(columns, max_message_chars)
+    return columns
