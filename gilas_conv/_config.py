@@ -97,7 +97,8 @@ def resolve_base_url(base_url: str | None) -> str:
         raise ConfigurationError(f"the base URL {shown} is not a valid URL") from None
     if parts.scheme.lower() not in ("http", "https") or not hostname:
         raise ConfigurationError(
-            f"the base URL must start with http:// or https:// and name a host, not {shown}"
+            f"the base URL must start with http:// or https:// and name a host, not {shown}; "
+            f"set it with base_url=, --base-url or {ENV_BASE_URL}"
         )
     if has_credentials:
         raise ConfigurationError(
