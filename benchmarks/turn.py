@@ -462,6 +462,52 @@ class SqliteFloor(_FloorCase):
         self.db.close()
 
 
+class SqliteFloorIndexed(SqliteFloor):
+    """The SQLite floor doing the writes a gilas turn does beyond it: each message also
+    indexed for full-text search (an external-content FTS5 table on the raw text, the
+    default tokenizer: no Persian normalization), and the reply's usage recorded in a
+    ledger row, in the message's own transaction. Not a target: it shows what the turn
+    costs against the same durable work written by hand."""
+
+    name = "floor+writes"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.db.executescript(
+            """
+            CREATE VIRTUAL TABLE msg_fts USING fts5(content, content='msg', content_rowid='id');
+            CREATE TABLE ledger (
+                id INTEGER PRIMARY KEY, session TEXT NOT NULL, model TEXT NOT NULL,
+                prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,
+                created_at TEXT NOT NULL);
+            CREATE INDEX ix_ledger_session ON ledger (session, created_at);
+            """
+        )
+
+    def build(self, size: int, corpus: Corpus, rng: random.Random) -> str:
+        session = super().build(size, corpus, rng)
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute("INSERT INTO msg_fts (msg_fts) VALUES ('rebuild')")
+        return session
+
+    def _insert(self, session: str, role: str, content: str) -> None:
+        tokens = self._count(role, content)
+        with self.db:
+            self.db.execute("BEGIN")
+            row = self.db.execute(
+                "INSERT INTO msg (session, role, content, tokens) VALUES (?, ?, ?, ?)",
+                (session, role, content, tokens),
+            ).lastrowid
+            self.db.execute("INSERT INTO msg_fts (rowid, content) VALUES (?, ?)", (row, content))
+            if role == "assistant":
+                self.db.execute(
+                    "INSERT INTO ledger (session, model, prompt_tokens, completion_tokens, created_at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (session, MODEL, PROMPT_BUDGET, tokens, dt.datetime.now(dt.timezone.utc).isoformat()),
+                )
+
+
 class PostgresFloor(_FloorCase):
     def __init__(self, conninfo: str) -> None:
         super().__init__()
@@ -809,6 +855,7 @@ def run_sqlite(plan: Plan, corpus: Corpus, log: Callable[[str], None]) -> None:
         cases: list[Case] = [
             GilasCase(f"sqlite:///{directory / 'gilas.db'}"),
             SqliteFloor(directory / "floor.db"),
+            SqliteFloorIndexed(directory / "floor-writes.db"),
         ]
         if plan.langchain:
             engine = _sqlite_engine(directory / "langchain.db")
@@ -875,7 +922,7 @@ def _ratio(a: Result, b: Result) -> float | None:
     return a.ms / b.ms if a.ms and b.ms else None
 
 
-_SHORT = {"gilas": "g", "floor": "f", "langchain": "l", "langchain-memo": "m"}
+_SHORT = {"gilas": "g", "floor": "f", "floor+writes": "w", "langchain": "l", "langchain-memo": "m"}
 
 
 def report(plan: Plan) -> tuple[str, bool]:
@@ -895,6 +942,7 @@ def report(plan: Plan) -> tuple[str, bool]:
         "messages",
         *(f"{c} ms" for c in cases),
         "gilas/floor",
+        "gilas/floor+writes",
         *(f"{c} peak KiB" for c in cases),
         "sent " + "/".join(_SHORT.get(c, c) for c in cases),
     ]
@@ -903,13 +951,15 @@ def report(plan: Plan) -> tuple[str, bool]:
     for backend in backends:
         for size in plan.sizes:
             found = [_find(results, backend, c, size) for c in cases]
-            ratio = _ratio(_find(results, backend, "gilas", size), _find(results, backend, "floor", size))
+            gilas = _find(results, backend, "gilas", size)
+            floors = ("floor", "floor+writes")
+            ratios = [_ratio(gilas, _find(results, backend, floor, size)) for floor in floors]
             rows.append(
                 [
                     backend,
                     f"{size:,}",
                     *(_fmt_ms(r.ms) for r in found),
-                    f"{ratio:.2f}x" if ratio else "-",
+                    *(f"{ratio:.2f}x" if ratio else "-" for ratio in ratios),
                     *(f"{r.peak_kib:,.0f}" if r.peak_kib is not None else "-" for r in found),
                     "/".join(str(r.sent) if r.ms else "-" for r in found),
                 ]
