@@ -5,6 +5,7 @@ against --help in test_cli.py.)"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -42,39 +43,48 @@ def test_the_readme_examples_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     monkeypatch.setenv("GILAS_API_KEY", API_KEY)
     store_only, streaming, tools, _gateway, search = _python_blocks()
     namespace: dict[str, Any] = {}
-    exec(compile(store_only, "README.md (store)", "exec"), namespace)
-    search_namespace = dict(namespace)
-    exec(compile(search, "README.md (search)", "exec"), search_namespace)
-    (hit,) = namespace["store"].search('"به تهران" بهار* میخواهم')
-    assert hit.snippet == "[مي‌خواهم] در [بهار] [به] [تهران] بروم"
-    ctx = namespace["ctx"]
-    assert [m["role"] for m in ctx.messages] == ["system", "user", "assistant", "user"]
-    assert ctx.dropped == 0
-    assert namespace["branch"].message_count == 3
+    with contextlib.ExitStack() as closing:
 
-    with StubServer(api_key=API_KEY) as server:
-        monkeypatch.setenv("GILAS_BASE_URL", server.base_url)
-        exec(compile(streaming, "README.md (sender)", "exec"), namespace)
-        stream = namespace["stream"]
-        assert stream.message.status == "complete"
-        assert stream.message.content == "echo: Where was the final played?"
+        def run(block: str, name: str, into: dict[str, Any]) -> None:
+            try:
+                exec(compile(block, f"README.md ({name})", "exec"), into)
+            finally:  # each example opens a store and leaves it open, as a script may
+                if "store" in into:
+                    closing.callback(into["store"].close)
 
-        # The tool-calling example, with the sender kept open: one tool call, then the answer.
-        server.script(
-            {"tool_calls": [{"name": "get_weather", "arguments": '{"city": "Tehran"}', "id": "call_1"}]},
-            {"reply": "۲۱ درجه"},
-        )
-        from gilas_conv import Sender
+        run(store_only, "store", namespace)
+        search_namespace = dict(namespace)
+        run(search, "search", search_namespace)
+        (hit,) = namespace["store"].search('"به تهران" بهار* میخواهم')
+        assert hit.snippet == "[مي‌خواهم] در [بهار] [به] [تهران] بروم"
+        ctx = namespace["ctx"]
+        assert [m["role"] for m in ctx.messages] == ["system", "user", "assistant", "user"]
+        assert ctx.dropped == 0
+        assert namespace["branch"].message_count == 3
 
-        with Sender(namespace["store"]) as sender:
-            exec(compile(tools, "README.md (tools)", "exec"), {**namespace, "sender": sender})
-        conv = namespace["store"].get(namespace["conv"].id)
-        roles = [m.role for m in conv.messages()]
-        assert roles[-4:] == ["user", "assistant", "tool", "assistant"]
-        assert conv.messages()[-1].content == "۲۱ درجه"
-        *_, call, result = server.requests[-1]["body"]["messages"]
-        assert call["tool_calls"][0]["id"] == result["tool_call_id"] == "call_1"
-        assert result["content"] == '{"city": "Tehran", "celsius": 21}'
+        with StubServer(api_key=API_KEY) as server:
+            monkeypatch.setenv("GILAS_BASE_URL", server.base_url)
+            run(streaming, "sender", namespace)
+            stream = namespace["stream"]
+            assert stream.message.status == "complete"
+            assert stream.message.content == "echo: Where was the final played?"
+
+            # The tool-calling example, with the sender kept open: one tool call, then the answer.
+            server.script(
+                {"tool_calls": [{"name": "get_weather", "arguments": '{"city": "Tehran"}', "id": "call_1"}]},
+                {"reply": "۲۱ درجه"},
+            )
+            from gilas_conv import Sender
+
+            with Sender(namespace["store"]) as sender:
+                exec(compile(tools, "README.md (tools)", "exec"), {**namespace, "sender": sender})
+            conv = namespace["store"].get(namespace["conv"].id)
+            roles = [m.role for m in conv.messages()]
+            assert roles[-4:] == ["user", "assistant", "tool", "assistant"]
+            assert conv.messages()[-1].content == "۲۱ درجه"
+            *_, call, result = server.requests[-1]["body"]["messages"]
+            assert call["tool_calls"][0]["id"] == result["tool_call_id"] == "call_1"
+            assert result["content"] == '{"city": "Tehran", "celsius": 21}'
 
 
 # ---------------------------------------------------------------------------------------------
