@@ -4,10 +4,12 @@ doubled."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import openai
@@ -15,7 +17,8 @@ import pytest
 from _gateway import UPSTREAM_KEY, GatewayServer, running_gateway
 from stub_server import StubServer
 
-from gilas_conv import ConversationStore
+from gilas_conv import ConversationStore, Sender
+from gilas_conv.server import create_app
 from gilas_conv.store import APIKeys
 
 API_KEY = UPSTREAM_KEY
@@ -199,22 +202,7 @@ def long_conversation(store: ConversationStore) -> str:
     return conv.id
 
 
-@pytest.mark.parametrize(
-    "streamed",
-    [
-        False,
-        pytest.param(
-            True,
-            marks=pytest.mark.xfail(
-                reason="open defect: now and then (about 1 run in 3, seen on Postgres) a streamed "
-                "turn whose client left keeps the conversation busy past 10 s; see the closing "
-                "note of issue 11",
-                strict=False,
-            ),
-        ),
-    ],
-    ids=["plain", "streamed"],
-)
+@pytest.mark.parametrize("streamed", [False, True], ids=["plain", "streamed"])
 @pytest.mark.parametrize("held", ["reply", "summary"])
 def test_a_client_that_gives_up_while_the_upstream_holds_frees_the_conversation(
     gateway: GatewayServer, store: ConversationStore, stub: StubServer, key: str, streamed: bool, held: str
@@ -260,6 +248,72 @@ def test_a_client_that_gives_up_while_the_upstream_holds_frees_the_conversation(
         ("user", "back", "complete"),
         ("assistant", "echo: back", "complete"),
     ]
+
+
+@pytest.mark.parametrize("left", ["before the first chunk", "while a chunk is written"])
+def test_a_stream_whose_client_leaves_as_it_begins_frees_the_conversation_at_once(
+    store: ConversationStore, stub: StubServer, key: str, left: str
+) -> None:
+    # The client is there while the turn runs and leaves as the response begins: before its
+    # first chunk (the upstream answered just as the client gave up), or while a chunk is
+    # being written to it (a slow reader). Driven through the ASGI interface, so that exactly
+    # this order happens; the conversation must be free as soon as the response is over,
+    # not whenever the server shuts down or the collector runs.
+    cid = store.create(model="gpt-4o-mini", owner="alice").id
+    stub.script({"reply": "a b c d", "chunk_delay": 0.05})
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "conversation": cid}
+    scope: dict[str, Any] = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"authorization", f"Bearer {key}".encode()), (b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 80),
+    }
+    app = create_app(store=store, base_url=stub.base_url, api_key=UPSTREAM_KEY)
+    calls = 0
+    writing = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return {"type": "http.request", "body": json.dumps({**body, "stream": True}).encode()}
+        if calls == 2:  # read while the turn runs: the client waits
+            await asyncio.Event().wait()
+        if left == "while a chunk is written":
+            await writing.wait()
+        return {"type": "http.disconnect"}  # read once the response began: gone
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and left == "while a chunk is written":
+            writing.set()
+            await asyncio.Event().wait()  # the client reads nothing more
+
+    def turn_again() -> str | None:
+        with Sender(store, base_url=stub.base_url, api_key=UPSTREAM_KEY) as sender:
+            return sender.send(cid, "again", owner="alice").content  # type: ignore[return-value]
+
+    async def main() -> str | None:
+        async with app.router.lifespan_context(app):
+            await app(scope, receive, send)  # type: ignore[arg-type]
+            assert calls == 3  # the response began, then saw the client gone
+            return await asyncio.to_thread(turn_again)
+
+    assert asyncio.run(main()) == "echo: again"
+    stored = history(store, cid)
+    # What arrived of the first reply is stored once (incomplete), or nothing if nothing did.
+    assert stored[0] == ("user", "hi", "complete") and stored[-2:] == [
+        ("user", "again", "complete"),
+        ("assistant", "echo: again", "complete"),
+    ]
+    assert len(stored) == 3 or stored[1][2] == "incomplete"
 
 
 def test_items_written_while_a_turn_is_answered_are_refused_and_never_interleave(

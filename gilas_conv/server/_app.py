@@ -21,7 +21,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import anyio
@@ -35,7 +35,7 @@ from starlette.types import Receive, Scope, Send
 from .. import _api
 from .._config import DEFAULT_MODEL, resolve_api_key, resolve_base_url
 from ..exceptions import APIError, MessageNotFound, StreamInterrupted
-from ..sender import DEFAULT_TIMEOUT, AsyncSender, pending_reply_to
+from ..sender import DEFAULT_TIMEOUT, AsyncReplyStream, AsyncSender, pending_reply_to
 from ..store import (
     APIKeys,
     Conversation,
@@ -159,9 +159,39 @@ def _check_answerable(
         raise GatewayError(400, f"`messages` cannot be answered: {err}", param="messages") from err
 
 
-class _EventStream(StreamingResponse):
-    """Server-sent events that notice a client leaving even while no chunk is being written,
-    so the upstream request is cancelled at once (the body iterator is cancelled)."""
+class _ReplyEvents(StreamingResponse):
+    """A streamed reply as server-sent events; it owns the reply stream and closes it.
+
+    It notices a client leaving even while no chunk is being written, so the upstream
+    request is cancelled at once. However the response ends -- the reply finished, the
+    upstream cut off, the client gone (before the first chunk, between two, or before the
+    response even began), the server cutting it at shutdown -- the reply stream is closed,
+    which stores what arrived (incomplete unless the reply finished) and releases the turn's
+    lease. That close runs in its own task: cancelling the response cannot stop it halfway,
+    and shutdown waits for it (:class:`_InFlight`).
+
+    The body generator alone could not promise this: cut at a ``yield`` or before its first
+    step, a generator's ``finally`` runs only when it is garbage-collected.
+    """
+
+    def __init__(
+        self,
+        stream: AsyncReplyStream,
+        conversation_id: str,
+        *,
+        include_usage: bool,
+        in_flight: _InFlight,
+        headers: Mapping[str, str],
+    ) -> None:
+        super().__init__(
+            _events(stream, conversation_id, include_usage=include_usage),
+            media_type="text/event-stream",
+            headers=headers,
+        )
+        self._stream = stream
+        self._in_flight = in_flight
+        self._closing: asyncio.Task[None] | None = None
+        in_flight.enter()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -179,9 +209,29 @@ class _EventStream(StreamingResponse):
                         group.cancel_scope.cancel()
                         break
         except asyncio.CancelledError:
-            # The server cut this response (its shutdown grace period ended); the stream
-            # stored what arrived on its way out, and there is no one left to tell.
-            return
+            # The server cut this response (its shutdown grace period ended); what arrived
+            # is stored below, and there is no one left to tell.
+            pass
+        finally:
+            await self.close()
+
+    def close(self) -> asyncio.Future[None]:
+        """Close the reply stream (once; later calls wait for the same close)."""
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
+        return asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
+        try:
+            body = self.body_iterator
+            if isinstance(body, AsyncGenerator):
+                await body.aclose()
+            with contextlib.suppress(APIError, StreamInterrupted):
+                await self._stream.aclose()
+        except Exception:
+            logger.warning("could not store a streamed reply", exc_info=True)
+        finally:
+            self._in_flight.exit()
 
 
 class _InFlight:
@@ -467,9 +517,11 @@ class _Gateway:
             error = error_for(err)
             error.headers.update(header)
             raise error from err
-        return _EventStream(
-            _events(started, conv.id, include_usage=include_usage, in_flight=self.streams),
-            media_type="text/event-stream",
+        return _ReplyEvents(
+            started,
+            conv.id,
+            include_usage=include_usage,
+            in_flight=self.streams,
             headers={**header, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
@@ -662,6 +714,10 @@ async def _unless_client_leaves(request: Request, work: Awaitable[Response]) -> 
     try:
         return await task
     except asyncio.CancelledError:
+        orphan = task.result() if task.done() and not task.cancelled() and not task.exception() else None
+        if isinstance(orphan, _ReplyEvents):
+            # The stream began just as this handler was cut: no one will send it, close it.
+            await orphan.close()
         if not left:
             raise
         # No one will read this; the sender released the turn on its way out.
@@ -700,41 +756,25 @@ def _metadata(value: Any) -> dict[str, Any] | None:
 
 
 async def _events(
-    stream: Any, conversation_id: str, *, include_usage: bool, in_flight: _InFlight
+    stream: AsyncReplyStream, conversation_id: str, *, include_usage: bool
 ) -> AsyncIterator[str]:
     """The reply's chunks as server-sent events, each naming the conversation, as they arrive.
-
-    However the response ends -- the reply finished, the upstream cut off, the client gone
-    (this generator is cancelled), the server shutting down -- the stream is closed under a
-    shield, which stores what arrived (as incomplete unless the reply finished).
-    """
-    in_flight.enter()
+    (:class:`_ReplyEvents` closes the stream, however this ends.)"""
     try:
-        try:
-            async for chunk in stream:
-                raw = chunk.raw
-                if not include_usage:
-                    if not raw.get("choices") and raw.get("usage") is not None:
-                        continue  # the sender always asks for usage; this client did not
-                    raw = {k: v for k, v in raw.items() if k != "usage"}
-                yield (
-                    "data: "
-                    + json.dumps({**raw, "conversation": conversation_id}, ensure_ascii=False)
-                    + "\n\n"
-                )
-        except (APIError, StreamInterrupted) as err:
-            error = error_for(err)
-            payload = error_body(error.message, type=error.type, code=error.code)
-            payload["conversation"] = conversation_id
-            yield "data: " + json.dumps(payload, ensure_ascii=False) + "\n\n"
-            return
-        yield "data: [DONE]\n\n"
-    finally:
-        try:
-            with anyio.CancelScope(shield=True), contextlib.suppress(APIError, StreamInterrupted):
-                await stream.aclose()
-        finally:
-            in_flight.exit()
+        async for chunk in stream:
+            raw = chunk.raw
+            if not include_usage:
+                if not raw.get("choices") and raw.get("usage") is not None:
+                    continue  # the sender always asks for usage; this client did not
+                raw = {k: v for k, v in raw.items() if k != "usage"}
+            yield "data: " + json.dumps({**raw, "conversation": conversation_id}, ensure_ascii=False) + "\n\n"
+    except (APIError, StreamInterrupted) as err:
+        error = error_for(err)
+        payload = error_body(error.message, type=error.type, code=error.code)
+        payload["conversation"] = conversation_id
+        yield "data: " + json.dumps(payload, ensure_ascii=False) + "\n\n"
+        return
+    yield "data: [DONE]\n\n"
 
 
 def _handler(gateway: _Gateway, name: str) -> Callable[[Request], Awaitable[Response]]:
