@@ -243,11 +243,13 @@ def test_a_client_that_gives_up_while_the_upstream_holds_frees_the_conversation(
                 time.sleep(0.1)
     assert reply is not None, "the conversation stayed busy after its client left"
     assert reply.choices[0].message.content == "echo: back"
-    assert history(store, cid)[-3:] == [
-        ("user", "gone", "complete"),
-        ("user", "back", "complete"),
-        ("assistant", "echo: back", "complete"),
-    ]
+    stored = history(store, cid)
+    gone = stored.index(("user", "gone", "complete"))
+    # The held answer may reach the gateway just as the client leaves: then what arrived of
+    # it is stored, once, before the next turn. Nothing else is stored in between.
+    between = stored[gone + 1 : -2]
+    assert between == [] or (len(between) == 1 and between[0][0] == "assistant"), stored
+    assert stored[-2:] == [("user", "back", "complete"), ("assistant", "echo: back", "complete")]
 
 
 @pytest.mark.parametrize("left", ["before the first chunk", "while a chunk is written"])
