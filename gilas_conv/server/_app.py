@@ -46,7 +46,7 @@ from ..store import (
     validate_message,
 )
 from ._errors import GatewayError, error_body, error_for
-from ._history import new_messages
+from ._history import new_messages, resends_nothing
 from ._wire import completion_body, conversation_object, item_object, messages_from_items, parse_item_id
 
 __all__ = [
@@ -72,8 +72,9 @@ CONVERSATION_HEADER = "x-gilas-conversation"
 # Items and conversations per page (OpenAI's defaults and maximum).
 DEFAULT_PAGE_LIMIT = 20
 MAX_PAGE_LIMIT = 100
-# How far back the pending turn is looked for before a completion is accepted.
-_TAIL = 64
+# How many of the last messages are read first to find the turn waiting for its answer
+# (further back only when they are all part of it).
+_TAIL = 8
 # At shutdown, how long the streams cut by the server may take to store what arrived.
 _SHUTDOWN_STORE_SECONDS = 10.0
 # How long an edit of the items (append, delete) holds the turn lease at most: it is
@@ -443,11 +444,15 @@ class _Gateway:
             return conv, messages
         conv = self.store.get(conversation_id, owner=owner)
         limit = 2 * len(messages) + 16
-        stored = conv.messages(limit=limit)
-        whole = len(stored) < limit
-        match = new_messages(messages, stored, whole=whole)
-        tail = stored if whole else conv.messages(after=max(0, conv.message_count - _TAIL))
-        _check_answerable(tail, match.new, conversation_id=conv.id, whole=whole or tail[:1] == stored[:1])
+        if conv.message_count <= limit:  # a short history: read it whole, once
+            stored = conv.messages()
+            tail, whole, tail_whole = stored, True, True
+        else:
+            # The first messages only matter to a request that may re-send the history.
+            stored = [] if resends_nothing(messages) else conv.messages(limit=limit)
+            (tail, tail_whole), whole = _tail(conv), False
+        match = new_messages(messages, stored, whole=whole, tail=tail)
+        _check_answerable(tail, match.new, conversation_id=conv.id, whole=tail_whole)
         return conv, match.new
 
     async def chat_completions(self, request: Request) -> Response:
@@ -503,16 +508,26 @@ class _Gateway:
         assert self.sender is not None
         conv, new = await asyncio.to_thread(self._plan_turn, owner, reference, messages, params.get("model"))
         header = {CONVERSATION_HEADER: conv.id}
+        # One new user message (the usual turn) is answered as ``send`` answers it: the reply
+        # is to that message, so the sender need not look for the pending turn again.
+        plain = len(new) == 1 and new[0].keys() == {"role", "content"} and new[0]["role"] == "user"
+        single = new[0]["content"] if plain else None
         try:
             if not stream:
-                reply = await self.sender.retry(conv, messages=new, **options, **params)
+                if single is not None:
+                    reply = await self.sender.send(conv, single, **options, **params)
+                else:
+                    reply = await self.sender.retry(conv, messages=new, **options, **params)
                 return JSONResponse(
                     completion_body(
                         reply, conversation_id=conv.id, requested_model=params.get("model") or conv.model
                     ),
                     headers=header,
                 )
-            started = await self.sender.stream_retry(conv, messages=new, **options, **params)
+            if single is not None:
+                started = await self.sender.stream(conv, single, **options, **params)
+            else:
+                started = await self.sender.stream_retry(conv, messages=new, **options, **params)
         except Exception as err:
             error = error_for(err)
             error.headers.update(header)
@@ -724,6 +739,18 @@ async def _unless_client_leaves(request: Request, work: Awaitable[Response]) -> 
         return Response(status_code=499)
     finally:
         watcher.cancel()
+
+
+def _tail(conv: Conversation) -> tuple[list[Message], bool]:
+    """The last messages, back to one that ends a turn (a complete reply or an instruction)
+    or to the start (then True): enough to see the turn still waiting for its answer."""
+    window = _TAIL
+    while True:
+        after = max(0, conv.message_count - window)
+        found = conv.messages(after=after)
+        if after == 0 or any(m.role not in ("user", "tool") and m.complete for m in found):
+            return found, after == 0
+        window *= 4
 
 
 def _newest_before(conv: Conversation, before: int | None, count: int) -> list[Message]:
