@@ -21,8 +21,8 @@ import functools
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import anyio
 import httpx
@@ -58,6 +58,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger("gilas_conv.server")
+
+_T = TypeVar("_T")
 
 # Requests larger than this are refused with 413 before they are parsed.
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -585,17 +587,7 @@ class _Gateway:
         limit = _limit(request)
         after = request.query_params.get("after") or None
         found = await asyncio.to_thread(self.store.list, owner=owner, limit=limit + 1, after=after)
-        page = found[:limit]
-        data = [conversation_object(c) for c in page]
-        return JSONResponse(
-            {
-                "object": "list",
-                "data": data,
-                "first_id": data[0]["id"] if data else None,
-                "last_id": data[-1]["id"] if data else None,
-                "has_more": len(found) > limit,
-            }
-        )
+        return _page(found, limit, conversation_object)
 
     async def get_conversation(self, request: Request) -> Response:
         owner = await self.owner(request)
@@ -648,16 +640,7 @@ class _Gateway:
             raise GatewayError(400, "`items` must hold at least one item", param="items")
 
         added = await asyncio.to_thread(self._between_turns, conv, items)
-        data = [item_object(m) for m in added]
-        return JSONResponse(
-            {
-                "object": "list",
-                "data": data,
-                "first_id": data[0]["id"],
-                "last_id": data[-1]["id"],
-                "has_more": False,
-            }
-        )
+        return _page(added, len(added), item_object)
 
     async def list_items(self, request: Request) -> Response:
         owner = await self.owner(request)
@@ -676,17 +659,7 @@ class _Gateway:
             found = await asyncio.to_thread(conv.messages, after=cursor or 0, limit=limit + 1)
         else:
             found = await asyncio.to_thread(_newest_before, conv, cursor, limit + 1)
-        page = found[:limit]
-        data = [item_object(m) for m in page]
-        return JSONResponse(
-            {
-                "object": "list",
-                "data": data,
-                "first_id": data[0]["id"] if data else None,
-                "last_id": data[-1]["id"] if data else None,
-                "has_more": len(found) > limit,
-            }
-        )
+        return _page(found, limit, item_object)
 
     async def get_item(self, request: Request) -> Response:
         owner = await self.owner(request)
@@ -763,6 +736,21 @@ def _newest_before(conv: Conversation, before: int | None, count: int) -> list[M
         out.extend(reversed([m for m in batch if m.seq < high]))
         high = low + 1
     return out[:count]
+
+
+def _page(found: Sequence[_T], limit: int, render: Callable[[_T], dict[str, Any]]) -> Response:
+    """A page of a cursor-paginated list in OpenAI's shape: the first ``limit`` of ``found``
+    (read with one more than a page holds, so that ``has_more`` is known)."""
+    data = [render(x) for x in found[:limit]]
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": data,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+            "has_more": len(found) > limit,
+        }
+    )
 
 
 def _limit(request: Request) -> int:
