@@ -57,6 +57,32 @@ def test_upstream_429_is_passed_through_with_retry_after_and_a_client_retry_doub
     ]
 
 
+def test_a_retried_message_of_a_long_conversation_is_stored_once(
+    gateway: GatewayServer, store: ConversationStore, stub: StubServer, alice_key: str
+) -> None:
+    # Longer than the first messages the gateway compares a request with: the unanswered
+    # message is at the end, far from them.
+    conv = store.create(model="gpt-4o-mini", owner="alice")
+    for i in range(12):
+        conv.append("user", f"question {i}")
+        conv.append("assistant", f"answer {i}")
+    client = sdk_client(gateway, alice_key)
+    request = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "again?"}],
+        "extra_body": {"conversation": conv.id},
+    }
+    stub.script({"status": 500})
+    with pytest.raises(openai.InternalServerError):
+        client.chat.completions.create(**request)  # type: ignore[call-overload]
+    client.chat.completions.create(**request)  # type: ignore[call-overload]
+    assert stored(store, conv.id)[-3:] == [
+        ("assistant", "answer 11", "complete"),
+        ("user", "again?", "complete"),
+        ("assistant", "echo: again?", "complete"),
+    ]
+
+
 def test_upstream_500_answers_a_stream_with_500(
     gateway: GatewayServer, store: ConversationStore, stub: StubServer, alice_key: str
 ) -> None:
