@@ -25,8 +25,10 @@ added latency of a front is its median turn minus the direct median at the same 
 Turns per second: all the level's turns over its wall time. Memory: the resident set
 size (VmRSS) of the front's processes after the level, and its peak (VmHWM).
 
-    python benchmarks/gateway.py [--postgres URL] [--litellm /path/to/litellm]
+    python benchmarks/gateway.py [--postgres URL] [--litellm /path/to/litellm] [--baseline SRC]
 
+``--baseline SRC`` also runs the gateway from another source tree (a worktree of an
+earlier commit) in the same run, as "gateway before": a change is compared at one load.
 ``benchmarks/README.md`` shows and explains the output. Speed is measured here, never in
 the tests.
 """
@@ -89,11 +91,13 @@ def rss_kib(pids: list[int]) -> tuple[int, int]:
 
 @contextlib.contextmanager
 def process(
-    args: list[str], *, env: dict[str, str] | None = None, ready: str, log: Path
+    args: list[str], *, env: dict[str, str] | None = None, ready: str, log: Path, cwd: Path | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Start ``args``; wait until GET ``ready`` answers; terminate it afterwards."""
     with log.open("wb") as out:
-        proc = subprocess.Popen(args, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            args, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT, cwd=cwd
+        )
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
@@ -228,27 +232,30 @@ def gilas(*args: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def gateway(database_url: str, upstream: str, work: Path) -> Iterator[tuple[str, str, list[int]]]:
+def gateway(
+    database_url: str, upstream: str, work: Path, source: Path | None = None
+) -> Iterator[tuple[str, str, list[int]]]:
+    """``gilas-conv serve`` on ``database_url``; ``source``: a source tree to run it from
+    instead of the installed package (e.g. a worktree of an earlier commit)."""
     env = {"GILAS_API_KEY": UPSTREAM_KEY}
-    subprocess.run(
-        gilas("--db", database_url, "db", "upgrade"),
-        check=True,
-        capture_output=True,
-        env={**os.environ, **env},
-    )
-    key = subprocess.run(
-        gilas("--db", database_url, "keys", "create", "--owner", f"bench-{time.time_ns()}"),
-        check=True,
-        capture_output=True,
-        text=True,
-        env={**os.environ, **env},
-    ).stdout.strip()
+    if source is not None:  # the working directory is ``work``, so PYTHONPATH comes first
+        env["PYTHONPATH"] = str(source)
+    for args in (("db", "upgrade"), ("keys", "create", "--owner", f"bench-{time.time_ns()}")):
+        done = subprocess.run(
+            gilas("--db", database_url, *args),
+            check=True,
+            capture_output=True,
+            text=True,
+            env={**os.environ, **env},
+            cwd=work,
+        )
+    key = done.stdout.strip()
     port = free_port()
     args = gilas(
         "--db", database_url, "--base-url", upstream, "serve", "--host", "127.0.0.1", "--port", str(port)
     )
     with process(
-        args, env=env, ready=f"http://127.0.0.1:{port}/healthz", log=work / f"gateway-{port}.log"
+        args, env=env, ready=f"http://127.0.0.1:{port}/healthz", log=work / f"gateway-{port}.log", cwd=work
     ) as proc:
         yield f"http://127.0.0.1:{port}/v1", key, [proc.pid]
 
@@ -325,6 +332,11 @@ def main() -> None:
     )
     parser.add_argument("--levels", default="1,10,100", help="concurrency levels among 1,10,100")
     parser.add_argument("--words", type=int, default=8, help="words per streamed reply")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="also run the gateway from this source tree (e.g. a worktree of main), as 'gateway before'",
+    )
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     if any(c not in TURNS for c in levels):
@@ -347,12 +359,17 @@ def main() -> None:
             results["direct"] = run_front(
                 "direct", upstream, UPSTREAM_KEY, stateful=False, pids=[stub_proc.pid], levels=levels
             )
-            backends = [("gateway (SQLite)", f"sqlite:///{work / 'bench.db'}")]
+            backends = [("SQLite", f"sqlite:///{work / 'bench.db'}")]
             if args.postgres:
-                backends.append(("gateway (Postgres)", args.postgres))
-            for name, url in backends:
-                with gateway(url, upstream, work) as (front, key, pids):
-                    results[name] = run_front(name, front, key, stateful=True, pids=pids, levels=levels)
+                backends.append(("Postgres", args.postgres))
+            builds: list[tuple[str, Path | None]] = [("gateway", None)]
+            if args.baseline:
+                builds.insert(0, ("gateway before", args.baseline.resolve()))
+            for label, source in builds:
+                for backend, url in backends:
+                    name = f"{label} ({backend})"
+                    with gateway(url, upstream, work, source) as (front, key, pids):
+                        results[name] = run_front(name, front, key, stateful=True, pids=pids, levels=levels)
             if litellm_path:
                 try:
                     with litellm(litellm_path, upstream, work) as (front, key, pids):

@@ -13,6 +13,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -21,6 +22,7 @@ from sqlalchemy.pool import NullPool
 from stub_server import StubServer
 
 from gilas_conv import ConversationStore, head_revision, upgrade_database
+from gilas_conv.store import APIKeys
 
 POSTGRES_ENV = "GILAS_CONV_TEST_POSTGRES_URL"
 POSTGRES_SKIP_REASON = (
@@ -178,3 +180,19 @@ def stub(_stub_server: StubServer) -> StubServer:
     """The local OpenAI-compatible stub server, with no script and no recorded requests."""
     _stub_server.reset()
     return _stub_server
+
+
+@pytest.fixture
+def gateway(store: ConversationStore, stub: StubServer) -> Iterator[Any]:
+    """The gateway (tests/_gateway.py) serving ``store`` in front of the stub upstream; a
+    key's owner is remembered half a second (a revoked key stops working that fast)."""
+    from _gateway import running_gateway
+
+    with running_gateway(store, stub.base_url, key_cache_seconds=0.5) as server:
+        yield server
+
+
+@pytest.fixture
+def alice_key(store: ConversationStore) -> str:
+    """A gateway client key of the owner "alice"."""
+    return APIKeys(store).create(owner="alice")[0]

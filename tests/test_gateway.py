@@ -4,12 +4,11 @@ loopback in front of the stub upstream, on SQLite and Postgres."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
-from _gateway import UPSTREAM_KEY, GatewayServer, running_gateway
+from _gateway import UPSTREAM_KEY, GatewayServer, running_gateway, sdk_client, stored
 from stub_server import STUB_MODELS, StubServer
 
 from gilas_conv import ConversationStore
@@ -19,36 +18,14 @@ API_KEY = UPSTREAM_KEY  # what the module's stub server accepts
 
 
 @pytest.fixture
-def gateway(store: ConversationStore, stub: StubServer) -> Iterator[GatewayServer]:
-    with running_gateway(store, stub.base_url, key_cache_seconds=0.5) as server:
-        yield server
-
-
-@pytest.fixture
-def alice_key(store: ConversationStore) -> str:
-    return APIKeys(store).create(owner="alice")[0]
-
-
-@pytest.fixture
 def bob_key(store: ConversationStore) -> str:
     return APIKeys(store).create(owner="bob")[0]
-
-
-def client(gateway: GatewayServer, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway.url, api_key=key, max_retries=0)
-
-
-def stored(
-    store: ConversationStore, conversation_id: str, owner: str = "alice"
-) -> list[tuple[str, object, str]]:
-    conv = store.get(conversation_id, owner=owner)
-    return [(m.role, m.content, m.status) for m in conv.messages()]
 
 
 def test_a_conversation_persists_and_only_new_messages_are_sent(
     gateway: GatewayServer, store: ConversationStore, stub: StubServer, alice_key: str
 ) -> None:
-    sdk = client(gateway, alice_key)
+    sdk = sdk_client(gateway, alice_key)
     first = sdk.chat.completions.with_raw_response.create(
         model="gpt-4o-mini",
         messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}],
@@ -79,7 +56,7 @@ def test_a_conversation_persists_and_only_new_messages_are_sent(
 def test_a_resending_client_does_not_duplicate_history(
     gateway: GatewayServer, store: ConversationStore, stub: StubServer, alice_key: str
 ) -> None:
-    sdk = client(gateway, alice_key)
+    sdk = sdk_client(gateway, alice_key)
     history = [{"role": "system", "content": "S"}, {"role": "user", "content": "one"}]
     first = sdk.chat.completions.create(model="gpt-4o-mini", messages=history)  # type: ignore[arg-type]
     cid = first.conversation  # type: ignore[attr-defined]
@@ -105,7 +82,7 @@ def test_a_resending_client_does_not_duplicate_history(
 def test_a_diverged_history_is_refused_with_409_and_nothing_is_stored_or_sent(
     gateway: GatewayServer, store: ConversationStore, stub: StubServer, alice_key: str
 ) -> None:
-    sdk = client(gateway, alice_key)
+    sdk = sdk_client(gateway, alice_key)
     cid = sdk.chat.completions.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": "one"}]
     ).conversation  # type: ignore[attr-defined]
@@ -148,7 +125,7 @@ async def test_async_streaming_names_the_conversation_in_every_chunk(
 
 def test_streaming_without_include_usage_sends_no_usage_chunk(gateway: GatewayServer, alice_key: str) -> None:
     chunks = list(
-        client(gateway, alice_key).chat.completions.create(
+        sdk_client(gateway, alice_key).chat.completions.create(
             model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True
         )
     )
@@ -160,7 +137,7 @@ def test_streaming_without_include_usage_sends_no_usage_chunk(gateway: GatewaySe
 def test_tool_calls_round_trip(
     gateway: GatewayServer, store: ConversationStore, stub: StubServer, alice_key: str, streamed: bool
 ) -> None:
-    sdk = client(gateway, alice_key)
+    sdk = sdk_client(gateway, alice_key)
     tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
     stub.script({"tool_calls": [{"name": "weather", "arguments": '{"city": "Tehran"}', "id": "call_1"}]})
     if streamed:
@@ -199,7 +176,7 @@ def test_tool_calls_round_trip(
 def test_a_tool_result_without_its_call_is_refused_and_nothing_is_stored(
     gateway: GatewayServer, store: ConversationStore, stub: StubServer, alice_key: str
 ) -> None:
-    sdk = client(gateway, alice_key)
+    sdk = sdk_client(gateway, alice_key)
     with pytest.raises(openai.BadRequestError):
         sdk.chat.completions.create(
             model="gpt-4o-mini", messages=[{"role": "tool", "tool_call_id": "nope", "content": "x"}]
@@ -215,7 +192,7 @@ def test_a_tool_result_without_its_call_is_refused_and_nothing_is_stored(
 def test_conversations_api_with_the_sdk(
     gateway: GatewayServer, store: ConversationStore, alice_key: str
 ) -> None:
-    sdk = client(gateway, alice_key)
+    sdk = sdk_client(gateway, alice_key)
     conv = sdk.conversations.create(
         items=[{"type": "message", "role": "system", "content": "Be brief."}],
         metadata={"topic": "demo"},
@@ -268,7 +245,7 @@ def test_conversations_api_with_the_sdk(
 
 
 def test_listing_conversations_most_recent_first_paginated(gateway: GatewayServer, alice_key: str) -> None:
-    sdk = client(gateway, alice_key)
+    sdk = sdk_client(gateway, alice_key)
     made = [sdk.conversations.create().id for _ in range(5)]
     with httpx.Client(headers={"Authorization": f"Bearer {alice_key}"}) as http:
         seen: list[str] = []
@@ -286,7 +263,7 @@ def test_listing_conversations_most_recent_first_paginated(gateway: GatewayServe
 
 
 def test_models_are_passed_through(gateway: GatewayServer, alice_key: str) -> None:
-    assert [m.id for m in client(gateway, alice_key).models.list()] == list(STUB_MODELS)
+    assert [m.id for m in sdk_client(gateway, alice_key).models.list()] == list(STUB_MODELS)
 
 
 def test_health_and_readiness(gateway: GatewayServer) -> None:
@@ -299,9 +276,9 @@ def test_keys_missing_wrong_or_revoked_get_401(
     gateway: GatewayServer, store: ConversationStore, alice_key: str
 ) -> None:
     with pytest.raises(openai.AuthenticationError):
-        client(gateway, "gc-not-a-key").models.list()
+        sdk_client(gateway, "gc-not-a-key").models.list()
     assert httpx.get(f"{gateway.url}/models").status_code == 401
-    sdk = client(gateway, alice_key)
+    sdk = sdk_client(gateway, alice_key)
     sdk.models.list()
     APIKeys(store).revoke(alice_key)
     time.sleep(0.6)  # the gateway's key cache lasts 0.5 s in these tests
@@ -314,7 +291,7 @@ def test_a_body_over_the_limit_gets_413(store: ConversationStore, stub: StubServ
         running_gateway(store, stub.base_url, max_body_bytes=1000) as small,
         pytest.raises(openai.APIStatusError) as caught,
     ):
-        client(small, alice_key).chat.completions.create(
+        sdk_client(small, alice_key).chat.completions.create(
             model="gpt-4o-mini", messages=[{"role": "user", "content": "x" * 2000}]
         )
     assert caught.value.status_code == 413
@@ -324,12 +301,12 @@ def test_a_body_over_the_limit_gets_413(store: ConversationStore, stub: StubServ
 def test_another_tenants_conversation_does_not_exist_on_any_endpoint(
     gateway: GatewayServer, store: ConversationStore, stub: StubServer, alice_key: str, bob_key: str
 ) -> None:
-    alice = client(gateway, alice_key)
+    alice = sdk_client(gateway, alice_key)
     cid = alice.chat.completions.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": "secret"}]
     ).conversation  # type: ignore[attr-defined]
     before, sent = stored(store, cid), len(stub.requests)
-    bob = client(gateway, bob_key)
+    bob = sdk_client(gateway, bob_key)
     attempts = [
         lambda: bob.conversations.retrieve(cid),
         lambda: bob.conversations.update(cid, metadata={"x": "y"}),
@@ -362,7 +339,7 @@ def test_another_tenants_conversation_does_not_exist_on_any_endpoint(
 def test_a_request_over_its_owners_quota_gets_429_insufficient_quota_and_nothing_is_stored_or_sent(
     gateway: GatewayServer, store: ConversationStore, stub: StubServer, alice_key: str, bob_key: str
 ) -> None:
-    sdk = client(gateway, alice_key)
+    sdk = sdk_client(gateway, alice_key)
     cid = sdk.chat.completions.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": "one"}], max_tokens=50
     ).conversation  # type: ignore[attr-defined]
@@ -382,7 +359,7 @@ def test_a_request_over_its_owners_quota_gets_429_insufficient_quota_and_nothing
     assert int(caught.value.response.headers["retry-after"]) >= 1
     assert stored(store, cid) == before and len(stub.requests) == sent
     # Another owner is not limited by alice's quota.
-    other = client(gateway, bob_key).chat.completions.create(
+    other = sdk_client(gateway, bob_key).chat.completions.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], max_tokens=50
     )
     assert other.choices[0].message.content == "echo: hi"

@@ -12,12 +12,10 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _gateway import UPSTREAM_KEY, GatewayServer, running_gateway
-from stub_server import StubServer
+from _gateway import UPSTREAM_KEY, GatewayServer
 
 from gilas_conv import ConversationStore
 from gilas_conv.store import APIKeys
@@ -111,12 +109,6 @@ def openai_node() -> Path:
                 f"npm install {OPENAI_NPM} failed (registry unreachable?): {done.stderr.strip()[-300:]}"
             )
     return NPM_DIR
-
-
-@pytest.fixture
-def gateway(store: ConversationStore, stub: StubServer) -> Iterator[GatewayServer]:
-    with running_gateway(store, stub.base_url) as server:
-        yield server
 
 
 def test_the_openai_npm_package_keeps_a_conversation(

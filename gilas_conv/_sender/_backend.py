@@ -8,8 +8,12 @@ operations:
     Wait before a retry.
 ``run_blocking(function, *args, **kwargs)``
     Make a blocking call (the store, choosing the context). Async: in a worker thread
-    (``asyncio.to_thread``), so the event loop never waits on the database and turns of
-    different conversations run at once in one loop. Sync: directly.
+    (like ``asyncio.to_thread``), so the event loop never waits on the database and turns
+    of different conversations run at once in one loop. Once made, the call runs to its end
+    even if the caller is cancelled meanwhile (the caller is told at once): a reply stored
+    or a lease released as a stream ends must not be dropped because the client left just
+    then. (``asyncio.to_thread`` alone would drop a call still queued for a free thread.)
+    Sync: directly.
 ``run_claiming(release, function, *args, **kwargs)``
     ``run_blocking`` for a call that takes something it must give back (the turn lease:
     ``_prepare`` returns a turn holding it). Async: if the caller is cancelled while the
@@ -31,7 +35,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -46,21 +50,37 @@ class AsyncBackend:
 
     @staticmethod
     async def run_blocking(function: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
-        return await asyncio.to_thread(function, *args, **kwargs)
+        future = _in_thread(function, *args, **kwargs)
+        try:
+            # Shielded: cancelling the wait must not cancel the call, queued or running.
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(_log_unwaited_failure)
+            raise
 
     @staticmethod
     async def run_claiming(
         release: Callable[[T], object], function: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
     ) -> T:
-        loop = asyncio.get_running_loop()
-        call = functools.partial(contextvars.copy_context().run, function, *args, **kwargs)
-        future = loop.run_in_executor(None, call)
+        future = _in_thread(function, *args, **kwargs)
         try:
             # Shielded: cancelling the wait must not drop the result the thread will still produce.
             return await asyncio.shield(future)
         except asyncio.CancelledError:
             future.add_done_callback(functools.partial(_release_unclaimed, release))
             raise
+
+
+def _in_thread(function: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> asyncio.Future[T]:
+    """``function(*args, **kwargs)`` submitted to the loop's worker threads, in this context."""
+    call = functools.partial(contextvars.copy_context().run, function, *args, **kwargs)
+    return asyncio.get_running_loop().run_in_executor(None, call)
+
+
+def _log_unwaited_failure(done: asyncio.Future[Any]) -> None:
+    """Log the failure of a call whose caller was cancelled (no one else will see it)."""
+    if not done.cancelled() and done.exception() is not None:
+        logger.warning("a blocking call whose caller was cancelled failed", exc_info=done.exception())
 
 
 def _release_unclaimed(release: Callable[[T], object], done: asyncio.Future[T]) -> None:

@@ -21,8 +21,8 @@ import functools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import anyio
 import httpx
@@ -35,7 +35,7 @@ from starlette.types import Receive, Scope, Send
 from .. import _api
 from .._config import DEFAULT_MODEL, resolve_api_key, resolve_base_url
 from ..exceptions import APIError, MessageNotFound, StreamInterrupted
-from ..sender import DEFAULT_TIMEOUT, AsyncSender, pending_reply_to
+from ..sender import DEFAULT_TIMEOUT, AsyncReplyStream, AsyncSender, pending_reply_to
 from ..store import (
     APIKeys,
     Conversation,
@@ -46,7 +46,7 @@ from ..store import (
     validate_message,
 )
 from ._errors import GatewayError, error_body, error_for
-from ._history import new_messages
+from ._history import new_messages, resends_nothing
 from ._wire import completion_body, conversation_object, item_object, messages_from_items, parse_item_id
 
 __all__ = [
@@ -58,6 +58,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger("gilas_conv.server")
+
+_T = TypeVar("_T")
 
 # Requests larger than this are refused with 413 before they are parsed.
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -72,8 +74,9 @@ CONVERSATION_HEADER = "x-gilas-conversation"
 # Items and conversations per page (OpenAI's defaults and maximum).
 DEFAULT_PAGE_LIMIT = 20
 MAX_PAGE_LIMIT = 100
-# How far back the pending turn is looked for before a completion is accepted.
-_TAIL = 64
+# How many of the last messages are read first to find the turn waiting for its answer
+# (further back only when they are all part of it).
+_TAIL = 8
 # At shutdown, how long the streams cut by the server may take to store what arrived.
 _SHUTDOWN_STORE_SECONDS = 10.0
 # How long an edit of the items (append, delete) holds the turn lease at most: it is
@@ -159,9 +162,39 @@ def _check_answerable(
         raise GatewayError(400, f"`messages` cannot be answered: {err}", param="messages") from err
 
 
-class _EventStream(StreamingResponse):
-    """Server-sent events that notice a client leaving even while no chunk is being written,
-    so the upstream request is cancelled at once (the body iterator is cancelled)."""
+class _ReplyEvents(StreamingResponse):
+    """A streamed reply as server-sent events; it owns the reply stream and closes it.
+
+    It notices a client leaving even while no chunk is being written, so the upstream
+    request is cancelled at once. However the response ends -- the reply finished, the
+    upstream cut off, the client gone (before the first chunk, between two, or before the
+    response even began), the server cutting it at shutdown -- the reply stream is closed,
+    which stores what arrived (incomplete unless the reply finished) and releases the turn's
+    lease. That close runs in its own task: cancelling the response cannot stop it halfway,
+    and shutdown waits for it (:class:`_InFlight`).
+
+    The body generator alone could not promise this: cut at a ``yield`` or before its first
+    step, a generator's ``finally`` runs only when it is garbage-collected.
+    """
+
+    def __init__(
+        self,
+        stream: AsyncReplyStream,
+        conversation_id: str,
+        *,
+        include_usage: bool,
+        in_flight: _InFlight,
+        headers: Mapping[str, str],
+    ) -> None:
+        super().__init__(
+            _events(stream, conversation_id, include_usage=include_usage),
+            media_type="text/event-stream",
+            headers=headers,
+        )
+        self._stream = stream
+        self._in_flight = in_flight
+        self._closing: asyncio.Task[None] | None = None
+        in_flight.enter()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -179,9 +212,29 @@ class _EventStream(StreamingResponse):
                         group.cancel_scope.cancel()
                         break
         except asyncio.CancelledError:
-            # The server cut this response (its shutdown grace period ended); the stream
-            # stored what arrived on its way out, and there is no one left to tell.
-            return
+            # The server cut this response (its shutdown grace period ended); what arrived
+            # is stored below, and there is no one left to tell.
+            pass
+        finally:
+            await self.close()
+
+    def close(self) -> asyncio.Future[None]:
+        """Close the reply stream (once; later calls wait for the same close)."""
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
+        return asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
+        try:
+            body = self.body_iterator
+            if isinstance(body, AsyncGenerator):
+                await body.aclose()
+            with contextlib.suppress(APIError, StreamInterrupted):
+                await self._stream.aclose()
+        except Exception:
+            logger.warning("could not store a streamed reply", exc_info=True)
+        finally:
+            self._in_flight.exit()
 
 
 class _InFlight:
@@ -393,11 +446,15 @@ class _Gateway:
             return conv, messages
         conv = self.store.get(conversation_id, owner=owner)
         limit = 2 * len(messages) + 16
-        stored = conv.messages(limit=limit)
-        whole = len(stored) < limit
-        match = new_messages(messages, stored, whole=whole)
-        tail = stored if whole else conv.messages(after=max(0, conv.message_count - _TAIL))
-        _check_answerable(tail, match.new, conversation_id=conv.id, whole=whole or tail[:1] == stored[:1])
+        if conv.message_count <= limit:  # a short history: read it whole, once
+            stored = conv.messages()
+            tail, whole, tail_whole = stored, True, True
+        else:
+            # The first messages only matter to a request that may re-send the history.
+            stored = [] if resends_nothing(messages) else conv.messages(limit=limit)
+            (tail, tail_whole), whole = _tail(conv), False
+        match = new_messages(messages, stored, whole=whole, tail=tail)
+        _check_answerable(tail, match.new, conversation_id=conv.id, whole=tail_whole)
         return conv, match.new
 
     async def chat_completions(self, request: Request) -> Response:
@@ -453,23 +510,35 @@ class _Gateway:
         assert self.sender is not None
         conv, new = await asyncio.to_thread(self._plan_turn, owner, reference, messages, params.get("model"))
         header = {CONVERSATION_HEADER: conv.id}
+        # One new user message (the usual turn) is answered as ``send`` answers it: the reply
+        # is to that message, so the sender need not look for the pending turn again.
+        plain = len(new) == 1 and new[0].keys() == {"role", "content"} and new[0]["role"] == "user"
+        single = new[0]["content"] if plain else None
         try:
             if not stream:
-                reply = await self.sender.retry(conv, messages=new, **options, **params)
+                if single is not None:
+                    reply = await self.sender.send(conv, single, **options, **params)
+                else:
+                    reply = await self.sender.retry(conv, messages=new, **options, **params)
                 return JSONResponse(
                     completion_body(
                         reply, conversation_id=conv.id, requested_model=params.get("model") or conv.model
                     ),
                     headers=header,
                 )
-            started = await self.sender.stream_retry(conv, messages=new, **options, **params)
+            if single is not None:
+                started = await self.sender.stream(conv, single, **options, **params)
+            else:
+                started = await self.sender.stream_retry(conv, messages=new, **options, **params)
         except Exception as err:
             error = error_for(err)
             error.headers.update(header)
             raise error from err
-        return _EventStream(
-            _events(started, conv.id, include_usage=include_usage, in_flight=self.streams),
-            media_type="text/event-stream",
+        return _ReplyEvents(
+            started,
+            conv.id,
+            include_usage=include_usage,
+            in_flight=self.streams,
             headers={**header, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
@@ -518,17 +587,7 @@ class _Gateway:
         limit = _limit(request)
         after = request.query_params.get("after") or None
         found = await asyncio.to_thread(self.store.list, owner=owner, limit=limit + 1, after=after)
-        page = found[:limit]
-        data = [conversation_object(c) for c in page]
-        return JSONResponse(
-            {
-                "object": "list",
-                "data": data,
-                "first_id": data[0]["id"] if data else None,
-                "last_id": data[-1]["id"] if data else None,
-                "has_more": len(found) > limit,
-            }
-        )
+        return _page(found, limit, conversation_object)
 
     async def get_conversation(self, request: Request) -> Response:
         owner = await self.owner(request)
@@ -581,16 +640,7 @@ class _Gateway:
             raise GatewayError(400, "`items` must hold at least one item", param="items")
 
         added = await asyncio.to_thread(self._between_turns, conv, items)
-        data = [item_object(m) for m in added]
-        return JSONResponse(
-            {
-                "object": "list",
-                "data": data,
-                "first_id": data[0]["id"],
-                "last_id": data[-1]["id"],
-                "has_more": False,
-            }
-        )
+        return _page(added, len(added), item_object)
 
     async def list_items(self, request: Request) -> Response:
         owner = await self.owner(request)
@@ -609,17 +659,7 @@ class _Gateway:
             found = await asyncio.to_thread(conv.messages, after=cursor or 0, limit=limit + 1)
         else:
             found = await asyncio.to_thread(_newest_before, conv, cursor, limit + 1)
-        page = found[:limit]
-        data = [item_object(m) for m in page]
-        return JSONResponse(
-            {
-                "object": "list",
-                "data": data,
-                "first_id": data[0]["id"] if data else None,
-                "last_id": data[-1]["id"] if data else None,
-                "has_more": len(found) > limit,
-            }
-        )
+        return _page(found, limit, item_object)
 
     async def get_item(self, request: Request) -> Response:
         owner = await self.owner(request)
@@ -662,12 +702,28 @@ async def _unless_client_leaves(request: Request, work: Awaitable[Response]) -> 
     try:
         return await task
     except asyncio.CancelledError:
+        orphan = task.result() if task.done() and not task.cancelled() and not task.exception() else None
+        if isinstance(orphan, _ReplyEvents):
+            # The stream began just as this handler was cut: no one will send it, close it.
+            await orphan.close()
         if not left:
             raise
         # No one will read this; the sender released the turn on its way out.
         return Response(status_code=499)
     finally:
         watcher.cancel()
+
+
+def _tail(conv: Conversation) -> tuple[list[Message], bool]:
+    """The last messages, back to one that ends a turn (a complete reply or an instruction)
+    or to the start (then True): enough to see the turn still waiting for its answer."""
+    window = _TAIL
+    while True:
+        after = max(0, conv.message_count - window)
+        found = conv.messages(after=after)
+        if after == 0 or any(m.role not in ("user", "tool") and m.complete for m in found):
+            return found, after == 0
+        window *= 4
 
 
 def _newest_before(conv: Conversation, before: int | None, count: int) -> list[Message]:
@@ -680,6 +736,21 @@ def _newest_before(conv: Conversation, before: int | None, count: int) -> list[M
         out.extend(reversed([m for m in batch if m.seq < high]))
         high = low + 1
     return out[:count]
+
+
+def _page(found: Sequence[_T], limit: int, render: Callable[[_T], dict[str, Any]]) -> Response:
+    """A page of a cursor-paginated list in OpenAI's shape: the first ``limit`` of ``found``
+    (read with one more than a page holds, so that ``has_more`` is known)."""
+    data = [render(x) for x in found[:limit]]
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": data,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+            "has_more": len(found) > limit,
+        }
+    )
 
 
 def _limit(request: Request) -> int:
@@ -700,41 +771,25 @@ def _metadata(value: Any) -> dict[str, Any] | None:
 
 
 async def _events(
-    stream: Any, conversation_id: str, *, include_usage: bool, in_flight: _InFlight
+    stream: AsyncReplyStream, conversation_id: str, *, include_usage: bool
 ) -> AsyncIterator[str]:
     """The reply's chunks as server-sent events, each naming the conversation, as they arrive.
-
-    However the response ends -- the reply finished, the upstream cut off, the client gone
-    (this generator is cancelled), the server shutting down -- the stream is closed under a
-    shield, which stores what arrived (as incomplete unless the reply finished).
-    """
-    in_flight.enter()
+    (:class:`_ReplyEvents` closes the stream, however this ends.)"""
     try:
-        try:
-            async for chunk in stream:
-                raw = chunk.raw
-                if not include_usage:
-                    if not raw.get("choices") and raw.get("usage") is not None:
-                        continue  # the sender always asks for usage; this client did not
-                    raw = {k: v for k, v in raw.items() if k != "usage"}
-                yield (
-                    "data: "
-                    + json.dumps({**raw, "conversation": conversation_id}, ensure_ascii=False)
-                    + "\n\n"
-                )
-        except (APIError, StreamInterrupted) as err:
-            error = error_for(err)
-            payload = error_body(error.message, type=error.type, code=error.code)
-            payload["conversation"] = conversation_id
-            yield "data: " + json.dumps(payload, ensure_ascii=False) + "\n\n"
-            return
-        yield "data: [DONE]\n\n"
-    finally:
-        try:
-            with anyio.CancelScope(shield=True), contextlib.suppress(APIError, StreamInterrupted):
-                await stream.aclose()
-        finally:
-            in_flight.exit()
+        async for chunk in stream:
+            raw = chunk.raw
+            if not include_usage:
+                if not raw.get("choices") and raw.get("usage") is not None:
+                    continue  # the sender always asks for usage; this client did not
+                raw = {k: v for k, v in raw.items() if k != "usage"}
+            yield "data: " + json.dumps({**raw, "conversation": conversation_id}, ensure_ascii=False) + "\n\n"
+    except (APIError, StreamInterrupted) as err:
+        error = error_for(err)
+        payload = error_body(error.message, type=error.type, code=error.code)
+        payload["conversation"] = conversation_id
+        yield "data: " + json.dumps(payload, ensure_ascii=False) + "\n\n"
+        return
+    yield "data: [DONE]\n\n"
 
 
 def _handler(gateway: _Gateway, name: str) -> Callable[[Request], Awaitable[Response]]:

@@ -27,7 +27,7 @@ from typing import Any
 
 from ..store import Message
 
-__all__ = ["HistoryDiverged", "Match", "new_messages"]
+__all__ = ["HistoryDiverged", "Match", "new_messages", "resends_nothing"]
 
 _INSTRUCTION_ROLES = ("system", "developer")
 
@@ -164,16 +164,29 @@ def _align(request: Sequence[Mapping[str, Any]], stored: Sequence[Message]) -> t
     return i, j, agreed
 
 
+def resends_nothing(request: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether the request holds only user and tool messages: then it re-sends no history
+    and no instructions, and :func:`new_messages` needs no stored message but the last ones."""
+    return all(m.get("role") not in ("assistant", *_INSTRUCTION_ROLES) for m in request)
+
+
 def new_messages(
-    request: Sequence[Mapping[str, Any]], stored: Sequence[Message], *, whole: bool = True
+    request: Sequence[Mapping[str, Any]],
+    stored: Sequence[Message],
+    *,
+    whole: bool = True,
+    tail: Sequence[Message] | None = None,
 ) -> Match:
     """The request's new messages, given the conversation's stored messages.
 
     ``stored`` is the stored history from its start, in order; ``whole`` says whether it
     is all of it (False: the caller read only the first messages, enough to compare a
-    request of this length). Raises :class:`HistoryDiverged` when the request re-sends a
-    history that differs from the stored one.
+    request of this length, or none when :func:`resends_nothing`). ``tail``: the end of the
+    history, back to the last complete reply at least (default: ``stored``), where the turn
+    still waiting for its answer is. Raises :class:`HistoryDiverged` when the request
+    re-sends a history that differs from the stored one.
     """
+    tail = stored if tail is None else tail
     i, j, agreed = _align(request, stored)
     if j == len(stored) and whole:
         # The request begins with the whole stored history (an empty one included).
@@ -185,9 +198,9 @@ def new_messages(
     resends_history = any(m.get("role") == "assistant" for m in rest)
     if not resends_history:
         if request_instructions == 0:
-            return Match(_drop_pending_repeat(rest, stored), "new")
+            return Match(_drop_pending_repeat(rest, tail), "new")
         if request_instructions == stored_instructions and i >= request_instructions:
-            return Match(_drop_pending_repeat(rest, stored), "instructions")
+            return Match(_drop_pending_repeat(rest, tail), "instructions")
         raise HistoryDiverged(
             "the system/developer messages at the start of `messages` differ from the ones stored "
             "in this conversation; send only the new messages, the stored instructions unchanged, "
