@@ -26,7 +26,6 @@ import os
 import sqlite3
 import time
 import urllib.parse
-from functools import partial
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
@@ -49,8 +48,10 @@ SINGLE_READ: dict[str, dict[str, Any]] = {
 
 _SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
-# Compact JSON keeping non-ASCII text as it is (Persian stays 2 bytes a letter, not 6).
-_json_dumps = partial(json.dumps, ensure_ascii=False, separators=(",", ":"))
+# Compact JSON keeping non-ASCII text as it is (Persian stays 2 bytes a letter, not 6). One
+# encoder made once (json.dumps with options makes a new one per call; it keeps no state
+# between calls, so threads may share it).
+_json_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 SUPPORTED_BACKENDS = ("sqlite", "postgresql")
