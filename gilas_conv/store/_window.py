@@ -198,7 +198,7 @@ class WindowRow:
         """``[row.to_openai() for row in rows]``, the usual row (a text message with no name or
         tool fields, its stored JSON a string with no escapes) built inline: a window sends
         every row it plans, so this is per-row work of every turn."""
-        out = []
+        out: list[dict[str, Any]] = []
         add = out.append
         for row in rows:
             raw = row._raw  # not None: the content is still the stored JSON text (see _decode)
@@ -350,7 +350,7 @@ class WindowReader:
         return rows
 
     def _light_rows(self, chunk: Sequence[Any]) -> list[WindowRow]:
-        rows = []
+        rows: list[WindowRow] = []
         add, encoding, make, unloaded = rows.append, self.encoding, WindowRow, _UNLOADED
         for seq, role, calls, call_id, pinned, status, count, enc, raw, name in chunk:
             if calls is not None and isinstance(calls, str):
