@@ -66,6 +66,7 @@ from __future__ import annotations
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import tokens as _tokens
@@ -96,6 +97,7 @@ SUMMARY_PREFIX = "Summary of the earlier part of this conversation, which is not
 _RANGE_ROWS = 4096
 
 Policy = Literal["truncate", "summarize"]
+_seq = attrgetter("seq")
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,7 +343,14 @@ def _plan(
                 summary, summary_tokens = None, 0  # no room at all: send without it
                 break
             left += kept.pop().cost
-    chosen = sorted([*anchors.values(), *(r for turn in kept for r in turn.rows)], key=lambda r: r.seq)
+    # Each kept turn's rows are in seq order, and so are the anchors: when the anchors all
+    # come before the history (the usual case: the system message), no sort is needed.
+    history = [r for turn in reversed(kept) for r in turn.rows]
+    pinned = list(anchors.values())
+    if history and pinned and pinned[-1].seq > history[0].seq:
+        chosen = sorted([*pinned, *history], key=_seq)
+    else:
+        chosen = [*pinned, *history]
     return _Chosen(chosen, top, summary, summary_tokens)
 
 
@@ -390,7 +399,7 @@ def _summary_request(
 
 
 def _context(chosen: _Chosen, budget: _Budget) -> Context:
-    messages = [r.to_openai() for r in chosen.rows]
+    messages = WindowRow.openai_messages(chosen.rows)
     prompt_tokens = sum(r.tokens for r in chosen.rows) + budget.tools_cost + _tokens.REPLY_PRIMING_TOKENS
     if chosen.summary is not None:
         # After the leading system/developer messages, before the kept history.

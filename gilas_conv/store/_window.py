@@ -193,6 +193,29 @@ class WindowRow:
         content = self._content if self._content is not _UNLOADED else self.content
         return openai_message(self.role, content, self.name, self.tool_calls, self.tool_call_id)
 
+    @staticmethod
+    def openai_messages(rows: Iterable[WindowRow]) -> list[dict[str, Any]]:
+        """``[row.to_openai() for row in rows]``, the usual row (a text message with no name or
+        tool fields, its stored JSON a string with no escapes) built inline: a window sends
+        every row it plans, so this is per-row work of every turn."""
+        out: list[dict[str, Any]] = []
+        add = out.append
+        for row in rows:
+            raw = row._raw  # not None: the content is still the stored JSON text (see _decode)
+            if (
+                raw is not None
+                and row.name is None
+                and row.tool_calls is None
+                and row.tool_call_id is None
+                and raw[0] == '"'
+                and raw[-1] == '"'
+                and "\\" not in raw
+            ):
+                add({"role": row.role, "content": raw[1:-1]})
+            else:
+                add(row.to_openai())
+        return out
+
     def _stored(self) -> dict[str, Any]:
         """The message as stored (image size hints kept), for counting its tokens."""
         out = {"role": self.role, "content": self.content}
@@ -327,14 +350,15 @@ class WindowReader:
         return rows
 
     def _light_rows(self, chunk: Sequence[Any]) -> list[WindowRow]:
-        rows = []
+        rows: list[WindowRow] = []
+        add, encoding, make, unloaded = rows.append, self.encoding, WindowRow, _UNLOADED
         for seq, role, calls, call_id, pinned, status, count, enc, raw, name in chunk:
-            if isinstance(calls, str):
+            if calls is not None and isinstance(calls, str):
                 calls = json.loads(calls)
-            row = WindowRow(seq, role, name, calls, call_id, bool(pinned), status, count or 0, _UNLOADED, raw)
-            if enc != self.encoding or count is None:
+            row = make(seq, role, name, calls, call_id, bool(pinned), status, count or 0, unloaded, raw)
+            if enc != encoding or count is None:
                 self._recount(row)  # counted under another encoding: its content is needed
-            rows.append(row)
+            add(row)
         return rows
 
     def _recount(self, row: WindowRow) -> None:
