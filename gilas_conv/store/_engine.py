@@ -164,7 +164,7 @@ def _prepare_sqlite_file(url: str) -> tuple[str, bool]:
 def _configure_sqlite(engine: Engine, *, synchronous: str, busy_timeout_ms: int, read_only: bool) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        # Hand transaction control to _do_begin below.
+        # Hand transaction control to the "begin" hook below.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         try:
@@ -180,43 +180,16 @@ def _configure_sqlite(engine: Engine, *, synchronous: str, busy_timeout_ms: int,
         finally:
             cursor.close()
 
-    # The BEGIN is sent by the dialect's do_begin, not by a "begin" listener: any
-    # Connection event listener makes SQLAlchemy dispatch (empty) events around every
-    # statement and transaction, about 50 us of a turn. The kind of BEGIN is chosen from
-    # the execution options (WRITE, SINGLE_READ) when they are set on the Connection, and
-    # kept with the pooled connection until it is next checked out.
-    dialect = engine.dialect
-    set_options = dialect.set_connection_execution_options
-
-    def _set_options(conn: Connection, opts: Any) -> None:
-        set_options(conn, opts)
-        if "gilas_write" in opts or "gilas_single" in opts:
-            options = conn.get_execution_options()
-            conn.connection.info[_BEGIN] = (
-                None
-                if options.get("gilas_single", False)  # one statement: its own transaction
-                else "BEGIN IMMEDIATE"
-                if options.get("gilas_write", False)
-                else "BEGIN"
-            )
-
-    def _do_begin(pooled: Any) -> None:
-        statement = pooled.info.get(_BEGIN, "BEGIN")
-        if statement is not None:
-            # Straight to the driver: this runs for every transaction, and SQLAlchemy's
-            # statement machinery would cost more than the BEGIN itself.
-            pooled.dbapi_connection.execute(statement)
-
-    dialect.set_connection_execution_options = _set_options  # type: ignore[method-assign,assignment]
-    dialect.do_begin = _do_begin  # type: ignore[method-assign,assignment]
-
-    @event.listens_for(engine, "checkout")
-    def _on_checkout(_dbapi_connection: Any, record: Any, _proxy: Any) -> None:
-        record.info.pop(_BEGIN, None)  # a new Connection starts with a plain BEGIN
-
-
-# Where a pooled SQLite connection keeps the BEGIN its next transaction sends.
-_BEGIN = "gilas_begin"
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        options = conn.get_execution_options()
+        if options.get("gilas_single", False):
+            return  # one statement: its own implicit transaction (see SINGLE_READ)
+        # Straight to the driver: this runs for every transaction, and SQLAlchemy's
+        # statement machinery would cost more than the BEGIN itself.
+        conn.connection.dbapi_connection.execute(  # type: ignore[union-attr]
+            "BEGIN IMMEDIATE" if options.get("gilas_write", False) else "BEGIN"
+        )
 
 
 def _journal_mode_wal(cursor: sqlite3.Cursor, busy_timeout_ms: int) -> None:
