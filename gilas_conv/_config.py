@@ -93,6 +93,7 @@ def resolve_base_url(base_url: str | None) -> str:
         parts = urlsplit(url)
         has_credentials = parts.username is not None or parts.password is not None
         hostname = parts.hostname
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not a number in range
     except ValueError:
         raise ConfigurationError(f"the base URL {shown} is not a valid URL") from None
     if parts.scheme.lower() not in ("http", "https") or not hostname:

@@ -3,6 +3,8 @@ credentials in URLs, database URLs gilas-conv cannot use, odd schema states."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from click.testing import CliRunner
 from conftest import POSTGRES_SKIP_REASON, PostgresServer
@@ -150,3 +152,14 @@ def test_tables_without_a_recorded_revision_say_how_to_stamp(db_url: str) -> Non
                 conn.execute(text("INSERT INTO alembic_version VALUES (:v)"), {"v": old})
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("url", ["https://api.example.com:abc/v1", "https://api.example.com:99999/v1"])
+def test_a_base_url_with_a_bad_port_is_refused_before_anything_is_stored(tmp_path: Path, url: str) -> None:
+    # It passed the check, and every send stored its message, then raised httpx.InvalidURL,
+    # which is no GilasConvError.
+    with (
+        ConversationStore(f"sqlite:///{tmp_path / 'x.db'}") as store,
+        pytest.raises(ConfigurationError, match="is not a valid URL"),
+    ):
+        Sender(store, base_url=url, api_key="sk-test-123456")

@@ -9,10 +9,13 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
 from stub_server import StubServer
 
 from gilas_conv import ConversationStore, QuotaExceeded
@@ -291,3 +294,66 @@ def test_the_turn_asks_whether_a_limit_applies_in_its_lease_statement(db_url: st
             other.remove_quota(owner, default=default)
             turn()
         assert [m.role for m in conv.messages()] == ["user", "user", "user"]
+
+
+def test_a_limit_committed_while_a_turn_waits_checks_the_next_turn(db_url: str) -> None:
+    """Postgres: whether a limit applies is read in the lease UPDATE's RETURNING clause, with
+    the snapshot the UPDATE took before it waited for the conversation's row lock. A turn
+    already waiting when a limit is committed goes on unchecked, as if it had begun first
+    (documented in _take_turn); every turn that starts after the commit is checked."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("SQLite's BEGIN IMMEDIATE serializes every writer")
+    from gilas_conv.store import QuotaNeeded
+
+    raw = create_engine(db_url.replace("postgresql://", "postgresql+psycopg://", 1), poolclass=NullPool)
+    with ConversationStore(db_url) as store, ConversationStore(db_url) as other:
+        conv = store.create(model=MODEL, owner="alice")
+        outcome: list[object] = []
+
+        def turn() -> None:
+            try:
+                outcome.append(
+                    store._take_turn(
+                        conv.id,
+                        owner="alice",
+                        lease_seconds=60,
+                        messages=[{"role": "user", "content": "hi"}],
+                        quota=None,
+                    )
+                )
+            except Exception as err:  # reported to the main thread
+                outcome.append(err)
+
+        with raw.connect() as holder:
+            # Another request's transaction holding the conversation's row (as an append does).
+            holder.execute(text("SELECT 1 FROM conversations WHERE id = :id FOR UPDATE"), {"id": conv.id})
+            worker = threading.Thread(target=turn)
+            worker.start()
+            with raw.connect() as watch:
+                for _ in range(3000):
+                    waiting = watch.execute(
+                        text(
+                            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                            " AND datname = current_database() AND query LIKE '%UPDATE conversations%'"
+                        )
+                    ).scalar()
+                    watch.commit()
+                    if waiting:
+                        break
+                    worker.join(0.01)
+                assert waiting, "the turn never waited for the row lock"
+            other.set_quota("alice", daily_tokens=1000)  # committed while the turn waits
+            holder.commit()
+        worker.join()
+        assert len(outcome) == 1
+        assert not isinstance(outcome[0], Exception), outcome[0]
+        other_conv = store.create(model=MODEL, owner="alice")
+        with pytest.raises(QuotaNeeded):
+            store._take_turn(
+                other_conv.id,
+                owner="alice",
+                lease_seconds=60,
+                messages=[{"role": "user", "content": "hi"}],
+                quota=None,
+            )
+    raw.dispose()

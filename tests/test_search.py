@@ -329,11 +329,12 @@ def test_a_frequent_word_ranks_only_its_newest_matches(store: ConversationStore)
     """More matches than the bounds: the newest ones are ranked (SQLite: the newest
     SEARCH_CANDIDATES matches; Postgres: the matches among the newest PG_RECENT_WINDOW
     messages, enough of them to call the word frequent), so an old better match is left out
-    and both backends give the same hits."""
+    and both backends give the same hits. (A page no larger than PG_FREQUENT_MATCHES, as the
+    default page of 20 is to the real bound of 500.)"""
     best_but_old = _conversation(store, "kiwi kiwi kiwi kiwi")
     newer = [_conversation(store, f"kiwi and other words {n}") for n in range(6)]
-    hits = store.search("kiwi")
-    assert {h.conversation_id for h in hits} == set(newer[-4:])
+    hits = store.search("kiwi", limit=2)
+    assert len(hits) == 2 and {h.conversation_id for h in hits} <= set(newer[-4:])
     assert best_but_old not in {h.conversation_id for h in hits}
 
 
@@ -516,3 +517,22 @@ def test_sqlite_query_plan_starts_from_the_index(tmp_path: Path) -> None:
 def test_make_snippet_without_a_match_shows_the_start() -> None:
     fragments = make_snippet("hello world", parse_query("nothing"))
     assert fragments == (("hello world", False),)
+
+
+def test_a_page_larger_than_the_frequent_bound_is_full(
+    store: ConversationStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Postgres answered a frequent word from its recent matches once it had
+    # PG_FREQUENT_MATCHES (500) of them, though a page may ask for up to 1,000: the page came
+    # back short. Scaled down: frequent bound 2 < limit 4 <= candidates 4.
+    monkeypatch.setattr(store_search, "SEARCH_CANDIDATES", 4)
+    monkeypatch.setattr(store_search, "PG_RECENT_WINDOW", 4)
+    monkeypatch.setattr(store_search, "PG_FREQUENT_MATCHES", 2)
+    older = [_conversation(store, f"emu number {n}") for n in range(3)]
+    recent = [_conversation(store, f"emu again {n}") for n in range(2)]
+    for n in range(2):
+        _conversation(store, f"nothing to see {n}")
+    hits = store.search("emu", limit=4)
+    assert len(hits) == 4, [h.conversation_id for h in hits]
+    assert set(recent) <= {h.conversation_id for h in hits}
+    assert {h.conversation_id for h in hits} <= {*older, *recent}

@@ -275,8 +275,8 @@ def _pg_best(conn: Any, params: dict[str, Any], *, owner: str | None, conversati
     word in a tenth of a million messages reads each of their rows (0.4-0.5 s). So:
 
     1. Walk the owner's newest PG_RECENT_WINDOW messages and rank those that match. If that
-       walked all of the owner's messages, or found at least PG_FREQUENT_MATCHES matches (a
-       frequent word: a full page of recent hits), those are the result.
+       walked all of the owner's messages, or found at least PG_FREQUENT_MATCHES matches and
+       at least ``limit`` (a frequent word: a full page of recent hits), those are the result.
     2. Otherwise find the matches through the GIN index, at most SEARCH_CANDIDATES + 1: if
        there are no more than SEARCH_CANDIDATES, all of them are ranked (exact).
     3. Otherwise (more matches than that, few of them recent) the recent matches and those
@@ -285,7 +285,8 @@ def _pg_best(conn: Any, params: dict[str, Any], *, owner: str | None, conversati
     """
     recent = conn.execute(text(_pg_recent_sql(owner=owner, conversation=conversation)), params).all()
     found = [row for row in recent if row.rank is not None]
-    if recent[0].walked < PG_RECENT_WINDOW or recent[0].matched >= PG_FREQUENT_MATCHES:
+    # A full page of recent hits: at least PG_FREQUENT_MATCHES, and never fewer than asked for.
+    if recent[0].walked < PG_RECENT_WINDOW or recent[0].matched >= max(PG_FREQUENT_MATCHES, params["limit"]):
         return found
     indexed = conn.execute(text(_pg_indexed_sql(owner=owner, conversation=conversation)), params).all()
     if not indexed or indexed[0].matched <= SEARCH_CANDIDATES:

@@ -1639,7 +1639,11 @@ class ConversationStore:
         again). The lease statement itself says whether a limit applies (an index probe of
         ``quota_limits`` in its RETURNING clause), so an owner without limits costs the turn
         no statement of its own; the answer is read in the turn's transaction, never
-        cached, so a limit set by another process counts from its commit on. With ``quota``: if the
+        cached, so a limit set by another process counts for every turn whose lease
+        statement starts after its commit. (On Postgres a lease statement that was already
+        waiting for the conversation's row lock when the limit was committed still reads
+        the snapshot it started with: that one turn goes unchecked, as if it had begun
+        first; a test pins that the next turn is checked.) With ``quota``: if the
         conversation's last message is no longer ``quota.last_seq``, ``HistoryMoved``
         (nothing written); else ``quota.tokens`` are reserved (QuotaExceeded: nothing
         written, no lease taken) and the reservation is returned with the turn.
