@@ -821,8 +821,8 @@ class ConversationStore:
             deleted = conn.execute(
                 delete(_conversations).where(_conversations.c.id == conversation_id, _owner_clause(owner))
             ).rowcount
-        if not deleted:
-            raise ConversationNotFound(conversation_id)
+            if not deleted:  # inside: what prepare_delete wrote is rolled back with it
+                raise ConversationNotFound(conversation_id)
         if compact:
             self._compact_search_index()
 
