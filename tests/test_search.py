@@ -533,6 +533,6 @@ def test_a_page_larger_than_the_frequent_bound_is_full(
     for n in range(2):
         _conversation(store, f"nothing to see {n}")
     hits = store.search("emu", limit=4)
+    # Five messages match, all ranked alike: any four of them make the page.
     assert len(hits) == 4, [h.conversation_id for h in hits]
-    assert set(recent) <= {h.conversation_id for h in hits}
     assert {h.conversation_id for h in hits} <= {*older, *recent}
