@@ -236,7 +236,7 @@ def test_a_reply_settling_while_a_reservation_reads_is_seen_once(db_url: str) ->
         fired: list[str] = []
 
         def settle_now(conn: object, cursor: object, statement: str, *args: object) -> None:
-            if not fired and "usage_events" in statement and "sum" in statement.lower():
+            if not fired and "usage_rollup" in statement and "sum" in statement.lower():
                 fired.append(statement)
                 # Another host stores the reply of the first request: 60 used, 0 held.
                 _reply(other.get(conv.id, owner="alice"), 60, quota_reservation=first)
