@@ -48,7 +48,6 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from sqlalchemy import (
     Table,
-    union_all,
     bindparam,
     case,
     delete,
@@ -59,14 +58,12 @@ from sqlalchemy import (
     literal_column,
     select,
     text,
+    union_all,
     update,
 )
 
 from .._prices import MICROS, Prices
 from ..exceptions import QuotaExceeded
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
 from ._schema import (
     ROLLUP_SPANS,
     QuotaLimitRow,
@@ -178,35 +175,25 @@ def _minute(instant: dt.datetime) -> int:
     return (instant - _EPOCH) // dt.timedelta(minutes=1)
 
 
-def _upsert_rollup(dialect: str, *, one_event: bool) -> Any:
-    """Add to buckets, inserting those not there yet, in one statement: with ``one_event``,
-    the three buckets of one ledger row (parameters ``o``, ``t``, ``c`` and the buckets'
-    starts ``s1440``, ``s60``, ``s15``); else one bucket per parameter set."""
-    statement = (pg_insert if dialect == "postgresql" else sqlite_insert)(_rollup)
-    if one_event:
-        statement = statement.values(
-            [
-                {
-                    "owner": bindparam("o"),
-                    "span_minutes": span,
-                    "start_minute": bindparam(f"s{span}"),
-                    "total_tokens": bindparam("t"),
-                    "cost_micros": bindparam("c"),
-                }
-                for span in ROLLUP_SPANS
-            ]
-        )
-    return statement.on_conflict_do_update(
-        index_elements=[_rollup.c.owner, _rollup.c.span_minutes, _rollup.c.start_minute],
-        set_={
-            "total_tokens": _rollup.c.total_tokens + statement.excluded.total_tokens,
-            "cost_micros": _rollup.c.cost_micros + statement.excluded.cost_micros,
-        },
-    )
-
-
-_UPSERT_EVENT = {d: _upsert_rollup(d, one_event=True) for d in ("sqlite", "postgresql")}
-_UPSERT_BUCKET = {d: _upsert_rollup(d, one_event=False) for d in ("sqlite", "postgresql")}
+# Adding to buckets, inserting those not there yet: the same text on SQLite (3.24+) and
+# Postgres. A text statement, because SQLAlchemy does not cache the compiled form of its
+# ON CONFLICT constructs (compiling it cost more than running it). _UPSERT_EVENT adds one
+# ledger row to its three buckets, in one statement; _UPSERT_BUCKET one bucket a
+# parameter set.
+_ON_CONFLICT_ADD = (
+    " ON CONFLICT (owner, span_minutes, start_minute) DO UPDATE SET"
+    " total_tokens = usage_rollup.total_tokens + excluded.total_tokens,"
+    " cost_micros = usage_rollup.cost_micros + excluded.cost_micros"
+)
+_UPSERT_EVENT = text(
+    "INSERT INTO usage_rollup (owner, span_minutes, start_minute, total_tokens, cost_micros) VALUES "
+    + ", ".join(f"(:o, {span}, :s{span}, :t, :c)" for span in ROLLUP_SPANS)
+    + _ON_CONFLICT_ADD
+)
+_UPSERT_BUCKET = text(
+    "INSERT INTO usage_rollup (owner, span_minutes, start_minute, total_tokens, cost_micros) VALUES"
+    " (:owner, :span_minutes, :start_minute, :total_tokens, :cost_micros)" + _ON_CONFLICT_ADD
+)
 
 
 def rollup_rows(events: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -232,7 +219,6 @@ def record_events(conn: Any, events: Sequence[Mapping[str, Any]]) -> None:
     bucket twice (Postgres refuses it)."""
     if not events:
         return
-    dialect = conn.dialect.name
     if len(events) == 1:
         (event,) = events
         conn.execute(INSERT_EVENT, event)
@@ -245,10 +231,10 @@ def record_events(conn: Any, events: Sequence[Mapping[str, Any]]) -> None:
         }
         # Last in the transaction: on Postgres the upsert locks the owner's bucket rows
         # until commit, so one owner's concurrent replies queue on them only for the commit.
-        conn.execute(_UPSERT_EVENT[dialect], increments)
+        conn.execute(_UPSERT_EVENT, increments)
     else:
         conn.execute(INSERT_EVENT, list(events))
-        conn.execute(_UPSERT_BUCKET[dialect], rollup_rows(events))
+        conn.execute(_UPSERT_BUCKET, rollup_rows(events))
 
 
 def settle(conn: Any, event: Mapping[str, Any] | None, reservation: Reservation | None) -> None:
@@ -686,7 +672,8 @@ def _cover(start: int, end: int, spans: Sequence[int] = ROLLUP_SPANS) -> list[tu
     inner_start, inner_end = -(-start // span) * span, end // span * span
     if inner_start >= inner_end:
         return _cover(start, end, shorter)
-    return [(span, inner_start, inner_end), *_cover(start, inner_start, shorter), *_cover(inner_end, end, shorter)]
+    head, tail = _cover(start, inner_start, shorter), _cover(inner_end, end, shorter)
+    return [(span, inner_start, inner_end), *head, *tail]
 
 
 def _cover_params(period: str, start: dt.datetime, end: dt.datetime) -> dict[str, int]:

@@ -51,6 +51,7 @@ def upgrade() -> None:
         sa.Column("cost_micros", sa.BigInteger(), nullable=False),
         sa.CheckConstraint("span_minutes IN (1440, 60, 15)", name=op.f("ck_usage_rollup_span_known")),
         sa.PrimaryKeyConstraint("owner", "span_minutes", "start_minute", name=op.f("pk_usage_rollup")),
+        sqlite_with_rowid=False,
     )
     _backfill(op.get_bind())
 
