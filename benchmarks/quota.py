@@ -78,6 +78,23 @@ def plan(store: ConversationStore, owner: str, n: int = 200) -> float:
     return _median_ms(times[n // 10 :])
 
 
+def _event(owner: str, model: str, at: dt.datetime) -> dict[str, Any]:
+    """A ledger row of 120 tokens, unpriced."""
+    return {
+        "owner": owner,
+        "conversation_id": None,
+        "model": model,
+        "kind": "reply",
+        "prompt_tokens": 100,
+        "completion_tokens": 20,
+        "total_tokens": 120,
+        "cached_tokens": 0,
+        "cost_micros": None,
+        "currency": None,
+        "created_at": at,
+    }
+
+
 def fill_ledger(store: ConversationStore, rows: int) -> None:
     rng = random.Random(7)
     start = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
@@ -85,21 +102,7 @@ def fill_ledger(store: ConversationStore, rows: int) -> None:
     models = ["gpt-4o-mini", "gpt-4o", "o3-mini"]
     batch = []
     for i in range(rows):
-        batch.append(
-            {
-                "owner": rng.choice(owners),
-                "conversation_id": None,
-                "model": rng.choice(models),
-                "kind": "reply",
-                "prompt_tokens": 100,
-                "completion_tokens": 20,
-                "total_tokens": 120,
-                "cached_tokens": 0,
-                "cost_micros": None,
-                "currency": None,
-                "created_at": start + dt.timedelta(seconds=i * 30),
-            }
-        )
+        batch.append(_event(rng.choice(owners), rng.choice(models), start + dt.timedelta(seconds=i * 30)))
         if len(batch) == 50_000:
             _insert_events(store, batch)
             batch = []
@@ -128,19 +131,7 @@ def owner_rows(url: str, label: str, rows: int) -> list[tuple[str, str, str]]:
     with ConversationStore(url, clock=lambda: now) as store:
         for begin in range(0, rows, 50_000):
             events = [
-                {
-                    "owner": "heavy",
-                    "conversation_id": None,
-                    "model": "gpt-4o-mini",
-                    "kind": "reply",
-                    "prompt_tokens": 100,
-                    "completion_tokens": 20,
-                    "total_tokens": 120,
-                    "cached_tokens": 0,
-                    "cost_micros": None,
-                    "currency": None,
-                    "created_at": first + step * i,
-                }
+                _event("heavy", "gpt-4o-mini", first + step * i)
                 for i in range(begin, min(rows, begin + 50_000))
             ]
             _insert_events(store, events)
