@@ -319,7 +319,7 @@ class UsageEventRow(Base):
     created_at: Mapped[dt.datetime]
 
     __table_args__ = (
-        # A quota check sums one owner's period; a report filters by owner and time.
+        # A report filters by owner and time (a quota check reads usage_rollup instead).
         Index(None, "owner", "created_at"),
         # Reports over every owner scan a time range.
         Index(None, "created_at"),
