@@ -16,8 +16,9 @@ Quotas
     on Postgres a transaction-scoped advisory lock keyed by the owner serializes that
     owner's reservations on every host. ``used`` is the period's ledger total (read from
     the rollup below) plus the reservations still held; a request is refused when
-    ``used + its reservation`` would pass a limit, so requests in flight together can never pass it by more than the
-    difference between one reservation and that request's real usage. The reservation is
+    ``used + its reservation`` would pass a limit, so requests in flight together can never
+    pass it by more than the difference between one reservation and that request's real
+    usage. The reservation is
     deleted in the transaction that writes the reply's ledger row (settled), deleted when
     the request fails (released), and stops counting after :data:`RESERVATION_TTL`
     (a process that died holding it).
