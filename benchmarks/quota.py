@@ -1,13 +1,16 @@
 """What quotas and the ledger cost: the quota check added to a turn, secure_delete on an
 append, and `usage` over a large ledger.
 
-    python benchmarks/quota.py [--rows 1000000] [--postgres URL]
+    python benchmarks/quota.py [--rows 1000000] [--postgres URL] [--owner-rows-only]
 
 Prints a table of medians. The turn is the store side of one turn: the lease with the user
 message (whose statement also says whether a limit applies), the reply with its usage (the
 ledger row); "not checked" leaves the quota out; "with quota" adds the reservation in the
 turn's transaction (one statement reading limits, zone, usage and holds, one inserting the
-hold) and settles it in the reply's transaction. See benchmarks/README.md.
+hold) and settles it in the reply's transaction. "owner with N ledger rows this month" is
+that limited turn for an owner who already has ``--rows`` ledger rows this month (the cost a
+check that sums the month pays grows with them; one that reads the rollup does not);
+``--owner-rows-only`` measures just that. See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -75,6 +78,23 @@ def plan(store: ConversationStore, owner: str, n: int = 200) -> float:
     return _median_ms(times[n // 10 :])
 
 
+def _event(owner: str, model: str, at: dt.datetime) -> dict[str, Any]:
+    """A ledger row of 120 tokens, unpriced."""
+    return {
+        "owner": owner,
+        "conversation_id": None,
+        "model": model,
+        "kind": "reply",
+        "prompt_tokens": 100,
+        "completion_tokens": 20,
+        "total_tokens": 120,
+        "cached_tokens": 0,
+        "cost_micros": None,
+        "currency": None,
+        "created_at": at,
+    }
+
+
 def fill_ledger(store: ConversationStore, rows: int) -> None:
     rng = random.Random(7)
     start = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
@@ -82,28 +102,51 @@ def fill_ledger(store: ConversationStore, rows: int) -> None:
     models = ["gpt-4o-mini", "gpt-4o", "o3-mini"]
     batch = []
     for i in range(rows):
-        batch.append(
-            {
-                "owner": rng.choice(owners),
-                "conversation_id": None,
-                "model": rng.choice(models),
-                "kind": "reply",
-                "prompt_tokens": 100,
-                "completion_tokens": 20,
-                "total_tokens": 120,
-                "cached_tokens": 0,
-                "cost_micros": None,
-                "currency": None,
-                "created_at": start + dt.timedelta(seconds=i * 30),
-            }
-        )
+        batch.append(_event(rng.choice(owners), rng.choice(models), start + dt.timedelta(seconds=i * 30)))
         if len(batch) == 50_000:
-            with store._write() as conn:
-                conn.execute(_usage.INSERT_EVENT, batch)
+            _insert_events(store, batch)
             batch = []
-    if batch:
-        with store._write() as conn:
-            conn.execute(_usage.INSERT_EVENT, batch)
+    _insert_events(store, batch)
+
+
+def _insert_events(store: ConversationStore, events: list[dict[str, Any]]) -> None:
+    """Ledger rows, the way the store writes them (with the rollup where there is one: the
+    same script measures a checkout without it)."""
+    if not events:
+        return
+    record = getattr(_usage, "record_events", None)
+    with store._write() as conn:
+        if record is not None:
+            record(conn, events)
+        else:
+            conn.execute(_usage.INSERT_EVENT, events)
+
+
+def owner_rows(url: str, label: str, rows: int) -> list[tuple[str, str, str]]:
+    """The limited turn of an owner with ``rows`` ledger rows this month (spread from the
+    1st to the clock's now, the 15th at noon UTC) beside one with none."""
+    now = dt.datetime(2026, 6, 15, 12, tzinfo=dt.timezone.utc)
+    first = dt.datetime(2026, 6, 1, tzinfo=dt.timezone.utc)
+    step = (now - first) / rows
+    with ConversationStore(url, clock=lambda: now) as store:
+        for begin in range(0, rows, 50_000):
+            events = [
+                _event("heavy", "gpt-4o-mini", first + step * i)
+                for i in range(begin, min(rows, begin + 50_000))
+            ]
+            _insert_events(store, events)
+        for owner in ("heavy", "light"):
+            store.set_quota(owner, daily_tokens=10**12, monthly_tokens=10**12)
+        turn(store, "warm", quota=False, n=50)
+        heavy, light = [], []
+        for _ in range(3):  # alternated, as in run()
+            light.append(turn(store, "light", quota=True, n=150))
+            heavy.append(turn(store, "heavy", quota=True, n=150))
+        light_ms, heavy_ms = statistics.median(light), statistics.median(heavy)
+    return [
+        (label, "turn with quota, owner with 0 ledger rows this month", f"{light_ms:.3f} ms"),
+        (label, f"turn with quota, owner with {rows:,} ledger rows this month", f"{heavy_ms:.3f} ms"),
+    ]
 
 
 def timed(call: Any, repeat: int = 3) -> float:
@@ -174,12 +217,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--postgres")
+    parser.add_argument("--owner-rows-only", action="store_true")
     args = parser.parse_args()
+    measure = owner_rows if args.owner_rows_only else run
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        results += run(f"sqlite:///{Path(tmp) / 'quota.db'}", "SQLite", args.rows)
+        results += measure(f"sqlite:///{Path(tmp) / 'quota.db'}", "SQLite", args.rows)
     if args.postgres:
-        results += run(args.postgres, "Postgres", args.rows)
+        results += measure(args.postgres, "Postgres", args.rows)
     print("| backend | measurement | median |")
     print("|---|---|---|")
     for row in results:

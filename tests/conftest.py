@@ -107,7 +107,7 @@ class PostgresServer:
                     raise RuntimeError(f"shared test database is at {version}")
                 conn.execute(
                     text(
-                        "TRUNCATE messages, summaries, conversations, api_keys, usage_events,"
+                        "TRUNCATE messages, summaries, conversations, api_keys, usage_events, usage_rollup,"
                         " quota_limits, quota_reservations, settings CASCADE"
                     )
                 )

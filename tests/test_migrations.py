@@ -43,6 +43,7 @@ TABLES = {
     "messages",
     "summaries",
     "usage_events",
+    "usage_rollup",
     "quota_limits",
     "quota_reservations",
     "settings",

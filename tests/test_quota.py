@@ -12,15 +12,17 @@ import sys
 import threading
 from decimal import Decimal
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.pool import NullPool
 from stub_server import StubServer
 
 from gilas_conv import ConversationStore, QuotaExceeded
-from gilas_conv._prices import parse_prices
-from gilas_conv.store._usage import RESERVATION_TTL
+from gilas_conv._prices import MICROS, parse_prices
+from gilas_conv.store._schema import UsageEventRow
+from gilas_conv.store._usage import RESERVATION_TTL, periods
 
 MODEL = "gpt-4o-mini"
 API_KEY = "sk-quota-race"  # the stub server's
@@ -236,7 +238,7 @@ def test_a_reply_settling_while_a_reservation_reads_is_seen_once(db_url: str) ->
         fired: list[str] = []
 
         def settle_now(conn: object, cursor: object, statement: str, *args: object) -> None:
-            if not fired and "usage_events" in statement and "sum" in statement.lower():
+            if not fired and "usage_rollup" in statement and "sum" in statement.lower():
                 fired.append(statement)
                 # Another host stores the reply of the first request: 60 used, 0 held.
                 _reply(other.get(conv.id, owner="alice"), 60, quota_reservation=first)
@@ -357,3 +359,96 @@ def test_a_limit_committed_while_a_turn_waits_checks_the_next_turn(db_url: str) 
                 quota=None,
             )
     raw.dispose()
+
+
+def _ledger_sums(
+    store: ConversationStore, owner: str | None, period: tuple[dt.datetime, dt.datetime]
+) -> tuple[int, Decimal]:
+    """The oracle: (tokens, cost) of ``owner``'s ledger rows in ``period``, summed from
+    ``usage_events`` itself."""
+    e = UsageEventRow.__table__.c
+    query = select(
+        func.coalesce(func.sum(e.total_tokens), 0), func.coalesce(func.sum(e.cost_micros), 0)
+    ).where(
+        e.owner.is_(None) if owner is None else e.owner == owner,
+        e.created_at >= period[0],
+        e.created_at < period[1],
+    )
+    with store.engine.connect() as conn:
+        tokens, micros = conn.execute(query).one()
+    return int(tokens), Decimal(int(micros)) / MICROS
+
+
+def _assert_quota_is_the_ledger(store: ConversationStore, clock: Clock, owners: list[str | None]) -> None:
+    zone = ZoneInfo(store.quota_timezone())
+    bounds = periods(clock.now, zone)
+    for owner in owners:
+        statuses = store.quota(owner)
+        assert len(statuses) == 4
+        for status in statuses:
+            tokens, cost = _ledger_sums(store, owner, bounds[status.period])
+            assert status.used == (tokens if status.unit == "tokens" else cost), (owner, status)
+
+
+def test_the_quota_check_reads_a_rollup_that_never_drifts_from_the_ledger(db_url: str) -> None:
+    # Replies (owned and not), summaries, a released and a settled reservation, erasure,
+    # prune, and time zones whose days start on the hour, the half hour and the quarter
+    # hour, with the clock walking across UTC and local quarter hours, hours, days and a
+    # month: every limit's `used` is what the ledger sums to for its period.
+    prices = parse_prices({"currency": "IRR", "models": {MODEL: {"input": 3, "output": 7}}})
+    clock = Clock(dt.datetime(2026, 3, 30, 18, 5, 17, tzinfo=dt.timezone.utc))
+    owners: list[str | None] = ["alice", "bob", None]
+    with ConversationStore(db_url, prices=prices, clock=clock) as store:
+        store.set_quota(
+            default=True,
+            daily_tokens=10**9,
+            monthly_tokens=10**9,
+            daily_cost=Decimal(10**6),
+            monthly_cost=Decimal(10**7),
+        )
+        store.set_quota("alice", daily_tokens=10**8)  # its own, the rest the default's
+        convs = {owner: store.create(model=MODEL, owner=owner) for owner in owners}
+        zones = ["Asia/Tehran", "Asia/Kathmandu", "UTC"]
+        for i in range(90):
+            owner = owners[i % 3]
+            conv = convs[owner]
+            conv.append("user", f"q{i}")
+            held = store.reserve_quota(owner, tokens=50, model=MODEL)
+            if i % 7 == 3:
+                store.release_quota(held)  # type: ignore[arg-type]  # the request failed
+            else:
+                _reply(conv, 10 + i, quota_reservation=held)
+            if i % 11 == 5:
+                seq = len(conv.messages())
+                conv.add_summary(
+                    "short",
+                    from_seq=1,
+                    to_seq=seq,
+                    model=MODEL,
+                    usage={"prompt_tokens": 40, "completion_tokens": 9, "total_tokens": 49},
+                )
+                store.record_usage(
+                    owner=owner,
+                    conversation_id=None,
+                    model=MODEL,
+                    kind="summary",
+                    usage={"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+                )
+            if i % 15 == 0:
+                store.set_quota_timezone(zones[(i // 15) % 3])
+                _assert_quota_is_the_ledger(store, clock, owners)
+            clock.now += dt.timedelta(minutes=47, seconds=13)  # about 2.9 days in all
+        for zone in zones:
+            store.set_quota_timezone(zone)
+            _assert_quota_is_the_ledger(store, clock, owners)
+        used = {owner: [s.used for s in store.quota(owner)] for owner in owners}
+        assert all(u[0] > 0 for u in used.values())
+        store.erase_owner("alice")
+        clock.now += dt.timedelta(days=1)
+        store.prune(inactive_for=dt.timedelta(hours=1))
+        clock.now -= dt.timedelta(days=1)
+        assert (
+            store.list(owner="bob") == []
+            and {owner: [s.used for s in store.quota(owner)] for owner in owners} == used
+        )
+        _assert_quota_is_the_ledger(store, clock, owners)

@@ -9,6 +9,7 @@ import json
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import text
@@ -17,6 +18,7 @@ from gilas_conv import ConfigurationError, ConversationStore, Prices, load_price
 from gilas_conv._prices import parse_prices
 from gilas_conv.store._engine import create_engine_for_url
 from gilas_conv.store._migrate import upgrade_database
+from gilas_conv.store._usage import periods
 
 MODEL = "gpt-4o-mini"
 PRICES = parse_prices(
@@ -214,3 +216,52 @@ def test_the_migration_backfills_the_ledger_from_stored_replies(empty_db_url: st
         2,
     )
     assert row.cost is None and day.key == "2025-05-01"
+
+
+def test_the_rollup_migration_backfills_what_the_quota_check_reads(empty_db_url: str) -> None:
+    # Ledger rows written before 0007 (owned and not, priced and not, across quarter hours,
+    # hours, a Tehran midnight and a month): after the upgrade each limit's `used` is the
+    # ledger's sum for its period, in UTC and in Tehran.
+    upgrade_database(empty_db_url, "0006")
+    engine = create_engine_for_url(empty_db_url)
+    start = dt.datetime(2026, 3, 30, 19, 7, 11, tzinfo=dt.timezone.utc)
+    events = []
+    for i in range(120):
+        at = start + dt.timedelta(minutes=37 * i, seconds=i)
+        owner = ("alice", "bob", None)[i % 3]
+        events.append((owner, at, 10 + i, 1000 * i if i % 2 else None))
+    try:
+        with engine.begin() as conn:
+            for owner, at, tokens, cost in events:
+                stamp = at.strftime("%Y-%m-%d %H:%M:%S.%f") if engine.dialect.name == "sqlite" else at
+                conn.execute(
+                    text(
+                        "INSERT INTO usage_events (owner, model, kind, prompt_tokens, completion_tokens,"
+                        " total_tokens, cached_tokens, cost_micros, created_at)"
+                        " VALUES (:o, :m, 'reply', :t, 0, :t, 0, :c, :at)"
+                    ),
+                    {"o": owner, "m": MODEL, "t": tokens, "c": cost, "at": stamp},
+                )
+    finally:
+        engine.dispose()
+    upgrade_database(empty_db_url)
+    # Just after the last row, 3 minutes into a day in Tehran (20:30 UTC).
+    now = start + dt.timedelta(minutes=37 * 119, seconds=200)
+    with ConversationStore(empty_db_url, clock=lambda: now) as store:
+        store.set_quota(
+            default=True,
+            daily_tokens=10**9,
+            monthly_tokens=10**9,
+            daily_cost=Decimal(9),
+            monthly_cost=Decimal(9),
+        )
+        for zone in ("UTC", "Asia/Tehran"):
+            store.set_quota_timezone(zone)
+            bounds = periods(now, ZoneInfo(zone))
+            for owner in ("alice", "bob", None):
+                for status in store.quota(owner):
+                    low, high = bounds[status.period]
+                    mine = [(t, c or 0) for o, at, t, c in events if o == owner and low <= at < high]
+                    tokens = sum(t for t, _ in mine)
+                    cost = Decimal(sum(c for _, c in mine)) / 1_000_000
+                    assert status.used == (tokens if status.unit == "tokens" else cost), (zone, owner, status)

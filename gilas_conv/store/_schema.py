@@ -57,6 +57,18 @@ Data model
     spending it caused, and nothing the user wrote. Reports read it through its
     ``(owner, created_at)`` and ``(created_at)`` indexes, never the messages.
 
+``usage_rollup``
+    The ledger's ``total_tokens`` and ``cost_micros`` (NULL counted as 0) summed per owner
+    (``owner``; the empty string, never a valid owner name, for no owner) and UTC bucket:
+    ``start_minute`` is the bucket's start in minutes since the Unix epoch, ``span_minutes``
+    its length, 1440 (UTC day), 60 (hour) or 15 (quarter hour). Every ledger row is added
+    to its three buckets by one upsert in the transaction that inserts it, so the table is
+    always the ledger summed, and a quota check reads at most a few dozen rows whatever
+    the owner spent: a period of the quota time zone (it starts on a quarter hour in every
+    zone in use) is covered by whole UTC days, then hours, then quarter hours at its ends.
+    UTC buckets do not depend on the configured zone, so changing it rewrites nothing.
+    Reports still read ``usage_events``.
+
 ``quota_limits``
     Token and cost limits per day and per month, one row per owner; the row whose
     ``owner`` is the empty string (never a valid owner name) is the default for owners
@@ -109,12 +121,13 @@ __all__ = [
     "SettingRow",
     "SummaryRow",
     "UsageEventRow",
+    "UsageRollupRow",
     "metadata",
 ]
 
 # The Alembic revision these models describe: a new migration bumps it (a test checks that
 # it equals the head of migrations/), so opening a store compares one string.
-SCHEMA_REVISION = "0006"
+SCHEMA_REVISION = "0007"
 
 # The rows every context keeps: system and developer messages and pinned ones. The partial
 # index below holds exactly these; a query must repeat this predicate word for word (in
@@ -306,11 +319,32 @@ class UsageEventRow(Base):
     created_at: Mapped[dt.datetime]
 
     __table_args__ = (
-        # A quota check sums one owner's period; a report filters by owner and time.
+        # A report filters by owner and time (a quota check reads usage_rollup instead).
         Index(None, "owner", "created_at"),
         # Reports over every owner scan a time range.
         Index(None, "created_at"),
         CheckConstraint(_in("kind", USAGE_KINDS), name="kind_known"),
+    )
+
+
+# The bucket lengths of usage_rollup, in minutes, longest first.
+ROLLUP_SPANS = (1440, 60, 15)
+
+
+class UsageRollupRow(Base):
+    __tablename__ = "usage_rollup"
+
+    owner: Mapped[str] = mapped_column(String(255), primary_key=True)
+    span_minutes: Mapped[int] = mapped_column(Integer, primary_key=True)
+    start_minute: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    total_tokens: Mapped[int] = mapped_column(BigInteger)
+    cost_micros: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (
+        CheckConstraint("span_minutes IN (1440, 60, 15)", name="span_known"),
+        # SQLite: the rows live in the key's b-tree (no rowid table beside it), so an upsert
+        # writes one b-tree and a check reads its sums from the key's range.
+        {"sqlite_with_rowid": False},
     )
 
 

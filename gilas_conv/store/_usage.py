@@ -14,20 +14,34 @@ Quotas
     ``max_tokens``, or :data:`DEFAULT_QUOTA_RESERVATION`), in one write transaction that
     also reads what the owner used: on SQLite ``BEGIN IMMEDIATE`` serializes all writers;
     on Postgres a transaction-scoped advisory lock keyed by the owner serializes that
-    owner's reservations on every host. ``used`` is the period's ledger total plus the
-    reservations still held; a request is refused when ``used + its reservation`` would
-    pass a limit, so requests in flight together can never pass it by more than the
-    difference between one reservation and that request's real usage. The reservation is
+    owner's reservations on every host. ``used`` is the period's ledger total (read from
+    the rollup below) plus the reservations still held; a request is refused when
+    ``used + its reservation`` would pass a limit, so requests in flight together can never
+    pass it by more than the difference between one reservation and that request's real
+    usage. The reservation is
     deleted in the transaction that writes the reply's ledger row (settled), deleted when
     the request fails (released), and stops counting after :data:`RESERVATION_TTL`
     (a process that died holding it).
+
+The rollup (what a quota check reads)
+    ``usage_rollup`` is the ledger summed per owner and UTC day, hour and quarter hour:
+    :func:`settle` adds each ledger row to its three buckets with one upsert (``INSERT ...
+    ON CONFLICT DO UPDATE``, the same on SQLite and Postgres) in the transaction that
+    inserts the row, and nothing else writes either table (erasure and prune keep the
+    ledger), so the rollup never drifts from it. A period (a calendar day or month of the
+    quota time zone, which starts on a quarter hour in every zone in use) is covered by
+    whole UTC days, then hours, then quarter hours at its two ends (:func:`_cover`): a
+    check reads at most 31 + 2*23 + 2*3 rows for a month and 2*23 + 2*3 for a day, however
+    much the owner used. UTC buckets make the zone irrelevant to what is stored, so
+    ``quota set --timezone`` rewrites nothing. A period bound that is not on a quarter hour
+    (a historical offset) is summed from the ledger instead.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, cast
@@ -45,12 +59,20 @@ from sqlalchemy import (
     literal_column,
     select,
     text,
+    union_all,
     update,
 )
 
 from .._prices import MICROS, Prices
 from ..exceptions import QuotaExceeded
-from ._schema import QuotaLimitRow, QuotaReservationRow, SettingRow, UsageEventRow
+from ._schema import (
+    ROLLUP_SPANS,
+    QuotaLimitRow,
+    QuotaReservationRow,
+    SettingRow,
+    UsageEventRow,
+    UsageRollupRow,
+)
 
 __all__ = [
     "DEFAULT_QUOTA_RESERVATION",
@@ -67,6 +89,7 @@ _events = cast(Table, UsageEventRow.__table__)
 _limits = cast(Table, QuotaLimitRow.__table__)
 _reservations = cast(Table, QuotaReservationRow.__table__)
 _settings = cast(Table, SettingRow.__table__)
+_rollup = cast(Table, UsageRollupRow.__table__)
 
 # Completion tokens reserved for a request that gives no max_tokens: the quota bound holds
 # exactly only when the reply is capped, so pass max_tokens when a quota matters.
@@ -141,15 +164,88 @@ def ledger_row(
 
 
 INSERT_EVENT = insert(_events)
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+# The rollup key of no owner (an empty owner name is never a valid owner).
+UNOWNED_KEY = ""
+
+
+def _minute(instant: dt.datetime) -> int:
+    """Whole minutes since the Unix epoch (UTC) at or before ``instant``."""
+    if instant.tzinfo is None:
+        instant = instant.replace(tzinfo=dt.timezone.utc)
+    return (instant - _EPOCH) // dt.timedelta(minutes=1)
+
+
+# Adding to buckets, inserting those not there yet: the same text on SQLite (3.24+) and
+# Postgres. A text statement, because SQLAlchemy does not cache the compiled form of its
+# ON CONFLICT constructs (compiling it cost more than running it). _UPSERT_EVENT adds one
+# ledger row to its three buckets, in one statement; _UPSERT_BUCKET one bucket a
+# parameter set.
+_ON_CONFLICT_ADD = (
+    " ON CONFLICT (owner, span_minutes, start_minute) DO UPDATE SET"
+    " total_tokens = usage_rollup.total_tokens + excluded.total_tokens,"
+    " cost_micros = usage_rollup.cost_micros + excluded.cost_micros"
+)
+_UPSERT_EVENT = text(
+    "INSERT INTO usage_rollup (owner, span_minutes, start_minute, total_tokens, cost_micros) VALUES "
+    + ", ".join(f"(:o, {span}, :s{span}, :t, :c)" for span in ROLLUP_SPANS)
+    + _ON_CONFLICT_ADD
+)
+_UPSERT_BUCKET = text(
+    "INSERT INTO usage_rollup (owner, span_minutes, start_minute, total_tokens, cost_micros) VALUES"
+    " (:owner, :span_minutes, :start_minute, :total_tokens, :cost_micros)" + _ON_CONFLICT_ADD
+)
+
+
+def rollup_rows(events: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The ``usage_rollup`` increments of ledger rows: one per owner and bucket, summed."""
+    buckets: dict[tuple[str, int, int], list[int]] = {}
+    for event in events:
+        owner = event["owner"] if event["owner"] is not None else UNOWNED_KEY
+        minute = _minute(event["created_at"])
+        for span in ROLLUP_SPANS:
+            acc = buckets.setdefault((owner, span, minute - minute % span), [0, 0])
+            acc[0] += event["total_tokens"]
+            acc[1] += event["cost_micros"] or 0
+    return [
+        {"owner": o, "span_minutes": span, "start_minute": start, "total_tokens": t, "cost_micros": c}
+        for (o, span, start), (t, c) in buckets.items()
+    ]
+
+
+def record_events(conn: Any, events: Sequence[Mapping[str, Any]]) -> None:
+    """Insert ledger rows and add them to the rollup, in the caller's transaction: the only
+    way ledger rows are written, so the rollup is always the ledger summed. Many rows at
+    once (a bulk load) are summed per bucket first: one statement must not update a
+    bucket twice (Postgres refuses it)."""
+    if not events:
+        return
+    if len(events) == 1:
+        (event,) = events
+        conn.execute(INSERT_EVENT, event)
+        minute = _minute(event["created_at"])
+        increments = {
+            "o": event["owner"] if event["owner"] is not None else UNOWNED_KEY,
+            "t": event["total_tokens"],
+            "c": event["cost_micros"] or 0,
+            **{f"s{span}": minute - minute % span for span in ROLLUP_SPANS},
+        }
+        # Last in the transaction: on Postgres the upsert locks the owner's bucket rows
+        # until commit, so one owner's concurrent replies queue on them only for the commit.
+        conn.execute(_UPSERT_EVENT, increments)
+    else:
+        conn.execute(INSERT_EVENT, list(events))
+        conn.execute(_UPSERT_BUCKET, rollup_rows(events))
 
 
 def settle(conn: Any, event: Mapping[str, Any] | None, reservation: Reservation | None) -> None:
-    """Write a ledger row and delete the reservation it settles, in the caller's transaction.
-    A reservation already expired and swept is simply gone: nothing is charged twice."""
-    if event is not None:
-        conn.execute(INSERT_EVENT, event)
+    """Write a ledger row (and its rollup increments) and delete the reservation it settles,
+    in the caller's transaction. A reservation already expired and swept is simply gone:
+    nothing is charged twice."""
     if reservation is not None:
         conn.execute(_DELETE_RESERVATION, {"r_id": reservation.id})
+    if event is not None:
+        record_events(conn, [event])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -538,11 +634,14 @@ def _checks(own: Any, default: Any) -> list[tuple[str, str, int, bool]]:
     return found
 
 
-def _spent(*, owned: bool) -> Any:
+def _spent_in_ledger(*, owned: bool) -> Any:
     """What the owner (``:u_owner``, or none) used from ``:u_month`` to ``:u_month_end``,
-    and from ``:u_day`` on: tokens and cost, as one row."""
+    and from ``:u_day`` to ``:u_day_end``, summed from the ledger: for period bounds not on
+    a quarter hour, which the rollup cannot cover (see the module docstring)."""
     c = _events.c
-    in_day = c.created_at >= bindparam("u_day", type_=c.created_at.type)
+    in_day = (c.created_at >= bindparam("u_day", type_=c.created_at.type)) & (
+        c.created_at < bindparam("u_day_end", type_=c.created_at.type)
+    )
     owner_e = c.owner == bindparam("u_owner") if owned else c.owner.is_(None)
     return (
         select(
@@ -560,7 +659,71 @@ def _spent(*, owned: bool) -> Any:
     )
 
 
-def _reserve_read_statement(*, owned: bool) -> Any:
+# The rollup ranges a period's cover may use, per bucket span: one range of whole days,
+# and at each end of it at most one range of hours and one of quarter hours.
+_SLOTS = ((1440, 1), (60, 2), (15, 2))
+
+
+def _cover(start: int, end: int, spans: Sequence[int] = ROLLUP_SPANS) -> list[tuple[int, int, int]]:
+    """(span, first start, end) ranges of rollup buckets that cover the minutes
+    ``[start, end)`` exactly, longest buckets first (both bounds on a quarter hour)."""
+    span, shorter = spans[0], spans[1:]
+    if not shorter:
+        return [(span, start, end)] if start < end else []
+    inner_start, inner_end = -(-start // span) * span, end // span * span
+    if inner_start >= inner_end:
+        return _cover(start, end, shorter)
+    head, tail = _cover(start, inner_start, shorter), _cover(inner_end, end, shorter)
+    return [(span, inner_start, inner_end), *head, *tail]
+
+
+def _cover_params(period: str, start: dt.datetime, end: dt.datetime) -> dict[str, int]:
+    """The bound parameters of :func:`_spent_in_rollup` for one period (unused slots get
+    empty ranges)."""
+    ranges = _cover(_minute(start), _minute(end))
+    params = {}
+    for span, slots in _SLOTS:
+        mine = [(lo, hi) for s, lo, hi in ranges if s == span]
+        mine += [(0, 0)] * (slots - len(mine))
+        for i, (lo, hi) in enumerate(mine):
+            params[f"{period}_{span}_{i}_lo"] = lo
+            params[f"{period}_{span}_{i}_hi"] = hi
+    return params
+
+
+def _spent_in_rollup() -> Any:
+    """What the owner (``:u_key``: its name, or '' for none) used in the month and in the
+    day, from the rollup buckets that cover each period (:func:`_cover_params`): one row,
+    at most 2 * (1 + 2 + 2) index range reads."""
+    r = _rollup.c
+    parts = []
+    for period in ("day", "month"):
+        for span, slots in _SLOTS:
+            for i in range(slots):
+                parts.append(
+                    select(
+                        literal_column("1" if period == "day" else "0").label("in_day"),
+                        r.total_tokens,
+                        r.cost_micros,
+                    ).where(
+                        r.owner == bindparam("u_key"),
+                        r.span_minutes == span,
+                        r.start_minute >= bindparam(f"{period}_{span}_{i}_lo"),
+                        r.start_minute < bindparam(f"{period}_{span}_{i}_hi"),
+                    )
+                )
+    found = union_all(*parts).subquery()
+    in_day = found.c.in_day == 1
+    in_month = found.c.in_day == 0
+    return select(
+        func.coalesce(func.sum(case((in_day, found.c.total_tokens), else_=0)), 0).label("day_tokens"),
+        func.coalesce(func.sum(case((in_month, found.c.total_tokens), else_=0)), 0).label("month_tokens"),
+        func.coalesce(func.sum(case((in_day, found.c.cost_micros), else_=0)), 0).label("day_cost"),
+        func.coalesce(func.sum(case((in_month, found.c.cost_micros), else_=0)), 0).label("month_cost"),
+    ).subquery()
+
+
+def _reserve_read_statement(*, owned: bool, rollup: bool) -> Any:
     """What an owner used this month (and today) and holds in reservations, with all a
     reservation decides on, as ONE statement: on Postgres each statement of a READ
     COMMITTED transaction sees its own snapshot, and a reply settling between two separate
@@ -571,7 +734,7 @@ def _reserve_read_statement(*, owned: bool) -> Any:
     of the owner's reservations have expired (swept only when some have)."""
     r = _reservations.c
     owner_r = r.owner == bindparam("u_owner") if owned else r.owner.is_(None)
-    spent = _spent(owned=owned)
+    spent = _spent_in_rollup() if rollup else _spent_in_ledger(owned=owned)
     live = r.expires_at > bindparam("u_now", type_=r.expires_at.type)
     held = (
         select(
@@ -609,7 +772,12 @@ def _reserve_read_statement(*, owned: bool) -> Any:
 
 
 _LIMIT_COLUMNS = ("daily_tokens", "monthly_tokens", "daily_cost_micros", "monthly_cost_micros")
-_RESERVE_READ = {owned: _reserve_read_statement(owned=owned) for owned in (True, False)}
+_RESERVE_READ = {
+    (owned, rollup): _reserve_read_statement(owned=owned, rollup=rollup)
+    for owned in (True, False)
+    for rollup in (True, False)
+}
+_QUARTER_HOUR = dt.timedelta(minutes=15)
 # The zone the last reservation found: the next one computes its periods with it, and
 # reads again only when the store's zone has changed since.
 _expected_zone = DEFAULT_QUOTA_TIMEZONE
@@ -618,15 +786,25 @@ _expected_zone = DEFAULT_QUOTA_TIMEZONE
 def _used(
     conn: Any, owner: str | None, now: dt.datetime, bounds: Mapping[str, tuple[dt.datetime, dt.datetime]]
 ) -> Any:
-    """The row of :func:`_reserve_read_statement` for these period bounds."""
-    params = {
-        "u_owner": owner,
-        "u_day": bounds["day"][0],
-        "u_month": bounds["month"][0],
-        "u_month_end": bounds["month"][1],
-        "u_now": now,
-    }
-    return conn.execute(_RESERVE_READ[owner is not None], params).one()
+    """The row of :func:`_reserve_read_statement` for these period bounds: from the rollup
+    when they are on quarter hours (always, for the zones in use), else from the ledger."""
+    params: dict[str, Any] = {"u_owner": owner, "u_now": now}
+    rollup = all((b - _EPOCH) % _QUARTER_HOUR == _ZERO for b in (*bounds["day"], *bounds["month"]))
+    if rollup:
+        params["u_key"] = owner if owner is not None else UNOWNED_KEY
+        params.update(_cover_params("day", *bounds["day"]))
+        params.update(_cover_params("month", *bounds["month"]))
+    else:
+        params.update(
+            u_day=bounds["day"][0],
+            u_day_end=bounds["day"][1],
+            u_month=bounds["month"][0],
+            u_month_end=bounds["month"][1],
+        )
+    return conn.execute(_RESERVE_READ[(owner is not None, rollup)], params).one()
+
+
+_ZERO = dt.timedelta(0)
 
 
 def _amounts(row: Any) -> dict[str, int]:
