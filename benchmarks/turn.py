@@ -65,14 +65,14 @@ from gilas_conv.truncation import DEFAULT_REPLY_RESERVE
 _MESSAGES = cast(Table, MessageRow.__table__)
 
 
+# The sender passes the handle's model to _begin_turn where the store takes it (so the turn
+# does not look the conversation up twice); older checkouts look it up themselves. Asked
+# once: inspecting the signature costs more than a tenth of the floor's whole turn.
+_BEGIN_TAKES_MODEL = "model" in inspect.signature(ConversationStore._begin_turn).parameters
+
+
 def _model_hint(conv: Any) -> dict[str, Any]:
-    # The sender passes the handle's model to _begin_turn where the store takes it (so the
-    # turn does not look the conversation up twice); older checkouts look it up themselves.
-    return (
-        {"model": conv.model}
-        if "model" in inspect.signature(ConversationStore._begin_turn).parameters
-        else {}
-    )
+    return {"model": conv.model} if _BEGIN_TAKES_MODEL else {}
 
 
 _CONVERSATIONS = cast(Table, ConversationRow.__table__)
