@@ -148,6 +148,7 @@ def test_no_argument_and_no_environment_uses_sqlite_file_in_user_data_dir() -> N
             "messages",
             "summaries",
             "usage_events",
+            "usage_rollup",
             "quota_limits",
             "quota_reservations",
             "settings",
