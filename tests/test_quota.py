@@ -312,17 +312,18 @@ def test_a_limit_committed_while_a_turn_waits_checks_the_next_turn(db_url: str) 
         conv = store.create(model=MODEL, owner="alice")
         outcome: list[object] = []
 
+        def take_turn(conversation_id: str) -> object:
+            return store._take_turn(
+                conversation_id,
+                owner="alice",
+                lease_seconds=60,
+                messages=[{"role": "user", "content": "hi"}],
+                quota=None,
+            )
+
         def turn() -> None:
             try:
-                outcome.append(
-                    store._take_turn(
-                        conv.id,
-                        owner="alice",
-                        lease_seconds=60,
-                        messages=[{"role": "user", "content": "hi"}],
-                        quota=None,
-                    )
-                )
+                outcome.append(take_turn(conv.id))
             except Exception as err:  # reported to the main thread
                 outcome.append(err)
 
@@ -351,13 +352,7 @@ def test_a_limit_committed_while_a_turn_waits_checks_the_next_turn(db_url: str) 
         assert not isinstance(outcome[0], Exception), outcome[0]
         other_conv = store.create(model=MODEL, owner="alice")
         with pytest.raises(QuotaNeeded):
-            store._take_turn(
-                other_conv.id,
-                owner="alice",
-                lease_seconds=60,
-                messages=[{"role": "user", "content": "hi"}],
-                quota=None,
-            )
+            take_turn(other_conv.id)
     raw.dispose()
 
 
