@@ -50,31 +50,34 @@ class AsyncBackend:
 
     @staticmethod
     async def run_blocking(function: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
-        future = _in_thread(function, *args, **kwargs)
-        try:
-            # Shielded: cancelling the wait must not cancel the call, queued or running.
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            future.add_done_callback(_log_unwaited_failure)
-            raise
+        return await _in_thread(_log_unwaited_failure, function, *args, **kwargs)
 
     @staticmethod
     async def run_claiming(
         release: Callable[[T], object], function: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
     ) -> T:
-        future = _in_thread(function, *args, **kwargs)
-        try:
-            # Shielded: cancelling the wait must not drop the result the thread will still produce.
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            future.add_done_callback(functools.partial(_release_unclaimed, release))
-            raise
+        return await _in_thread(functools.partial(_release_unclaimed, release), function, *args, **kwargs)
 
 
-def _in_thread(function: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> asyncio.Future[T]:
-    """``function(*args, **kwargs)`` submitted to the loop's worker threads, in this context."""
+async def _in_thread(
+    abandoned: Callable[[asyncio.Future[T]], object],
+    function: Callable[P, T],
+    /,
+    *args: P.args,
+    **kwargs: P.kwargs,
+) -> T:
+    """``function(*args, **kwargs)`` in one of the loop's worker threads, in this context.
+
+    Shielded: cancelling the caller's wait cancels neither the call, queued or running, nor
+    its result; ``abandoned`` gets the call's future when it is done if the caller was
+    cancelled meanwhile (no one else will see its result or failure)."""
     call = functools.partial(contextvars.copy_context().run, function, *args, **kwargs)
-    return asyncio.get_running_loop().run_in_executor(None, call)
+    future = asyncio.get_running_loop().run_in_executor(None, call)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        future.add_done_callback(abandoned)
+        raise
 
 
 def _log_unwaited_failure(done: asyncio.Future[Any]) -> None:
