@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
+from test_migrations import TABLES
 
 from gilas_conv import (
     ConfigurationError,
@@ -141,18 +142,7 @@ def test_no_argument_and_no_environment_uses_sqlite_file_in_user_data_dir() -> N
         # Upgraded automatically on first use: at the head revision, with every table.
         assert raw.execute("SELECT version_num FROM alembic_version").fetchall() == [(head_revision(),)]
         tables = {row[0] for row in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        assert {t for t in tables if not t.startswith("message_search")} == {
-            "alembic_version",
-            "api_keys",
-            "conversations",
-            "messages",
-            "summaries",
-            "usage_events",
-            "usage_rollup",
-            "quota_limits",
-            "quota_reservations",
-            "settings",
-        }
+        assert {t for t in tables if not t.startswith("message_search")} == {"alembic_version", *TABLES}
         assert "message_search" in tables
     finally:
         raw.close()
