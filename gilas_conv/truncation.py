@@ -63,10 +63,10 @@ Cost
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass
-from operator import attrgetter
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import tokens as _tokens
@@ -97,7 +97,11 @@ SUMMARY_PREFIX = "Summary of the earlier part of this conversation, which is not
 _RANGE_ROWS = 4096
 
 Policy = Literal["truncate", "summarize"]
-_seq = attrgetter("seq")
+# One of the rows read, as WindowReader.newest_entries gives them: (seq, role, tokens, raw
+# JSON content, None) for a usual row, (seq, role, tokens, None, row) for any other.
+Entry = tuple[int, str, int, "str | None", "WindowRow | None"]
+_seq = itemgetter(0)  # of an entry
+_tokens_of = itemgetter(2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +187,7 @@ def _check_policy(policy: str) -> None:
 @dataclass(slots=True)
 class _Turn:
     start: int  # seq of the message that opens the turn (its user message, or the first row)
-    rows: list[WindowRow]  # the turn's non-anchor rows that may be sent, oldest first
+    rows: list[Entry]  # the turn's non-anchor rows that may be sent, oldest first
     cost: int
 
 
@@ -191,69 +195,18 @@ class _Turn:
 class _Chosen:
     """A planned window, before its messages are decoded and counted."""
 
-    rows: list[WindowRow]  # sent, in seq order
+    rows: list[Entry]  # sent, in seq order
     top: int  # the highest seq seen
     summary: Summary | None
     summary_tokens: int
 
 
-def _turns_newest_first(
-    chunks: Iterator[list[WindowRow]],
-    anchors: Mapping[int, WindowRow],
-    include_incomplete: bool,
-    room: Callable[[], int | None] = lambda: None,
-) -> Generator[tuple[_Turn, int], None, None]:
-    """Yield the history as whole turns, newest first, with the highest seq seen so far.
-
-    A turn opens at a user message (pinned or not) and runs to the next one; anchors are
-    sent anyway, so only a turn's other rows are in it. ``chunks`` are the rows newest
-    first; they are consumed only as far as turns are taken. The last turn may be the rows
-    before the first user message.
-
-    ``room()``: the tokens a turn may cost and still be kept, or None while the turn must
-    be seen whole (the newest, whose full cost an error reports). Once the rows of a turn
-    that will certainly be sent (complete, or incomplete ones when included; no tool call
-    or result) cost more than that, the turn cannot be kept whatever its older rows hold:
-    it is yielded at once, with no rows and that cost, and nothing older is read.
-    """
-    current: list[WindowRow] = []  # the turn being gathered, newest row first
-    cost = 0
-    certain = 0  # what the turn's rows certainly sent so far cost
-    plain = True  # nothing in the turn that might be left out (the usual case: no filtering)
-    top = max(anchors, default=0)
-    for rows in chunks:
-        if rows:
-            top = max(top, rows[0].seq)
-        for row in rows:
-            if row.seq not in anchors:
-                current.append(row)
-                cost += row.tokens
-                if row.status != "complete" or row.tool_calls is not None or row.role == "tool":
-                    plain = False
-                    if row.role != "tool" and row.tool_calls is None and include_incomplete:
-                        certain += row.tokens
-                else:
-                    certain += row.tokens
-            if row.role == "user":
-                current.reverse()
-                if plain:
-                    yield _Turn(row.seq, current, cost), top
-                else:
-                    yield _make_turn(row.seq, current, include_incomplete), top
-                current, cost, certain, plain = [], 0, 0, True
-            elif current:
-                limit = room()
-                if limit is not None and certain > limit:
-                    yield _Turn(current[-1].seq, [], certain), top
-                    return
-    if current:
-        current.reverse()
-        yield _make_turn(current[0].seq, current, include_incomplete), top
-
-
-def _make_turn(start: int, rows: list[WindowRow], include_incomplete: bool) -> _Turn:
+def _make_turn(start: int, entries: list[Entry], include_incomplete: bool) -> _Turn:
+    rows = [WindowRow.of_entry(entry) for entry in entries]
     sendable = _sendable(rows, include_incomplete)
-    return _Turn(start, sendable, sum(r.tokens for r in sendable))
+    if sendable is rows:
+        return _Turn(start, entries, sum(entry[2] for entry in entries))
+    return _Turn(start, [row.entry() for row in sendable], sum(r.tokens for r in sendable))
 
 
 def _sendable(turn: list[WindowRow], include_incomplete: bool) -> list[WindowRow]:
@@ -286,33 +239,82 @@ def _plan(
     """Choose the rows to send from what ``window`` reads, or say which summary is needed.
 
     Pure but for the reading: it reads rows lazily through ``window`` and writes nothing.
+
+    The history is taken as whole turns, newest first, while they fit. A turn opens at a
+    user message (pinned or not) and runs to the next one; anchors are sent anyway, so only
+    a turn's other rows are in it. The rows are read newest first, only as far as turns are
+    taken; the last turn may be the rows before the first user message. The newest turn is
+    the one being answered: it must fit whole (else ContextWindowExceeded, with its full
+    cost). Once the rows of an older turn that will certainly be sent (complete, or
+    incomplete ones when included; no tool call or result) cost more than the tokens left,
+    the turn cannot be kept whatever its older rows hold: nothing older is read.
     """
     anchors = {r.seq: r for r in window.anchors() if include_incomplete or r.status == "complete"}
     anchor_tokens = sum(r.tokens for r in anchors.values())
     left = budget.available - anchor_tokens
     kept: list[_Turn] = []  # newest first
     truncated = False
-    top = max(anchors, default=0)
-    # Closed on every way out, so the open query ends inside its transaction.
-    with (
-        closing(window.newest(lambda: left)) as chunks,
-        closing(
-            _turns_newest_first(chunks, anchors, include_incomplete, lambda: left if kept else None)
-        ) as turns,
-    ):
-        for turn, top in turns:  # noqa: B007
-            if not kept and turn.cost > left:
+    top = seen = max(anchors, default=0)  # the highest seq seen when the last turn was taken
+
+    def keep(turn: _Turn) -> bool:
+        """Keep ``turn`` if it fits; False (the window ends) if it does not."""
+        nonlocal left
+        if turn.cost > left:
+            if not kept:
                 # The newest turn is the one being answered: it must be sent whole.
                 raise ContextWindowExceeded(
                     anchor_tokens + turn.cost + budget.tools_cost + _tokens.REPLY_PRIMING_TOKENS,
                     budget.limit - budget.reserved,
                     model=budget.model,
                 )
-            if turn.cost > left:
-                truncated = True
-                break
-            left -= turn.cost
-            kept.append(turn)
+            return False
+        left -= turn.cost
+        kept.append(turn)
+        return True
+
+    current: list[Entry] = []  # the turn being gathered, newest row first
+    cost = 0
+    certain = 0  # what the turn's rows certainly sent so far cost
+    plain = True  # nothing in the turn that might be left out (the usual case: no filtering)
+    # Closed on every way out, so the open query ends inside its transaction.
+    with closing(window.newest_entries(lambda: left)) as chunks:
+        for entries in chunks:
+            if entries:
+                seen = max(seen, entries[0][0])
+            for entry in entries:
+                seq, role, tokens, _raw, row = entry
+                if seq not in anchors:
+                    current.append(entry)
+                    cost += tokens
+                    if row is None:  # a usual row: complete, no tool fields
+                        certain += tokens
+                    elif row.status != "complete" or row.tool_calls is not None or role == "tool":
+                        plain = False
+                        if role != "tool" and row.tool_calls is None and include_incomplete:
+                            certain += tokens
+                    else:
+                        certain += tokens
+                if role == "user":
+                    current.reverse()
+                    top = seen
+                    turn = (
+                        _Turn(seq, current, cost) if plain else _make_turn(seq, current, include_incomplete)
+                    )
+                    current, cost, certain, plain = [], 0, 0, True
+                    if not keep(turn):
+                        truncated = True
+                        break
+                elif current and kept and certain > left:
+                    top, truncated = seen, True  # this turn cannot be kept
+                    break
+            else:
+                continue
+            break
+        else:
+            if current:
+                current.reverse()
+                top = seen
+                truncated = not keep(_make_turn(current[0][0], current, include_incomplete))
     if left < 0:  # only anchors, and they alone do not fit
         raise ContextWindowExceeded(
             anchor_tokens + budget.tools_cost + _tokens.REPLY_PRIMING_TOKENS,
@@ -345,9 +347,9 @@ def _plan(
             left += kept.pop().cost
     # Each kept turn's rows are in seq order, and so are the anchors: when the anchors all
     # come before the history (the usual case: the system message), no sort is needed.
-    history = [r for turn in reversed(kept) for r in turn.rows]
-    pinned = list(anchors.values())
-    if history and pinned and pinned[-1].seq > history[0].seq:
+    history = [entry for turn in reversed(kept) for entry in turn.rows]
+    pinned = [r.entry() for r in anchors.values()]
+    if history and pinned and pinned[-1][0] > history[0][0]:
         chosen = sorted([*pinned, *history], key=_seq)
     else:
         chosen = [*pinned, *history]
@@ -399,8 +401,8 @@ def _summary_request(
 
 
 def _context(chosen: _Chosen, budget: _Budget) -> Context:
-    messages = WindowRow.openai_messages(chosen.rows)
-    prompt_tokens = sum(r.tokens for r in chosen.rows) + budget.tools_cost + _tokens.REPLY_PRIMING_TOKENS
+    messages = WindowRow.entry_messages(chosen.rows)
+    prompt_tokens = sum(map(_tokens_of, chosen.rows)) + budget.tools_cost + _tokens.REPLY_PRIMING_TOKENS
     if chosen.summary is not None:
         # After the leading system/developer messages, before the kept history.
         at = 0
@@ -420,7 +422,7 @@ def _context(chosen: _Chosen, budget: _Budget) -> Context:
         reserved=budget.reserved,
         tools_tokens=budget.tools_cost,
         available=budget.available,
-        seqs=tuple(r.seq for r in chosen.rows),
+        seqs=tuple(map(_seq, chosen.rows)),
         summary=chosen.summary,
     )
 

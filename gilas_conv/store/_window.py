@@ -36,11 +36,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import Table, Text, and_, bindparam, func, literal_column, select, text, update
+from sqlalchemy import Table, Text, and_, bindparam, case, func, literal_column, null, select, text, update
 from sqlalchemy import cast as sql_cast
 
 from .. import tokens as _tokens
@@ -90,26 +90,38 @@ _SELECT_BETWEEN = (
 )
 
 
+# A row the planner takes as it is (most rows): complete, not pinned, no name or tool
+# fields, counted under the reader's encoding (``:enc``). The newest rows are read as four
+# values and this flag, NULL; the others (flagged 1) are read again whole (_SELECT_UNUSUAL). The
+# driver's work grows with the columns read, even NULL ones: a row of four values and a
+# flag costs it about a fifth less than a full row.
+_UNUSUAL = case(
+    (
+        and_(
+            _m.c.status == literal_column("'complete'"),
+            ~_m.c.pinned,
+            _m.c.tool_calls.is_(None),
+            _m.c.tool_call_id.is_(None),
+            _m.c.name.is_(None),
+            _m.c.tokens.is_not(None),
+            _m.c.tokens_encoding == bindparam("enc"),
+        ),
+        null(),
+    ),
+    else_=literal_column("1"),
+)
+
+
 def _select_newest(*, before: bool) -> Any:
     """Which of the newest rows are read: the one place that says so.
 
-    Newest first, at most ``:n`` rows, older than ``:before`` when given. Content (and
-    tool calls) come as raw JSON text, cast in the database, so the driver decodes no JSON:
-    fetching a row too many costs little, and only the rows sent are decoded.
+    Newest first, at most ``:n`` rows, older than ``:before`` when given: ``seq, role,
+    tokens, content, unusual`` (see ``_UNUSUAL``). Content comes as raw JSON text, cast in
+    the database, so the driver decodes no JSON: fetching a row too many costs little, and
+    only the rows sent are decoded.
     """
     statement = (
-        select(
-            _m.c.seq,
-            _m.c.role,
-            sql_cast(_m.c.tool_calls, Text),
-            _m.c.tool_call_id,
-            _m.c.pinned,
-            _m.c.status,
-            _m.c.tokens,
-            _m.c.tokens_encoding,
-            sql_cast(_m.c.content, Text),
-            _m.c.name,
-        )
+        select(_m.c.seq, _m.c.role, _m.c.tokens, sql_cast(_m.c.content, Text), _UNUSUAL)
         .where(_of_conversation)
         .order_by(_m.c.seq.desc())
         .limit(bindparam("n"))
@@ -117,6 +129,23 @@ def _select_newest(*, before: bool) -> Any:
     return statement.where(_m.c.seq < bindparam("before")) if before else statement
 
 
+# The unusual rows among seqs :lo..:hi, whole, as _light_rows takes them.
+_SELECT_UNUSUAL = (
+    select(
+        _m.c.seq,
+        _m.c.role,
+        sql_cast(_m.c.tool_calls, Text),
+        _m.c.tool_call_id,
+        _m.c.pinned,
+        _m.c.status,
+        _m.c.tokens,
+        _m.c.tokens_encoding,
+        sql_cast(_m.c.content, Text),
+        _m.c.name,
+    )
+    .where(_of_conversation, _m.c.seq >= bindparam("lo"), _m.c.seq <= bindparam("hi"), _UNUSUAL == 1)
+    .order_by(_m.c.seq.desc())
+)
 _SELECT_NEWEST = _select_newest(before=False)
 _SELECT_NEWEST_BEFORE = _select_newest(before=True)
 # The range read: every row from the oldest whose running total reaches :x (one seek of the
@@ -163,6 +192,12 @@ _s = cast(Table, SummaryRow.__table__)
 _SELECT_SUMMARIES = select(_s).where(_s.c.conversation_id == bindparam("cid")).order_by(_s.c.to_seq)
 _UNLOADED: Any = object()
 
+# One of the newest rows as the planner takes it (WindowReader.newest_entries):
+# ``(seq, role, tokens, raw JSON content, None)`` for a usual row (see _UNUSUAL), whose
+# content is its raw text; ``(seq, role, tokens, None, row)`` for any other, read whole as a
+# WindowRow (its tokens recounted when needed).
+Entry = tuple[int, str, int, "str | None", "WindowRow | None"]
+
 
 @dataclass(slots=True)
 class WindowRow:
@@ -196,25 +231,48 @@ class WindowRow:
     @staticmethod
     def openai_messages(rows: Iterable[WindowRow]) -> list[dict[str, Any]]:
         """``[row.to_openai() for row in rows]``, the usual row (a text message with no name or
-        tool fields, its stored JSON a string with no escapes) built inline: a window sends
-        every row it plans, so this is per-row work of every turn."""
+        tool fields, its stored JSON a string with no escapes) built inline."""
+        return WindowRow.entry_messages(row.entry() for row in rows)
+
+    @staticmethod
+    def entry_messages(entries: Iterable[Entry]) -> list[dict[str, Any]]:
+        """The messages of :meth:`WindowReader.newest_entries` entries (or of
+        :meth:`entry`), as the chat-completions API takes them. A window sends every row it
+        plans, so this is per-row work of every turn: a usual row whose stored JSON is a
+        string with no escapes is built inline."""
         out: list[dict[str, Any]] = []
         add = out.append
-        for row in rows:
-            raw = row._raw  # not None: the content is still the stored JSON text (see _decode)
-            if (
-                raw is not None
-                and row.name is None
-                and row.tool_calls is None
-                and row.tool_call_id is None
-                and raw[0] == '"'
-                and raw[-1] == '"'
-                and "\\" not in raw
-            ):
-                add({"role": row.role, "content": raw[1:-1]})
-            else:
+        for _seq, role, _count, raw, row in entries:
+            if row is not None:
                 add(row.to_openai())
+            elif raw is not None and raw[0] == '"' and raw[-1] == '"' and "\\" not in raw:
+                add({"role": role, "content": raw[1:-1]})
+            else:
+                add(openai_message(role, _decode(raw)))
         return out
+
+    def entry(self) -> Entry:
+        """This row as an entry (see :meth:`WindowReader.newest_entries`): a usual row still
+        holding its stored JSON as its raw text, any other row as itself."""
+        raw = self._raw
+        if (
+            raw is not None
+            and self.status == "complete"
+            and not self.pinned
+            and self.name is None
+            and self.tool_calls is None
+            and self.tool_call_id is None
+        ):
+            return (self.seq, self.role, self.tokens, raw, None)
+        return (self.seq, self.role, self.tokens, None, self)
+
+    @staticmethod
+    def of_entry(entry: Entry) -> WindowRow:
+        """The row an entry stands for."""
+        seq, role, tokens, raw, row = entry
+        if row is not None:
+            return row
+        return WindowRow(seq, role, None, None, None, False, "complete", tokens, _UNLOADED, raw)
 
     def _stored(self) -> dict[str, Any]:
         """The message as stored (image size hints kept), for counting its tokens."""
@@ -289,34 +347,66 @@ class WindowReader:
         the module docs); later chunks are batches sized from ``tokens_wanted()``, so the
         rows read are about the rows that fit.
         """
-        params: dict[str, Any] = {"cid": self.conversation_id}
+        with closing(self.newest_entries(tokens_wanted)) as chunks:
+            for chunk in chunks:
+                yield [WindowRow.of_entry(entry) for entry in chunk]
+
+    def newest_entries(self, tokens_wanted: Callable[[], int]) -> Generator[list[Entry], None, None]:
+        """:meth:`newest` as entries, which cost less to make than rows (what the planner
+        reads): ``(seq, role, tokens, raw, None)`` for a usual row (complete, not pinned, no
+        name or tool fields, counted under this encoding: most rows), whose content is still
+        its stored JSON text, and ``(seq, role, tokens, None, row)`` for any other, read
+        whole as a :class:`WindowRow` (recounted when needed)."""
+        params: dict[str, Any] = {"cid": self.conversation_id, "enc": self.encoding}
         statement, seen, tokens = _SELECT_NEWEST, 0, 0
         start = self._range_start(tokens_wanted())
         if start is not None:
             if start <= 0:  # everything fits, as far as the totals tell: read it all
-                yield self._light_rows(self._conn.execute(_SELECT_ALL_NEWEST, params).all())
+                yield self._entries(self._conn.execute(_SELECT_ALL_NEWEST, params).all())
                 return
             chunk = self._conn.execute(_SELECT_RANGE, {**params, "x": start, "past_end": 2**31 - 1}).all()
             if chunk:
-                rows = self._light_rows(chunk)
+                rows = self._entries(chunk)
                 yield rows
-                seen, tokens = len(rows), sum(r.tokens for r in rows)
+                seen, tokens = len(rows), sum(r[2] for r in rows)
                 statement = _SELECT_NEWEST_BEFORE
-                params["before"] = rows[-1].seq
+                params["before"] = chunk[-1][0]
         size = max(_MIN_BATCH, min(tokens_wanted() // _FIRST_BATCH_TOKENS_PER_ROW, _FIRST_BATCH))
         if seen:
             size = self._next_size(tokens_wanted(), tokens, seen)
         while True:
             chunk = self._conn.execute(statement, {**params, "n": size}).all()
-            rows = self._light_rows(chunk)
+            rows = self._entries(chunk)
             yield rows
             if len(chunk) < size:
                 return
             seen += len(rows)
-            tokens += sum(r.tokens for r in rows)
+            tokens += sum(r[2] for r in rows)
             size = self._next_size(tokens_wanted(), tokens, seen)
             statement = _SELECT_NEWEST_BEFORE
-            params["before"] = rows[-1].seq
+            params["before"] = chunk[-1][0]
+
+    def _entries(self, chunk: Sequence[Any]) -> list[Entry]:
+        """A chunk of the newest read as entries: its unusual rows read again whole."""
+        unusual = [row[0] for row in chunk if row[4] is not None]
+        if not unusual:
+            return list(chunk)  # each row is its entry: (seq, role, tokens, raw, None)
+        found = self._conn.execute(
+            _SELECT_UNUSUAL,
+            {"cid": self.conversation_id, "enc": self.encoding, "lo": unusual[-1], "hi": unusual[0]},
+        ).all()
+        whole = {row.seq: row for row in self._light_rows(found)}
+        for seq in unusual:
+            if seq not in whole:
+                # Changed by a write committed between the two statements (on Postgres each
+                # statement of a read-committed transaction sees its own snapshot): as it
+                # is now, or left out if it was deleted.
+                whole.update((row.seq, row) for row in self.between(seq, seq))
+        return [
+            row if row[4] is None else (row[0], row[1], whole[row[0]].tokens, None, whole[row[0]])
+            for row in chunk
+            if row[4] is None or row[0] in whole
+        ]
 
     @staticmethod
     def _next_size(wanted: int, tokens: int, seen: int) -> int:
