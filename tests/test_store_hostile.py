@@ -41,6 +41,30 @@ def test_sqlite_lock_timeout_is_a_store_error(tmp_path: Path) -> None:
         assert [m.content for m in conv.messages()] == ["hi"]
 
 
+def test_sqlite_transactions_begin_as_they_should(tmp_path: Path) -> None:
+    """A write transaction holds the write lock from its start (BEGIN IMMEDIATE), before
+    any statement; a read begins a transaction (one snapshot) but takes no write lock; a
+    single read begins none; the engine's own ``begin()`` still begins one."""
+    path = tmp_path / "begin.db"
+    with ConversationStore(f"sqlite:///{path}", sqlite_busy_timeout_ms=20) as store:
+        other = sqlite3.connect(path, isolation_level=None, timeout=0.02)
+        try:
+            with store._write() as conn:
+                assert conn.connection.driver_connection.in_transaction
+                with pytest.raises(sqlite3.OperationalError, match="locked"):
+                    other.execute("BEGIN IMMEDIATE")
+            with store._read() as conn:
+                assert conn.connection.driver_connection.in_transaction
+                other.execute("BEGIN IMMEDIATE")
+                other.execute("ROLLBACK")
+            with store._read_one() as conn:
+                assert not conn.connection.driver_connection.in_transaction
+            with store.engine.begin() as conn:
+                assert conn.connection.driver_connection.in_transaction
+        finally:
+            other.close()
+
+
 def _forged(store: ConversationStore) -> tuple[Conversation, Conversation]:
     """Alice's conversation, and Bob's handle with its id swapped for Alice's."""
     alice = store.create(model=MODEL, owner="alice")

@@ -28,16 +28,16 @@ import time
 import urllib.parse
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, RootTransaction, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from .._config import DEFAULT_SQLITE_BUSY_TIMEOUT_MS, DEFAULT_SQLITE_SYNCHRONOUS, redact_url
 from ..exceptions import ConfigurationError
 
-__all__ = ["SINGLE_READ", "WRITE", "create_engine_for_url", "normalize_url", "redact_url"]
+__all__ = ["SINGLE_READ", "WRITE", "begin", "create_engine_for_url", "normalize_url", "redact_url"]
 
-# Execution option asking for a write transaction (BEGIN IMMEDIATE on SQLite).
+# Execution option asking for a write transaction (BEGIN IMMEDIATE on SQLite: see begin()).
 WRITE: dict[str, Any] = {"gilas_write": True}
 # Execution options of a read that is one statement, which is atomic on its own and needs no
 # BEGIN and COMMIT around it (two round trips on Postgres): autocommit.
@@ -45,6 +45,9 @@ SINGLE_READ: dict[str, dict[str, Any]] = {
     "sqlite": {"gilas_single": True},
     "postgresql": {"isolation_level": "AUTOCOMMIT"},
 }
+
+# The key in a SQLite driver connection's ``info`` for the BEGIN its next transaction issues.
+_NEXT_BEGIN = "gilas_conv_next_begin"
 
 _SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
@@ -180,16 +183,36 @@ def _configure_sqlite(engine: Engine, *, synchronous: str, busy_timeout_ms: int,
         finally:
             cursor.close()
 
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        options = conn.get_execution_options()
-        if options.get("gilas_single", False):
-            return  # one statement: its own implicit transaction (see SINGLE_READ)
+    def _do_begin(dbapi_connection: Any) -> None:
         # Straight to the driver: this runs for every transaction, and SQLAlchemy's
         # statement machinery would cost more than the BEGIN itself.
-        conn.connection.dbapi_connection.execute(  # type: ignore[union-attr]
-            "BEGIN IMMEDIATE" if options.get("gilas_write", False) else "BEGIN"
+        statement = dbapi_connection.info.pop(_NEXT_BEGIN, "BEGIN")
+        if statement is not None:
+            dbapi_connection.driver_connection.execute(statement)
+
+    # The dialect's own hook for "begin a transaction" (a no-op for pysqlite, which would
+    # begin one implicitly before a write only), set on this engine's dialect alone. Not an
+    # engine "begin" event: with any engine event listener SQLAlchemy runs its event
+    # dispatch for every statement (about a tenth of a statement's cost here).
+    engine.dialect.do_begin = _do_begin  # type: ignore[method-assign]
+
+
+def begin(conn: Connection) -> RootTransaction:
+    """``conn.begin()`` as ``conn``'s execution options ask (:data:`WRITE`,
+    :data:`SINGLE_READ`). On SQLite the BEGIN the transaction needs (``BEGIN IMMEDIATE``
+    for a write, none for a single read) is left for the dialect's ``do_begin`` (see
+    ``_configure_sqlite``) on the driver connection's ``info``; a transaction begun
+    otherwise (``engine.begin()``) gets a plain ``BEGIN``."""
+    if conn.dialect.name == "sqlite":
+        options = conn.get_execution_options()
+        conn.connection.info[_NEXT_BEGIN] = (
+            None
+            if options.get("gilas_single", False)
+            else "BEGIN IMMEDIATE"
+            if options.get("gilas_write", False)
+            else "BEGIN"
         )
+    return conn.begin()
 
 
 def _journal_mode_wal(cursor: sqlite3.Cursor, busy_timeout_ms: int) -> None:

@@ -14,7 +14,7 @@ from sqlalchemy import Connection, Engine, inspect, text
 
 from .._config import redact_url
 from ..exceptions import StoreError
-from ._engine import WRITE, create_engine_for_url
+from ._engine import WRITE, begin, create_engine_for_url
 from ._schema import SCHEMA_REVISION
 from ._tx import _opening
 
@@ -118,7 +118,7 @@ def _run(engine: Engine, action: str, revision: str) -> None:
     # A write transaction from the start: on SQLite, BEGIN IMMEDIATE makes a second process
     # that opens a new file at the same moment wait for the first one's migration (under the
     # busy timeout) and then find the schema current, instead of failing with "locked".
-    with engine.connect() as conn, conn.execution_options(**WRITE).begin():
+    with engine.connect() as conn, begin(conn.execution_options(**WRITE)):
         if action == "upgrade":
             check_schema_state(conn, _revision_on(conn))
         config.attributes["connection"] = conn

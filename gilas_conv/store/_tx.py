@@ -12,7 +12,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from ..exceptions import StoreError, StoreIntegrityError
-from ._engine import SINGLE_READ, WRITE
+from ._engine import SINGLE_READ, WRITE, begin
 
 
 class _Transaction:
@@ -21,8 +21,8 @@ class _Transaction:
     COMMIT round trips on Postgres: see ``ConversationStore._read_one``.)
 
     Write transactions ask SQLite for the write lock up front (BEGIN IMMEDIATE). That
-    BEGIN runs on the driver's connection from an engine hook, outside SQLAlchemy's error
-    wrapping, so the driver's own errors (a busy timeout that ran out: "database is locked")
+    BEGIN runs on the driver's connection from the dialect's begin hook (see
+    ``_engine.begin``), so its errors (a busy timeout that ran out: "database is locked")
     are translated here as well.
     """
 
@@ -47,7 +47,7 @@ class _Transaction:
             self._conn = self._engine.connect()
             if self._options is not None:
                 self._conn.execution_options(**self._options)
-            self._tx = self._conn.begin()
+            self._tx = begin(self._conn)
         except PoolTimeoutError as err:
             # Every pooled connection stayed checked out for the whole pool timeout.
             raise StoreError(f"no database connection free: {str(err).splitlines()[0]}") from err
