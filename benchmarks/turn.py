@@ -698,6 +698,7 @@ class Result:
     case: str
     size: int
     ms: float | None = None  # median per turn
+    cpu_ms: float | None = None  # median CPU time of this process per turn (time.process_time)
     turns: int = 0
     sent: int = 0  # messages in the last request
     peak_kib: float | None = None  # tracemalloc peak of one turn, median
@@ -737,17 +738,21 @@ def _timed_turns(runs: Sequence[_Run]) -> None:
         for _ in range(run.warmup):
             run.case.turn(run.session, next(run.inputs))
     samples: list[list[float]] = [[] for _ in runs]
+    cpu: list[list[float]] = [[] for _ in runs]
     gc.collect()
     for round_ in range(max((run.turns for run in runs), default=0)):
-        for run, times in zip(runs, samples, strict=True):
+        for run, times, cpu_times in zip(runs, samples, cpu, strict=True):
             if round_ >= run.turns:
                 continue
             turn = next(run.inputs)
+            cpu_started = time.process_time()
             started = time.perf_counter()
             run.result.sent = run.case.turn(run.session, turn)
             times.append(time.perf_counter() - started)
-    for run, times in zip(runs, samples, strict=True):
+            cpu_times.append(time.process_time() - cpu_started)
+    for run, times, cpu_times in zip(runs, samples, cpu, strict=True):
         run.result.ms = statistics.median(times) * 1000
+        run.result.cpu_ms = statistics.median(cpu_times) * 1000
         run.result.turns = len(times)
 
 
@@ -935,6 +940,8 @@ def report(plan: Plan) -> tuple[str, bool]:
         f"turn lease), build_context with context_limit={CONTEXT_LIMIT}, json.dumps, append the reply);",
         f"{plan.turns} timed turns after {plan.warmup} warm-up "
         f"(langchain at {LANGCHAIN_MAX_SIZE:,}: {plan.langchain_slow_turns} after {LANGCHAIN_SLOW_WARMUP}).",
+        "cpu gilas/floor: the same ratio of this process's CPU time (time.process_time), which other",
+        "processes' load hardly changes (on Postgres it leaves out the server's work, for both).",
         "",
     ]
     header = [
@@ -943,6 +950,7 @@ def report(plan: Plan) -> tuple[str, bool]:
         *(f"{c} ms" for c in cases),
         "gilas/floor",
         "gilas/floor+writes",
+        "cpu gilas/floor",
         *(f"{c} peak KiB" for c in cases),
         "sent " + "/".join(_SHORT.get(c, c) for c in cases),
     ]
@@ -954,12 +962,15 @@ def report(plan: Plan) -> tuple[str, bool]:
             gilas = _find(results, backend, "gilas", size)
             floors = ("floor", "floor+writes")
             ratios = [_ratio(gilas, _find(results, backend, floor, size)) for floor in floors]
+            floor = _find(results, backend, "floor", size)
+            cpu = gilas.cpu_ms / floor.cpu_ms if gilas.cpu_ms and floor.cpu_ms else None
             rows.append(
                 [
                     backend,
                     f"{size:,}",
                     *(_fmt_ms(r.ms) for r in found),
                     *(f"{ratio:.2f}x" if ratio else "-" for ratio in ratios),
+                    f"{cpu:.2f}x" if cpu else "-",
                     *(f"{r.peak_kib:,.0f}" if r.peak_kib is not None else "-" for r in found),
                     "/".join(str(r.sent) if r.ms else "-" for r in found),
                 ]
