@@ -10,7 +10,11 @@ opens a :class:`WindowReader` with :meth:`Conversation.read_window` and asks it 
   (``messages.tokens_total``, see :mod:`._schema`) say where the newest N tokens begin, N
   being what the caller can take, so in the usual case it is exactly the rows that fit and
   the one before them. Further chunks (when rows were left out, or the totals are stale)
-  are read in batches sized from the tokens the caller can still take;
+  are read in batches sized from the tokens the caller can still take.
+  :meth:`WindowReader.newest_entries` is the same read as entries, what the planner takes:
+  a usual row (complete, not pinned, no name or tool fields, counted under the reader's
+  encoding) is read as four values, ``(seq, role, tokens, raw JSON content)``, and made no
+  object of; only the other rows are read again whole, as WindowRow objects;
 * :meth:`WindowReader.between`: a seq range, oldest first (what a summary must cover);
 * :meth:`WindowReader.summaries`: the stored summaries, by ``to_seq``.
 
@@ -29,7 +33,8 @@ is read, and the new counts are written back in one short write transaction afte
 transaction ends, so later turns find them in place. Only rows read are recounted.
 
 Rows carry their content as the stored JSON text where that is cheaper
-(:meth:`newest`): it is decoded only for the rows a context sends (:meth:`WindowRow.to_openai`).
+(:meth:`newest`, :meth:`newest_entries`): it is decoded only for the rows a context sends
+(:meth:`WindowRow.entry_messages`, :meth:`WindowRow.to_openai`).
 """
 
 from __future__ import annotations
