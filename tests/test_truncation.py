@@ -676,6 +676,46 @@ def test_model_change_recounts_the_rows_read_once(store: ConversationStore) -> N
     assert new.tokens == message_tokens(new.to_openai(), "cl100k_base")
 
 
+def test_rows_recounted_by_another_process_between_the_two_reads_are_still_sent(
+    store: ConversationStore,
+) -> None:
+    """The rows counted under another encoding are read again whole after the range read.
+    When another process writes their new counts between the two statements (on Postgres
+    each statement of a read transaction sees what was committed before it), the second
+    read does not find them as they were: they are read as they are now, not left out."""
+    conv = _persian_history(store, 300)
+    conv.update(model="gpt-4")  # cl100k_base: every stored count is now of another encoding
+    recounted = [
+        {"cid": conv.id, "seq": m.seq, "tokens": message_tokens(m.to_openai(), "cl100k_base")}
+        for m in conv.messages()
+    ]
+    raced = []
+
+    def recount_elsewhere(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if raced or not ("CASE WHEN" in statement and "<=" in statement):
+            return  # not the second read (the unusual rows, whole)
+        raced.append(statement)
+        with store.engine.connect() as other, other.begin():
+            other.execute(
+                text(
+                    "UPDATE messages SET tokens = :tokens, tokens_encoding = 'cl100k_base'"
+                    " WHERE conversation_id = :cid AND seq = :seq"
+                ),
+                recounted,
+            )
+
+    event.listen(store.engine, "before_cursor_execute", recount_elsewhere)
+    try:
+        raced_ctx = build_context(conv, context_limit=3000, max_tokens=200)
+    finally:
+        event.remove(store.engine, "before_cursor_execute", recount_elsewhere)
+
+    assert raced, "the race should have been run"
+    calm = build_context(conv, context_limit=3000, max_tokens=200)
+    assert raced_ctx.messages == calm.messages
+    assert raced_ctx.prompt_tokens == calm.prompt_tokens == count_tokens(calm.messages, "gpt-4")
+
+
 def test_model_argument_counts_under_that_model(store: ConversationStore) -> None:
     conv = store.create(model=MODEL, system="سلام 😀")
     _append_turns(conv, [40, 40])
