@@ -185,13 +185,6 @@ def _check_policy(policy: str) -> None:
 
 
 @dataclass(slots=True)
-class _Turn:
-    start: int  # seq of the message that opens the turn (its user message, or the first row)
-    rows: list[Entry]  # the turn's non-anchor rows that may be sent, oldest first
-    cost: int
-
-
-@dataclass(slots=True)
 class _Chosen:
     """A planned window, before its messages are decoded and counted."""
 
@@ -201,12 +194,13 @@ class _Chosen:
     summary_tokens: int
 
 
-def _make_turn(start: int, entries: list[Entry], include_incomplete: bool) -> _Turn:
+def _sendable_entries(entries: list[Entry], include_incomplete: bool) -> tuple[list[Entry], int]:
+    """The entries of a turn (oldest first) that may be sent, and what they cost."""
     rows = [WindowRow.of_entry(entry) for entry in entries]
     sendable = _sendable(rows, include_incomplete)
     if sendable is rows:
-        return _Turn(start, entries, sum(entry[2] for entry in entries))
-    return _Turn(start, [row.entry() for row in sendable], sum(r.tokens for r in sendable))
+        return entries, sum(entry[2] for entry in entries)
+    return [row.entry() for row in sendable], sum(r.tokens for r in sendable)
 
 
 def _sendable(turn: list[WindowRow], include_incomplete: bool) -> list[WindowRow]:
@@ -252,27 +246,37 @@ def _plan(
     anchors = {r.seq: r for r in window.anchors() if include_incomplete or r.status == "complete"}
     anchor_tokens = sum(r.tokens for r in anchors.values())
     left = budget.available - anchor_tokens
-    kept: list[_Turn] = []  # newest first
+    # The rows of the kept turns, then of the turn being read (from ``mark`` on), newest
+    # first; and the kept turns, newest first: (the seq that opens it, where its rows start
+    # in ``taken``, its cost).
+    taken: list[Entry] = []
+    kept: list[tuple[int, int, int]] = []
+    mark = 0
     truncated = False
     top = seen = max(anchors, default=0)  # the highest seq seen when the last turn was taken
 
-    def keep(turn: _Turn) -> bool:
-        """Keep ``turn`` if it fits; False (the window ends) if it does not."""
-        nonlocal left
-        if turn.cost > left:
+    def close(start: int, plain: bool, cost: int) -> bool:
+        """The turn being read, opened at seq ``start``, is whole: keep it if it fits; False
+        (the window ends) if it does not."""
+        nonlocal left, mark
+        if not plain:
+            rows, cost = _sendable_entries(taken[mark:][::-1], include_incomplete)
+            taken[mark:] = rows[::-1]
+        if cost > left:
             if not kept:
                 # The newest turn is the one being answered: it must be sent whole.
                 raise ContextWindowExceeded(
-                    anchor_tokens + turn.cost + budget.tools_cost + _tokens.REPLY_PRIMING_TOKENS,
+                    anchor_tokens + cost + budget.tools_cost + _tokens.REPLY_PRIMING_TOKENS,
                     budget.limit - budget.reserved,
                     model=budget.model,
                 )
+            del taken[mark:]
             return False
-        left -= turn.cost
-        kept.append(turn)
+        left -= cost
+        kept.append((start, mark, cost))
+        mark = len(taken)
         return True
 
-    current: list[Entry] = []  # the turn being gathered, newest row first
     cost = 0
     certain = 0  # what the turn's rows certainly sent so far cost
     plain = True  # nothing in the turn that might be left out (the usual case: no filtering)
@@ -284,7 +288,7 @@ def _plan(
             for entry in entries:
                 seq, role, tokens, _raw, row = entry
                 if seq not in anchors:
-                    current.append(entry)
+                    taken.append(entry)
                     cost += tokens
                     if row is None:  # a usual row: complete, no tool fields
                         certain += tokens
@@ -295,26 +299,23 @@ def _plan(
                     else:
                         certain += tokens
                 if role == "user":
-                    current.reverse()
                     top = seen
-                    turn = (
-                        _Turn(seq, current, cost) if plain else _make_turn(seq, current, include_incomplete)
-                    )
-                    current, cost, certain, plain = [], 0, 0, True
-                    if not keep(turn):
+                    fits = close(seq, plain, cost)
+                    cost, certain, plain = 0, 0, True
+                    if not fits:
                         truncated = True
                         break
-                elif current and kept and certain > left:
+                elif len(taken) > mark and kept and certain > left:
                     top, truncated = seen, True  # this turn cannot be kept
+                    del taken[mark:]
                     break
             else:
                 continue
             break
         else:
-            if current:
-                current.reverse()
+            if len(taken) > mark:  # the rows before the first user message
                 top = seen
-                truncated = not keep(_make_turn(current[0][0], current, include_incomplete))
+                truncated = not close(taken[-1][0], plain, cost)
     if left < 0:  # only anchors, and they alone do not fit
         raise ContextWindowExceeded(
             anchor_tokens + budget.tools_cost + _tokens.REPLY_PRIMING_TOKENS,
@@ -323,12 +324,12 @@ def _plan(
         )
     summary = None
     summary_tokens = 0
-    if summarize and truncated and kept and kept[-1].start > 1:
+    if summarize and truncated and kept and kept[-1][0] > 1:
         stored = window.summaries()
         # Make room for the summary by dropping more of the oldest kept turns (never the
         # newest); each drop widens what the summary must cover, so measure again.
         while True:
-            cut = kept[-1].start - 1
+            cut = kept[-1][0] - 1
             covering = [s for s in stored if s.to_seq <= cut]
             latest = covering[-1] if covering else None
             if latest is None or latest.to_seq < cut:
@@ -344,10 +345,12 @@ def _plan(
             if len(kept) == 1:
                 summary, summary_tokens = None, 0  # no room at all: send without it
                 break
-            left += kept.pop().cost
-    # Each kept turn's rows are in seq order, and so are the anchors: when the anchors all
-    # come before the history (the usual case: the system message), no sort is needed.
-    history = [entry for turn in reversed(kept) for entry in turn.rows]
+            _start, at, cost = kept.pop()
+            left += cost
+            del taken[at:]
+    # The kept rows are in seq order, and so are the anchors: when the anchors all come
+    # before the history (the usual case: the system message), no sort is needed.
+    history = taken[::-1]
     pinned = [r.entry() for r in anchors.values()]
     if history and pinned and pinned[-1][0] > history[0][0]:
         chosen = sorted([*pinned, *history], key=_seq)
