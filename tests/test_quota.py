@@ -22,7 +22,7 @@ from stub_server import StubServer
 from gilas_conv import ConversationStore, QuotaExceeded
 from gilas_conv._prices import MICROS, parse_prices
 from gilas_conv.store._schema import UsageEventRow
-from gilas_conv.store._usage import RESERVATION_TTL, periods
+from gilas_conv.store._usage import RESERVATION_TTL, Reservation, periods
 
 MODEL = "gpt-4o-mini"
 API_KEY = "sk-quota-race"  # the stub server's
@@ -257,29 +257,36 @@ def test_the_turn_asks_whether_a_limit_applies_in_its_lease_statement(db_url: st
     counts from the next turn on, for the owner's own limit and for the default."""
     from sqlalchemy import event
 
-    from gilas_conv.store import QuotaNeeded
+    from gilas_conv.store import QuotaAsk
 
     with ConversationStore(db_url) as store, ConversationStore(db_url) as other:
         conv = store.create(model=MODEL, owner="alice")
         statements: list[str] = []
+        histories: list[int] = []
 
-        def record(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
-            statements.append(statement)
+        def hold(history: int) -> int:
+            histories.append(history)
+            return 7
 
-        def turn() -> None:
+        def turn() -> Reservation | None:
             token, _, _, held = store._take_turn(
                 conv.id,
                 owner="alice",
                 lease_seconds=60,
                 messages=[{"role": "user", "content": "hi"}],
-                quota=None,
+                quota=QuotaAsk(hold=hold, model=None),
             )
-            assert held is None
+            if held is not None:
+                store.release_quota(held)
             assert store._end_turn(conv.id, token)
+            return held
+
+        def record(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+            statements.append(statement)
 
         event.listen(store.engine, "before_cursor_execute", record)
         try:
-            turn()
+            assert turn() is None
         finally:
             event.remove(store.engine, "before_cursor_execute", record)
         assert not [
@@ -288,14 +295,19 @@ def test_the_turn_asks_whether_a_limit_applies_in_its_lease_statement(db_url: st
             if "quota_limits" in s and not s.lstrip().upper().startswith(("UPDATE", "WITH"))
         ]
         assert any("quota_limits" in s for s in statements)
+        assert histories == []  # asked only under a limit
 
         for owner, default in (("alice", False), (None, True)):
             other.set_quota(owner, default=default, daily_tokens=1000)
-            with pytest.raises(QuotaNeeded):
-                turn()
+            held = turn()
+            assert held is not None and held.tokens == 7
             other.remove_quota(owner, default=default)
-            turn()
-        assert [m.role for m in conv.messages()] == ["user", "user", "user"]
+            assert turn() is None
+        # What the turn holds is asked with the history up to and including the turn's
+        # message: the conversation's running token total.
+        tokens = [m.tokens or 0 for m in conv.messages()]
+        assert histories == [sum(tokens[:2]), sum(tokens[:4])] and histories[0] > 0
+        assert [m.role for m in conv.messages()] == ["user"] * 5
 
 
 def test_a_limit_committed_while_a_turn_waits_checks_the_next_turn(db_url: str) -> None:
@@ -305,20 +317,20 @@ def test_a_limit_committed_while_a_turn_waits_checks_the_next_turn(db_url: str) 
     (documented in _take_turn); every turn that starts after the commit is checked."""
     if not db_url.startswith("postgresql"):
         pytest.skip("SQLite's BEGIN IMMEDIATE serializes every writer")
-    from gilas_conv.store import QuotaNeeded
+    from gilas_conv.store import QuotaAsk
 
     raw = create_engine(db_url.replace("postgresql://", "postgresql+psycopg://", 1), poolclass=NullPool)
     with ConversationStore(db_url) as store, ConversationStore(db_url) as other:
         conv = store.create(model=MODEL, owner="alice")
         outcome: list[object] = []
 
-        def take_turn(conversation_id: str) -> object:
+        def take_turn(conversation_id: str) -> tuple[object, ...]:
             return store._take_turn(
                 conversation_id,
                 owner="alice",
                 lease_seconds=60,
                 messages=[{"role": "user", "content": "hi"}],
-                quota=None,
+                quota=QuotaAsk(hold=lambda history: 10, model=None),
             )
 
         def turn() -> None:
@@ -350,9 +362,9 @@ def test_a_limit_committed_while_a_turn_waits_checks_the_next_turn(db_url: str) 
         worker.join()
         assert len(outcome) == 1
         assert not isinstance(outcome[0], Exception), outcome[0]
+        assert isinstance(outcome[0], tuple) and outcome[0][3] is None  # unchecked: nothing held
         other_conv = store.create(model=MODEL, owner="alice")
-        with pytest.raises(QuotaNeeded):
-            take_turn(other_conv.id)
+        assert take_turn(other_conv.id)[3] is not None
     raw.dispose()
 
 

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, cast
@@ -458,23 +458,16 @@ class Reservation:
 
 @dataclass(frozen=True, slots=True)
 class QuotaAsk:
-    """What a turn asks to hold (see ``ConversationStore._take_turn``): ``tokens`` of the
-    owner's quota, priced at ``model``, for a window planned over a history whose newest
-    message was ``last_seq``."""
+    """What a turn holds of its owner's quota when a limit applies (see
+    ``ConversationStore._take_turn``): ``hold(history)`` tokens, priced at ``model``.
+    ``history`` is the conversation's token total with the turn's new messages, as the
+    turn's lease statement returns it; ``hold`` is called only when a limit applies, in
+    the turn's write transaction, so it is pure arithmetic (the senders': the window
+    about to be sent is at most that history, capped by the context budget, plus the
+    reply's room)."""
 
-    tokens: int
+    hold: Callable[[int], int]
     model: str | None
-    last_seq: int
-
-
-class QuotaNeeded(Exception):
-    """A turn that asked for no reservation found a limit in force (nothing written): plan
-    the window and ask again."""
-
-
-class HistoryMoved(Exception):
-    """A turn's window was planned over a history that has changed since (nothing
-    written): plan again."""
 
 
 def zone_named(name: str) -> ZoneInfo:
