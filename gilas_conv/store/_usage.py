@@ -776,15 +776,30 @@ _QUARTER_HOUR = dt.timedelta(minutes=15)
 _expected_zone = DEFAULT_QUOTA_TIMEZONE
 
 
-def _used(
-    conn: Any, owner: str | None, now: dt.datetime, bounds: Mapping[str, tuple[dt.datetime, dt.datetime]]
-) -> Any:
-    """The row of :func:`_reserve_read_statement` for these period bounds: from the rollup
-    when they are on quarter hours (always, for the zones in use), else from the ledger."""
-    params: dict[str, Any] = {"u_owner": owner, "u_now": now}
+@dataclass(frozen=True, slots=True)
+class _Periods:
+    """The day and month of an instant in a zone, with the bound parameters of
+    :func:`_reserve_read_statement` for them (the rollup's cover, or the ledger's bounds)."""
+
+    zone: ZoneInfo
+    bounds: dict[str, tuple[dt.datetime, dt.datetime]]
+    rollup: bool
+    params: dict[str, Any]
+
+
+# The periods the last check used, per zone: a turn's check reuses them while its instant
+# is in the same day (computing them and the rollup's cover costs more than the SQL).
+_LAST_PERIODS: dict[ZoneInfo, _Periods] = {}
+
+
+def _periods_at(now: dt.datetime, zone: ZoneInfo) -> _Periods:
+    found = _LAST_PERIODS.get(zone)
+    if found is not None and found.bounds["day"][0] <= now < found.bounds["day"][1]:
+        return found
+    bounds = periods(now, zone)
     rollup = all((b - _EPOCH) % _QUARTER_HOUR == _ZERO for b in (*bounds["day"], *bounds["month"]))
+    params: dict[str, Any] = {}
     if rollup:
-        params["u_key"] = owner if owner is not None else UNOWNED_KEY
         params.update(_cover_params("day", *bounds["day"]))
         params.update(_cover_params("month", *bounds["month"]))
     else:
@@ -794,7 +809,18 @@ def _used(
             u_month=bounds["month"][0],
             u_month_end=bounds["month"][1],
         )
-    return conn.execute(_RESERVE_READ[(owner is not None, rollup)], params).one()
+    found = _LAST_PERIODS[zone] = _Periods(zone, bounds, rollup, params)
+    return found
+
+
+def _used(conn: Any, owner: str | None, now: dt.datetime, found: _Periods) -> Any:
+    """The row of :func:`_reserve_read_statement` for the periods ``found``: from the rollup
+    when their bounds are on quarter hours (always, for the zones in use), else from the
+    ledger."""
+    params: dict[str, Any] = {**found.params, "u_owner": owner, "u_now": now}
+    if found.rollup:
+        params["u_key"] = owner if owner is not None else UNOWNED_KEY
+    return conn.execute(_RESERVE_READ[(owner is not None, found.rollup)], params).one()
 
 
 _ZERO = dt.timedelta(0)
@@ -817,8 +843,9 @@ def status(conn: Any, owner: str | None, now: dt.datetime, zone: ZoneInfo) -> li
     checks = _checks(own, default)
     if not checks:
         return []
-    bounds = periods(now, zone)
-    used = _amounts(_used(conn, owner, now, bounds))
+    found = _periods_at(now, zone)
+    bounds = found.bounds
+    used = _amounts(_used(conn, owner, now, found))
     result = []
     for period, unit, limit, inherited in checks:
         scale = (lambda v: Decimal(v) / MICROS) if unit == "cost" else (lambda v: v)
@@ -857,8 +884,8 @@ def reserve(
     global _expected_zone
     lock_owner(conn, dialect, owner)
     zone_name = _expected_zone
-    bounds = periods(now, _zone_of(zone_name))
-    row = _used(conn, owner, now, bounds)
+    found = _periods_at(now, _zone_of(zone_name))
+    row = _used(conn, owner, now, found)
     n = len(_LIMIT_COLUMNS)
     own = dict(zip(_LIMIT_COLUMNS, row[8 : 8 + n], strict=True))
     default = dict(zip(_LIMIT_COLUMNS, row[8 + n : 8 + 2 * n], strict=True))
@@ -870,8 +897,8 @@ def reserve(
         conn.execute(_SWEEP_UNOWNED if owner is None else _SWEEP_OWNED, {"s_owner": owner, "s_now": now})
     if (row.zone or DEFAULT_QUOTA_TIMEZONE) != zone_name:
         zone_name = _expected_zone = row.zone or DEFAULT_QUOTA_TIMEZONE
-        bounds = periods(now, _zone_of(zone_name))
-        row = _used(conn, owner, now, bounds)
+        found = _periods_at(now, _zone_of(zone_name))
+        row = _used(conn, owner, now, found)
     used = _amounts(row)
     for period, unit, limit, _inherited in checks:
         asked = tokens if unit == "tokens" else (cost_micros or 0)
@@ -889,7 +916,7 @@ def reserve(
                 limit=shown[0],
                 used=shown[1],
                 requested=shown[2],
-                resets_at=bounds[period][1],
+                resets_at=found.bounds[period][1],
             )
     expires = now + RESERVATION_TTL
     new_id = conn.execute(
