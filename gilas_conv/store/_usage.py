@@ -50,7 +50,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from sqlalchemy import (
     Table,
     bindparam,
-    case,
+    column,
     delete,
     exists,
     func,
@@ -59,7 +59,6 @@ from sqlalchemy import (
     literal_column,
     select,
     text,
-    union_all,
     update,
 )
 
@@ -612,44 +611,19 @@ def _checks(own: Any, default: Any) -> list[tuple[str, str, int, bool]]:
     replace the default's one by one (an owner with only a daily limit keeps the default's
     monthly one)."""
     found = []
-    for period, unit, column in (
+    for period, unit, field in (
         ("day", "tokens", "daily_tokens"),
         ("month", "tokens", "monthly_tokens"),
         ("day", "cost", "daily_cost_micros"),
         ("month", "cost", "monthly_cost_micros"),
     ):
-        mine = getattr(own, column) if own is not None else None
-        theirs = getattr(default, column) if default is not None else None
+        mine = getattr(own, field) if own is not None else None
+        theirs = getattr(default, field) if default is not None else None
         if mine is not None:
             found.append((period, unit, mine, False))
         elif theirs is not None:
             found.append((period, unit, theirs, True))
     return found
-
-
-def _spent_in_ledger(*, owned: bool) -> Any:
-    """What the owner (``:u_owner``, or none) used from ``:u_month`` to ``:u_month_end``,
-    and from ``:u_day`` to ``:u_day_end``, summed from the ledger: for period bounds not on
-    a quarter hour, which the rollup cannot cover (see the module docstring)."""
-    c = _events.c
-    in_day = (c.created_at >= bindparam("u_day", type_=c.created_at.type)) & (
-        c.created_at < bindparam("u_day_end", type_=c.created_at.type)
-    )
-    owner_e = c.owner == bindparam("u_owner") if owned else c.owner.is_(None)
-    return (
-        select(
-            func.coalesce(func.sum(case((in_day, c.total_tokens), else_=0)), 0).label("day_tokens"),
-            func.coalesce(func.sum(c.total_tokens), 0).label("month_tokens"),
-            func.coalesce(func.sum(case((in_day, c.cost_micros), else_=0)), 0).label("day_cost"),
-            func.coalesce(func.sum(c.cost_micros), 0).label("month_cost"),
-        )
-        .where(
-            owner_e,
-            c.created_at >= bindparam("u_month", type_=c.created_at.type),
-            c.created_at < bindparam("u_month_end", type_=c.created_at.type),
-        )
-        .subquery()
-    )
 
 
 # The rollup ranges a period's cover may use, per bucket span: one range of whole days,
@@ -684,36 +658,48 @@ def _cover_params(period: str, start: dt.datetime, end: dt.datetime) -> dict[str
     return params
 
 
-def _spent_in_rollup() -> Any:
-    """What the owner (``:u_key``: its name, or '' for none) used in the month and in the
-    day, from the rollup buckets that cover each period (:func:`_cover_params`): one row,
-    at most 2 * (1 + 2 + 2) index range reads."""
-    r = _rollup.c
-    parts = []
-    for period in ("day", "month"):
-        for span, slots in _SLOTS:
-            for i in range(slots):
-                parts.append(
-                    select(
-                        literal_column("1" if period == "day" else "0").label("in_day"),
-                        r.total_tokens,
-                        r.cost_micros,
-                    ).where(
-                        r.owner == bindparam("u_key"),
-                        r.span_minutes == span,
-                        r.start_minute >= bindparam(f"{period}_{span}_{i}_lo"),
-                        r.start_minute < bindparam(f"{period}_{span}_{i}_hi"),
-                    )
-                )
-    found = union_all(*parts).subquery()
-    in_day = found.c.in_day == 1
-    in_month = found.c.in_day == 0
-    return select(
-        func.coalesce(func.sum(case((in_day, found.c.total_tokens), else_=0)), 0).label("day_tokens"),
-        func.coalesce(func.sum(case((in_month, found.c.total_tokens), else_=0)), 0).label("month_tokens"),
-        func.coalesce(func.sum(case((in_day, found.c.cost_micros), else_=0)), 0).label("day_cost"),
-        func.coalesce(func.sum(case((in_month, found.c.cost_micros), else_=0)), 0).label("month_cost"),
-    ).subquery()
+_SUMS = (
+    "coalesce(sum(CASE WHEN {day} THEN total_tokens ELSE 0 END), 0) AS day_tokens,"
+    " coalesce(sum({month_tokens}), 0) AS month_tokens,"
+    " coalesce(sum(CASE WHEN {day} THEN cost_micros ELSE 0 END), 0) AS day_cost,"
+    " coalesce(sum({month_cost}), 0) AS month_cost"
+)
+
+
+def _spent_in_rollup() -> str:
+    """What the owner (``:u_key``: its name, or '' for none) used in the day and in the
+    month, from the rollup buckets that cover each period (:func:`_cover_params`): one row,
+    at most 2 * (1 + 2 + 2) range reads of the primary key."""
+    parts = [
+        f"SELECT {int(period == 'day')} AS in_day, total_tokens, cost_micros FROM usage_rollup"
+        f" WHERE owner = :u_key AND span_minutes = {span}"
+        f" AND start_minute >= :{period}_{span}_{i}_lo AND start_minute < :{period}_{span}_{i}_hi"
+        for period in ("day", "month")
+        for span, slots in _SLOTS
+        for i in range(slots)
+    ]
+    sums = _SUMS.format(
+        day="in_day = 1",
+        month_tokens="CASE WHEN in_day = 0 THEN total_tokens ELSE 0 END",
+        month_cost="CASE WHEN in_day = 0 THEN cost_micros ELSE 0 END",
+    )
+    return f"SELECT {sums} FROM ({' UNION ALL '.join(parts)}) AS found"
+
+
+def _spent_in_ledger(*, owned: bool) -> str:
+    """What the owner (``:u_owner``, or none) used from ``:u_month`` to ``:u_month_end``,
+    and from ``:u_day`` to ``:u_day_end``, summed from the ledger: for period bounds not on
+    a quarter hour, which the rollup cannot cover (see the module docstring)."""
+    sums = _SUMS.format(
+        day="created_at >= :u_day AND created_at < :u_day_end",
+        month_tokens="total_tokens",
+        month_cost="cost_micros",
+    )
+    owner = "owner = :u_owner" if owned else "owner IS NULL"
+    return (
+        f"SELECT {sums} FROM usage_events"
+        f" WHERE {owner} AND created_at >= :u_month AND created_at < :u_month_end"
+    )
 
 
 def _reserve_read_statement(*, owned: bool, rollup: bool) -> Any:
@@ -724,44 +710,43 @@ def _reserve_read_statement(*, owned: bool, rollup: bool) -> Any:
     both, letting a racing request pass the limit. Also the owner's own limits and the
     default's (NULLs where there is no row), the store's time zone (the periods' bounds are
     computed with the zone the caller expects; it checks the one returned), and how many
-    of the owner's reservations have expired (swept only when some have)."""
-    r = _reservations.c
-    owner_r = r.owner == bindparam("u_owner") if owned else r.owner.is_(None)
+    of the owner's reservations have expired (swept only when some have).
+
+    A ``text()`` statement (the same on SQLite and Postgres): SQLAlchemy computes a cache
+    key for every execution of a constructed statement, and for this one (ten unions) that
+    cost more than running it."""
     spent = _spent_in_rollup() if rollup else _spent_in_ledger(owned=owned)
-    live = r.expires_at > bindparam("u_now", type_=r.expires_at.type)
     held = (
-        select(
-            func.coalesce(func.sum(case((live, r.tokens), else_=0)), 0).label("tokens"),
-            func.coalesce(func.sum(case((live, r.cost_micros), else_=0)), 0).label("cost"),
-            func.coalesce(func.sum(case((live, 0), else_=1)), 0).label("expired"),
-        )
-        .where(owner_r)
-        .subquery()
+        "SELECT coalesce(sum(CASE WHEN live = 1 THEN tokens ELSE 0 END), 0) AS tokens,"
+        " coalesce(sum(CASE WHEN live = 1 THEN cost_micros ELSE 0 END), 0) AS cost,"
+        " coalesce(sum(1 - live), 0) AS expired FROM (SELECT tokens, cost_micros,"
+        " CASE WHEN expires_at > :u_now THEN 1 ELSE 0 END AS live FROM quota_reservations"
+        f" WHERE {'owner = :u_owner' if owned else 'owner IS NULL'}) AS holds"
     )
-    own = _limits.alias("own")
-    default = _limits.alias("dflt")
-    joined = spent.join(held, literal_column("1") == literal_column("1")).outerjoin(
-        default, default.c.owner == literal(DEFAULT_OWNER_KEY)
+    # An owner of None has no row of its own: the default's limits only.
+    own = (
+        ", ".join(f"own.{name} AS own_{name}" for name in _LIMIT_COLUMNS)
+        if owned
+        else ", ".join(f"NULL AS own_{name}" for name in _LIMIT_COLUMNS)
     )
-    mine: list[Any]
-    if owned:
-        joined = joined.outerjoin(own, own.c.owner == bindparam("u_owner"))
-        mine = [own.c[name] for name in _LIMIT_COLUMNS]
-    else:  # an owner of None has no row of its own: the default's limits only
-        mine = [literal(None).label(f"own_{name}") for name in _LIMIT_COLUMNS]
-    zone = select(_settings.c.value).where(_settings.c.name == TIMEZONE_SETTING).scalar_subquery()
-    return select(
-        spent.c.day_tokens,
-        spent.c.month_tokens,
-        spent.c.day_cost,
-        spent.c.month_cost,
-        held.c.tokens,
-        held.c.cost,
-        held.c.expired,
-        zone.label("zone"),
-        *mine,
-        *(default.c[name] for name in _LIMIT_COLUMNS),
-    ).select_from(joined)
+    default = ", ".join(f"dflt.{name} AS dflt_{name}" for name in _LIMIT_COLUMNS)
+    sql = (
+        "SELECT spent.day_tokens, spent.month_tokens, spent.day_cost, spent.month_cost,"
+        " held.tokens, held.cost, held.expired,"
+        f" (SELECT value FROM settings WHERE name = '{TIMEZONE_SETTING}') AS zone, {own}, {default}"
+        f" FROM ({spent}) AS spent CROSS JOIN ({held}) AS held"
+        f" LEFT OUTER JOIN quota_limits AS dflt ON dflt.owner = '{DEFAULT_OWNER_KEY}'"
+        + (" LEFT OUTER JOIN quota_limits AS own ON own.owner = :u_owner" if owned else "")
+    )
+    instants = ["u_now"] + ([] if rollup else ["u_day", "u_day_end", "u_month", "u_month_end"])
+    # Typed result columns: the result's metadata is then built once, with the statement.
+    names = ["day_tokens", "month_tokens", "day_cost", "month_cost", "tokens", "cost", "expired", "zone"]
+    names += [f"{side}_{name}" for side in ("own", "dflt") for name in _LIMIT_COLUMNS]
+    return (
+        text(sql)
+        .bindparams(*(bindparam(name, type_=_events.c.created_at.type) for name in instants))
+        .columns(*(column(name) for name in names))
+    )
 
 
 _LIMIT_COLUMNS = ("daily_tokens", "monthly_tokens", "daily_cost_micros", "monthly_cost_micros")
