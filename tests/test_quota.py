@@ -459,3 +459,42 @@ def test_the_quota_check_reads_a_rollup_that_never_drifts_from_the_ledger(db_url
             and {owner: [s.used for s in store.quota(owner)] for owner in owners} == used
         )
         _assert_quota_is_the_ledger(store, clock, owners)
+
+
+def test_a_zone_whose_days_do_not_start_on_a_quarter_hour_is_summed_from_the_ledger(db_url: str) -> None:
+    # Liberia kept UTC-00:44:30 until 1972: its days start at 00:44:30 UTC, which no rollup
+    # bucket covers, so the check sums the ledger itself (owned and unowned), and still
+    # counts reservations and refuses what would pass a limit.
+    prices = parse_prices({"currency": "IRR", "models": {MODEL: {"input": 3, "output": 7}}})
+    clock = Clock(dt.datetime(1971, 5, 31, 0, 20, tzinfo=dt.timezone.utc))  # 30 May in Monrovia
+    owners: list[str | None] = ["alice", None]
+    usage = {"prompt_tokens": 8, "completion_tokens": 2, "total_tokens": 10}
+    with ConversationStore(db_url, prices=prices, clock=clock) as store:
+        store.set_quota_timezone("Africa/Monrovia")
+        bounds = periods(clock.now, ZoneInfo("Africa/Monrovia"))
+        assert bounds["day"][1] == dt.datetime(1971, 5, 31, 0, 44, 30, tzinfo=dt.timezone.utc)
+        store.set_quota(
+            default=True,
+            daily_tokens=10**9,
+            monthly_tokens=10**9,
+            daily_cost=Decimal(10**6),
+            monthly_cost=Decimal(10**7),
+        )
+        for _ in range(6):  # across the local midnight and, at the end, the month's end
+            for owner in owners:
+                store.record_usage(owner=owner, conversation_id=None, model=MODEL, usage=usage)
+            _assert_quota_is_the_ledger(store, clock, owners)
+            clock.now += dt.timedelta(minutes=9)
+        clock.now = dt.datetime(1971, 6, 1, 0, 50, tzinfo=dt.timezone.utc)  # 1 June, 00:05:30 local
+        store.record_usage(owner="alice", conversation_id=None, model=MODEL, usage=usage)
+        _assert_quota_is_the_ledger(store, clock, owners)
+        store.set_quota("alice", daily_tokens=35)  # 10 used today
+        held = store.reserve_quota("alice", tokens=20)
+        assert held is not None
+        with pytest.raises(QuotaExceeded) as info:
+            store.reserve_quota("alice", tokens=6)  # 10 + 20 + 6 > 35
+        assert info.value.used == 30 and info.value.resets_at == dt.datetime(
+            1971, 6, 2, 0, 44, 30, tzinfo=dt.timezone.utc
+        )
+        store.release_quota(held)
+        assert store.reserve_quota("alice", tokens=25) is not None
