@@ -3,16 +3,20 @@ append, and `usage` over a large ledger.
 
     python benchmarks/quota.py [--rows 1000000] [--postgres URL] [--owner-rows-only]
 
-Prints a table of medians. The turn is the store side of one turn: the lease with the user
-message (whose statement also says whether a limit applies), the reply with its usage (the
-ledger row); "not checked" leaves the quota out; "with quota" adds the reservation in the
-turn's transaction (one statement reading limits, zone, usage and holds, one inserting the
-hold) and settles it in the reply's transaction. "owner with N ledger rows this month" is
-that limited turn for an owner who already has ``--rows`` ledger rows this month (the cost a
-check that sums the month pays grows with them; one that reads the rollup does not);
-``--owner-rows-only`` measures just that. See benchmarks/README.md.
+Prints a table of medians. "turn (store side)" is the store's part of one turn: the lease
+with the user message (whose statement also says whether a limit applies and returns the
+conversation's running token total), then the reply with its usage (the ledger row); "not
+checked" asks no quota; "with quota" reserves in the turn's transaction (one statement
+reading limits, zone, usage and holds, one inserting the hold) and settles in the reply's.
+"sender's turn" is a Sender's turn without the HTTP request (``_prepare``, ``_plan``,
+``_store_reply``), CPU time, so anything a limit makes the sender do besides the store's
+part (once: planning a window before the turn) is counted. "owner with N ledger rows this
+month" is the limited turn for an owner who already has ``--rows`` ledger rows this month
+(a check that sums the month grows with them; one that reads the rollup does not);
+``--owner-rows-only`` measures just that. The script also runs against a checkout from
+before the reservation was sized in the turn (``PYTHONPATH=CHECKOUT``). See
+benchmarks/README.md.
 """
-
 from __future__ import annotations
 
 import argparse

@@ -18,7 +18,8 @@ Quotas
     the rollup below) plus the reservations still held; a request is refused when
     ``used + its reservation`` would pass a limit, so requests in flight together can never
     pass it by more than the difference between one reservation and that request's real
-    usage. The reservation is
+    usage. A sender's turn takes its reservation in the turn's own transaction, sized from
+    the conversation's running token total (see :class:`QuotaAsk`). The reservation is
     deleted in the transaction that writes the reply's ledger row (settled), deleted when
     the request fails (released), and stops counting after :data:`RESERVATION_TTL`
     (a process that died holding it).
