@@ -17,6 +17,7 @@ month" is the limited turn for an owner who already has ``--rows`` ledger rows t
 before the reservation was sized in the turn (``PYTHONPATH=CHECKOUT``). See
 benchmarks/README.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,6 +84,15 @@ def turn(store: ConversationStore, owner: str, *, quota: bool, check: bool = Tru
     return _median_ms(times[n // 10 :])
 
 
+def _with_history(store: ConversationStore, owner: str) -> Any:
+    """A conversation with a system message and 40 messages of about 25 tokens."""
+    conv = store.create(owner=owner, system="Be brief.", model="gpt-4o-mini")
+    for i in range(20):
+        conv.append("user", f"question {i} " + "words " * 20)
+        conv.append("assistant", f"answer {i} " + "words " * 20)
+    return conv
+
+
 def sender_turn(store: ConversationStore, owner: str, n: int = 150) -> float:
     """A sender's turn without the HTTP request, CPU time: ``_prepare`` (the turn's
     transaction, with whatever a limit makes the sender do before or in it), ``_plan``
@@ -93,10 +103,7 @@ def sender_turn(store: ConversationStore, owner: str, n: int = 150) -> float:
     from gilas_conv.sender import Sender
 
     sender = Sender(store, api_key="bench", base_url="http://127.0.0.1:9/v1")
-    conv = store.create(owner=owner, system="Be brief.", model="gpt-4o-mini")
-    for i in range(20):
-        conv.append("user", f"question {i} " + "words " * 20)
-        conv.append("assistant", f"answer {i} " + "words " * 20)
+    conv = _with_history(store, owner)
     times = []
     for i in range(n):
         start = time.process_time()
@@ -126,10 +133,7 @@ def sender_turn(store: ConversationStore, owner: str, n: int = 150) -> float:
 def plan(store: ConversationStore, owner: str, n: int = 200) -> float:
     """One window read and plan (what a limited owner's turn used to add before its
     transaction), on a conversation of 40 messages."""
-    conv = store.create(owner=owner, system="Be brief.")
-    for i in range(20):
-        conv.append("user", f"question {i} " + "words " * 20)
-        conv.append("assistant", f"answer {i} " + "words " * 20)
+    conv = _with_history(store, owner)
     times = []
     for _ in range(n):
         start = time.perf_counter()

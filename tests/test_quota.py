@@ -386,6 +386,20 @@ def _ledger_sums(
     return int(tokens), Decimal(int(micros)) / MICROS
 
 
+PRICES = parse_prices({"currency": "IRR", "models": {MODEL: {"input": 3, "output": 7}}})
+
+
+def _set_every_default_limit(store: ConversationStore) -> None:
+    """Default limits of every kind, too high to refuse anything."""
+    store.set_quota(
+        default=True,
+        daily_tokens=10**9,
+        monthly_tokens=10**9,
+        daily_cost=Decimal(10**6),
+        monthly_cost=Decimal(10**7),
+    )
+
+
 def _assert_quota_is_the_ledger(store: ConversationStore, clock: Clock, owners: list[str | None]) -> None:
     zone = ZoneInfo(store.quota_timezone())
     bounds = periods(clock.now, zone)
@@ -402,17 +416,10 @@ def test_the_quota_check_reads_a_rollup_that_never_drifts_from_the_ledger(db_url
     # prune, and time zones whose days start on the hour, the half hour and the quarter
     # hour, with the clock walking across UTC and local quarter hours, hours, days and a
     # month: every limit's `used` is what the ledger sums to for its period.
-    prices = parse_prices({"currency": "IRR", "models": {MODEL: {"input": 3, "output": 7}}})
     clock = Clock(dt.datetime(2026, 3, 30, 18, 5, 17, tzinfo=dt.timezone.utc))
     owners: list[str | None] = ["alice", "bob", None]
-    with ConversationStore(db_url, prices=prices, clock=clock) as store:
-        store.set_quota(
-            default=True,
-            daily_tokens=10**9,
-            monthly_tokens=10**9,
-            daily_cost=Decimal(10**6),
-            monthly_cost=Decimal(10**7),
-        )
+    with ConversationStore(db_url, prices=PRICES, clock=clock) as store:
+        _set_every_default_limit(store)
         store.set_quota("alice", daily_tokens=10**8)  # its own, the rest the default's
         convs = {owner: store.create(model=MODEL, owner=owner) for owner in owners}
         zones = ["Asia/Tehran", "Asia/Kathmandu", "UTC"]
@@ -465,21 +472,14 @@ def test_a_zone_whose_days_do_not_start_on_a_quarter_hour_is_summed_from_the_led
     # Liberia kept UTC-00:44:30 until 1972: its days start at 00:44:30 UTC, which no rollup
     # bucket covers, so the check sums the ledger itself (owned and unowned), and still
     # counts reservations and refuses what would pass a limit.
-    prices = parse_prices({"currency": "IRR", "models": {MODEL: {"input": 3, "output": 7}}})
     clock = Clock(dt.datetime(1971, 5, 31, 0, 20, tzinfo=dt.timezone.utc))  # 30 May in Monrovia
     owners: list[str | None] = ["alice", None]
     usage = {"prompt_tokens": 8, "completion_tokens": 2, "total_tokens": 10}
-    with ConversationStore(db_url, prices=prices, clock=clock) as store:
+    with ConversationStore(db_url, prices=PRICES, clock=clock) as store:
         store.set_quota_timezone("Africa/Monrovia")
         bounds = periods(clock.now, ZoneInfo("Africa/Monrovia"))
         assert bounds["day"][1] == dt.datetime(1971, 5, 31, 0, 44, 30, tzinfo=dt.timezone.utc)
-        store.set_quota(
-            default=True,
-            daily_tokens=10**9,
-            monthly_tokens=10**9,
-            daily_cost=Decimal(10**6),
-            monthly_cost=Decimal(10**7),
-        )
+        _set_every_default_limit(store)
         for _ in range(6):  # across the local midnight and, at the end, the month's end
             for owner in owners:
                 store.record_usage(owner=owner, conversation_id=None, model=MODEL, usage=usage)
