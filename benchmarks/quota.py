@@ -3,14 +3,19 @@ append, and `usage` over a large ledger.
 
     python benchmarks/quota.py [--rows 1000000] [--postgres URL] [--owner-rows-only]
 
-Prints a table of medians. The turn is the store side of one turn: the lease with the user
-message (whose statement also says whether a limit applies), the reply with its usage (the
-ledger row); "not checked" leaves the quota out; "with quota" adds the reservation in the
-turn's transaction (one statement reading limits, zone, usage and holds, one inserting the
-hold) and settles it in the reply's transaction. "owner with N ledger rows this month" is
-that limited turn for an owner who already has ``--rows`` ledger rows this month (the cost a
-check that sums the month pays grows with them; one that reads the rollup does not);
-``--owner-rows-only`` measures just that. See benchmarks/README.md.
+Prints a table of medians. "turn (store side)" is the store's part of one turn: the lease
+with the user message (whose statement also says whether a limit applies and returns the
+conversation's running token total), then the reply with its usage (the ledger row); "not
+checked" asks no quota; "with quota" reserves in the turn's transaction (one statement
+reading limits, zone, usage and holds, one inserting the hold) and settles in the reply's.
+"sender's turn" is a Sender's turn without the HTTP request (``_prepare``, ``_plan``,
+``_store_reply``), CPU time, so anything a limit makes the sender do besides the store's
+part (once: planning a window before the turn) is counted. "owner with N ledger rows this
+month" is the limited turn for an owner who already has ``--rows`` ledger rows this month
+(a check that sums the month grows with them; one that reads the rollup does not);
+``--owner-rows-only`` measures just that. The script also runs against a checkout from
+before the reservation was sized in the turn (``PYTHONPATH=CHECKOUT``). See
+benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -37,24 +42,40 @@ def _median_ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1000
 
 
+# Since the reservation is sized in the turn's transaction (QuotaAsk.hold), every checked
+# turn passes an ask; before, a limited owner's turn passed a planned one (tokens,
+# last_seq) and an unlimited one none (check=True). The script measures both checkouts.
+_SIZED_IN_TURN = "hold" in _usage.QuotaAsk.__dataclass_fields__
+
+
+def _turn_kwargs(i: int, *, quota: bool, check: bool) -> dict[str, Any]:
+    if _SIZED_IN_TURN:
+        return {
+            "quota": _usage.QuotaAsk(hold=lambda history: min(history, 100_000) + 1200, model=None)
+            if check
+            else None
+        }
+    if quota:
+        return {"quota": _usage.QuotaAsk(tokens=1200, model=None, last_seq=2 * i)}  # type: ignore[call-arg]
+    return {"quota": None, "check": check}
+
+
 def turn(store: ConversationStore, owner: str, *, quota: bool, check: bool = True, n: int = 400) -> float:
-    """The store side of a sender's turn: the turn's transaction (lease, user message and,
-    under a limit, the reservation: ``_take_turn``), then the reply with its ledger row,
-    settling the reservation and releasing the lease. Without a limit the lease statement
-    only says that none applies (``check=False``: not even that, as ``_begin_turn``). (The
-    window planning a limited owner's turn also does is timed separately: ``plan``.)"""
+    """The store side of a turn: the turn's transaction (lease, user message and, under a
+    limit, the reservation: ``_take_turn``), then the reply with its ledger row, settling
+    the reservation and releasing the lease. ``quota``: the owner is limited;
+    ``check=False``: the quota is not asked about at all (as ``_begin_turn``). (What a
+    sender does around this, any window planning included, is ``sender_turn``.)"""
     conv = store.create(owner=owner)
     times = []
     for i in range(n):
         start = time.perf_counter()
-        ask = _usage.QuotaAsk(tokens=1200, model=None, last_seq=2 * i) if quota else None
         lease, _, _, held = store._take_turn(
             conv.id,
             owner=owner,
             lease_seconds=60,
             messages=[{"role": "user", "content": f"question {i}"}],
-            quota=ask,
-            check=check,
+            **_turn_kwargs(i, quota=quota, check=check),
         )
         conv.append(
             "assistant", f"answer {i}", usage=USAGE, model="gpt-4o-mini", lease=lease, quota_reservation=held
@@ -63,13 +84,56 @@ def turn(store: ConversationStore, owner: str, *, quota: bool, check: bool = Tru
     return _median_ms(times[n // 10 :])
 
 
-def plan(store: ConversationStore, owner: str, n: int = 200) -> float:
-    """What a limited owner's turn adds before its transaction: planning the window the
-    reservation is for (one window read), on a conversation of 40 messages."""
-    conv = store.create(owner=owner, system="Be brief.")
+def _with_history(store: ConversationStore, owner: str) -> Any:
+    """A conversation with a system message and 40 messages of about 25 tokens."""
+    conv = store.create(owner=owner, system="Be brief.", model="gpt-4o-mini")
     for i in range(20):
         conv.append("user", f"question {i} " + "words " * 20)
         conv.append("assistant", f"answer {i} " + "words " * 20)
+    return conv
+
+
+def sender_turn(store: ConversationStore, owner: str, n: int = 150) -> float:
+    """A sender's turn without the HTTP request, CPU time: ``_prepare`` (the turn's
+    transaction, with whatever a limit makes the sender do before or in it), ``_plan``
+    (the window sent) and ``_store_reply`` (the reply, its ledger row, the settle), on a
+    conversation of 40 messages that grows by a turn each time. Any window planning a
+    limited owner's turn adds is in here; it is what the limit costs a real turn."""
+    from gilas_conv import _api
+    from gilas_conv.sender import Sender
+
+    sender = Sender(store, api_key="bench", base_url="http://127.0.0.1:9/v1")
+    conv = _with_history(store, owner)
+    times = []
+    for i in range(n):
+        start = time.process_time()
+        call = sender._call(
+            {"model": "gpt-4o-mini", "max_tokens": 200},
+            max_retries=None,
+            timeout=None,
+            context_limit=None,
+            policy=None,
+        )
+        prepared = sender._prepare(conv.id, f"question {i}", call, owner=owner)
+        planned = sender._plan(prepared, call, stream=False)
+        reply = _api.Reply(
+            content=f"answer {i}",
+            tool_calls=None,
+            finish_reason="stop",
+            response_id=f"{owner}-{i}",
+            model="gpt-4o-mini",
+            usage=USAGE,
+            extra=None,
+        )
+        sender._store_reply(planned, reply, status="complete")
+        times.append(time.process_time() - start)
+    return _median_ms(times[n // 10 :])
+
+
+def plan(store: ConversationStore, owner: str, n: int = 200) -> float:
+    """One window read and plan (what a limited owner's turn used to add before its
+    transaction), on a conversation of 40 messages."""
+    conv = _with_history(store, owner)
     times = []
     for _ in range(n):
         start = time.perf_counter()
@@ -175,9 +239,15 @@ def run(url: str, label: str, rows: int) -> list[tuple[str, str, str]]:
         out.append((label, "added by the check when no limit applies", f"{plain - unchecked_ms:.3f} ms"))
         out.append((label, "turn with quota reserve + settle", f"{limited:.3f} ms"))
         out.append((label, "added by the quota check (transaction side)", f"{limited - plain:.3f} ms"))
-        out.append(
-            (label, "planning the reserved window (limited owners)", f"{plan(store, 'limited'):.3f} ms")
-        )
+        out.append((label, "one window read and plan (for comparison)", f"{plan(store, 'limited'):.3f} ms"))
+        free, capped = [], []
+        for r in range(5):  # a sender's turn, CPU time, alternated
+            free.append(sender_turn(store, f"sender-free{r}"))
+            capped.append(sender_turn(store, "limited"))
+        free_ms, capped_ms = statistics.median(free), statistics.median(capped)
+        out.append((label, "sender's turn (no HTTP, CPU), no limit", f"{free_ms:.3f} ms"))
+        out.append((label, "sender's turn (no HTTP, CPU), a limit applies", f"{capped_ms:.3f} ms"))
+        out.append((label, "added to a sender's turn by a limit", f"{capped_ms - free_ms:.3f} ms"))
         if store.dialect == "sqlite":
             store.engine.dispose()
 

@@ -22,7 +22,7 @@ from stub_server import StubServer
 from gilas_conv import ConversationStore, QuotaExceeded
 from gilas_conv._prices import MICROS, parse_prices
 from gilas_conv.store._schema import UsageEventRow
-from gilas_conv.store._usage import RESERVATION_TTL, periods
+from gilas_conv.store._usage import RESERVATION_TTL, Reservation, periods
 
 MODEL = "gpt-4o-mini"
 API_KEY = "sk-quota-race"  # the stub server's
@@ -257,29 +257,36 @@ def test_the_turn_asks_whether_a_limit_applies_in_its_lease_statement(db_url: st
     counts from the next turn on, for the owner's own limit and for the default."""
     from sqlalchemy import event
 
-    from gilas_conv.store import QuotaNeeded
+    from gilas_conv.store import QuotaAsk
 
     with ConversationStore(db_url) as store, ConversationStore(db_url) as other:
         conv = store.create(model=MODEL, owner="alice")
         statements: list[str] = []
+        histories: list[int] = []
 
-        def record(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
-            statements.append(statement)
+        def hold(history: int) -> int:
+            histories.append(history)
+            return 7
 
-        def turn() -> None:
+        def turn() -> Reservation | None:
             token, _, _, held = store._take_turn(
                 conv.id,
                 owner="alice",
                 lease_seconds=60,
                 messages=[{"role": "user", "content": "hi"}],
-                quota=None,
+                quota=QuotaAsk(hold=hold, model=None),
             )
-            assert held is None
+            if held is not None:
+                store.release_quota(held)
             assert store._end_turn(conv.id, token)
+            return held
+
+        def record(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+            statements.append(statement)
 
         event.listen(store.engine, "before_cursor_execute", record)
         try:
-            turn()
+            assert turn() is None
         finally:
             event.remove(store.engine, "before_cursor_execute", record)
         assert not [
@@ -288,14 +295,19 @@ def test_the_turn_asks_whether_a_limit_applies_in_its_lease_statement(db_url: st
             if "quota_limits" in s and not s.lstrip().upper().startswith(("UPDATE", "WITH"))
         ]
         assert any("quota_limits" in s for s in statements)
+        assert histories == []  # asked only under a limit
 
         for owner, default in (("alice", False), (None, True)):
             other.set_quota(owner, default=default, daily_tokens=1000)
-            with pytest.raises(QuotaNeeded):
-                turn()
+            held = turn()
+            assert held is not None and held.tokens == 7
             other.remove_quota(owner, default=default)
-            turn()
-        assert [m.role for m in conv.messages()] == ["user", "user", "user"]
+            assert turn() is None
+        # What the turn holds is asked with the history up to and including the turn's
+        # message: the conversation's running token total.
+        tokens = [m.tokens or 0 for m in conv.messages()]
+        assert histories == [sum(tokens[:2]), sum(tokens[:4])] and histories[0] > 0
+        assert [m.role for m in conv.messages()] == ["user"] * 5
 
 
 def test_a_limit_committed_while_a_turn_waits_checks_the_next_turn(db_url: str) -> None:
@@ -305,20 +317,20 @@ def test_a_limit_committed_while_a_turn_waits_checks_the_next_turn(db_url: str) 
     (documented in _take_turn); every turn that starts after the commit is checked."""
     if not db_url.startswith("postgresql"):
         pytest.skip("SQLite's BEGIN IMMEDIATE serializes every writer")
-    from gilas_conv.store import QuotaNeeded
+    from gilas_conv.store import QuotaAsk
 
     raw = create_engine(db_url.replace("postgresql://", "postgresql+psycopg://", 1), poolclass=NullPool)
     with ConversationStore(db_url) as store, ConversationStore(db_url) as other:
         conv = store.create(model=MODEL, owner="alice")
         outcome: list[object] = []
 
-        def take_turn(conversation_id: str) -> object:
+        def take_turn(conversation_id: str) -> tuple[object, ...]:
             return store._take_turn(
                 conversation_id,
                 owner="alice",
                 lease_seconds=60,
                 messages=[{"role": "user", "content": "hi"}],
-                quota=None,
+                quota=QuotaAsk(hold=lambda history: 10, model=None),
             )
 
         def turn() -> None:
@@ -350,9 +362,9 @@ def test_a_limit_committed_while_a_turn_waits_checks_the_next_turn(db_url: str) 
         worker.join()
         assert len(outcome) == 1
         assert not isinstance(outcome[0], Exception), outcome[0]
+        assert isinstance(outcome[0], tuple) and outcome[0][3] is None  # unchecked: nothing held
         other_conv = store.create(model=MODEL, owner="alice")
-        with pytest.raises(QuotaNeeded):
-            take_turn(other_conv.id)
+        assert take_turn(other_conv.id)[3] is not None
     raw.dispose()
 
 
@@ -374,6 +386,20 @@ def _ledger_sums(
     return int(tokens), Decimal(int(micros)) / MICROS
 
 
+PRICES = parse_prices({"currency": "IRR", "models": {MODEL: {"input": 3, "output": 7}}})
+
+
+def _set_every_default_limit(store: ConversationStore) -> None:
+    """Default limits of every kind, too high to refuse anything."""
+    store.set_quota(
+        default=True,
+        daily_tokens=10**9,
+        monthly_tokens=10**9,
+        daily_cost=Decimal(10**6),
+        monthly_cost=Decimal(10**7),
+    )
+
+
 def _assert_quota_is_the_ledger(store: ConversationStore, clock: Clock, owners: list[str | None]) -> None:
     zone = ZoneInfo(store.quota_timezone())
     bounds = periods(clock.now, zone)
@@ -390,17 +416,10 @@ def test_the_quota_check_reads_a_rollup_that_never_drifts_from_the_ledger(db_url
     # prune, and time zones whose days start on the hour, the half hour and the quarter
     # hour, with the clock walking across UTC and local quarter hours, hours, days and a
     # month: every limit's `used` is what the ledger sums to for its period.
-    prices = parse_prices({"currency": "IRR", "models": {MODEL: {"input": 3, "output": 7}}})
     clock = Clock(dt.datetime(2026, 3, 30, 18, 5, 17, tzinfo=dt.timezone.utc))
     owners: list[str | None] = ["alice", "bob", None]
-    with ConversationStore(db_url, prices=prices, clock=clock) as store:
-        store.set_quota(
-            default=True,
-            daily_tokens=10**9,
-            monthly_tokens=10**9,
-            daily_cost=Decimal(10**6),
-            monthly_cost=Decimal(10**7),
-        )
+    with ConversationStore(db_url, prices=PRICES, clock=clock) as store:
+        _set_every_default_limit(store)
         store.set_quota("alice", daily_tokens=10**8)  # its own, the rest the default's
         convs = {owner: store.create(model=MODEL, owner=owner) for owner in owners}
         zones = ["Asia/Tehran", "Asia/Kathmandu", "UTC"]
@@ -447,3 +466,35 @@ def test_the_quota_check_reads_a_rollup_that_never_drifts_from_the_ledger(db_url
             and {owner: [s.used for s in store.quota(owner)] for owner in owners} == used
         )
         _assert_quota_is_the_ledger(store, clock, owners)
+
+
+def test_a_zone_whose_days_do_not_start_on_a_quarter_hour_is_summed_from_the_ledger(db_url: str) -> None:
+    # Liberia kept UTC-00:44:30 until 1972: its days start at 00:44:30 UTC, which no rollup
+    # bucket covers, so the check sums the ledger itself (owned and unowned), and still
+    # counts reservations and refuses what would pass a limit.
+    clock = Clock(dt.datetime(1971, 5, 31, 0, 20, tzinfo=dt.timezone.utc))  # 30 May in Monrovia
+    owners: list[str | None] = ["alice", None]
+    usage = {"prompt_tokens": 8, "completion_tokens": 2, "total_tokens": 10}
+    with ConversationStore(db_url, prices=PRICES, clock=clock) as store:
+        store.set_quota_timezone("Africa/Monrovia")
+        bounds = periods(clock.now, ZoneInfo("Africa/Monrovia"))
+        assert bounds["day"][1] == dt.datetime(1971, 5, 31, 0, 44, 30, tzinfo=dt.timezone.utc)
+        _set_every_default_limit(store)
+        for _ in range(6):  # across the local midnight and, at the end, the month's end
+            for owner in owners:
+                store.record_usage(owner=owner, conversation_id=None, model=MODEL, usage=usage)
+            _assert_quota_is_the_ledger(store, clock, owners)
+            clock.now += dt.timedelta(minutes=9)
+        clock.now = dt.datetime(1971, 6, 1, 0, 50, tzinfo=dt.timezone.utc)  # 1 June, 00:05:30 local
+        store.record_usage(owner="alice", conversation_id=None, model=MODEL, usage=usage)
+        _assert_quota_is_the_ledger(store, clock, owners)
+        store.set_quota("alice", daily_tokens=35)  # 10 used today
+        held = store.reserve_quota("alice", tokens=20)
+        assert held is not None
+        with pytest.raises(QuotaExceeded) as info:
+            store.reserve_quota("alice", tokens=6)  # 10 + 20 + 6 > 35
+        assert info.value.used == 30 and info.value.resets_at == dt.datetime(
+            1971, 6, 2, 0, 44, 30, tzinfo=dt.timezone.utc
+        )
+        store.release_quota(held)
+        assert store.reserve_quota("alice", tokens=25) is not None

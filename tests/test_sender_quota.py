@@ -111,3 +111,50 @@ def test_the_reservation_is_the_window_sent_plus_max_tokens(make_driver: Any, sq
         assert message.predicted_prompt_tokens is not None
         assert held[-1] == message.predicted_prompt_tokens + max_tokens
     assert int(sqlite_store.quota("dora")[0].reserved) == 0
+
+
+def test_a_limited_turn_takes_its_reservation_in_its_one_transaction(
+    make_driver: Any, sqlite_store: Store
+) -> None:
+    # A sender's first turn for a limited owner reads no window before the turn and rolls
+    # no transaction back: whether a limit applies, and the history the reservation is for,
+    # come from the turn's own lease statement.
+    from sqlalchemy import event
+
+    api = FakeAPI(default=completion("ok", usage=_usage(30)))
+    driver: Driver = make_driver(sqlite_store, transport=api.transport())
+    sqlite_store.set_quota("erin", daily_tokens=100_000)
+    conv = sqlite_store.create(system="Be brief.", owner="erin")
+    conv.append("user", "question " + "words " * 20)
+    conv.append("assistant", "answer")
+    rollbacks: list[object] = []
+
+    def count(conn: object) -> None:
+        rollbacks.append(conn)
+
+    event.listen(sqlite_store.engine, "rollback", count)
+    try:
+        driver.send(conv.id, "one more", owner="erin", max_tokens=64)
+    finally:
+        event.remove(sqlite_store.engine, "rollback", count)
+    assert rollbacks == []
+    assert _state(sqlite_store, "erin") == (30, 0)
+
+
+def test_a_limited_owner_may_drop_a_large_last_turn(make_driver: Any, sqlite_store: Store) -> None:
+    # The window of a turn drops the oldest turns that do not fit, the last stored one
+    # included, whether or not a limit applies (planning the reservation over the stored
+    # history alone once refused this with ContextWindowExceeded under a limit only).
+    api = FakeAPI(default=completion("ok", usage=_usage(30)))
+    driver: Driver = make_driver(sqlite_store, transport=api.transport())
+    sqlite_store.set_quota("fay", daily_tokens=100_000)
+    sent = []
+    for owner in ("gus", "fay"):  # without a limit, then with one
+        conv = sqlite_store.create(system="Be brief.", owner=owner)
+        conv.append("user", "x " * 200)
+        conv.append("assistant", "y " * 200)
+        message = driver.send(conv.id, "z " * 250, owner=owner, context_limit=700, max_tokens=100)
+        sent.append(json.loads(api.requests[-1].content)["messages"])
+        assert message.predicted_prompt_tokens is not None
+    assert sent[0] == sent[1] and len(sent[1]) == 2  # the system message and the new one
+    assert _state(sqlite_store, "fay") == (30, 0)

@@ -8,21 +8,17 @@ stream -- is in :mod:`._async` (written by hand) and :mod:`._sync` (generated fr
 
 The order of a turn under a quota (``_prepare``, ``_take_turn``, ``_plan``):
 
-1. The store's ``_take_turn`` is asked without a reservation. In its one write transaction
-   it takes the lease, checks whether a limit applies to the owner (one indexed read) and
-   appends the new messages. An owner without a limit is done: that read is all it pays.
-2. If a limit applies, the transaction is rolled back (``QuotaNeeded``: nothing written).
-   The window is then planned over the stored history with the new messages' tokens kept
-   free (``_quota_ask``), and ``_take_turn`` is asked again with that reservation and the
-   last message the plan saw: in one transaction it takes the lease, checks the history is
-   still the one planned over (``HistoryMoved`` otherwise, nothing written: plan again),
-   takes the reservation atomically (``QuotaExceeded``: nothing written, no lease taken,
-   nothing sent) and appends the new messages. The sender remembers the owner is limited,
-   so its next turn plans first and needs one transaction.
-3. ``_plan`` builds the request from the same history under the lease, so the window sent
-   is the window reserved for; if it is larger (the history changed without a lease, or a
-   summary was stored) the reservation grows to it, checked like a new request.
-4. The reply is stored, its usage charged and the reservation settled, and the lease
+1. The store's ``_take_turn`` takes the lease and appends the new messages in one write
+   transaction; its lease statement also says whether a limit applies to the owner (an
+   index probe) and returns the conversation's running token total. An owner without a
+   limit is done: that probe is all it pays. Under a limit the same transaction reserves
+   the prompt the window can cost at most (that total, capped by the context budget: see
+   ``_quota_ask``) plus the reply's room, atomically (``QuotaExceeded``: nothing written,
+   no lease taken, nothing sent). No window is read for it.
+2. ``_plan`` builds the request from the history under the lease; if its window costs more
+   than was reserved (tokens recounted under another encoding, a summary's tokens beyond
+   the budget) the reservation grows to it, checked like a new request.
+3. The reply is stored, its usage charged and the reservation settled, and the lease
    released, in one transaction; a failed request releases the lease and the reservation.
 """
 
@@ -50,20 +46,25 @@ from ..exceptions import (
     APIResponseValidationError,
     APIStatusError,
     APITimeoutError,
-    ConversationBusy,
     StoreError,
 )
 from ..store import (
     DEFAULT_QUOTA_RESERVATION,
     Conversation,
     ConversationStore,
-    HistoryMoved,
     Message,
     QuotaAsk,
-    QuotaNeeded,
     Reservation,
 )
-from ..truncation import SUMMARY_MAX_TOKENS, Context, Policy, SummaryRequest, plan_context, save_summary
+from ..truncation import (
+    SUMMARY_MAX_TOKENS,
+    Context,
+    Policy,
+    SummaryRequest,
+    _resolve_budget,
+    plan_context,
+    save_summary,
+)
 
 # The public module's name: log lines read as coming from gilas_conv.sender.
 logger = logging.getLogger("gilas_conv.sender")
@@ -111,15 +112,6 @@ def _answer(messages: Sequence[Mapping[str, Any]]) -> _Answer:
 ConversationRef = str | Conversation
 #: Called with each decision to retry, before the wait (see :class:`gilas_conv.sender.Sender`).
 RetryCallback = Callable[[RetryDecision], object]
-
-# A turn under a quota plans its window, then checks in its transaction that the history is
-# still the one planned over; a conversation appended to this often in between is busy.
-_PLAN_ATTEMPTS = 5
-_UNOWNED: Any = object()
-
-
-def _owner_key(owner: str | None) -> Any:
-    return _UNOWNED if owner is None else owner
 
 
 @dataclass(frozen=True, slots=True)
@@ -547,10 +539,6 @@ class _SenderBase:
         # Scrubbed from every message, body and log (a server may echo the key). The base URL
         # carries no credentials: resolve_base_url refuses them.
         self._secrets = (self._api_key,)
-        # Owners a limit applied to at their last turn: their next turn plans its
-        # reservation first instead of learning it from a refused transaction. A hint only:
-        # the turn's transaction decides (set.add/discard are atomic under the GIL).
-        self._limited: set[Any] = set()
         self._user_agent = _user_agent()
 
     def _limits(self) -> httpx.Limits:
@@ -634,30 +622,17 @@ class _SenderBase:
     def _take_turn(
         self, conv: Conversation, new: list[dict[str, Any]], call: _Call
     ) -> tuple[str, Reservation | None, list[Message]]:
-        """The store's ``_take_turn``, asked first without a reservation for an owner not
-        known to be limited (an owner without a limit pays one indexed read in the turn's
-        transaction), and with one planned over the history as it is when a limit applies
-        (again if the history moved between the plan and the transaction)."""
-        key = _owner_key(conv.owner)
-        ask = self._quota_ask(conv, new, call) if key in self._limited else None
-        for _attempt in range(_PLAN_ATTEMPTS):
-            try:
-                lease, _, added, held = self._store._take_turn(
-                    conv.id,
-                    owner=conv.owner,
-                    lease_seconds=self._lease_seconds,
-                    messages=new,
-                    quota=ask,
-                    model=conv.model,
-                )
-            except (QuotaNeeded, HistoryMoved):
-                self._limited.add(key)
-                ask = self._quota_ask(conv, new, call)
-                continue
-            if ask is not None and held is None:
-                self._limited.discard(key)  # the limit was removed meanwhile
-            return lease, held, added
-        raise ConversationBusy(conv.id)
+        """The store's ``_take_turn``, with what to hold should a limit apply to the owner
+        (the store finds out in the turn's own transaction; see the module docstring)."""
+        lease, _, added, held = self._store._take_turn(
+            conv.id,
+            owner=conv.owner,
+            lease_seconds=self._lease_seconds,
+            messages=new,
+            quota=self._quota_ask(conv, call),
+            model=conv.model,
+        )
+        return lease, held, added
 
     def _reply_room(self, call: _Call) -> int:
         """What a reservation holds beyond the prompt: the reply's max_tokens (or the
@@ -668,34 +643,33 @@ class _SenderBase:
             room += SUMMARY_MAX_TOKENS
         return int(room)
 
-    def _quota_ask(self, conv: Conversation, new: list[dict[str, Any]], call: _Call) -> QuotaAsk:
-        """What to reserve: the prompt tokens of the window about to be sent plus
-        ``_reply_room``. The new messages are not stored yet, so the window is planned over
-        the stored history (as it is now: ``last_seq`` lets the turn's transaction check it
-        has not changed) with the new messages' tokens kept free, plus those messages."""
-        fresh = self._store.get(conv.id, owner=conv.owner)
+    def _quota_ask(self, conv: Conversation, call: _Call) -> QuotaAsk:
+        """What to reserve should a limit apply: the prompt tokens of the window about to be
+        sent plus ``_reply_room``. No window is read for it: the window ``_plan`` will
+        choose is the stored history (the turn's new messages included), or as much of it
+        as the context budget holds (a summary included), so its prompt is at most
+        ``min(history, available)`` plus the tools and the reply's priming, ``history``
+        being the conversation's running token total, which the turn's lease statement
+        returns. Exact when the whole history is sent (the usual case); larger by less
+        than one dropped turn when the oldest turns are dropped (or by the tokens of
+        messages not sent: incomplete ones, unanswered tool calls). A window larger than
+        that (tokens recounted under another model's encoding) grows the reservation in
+        ``_plan``."""
         params = call.params
-        model = params.get("model") or fresh.model
-        new_tokens = 0
-        try:
-            encoding = _tokens.get_model_info(model).encoding
-            new_tokens = sum(_tokens.message_tokens(message, encoding) for message in new)
-        except (TypeError, ValueError, KeyError):
-            new_tokens = 0  # bad content: the turn's validation refuses it, nothing is held
-        prompt = new_tokens
-        if fresh.message_count:
-            reply_tokens = params.get("max_completion_tokens") or params.get("max_tokens") or 0
-            plan = plan_context(
-                fresh,
-                model=params.get("model"),
+        model = params.get("model") or conv.model
+        room = self._reply_room(call)
+
+        def hold(history: int) -> int:
+            budget = _resolve_budget(
+                model,
                 context_limit=call.context_limit,
-                max_tokens=(reply_tokens + new_tokens) or None,
+                max_tokens=params.get("max_completion_tokens") or params.get("max_tokens"),
                 tools=params.get("tools"),
-                policy="truncate",
             )
-            assert isinstance(plan, Context)
-            prompt += plan.prompt_tokens
-        return QuotaAsk(tokens=prompt + self._reply_room(call), model=model, last_seq=fresh.message_count)
+            window = min(history, max(budget.available, 0))
+            return window + budget.tools_cost + _tokens.REPLY_PRIMING_TOKENS + room
+
+        return QuotaAsk(hold=hold, model=model)
 
     def _abandon(self, turn: _Turn) -> None:
         """End a turn that stores no reply (the request failed, nothing arrived): release
@@ -755,9 +729,9 @@ class _SenderBase:
             return plan
         held = turn.reservation
         if held is not None:
-            # The window is the one reserved for unless the history changed under the lease
-            # (an append outside any turn, a summary): then the hold grows to it, checked
-            # like a new request (QuotaExceeded: the caller abandons the turn).
+            # The hold covers the window unless the history grew under the lease (an append
+            # outside any turn) or was recounted under another encoding: then it grows to
+            # it, checked like a new request (QuotaExceeded: the caller abandons the turn).
             needed = plan.prompt_tokens + self._reply_room(call)
             held = self._store._grow_reservation(held, tokens=needed, model=plan.model)
         body = _api.build_request_body(model=plan.model, messages=plan.messages, params=params, stream=stream)

@@ -27,10 +27,8 @@ from ._store import Conversation, ConversationStore, Deletion, Role
 # The quota side of the turn protocol (``ConversationStore._take_turn``), for the senders;
 # not part of the public API, so not in __all__.
 from ._usage import DEFAULT_QUOTA_RESERVATION as DEFAULT_QUOTA_RESERVATION
-from ._usage import HistoryMoved as HistoryMoved
 from ._usage import QuotaAsk as QuotaAsk
 from ._usage import QuotaLimits, QuotaStatus, Reservation, UsageRow
-from ._usage import QuotaNeeded as QuotaNeeded
 from ._validate import _validate_message as validate_message
 from ._values import Message, Summary, openai_message
 from ._window import WindowReader, WindowRow

@@ -1616,7 +1616,6 @@ class ConversationStore:
             lease_seconds=lease_seconds,
             messages=messages,
             quota=None,
-            check=False,
             model=model,
         )
         return token, conv, added
@@ -1629,24 +1628,25 @@ class ConversationStore:
         lease_seconds: float,
         messages: Sequence[Mapping[str, Any]],
         quota: _usage.QuotaAsk | None,
-        check: bool = True,
         model: str | None = None,
     ) -> tuple[str, Conversation, builtins.list[Message], _usage.Reservation | None]:
         """:meth:`_begin_turn` with the owner's quota, all in its one write transaction.
 
-        With ``check`` and no ``quota``: if a limit applies to ``owner``, ``QuotaNeeded``
-        is raised and nothing is written (the sender then plans the window and asks
-        again). The lease statement itself says whether a limit applies (an index probe of
-        ``quota_limits`` in its RETURNING clause), so an owner without limits costs the turn
-        no statement of its own; the answer is read in the turn's transaction, never
-        cached, so a limit set by another process counts for every turn whose lease
-        statement starts after its commit. (On Postgres a lease statement that was already
-        waiting for the conversation's row lock when the limit was committed still reads
-        the snapshot it started with: that one turn goes unchecked, as if it had begun
-        first; a test pins that the next turn is checked.) With ``quota``: if the
-        conversation's last message is no longer ``quota.last_seq``, ``HistoryMoved``
-        (nothing written); else ``quota.tokens`` are reserved (QuotaExceeded: nothing
-        written, no lease taken) and the reservation is returned with the turn.
+        With ``quota`` (None: no check, as :meth:`_begin_turn`): if a limit applies to
+        ``owner``, ``quota.hold(history)`` tokens are reserved, ``history`` being the
+        conversation's token total with the turn's new messages (its running
+        ``tokens_total``, read from the lease statement), and the reservation is returned
+        with the turn (QuotaExceeded: nothing written, no lease taken). The lease statement
+        itself says whether a limit applies (an index probe of ``quota_limits`` in its
+        RETURNING clause), so an owner without limits costs the turn no statement of its
+        own, and a limited one no statement before the reservation's: the amount comes
+        from the row the lease statement returns, not from a window read. The answer is
+        read in the turn's transaction, never cached, so a limit set by another process
+        counts for every turn whose lease statement starts after its commit. (On Postgres
+        a lease statement that was already waiting for the conversation's row lock when
+        the limit was committed still reads the snapshot it started with: that one turn
+        goes unchecked, as if it had begun first; a test pins that the next turn is
+        checked.)
         """
         if not _could_exist(conversation_id, owner):
             raise ConversationNotFound(conversation_id)
@@ -1700,12 +1700,8 @@ class ConversationStore:
                     raise ConversationNotFound(conversation_id)
                 raise ConversationBusy(conversation_id, expires_at=holder.lease_expires_at)
             held = None
-            if quota is not None:
-                if row.last_seq - len(rows) != quota.last_seq:
-                    raise _usage.HistoryMoved(conversation_id)
-                held = self._reserve_in(conn, owner, quota.tokens, quota.model, now)
-            elif check and row.quota_applies:
-                raise _usage.QuotaNeeded(conversation_id)
+            if quota is not None and row.quota_applies:
+                held = self._reserve_in(conn, owner, quota.hold(row.tokens_total), quota.model, now)
             first = row.last_seq - len(rows) + 1
             added = [
                 Message(conversation_id=conversation_id, seq=first + i, created_at=now, **columns)

@@ -18,7 +18,8 @@ Quotas
     the rollup below) plus the reservations still held; a request is refused when
     ``used + its reservation`` would pass a limit, so requests in flight together can never
     pass it by more than the difference between one reservation and that request's real
-    usage. The reservation is
+    usage. A sender's turn takes its reservation in the turn's own transaction, sized from
+    the conversation's running token total (see :class:`QuotaAsk`). The reservation is
     deleted in the transaction that writes the reply's ledger row (settled), deleted when
     the request fails (released), and stops counting after :data:`RESERVATION_TTL`
     (a process that died holding it).
@@ -41,7 +42,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, cast
@@ -50,7 +51,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from sqlalchemy import (
     Table,
     bindparam,
-    case,
+    column,
     delete,
     exists,
     func,
@@ -59,7 +60,6 @@ from sqlalchemy import (
     literal_column,
     select,
     text,
-    union_all,
     update,
 )
 
@@ -223,25 +223,34 @@ def record_events(conn: Any, events: Sequence[Mapping[str, Any]]) -> None:
     if len(events) == 1:
         (event,) = events
         conn.execute(INSERT_EVENT, event)
-        minute = _minute(event["created_at"])
-        increments = {
-            "o": event["owner"] if event["owner"] is not None else UNOWNED_KEY,
-            "t": event["total_tokens"],
-            "c": event["cost_micros"] or 0,
-            **{f"s{span}": minute - minute % span for span in ROLLUP_SPANS},
-        }
-        # Last in the transaction: on Postgres the upsert locks the owner's bucket rows
-        # until commit, so one owner's concurrent replies queue on them only for the commit.
-        conn.execute(_UPSERT_EVENT, increments)
+        _add_to_rollup(conn, event)
     else:
         conn.execute(INSERT_EVENT, list(events))
         conn.execute(_UPSERT_BUCKET, rollup_rows(events))
 
 
+def _add_to_rollup(conn: Any, event: Mapping[str, Any]) -> None:
+    minute = _minute(event["created_at"])
+    increments = {
+        "o": event["owner"] if event["owner"] is not None else UNOWNED_KEY,
+        "t": event["total_tokens"],
+        "c": event["cost_micros"] or 0,
+        **{f"s{span}": minute - minute % span for span in ROLLUP_SPANS},
+    }
+    # Last in the transaction: on Postgres the upsert locks the owner's bucket rows
+    # until commit, so one owner's concurrent replies queue on them only for the commit.
+    conn.execute(_UPSERT_EVENT, increments)
+
+
 def settle(conn: Any, event: Mapping[str, Any] | None, reservation: Reservation | None) -> None:
     """Write a ledger row (and its rollup increments) and delete the reservation it settles,
     in the caller's transaction. A reservation already expired and swept is simply gone:
-    nothing is charged twice."""
+    nothing is charged twice. (On Postgres the statement inserting the ledger row deletes
+    the reservation too: one round trip fewer.)"""
+    if event is not None and reservation is not None and conn.dialect.name == "postgresql":
+        conn.execute(_SETTLE_EVENT, {**event, "r_id": reservation.id})
+        _add_to_rollup(conn, event)
+        return
     if reservation is not None:
         conn.execute(_DELETE_RESERVATION, {"r_id": reservation.id})
     if event is not None:
@@ -458,23 +467,16 @@ class Reservation:
 
 @dataclass(frozen=True, slots=True)
 class QuotaAsk:
-    """What a turn asks to hold (see ``ConversationStore._take_turn``): ``tokens`` of the
-    owner's quota, priced at ``model``, for a window planned over a history whose newest
-    message was ``last_seq``."""
+    """What a turn holds of its owner's quota when a limit applies (see
+    ``ConversationStore._take_turn``): ``hold(history)`` tokens, priced at ``model``.
+    ``history`` is the conversation's token total with the turn's new messages, as the
+    turn's lease statement returns it; ``hold`` is called only when a limit applies, in
+    the turn's write transaction, so it is pure arithmetic (the senders': the window
+    about to be sent is at most that history, capped by the context budget, plus the
+    reply's room)."""
 
-    tokens: int
+    hold: Callable[[int], int]
     model: str | None
-    last_seq: int
-
-
-class QuotaNeeded(Exception):
-    """A turn that asked for no reservation found a limit in force (nothing written): plan
-    the window and ask again."""
-
-
-class HistoryMoved(Exception):
-    """A turn's window was planned over a history that has changed since (nothing
-    written): plan again."""
 
 
 def zone_named(name: str) -> ZoneInfo:
@@ -619,44 +621,19 @@ def _checks(own: Any, default: Any) -> list[tuple[str, str, int, bool]]:
     replace the default's one by one (an owner with only a daily limit keeps the default's
     monthly one)."""
     found = []
-    for period, unit, column in (
+    for period, unit, field in (
         ("day", "tokens", "daily_tokens"),
         ("month", "tokens", "monthly_tokens"),
         ("day", "cost", "daily_cost_micros"),
         ("month", "cost", "monthly_cost_micros"),
     ):
-        mine = getattr(own, column) if own is not None else None
-        theirs = getattr(default, column) if default is not None else None
+        mine = getattr(own, field) if own is not None else None
+        theirs = getattr(default, field) if default is not None else None
         if mine is not None:
             found.append((period, unit, mine, False))
         elif theirs is not None:
             found.append((period, unit, theirs, True))
     return found
-
-
-def _spent_in_ledger(*, owned: bool) -> Any:
-    """What the owner (``:u_owner``, or none) used from ``:u_month`` to ``:u_month_end``,
-    and from ``:u_day`` to ``:u_day_end``, summed from the ledger: for period bounds not on
-    a quarter hour, which the rollup cannot cover (see the module docstring)."""
-    c = _events.c
-    in_day = (c.created_at >= bindparam("u_day", type_=c.created_at.type)) & (
-        c.created_at < bindparam("u_day_end", type_=c.created_at.type)
-    )
-    owner_e = c.owner == bindparam("u_owner") if owned else c.owner.is_(None)
-    return (
-        select(
-            func.coalesce(func.sum(case((in_day, c.total_tokens), else_=0)), 0).label("day_tokens"),
-            func.coalesce(func.sum(c.total_tokens), 0).label("month_tokens"),
-            func.coalesce(func.sum(case((in_day, c.cost_micros), else_=0)), 0).label("day_cost"),
-            func.coalesce(func.sum(c.cost_micros), 0).label("month_cost"),
-        )
-        .where(
-            owner_e,
-            c.created_at >= bindparam("u_month", type_=c.created_at.type),
-            c.created_at < bindparam("u_month_end", type_=c.created_at.type),
-        )
-        .subquery()
-    )
 
 
 # The rollup ranges a period's cover may use, per bucket span: one range of whole days,
@@ -691,36 +668,48 @@ def _cover_params(period: str, start: dt.datetime, end: dt.datetime) -> dict[str
     return params
 
 
-def _spent_in_rollup() -> Any:
-    """What the owner (``:u_key``: its name, or '' for none) used in the month and in the
-    day, from the rollup buckets that cover each period (:func:`_cover_params`): one row,
-    at most 2 * (1 + 2 + 2) index range reads."""
-    r = _rollup.c
-    parts = []
-    for period in ("day", "month"):
-        for span, slots in _SLOTS:
-            for i in range(slots):
-                parts.append(
-                    select(
-                        literal_column("1" if period == "day" else "0").label("in_day"),
-                        r.total_tokens,
-                        r.cost_micros,
-                    ).where(
-                        r.owner == bindparam("u_key"),
-                        r.span_minutes == span,
-                        r.start_minute >= bindparam(f"{period}_{span}_{i}_lo"),
-                        r.start_minute < bindparam(f"{period}_{span}_{i}_hi"),
-                    )
-                )
-    found = union_all(*parts).subquery()
-    in_day = found.c.in_day == 1
-    in_month = found.c.in_day == 0
-    return select(
-        func.coalesce(func.sum(case((in_day, found.c.total_tokens), else_=0)), 0).label("day_tokens"),
-        func.coalesce(func.sum(case((in_month, found.c.total_tokens), else_=0)), 0).label("month_tokens"),
-        func.coalesce(func.sum(case((in_day, found.c.cost_micros), else_=0)), 0).label("day_cost"),
-        func.coalesce(func.sum(case((in_month, found.c.cost_micros), else_=0)), 0).label("month_cost"),
-    ).subquery()
+_SUMS = (
+    "coalesce(sum(CASE WHEN {day} THEN total_tokens ELSE 0 END), 0) AS day_tokens,"
+    " coalesce(sum({month_tokens}), 0) AS month_tokens,"
+    " coalesce(sum(CASE WHEN {day} THEN cost_micros ELSE 0 END), 0) AS day_cost,"
+    " coalesce(sum({month_cost}), 0) AS month_cost"
+)
+
+
+def _spent_in_rollup() -> str:
+    """What the owner (``:u_key``: its name, or '' for none) used in the day and in the
+    month, from the rollup buckets that cover each period (:func:`_cover_params`): one row,
+    at most 2 * (1 + 2 + 2) range reads of the primary key."""
+    parts = [
+        f"SELECT {int(period == 'day')} AS in_day, total_tokens, cost_micros FROM usage_rollup"
+        f" WHERE owner = :u_key AND span_minutes = {span}"
+        f" AND start_minute >= :{period}_{span}_{i}_lo AND start_minute < :{period}_{span}_{i}_hi"
+        for period in ("day", "month")
+        for span, slots in _SLOTS
+        for i in range(slots)
+    ]
+    sums = _SUMS.format(
+        day="in_day = 1",
+        month_tokens="CASE WHEN in_day = 0 THEN total_tokens ELSE 0 END",
+        month_cost="CASE WHEN in_day = 0 THEN cost_micros ELSE 0 END",
+    )
+    return f"SELECT {sums} FROM ({' UNION ALL '.join(parts)}) AS found"
+
+
+def _spent_in_ledger(*, owned: bool) -> str:
+    """What the owner (``:u_owner``, or none) used from ``:u_month`` to ``:u_month_end``,
+    and from ``:u_day`` to ``:u_day_end``, summed from the ledger: for period bounds not on
+    a quarter hour, which the rollup cannot cover (see the module docstring)."""
+    sums = _SUMS.format(
+        day="created_at >= :u_day AND created_at < :u_day_end",
+        month_tokens="total_tokens",
+        month_cost="cost_micros",
+    )
+    owner = "owner = :u_owner" if owned else "owner IS NULL"
+    return (
+        f"SELECT {sums} FROM usage_events"
+        f" WHERE {owner} AND created_at >= :u_month AND created_at < :u_month_end"
+    )
 
 
 def _reserve_read_statement(*, owned: bool, rollup: bool) -> Any:
@@ -731,44 +720,43 @@ def _reserve_read_statement(*, owned: bool, rollup: bool) -> Any:
     both, letting a racing request pass the limit. Also the owner's own limits and the
     default's (NULLs where there is no row), the store's time zone (the periods' bounds are
     computed with the zone the caller expects; it checks the one returned), and how many
-    of the owner's reservations have expired (swept only when some have)."""
-    r = _reservations.c
-    owner_r = r.owner == bindparam("u_owner") if owned else r.owner.is_(None)
+    of the owner's reservations have expired (swept only when some have).
+
+    A ``text()`` statement (the same on SQLite and Postgres): SQLAlchemy computes a cache
+    key for every execution of a constructed statement, and for this one (ten unions) that
+    cost more than running it."""
     spent = _spent_in_rollup() if rollup else _spent_in_ledger(owned=owned)
-    live = r.expires_at > bindparam("u_now", type_=r.expires_at.type)
     held = (
-        select(
-            func.coalesce(func.sum(case((live, r.tokens), else_=0)), 0).label("tokens"),
-            func.coalesce(func.sum(case((live, r.cost_micros), else_=0)), 0).label("cost"),
-            func.coalesce(func.sum(case((live, 0), else_=1)), 0).label("expired"),
-        )
-        .where(owner_r)
-        .subquery()
+        "SELECT coalesce(sum(CASE WHEN live = 1 THEN tokens ELSE 0 END), 0) AS tokens,"
+        " coalesce(sum(CASE WHEN live = 1 THEN cost_micros ELSE 0 END), 0) AS cost,"
+        " coalesce(sum(1 - live), 0) AS expired FROM (SELECT tokens, cost_micros,"
+        " CASE WHEN expires_at > :u_now THEN 1 ELSE 0 END AS live FROM quota_reservations"
+        f" WHERE {'owner = :u_owner' if owned else 'owner IS NULL'}) AS holds"
     )
-    own = _limits.alias("own")
-    default = _limits.alias("dflt")
-    joined = spent.join(held, literal_column("1") == literal_column("1")).outerjoin(
-        default, default.c.owner == literal(DEFAULT_OWNER_KEY)
+    # An owner of None has no row of its own: the default's limits only.
+    own = (
+        ", ".join(f"own.{name} AS own_{name}" for name in _LIMIT_COLUMNS)
+        if owned
+        else ", ".join(f"NULL AS own_{name}" for name in _LIMIT_COLUMNS)
     )
-    mine: list[Any]
-    if owned:
-        joined = joined.outerjoin(own, own.c.owner == bindparam("u_owner"))
-        mine = [own.c[name] for name in _LIMIT_COLUMNS]
-    else:  # an owner of None has no row of its own: the default's limits only
-        mine = [literal(None).label(f"own_{name}") for name in _LIMIT_COLUMNS]
-    zone = select(_settings.c.value).where(_settings.c.name == TIMEZONE_SETTING).scalar_subquery()
-    return select(
-        spent.c.day_tokens,
-        spent.c.month_tokens,
-        spent.c.day_cost,
-        spent.c.month_cost,
-        held.c.tokens,
-        held.c.cost,
-        held.c.expired,
-        zone.label("zone"),
-        *mine,
-        *(default.c[name] for name in _LIMIT_COLUMNS),
-    ).select_from(joined)
+    default = ", ".join(f"dflt.{name} AS dflt_{name}" for name in _LIMIT_COLUMNS)
+    sql = (
+        "SELECT spent.day_tokens, spent.month_tokens, spent.day_cost, spent.month_cost,"
+        " held.tokens, held.cost, held.expired,"
+        f" (SELECT value FROM settings WHERE name = '{TIMEZONE_SETTING}') AS zone, {own}, {default}"
+        f" FROM ({spent}) AS spent CROSS JOIN ({held}) AS held"
+        f" LEFT OUTER JOIN quota_limits AS dflt ON dflt.owner = '{DEFAULT_OWNER_KEY}'"
+        + (" LEFT OUTER JOIN quota_limits AS own ON own.owner = :u_owner" if owned else "")
+    )
+    instants = ["u_now"] + ([] if rollup else ["u_day", "u_day_end", "u_month", "u_month_end"])
+    # Typed result columns: the result's metadata is then built once, with the statement.
+    names = ["day_tokens", "month_tokens", "day_cost", "month_cost", "tokens", "cost", "expired", "zone"]
+    names += [f"{side}_{name}" for side in ("own", "dflt") for name in _LIMIT_COLUMNS]
+    return (
+        text(sql)
+        .bindparams(*(bindparam(name, type_=_events.c.created_at.type) for name in instants))
+        .columns(*(column(name) for name in names))
+    )
 
 
 _LIMIT_COLUMNS = ("daily_tokens", "monthly_tokens", "daily_cost_micros", "monthly_cost_micros")
@@ -783,15 +771,30 @@ _QUARTER_HOUR = dt.timedelta(minutes=15)
 _expected_zone = DEFAULT_QUOTA_TIMEZONE
 
 
-def _used(
-    conn: Any, owner: str | None, now: dt.datetime, bounds: Mapping[str, tuple[dt.datetime, dt.datetime]]
-) -> Any:
-    """The row of :func:`_reserve_read_statement` for these period bounds: from the rollup
-    when they are on quarter hours (always, for the zones in use), else from the ledger."""
-    params: dict[str, Any] = {"u_owner": owner, "u_now": now}
+@dataclass(frozen=True, slots=True)
+class _Periods:
+    """The day and month of an instant in a zone, with the bound parameters of
+    :func:`_reserve_read_statement` for them (the rollup's cover, or the ledger's bounds)."""
+
+    zone: ZoneInfo
+    bounds: dict[str, tuple[dt.datetime, dt.datetime]]
+    rollup: bool
+    params: dict[str, Any]
+
+
+# The periods the last check used, per zone: a turn's check reuses them while its instant
+# is in the same day (computing them and the rollup's cover costs more than the SQL).
+_LAST_PERIODS: dict[ZoneInfo, _Periods] = {}
+
+
+def _periods_at(now: dt.datetime, zone: ZoneInfo) -> _Periods:
+    found = _LAST_PERIODS.get(zone)
+    if found is not None and found.bounds["day"][0] <= now < found.bounds["day"][1]:
+        return found
+    bounds = periods(now, zone)
     rollup = all((b - _EPOCH) % _QUARTER_HOUR == _ZERO for b in (*bounds["day"], *bounds["month"]))
+    params: dict[str, Any] = {}
     if rollup:
-        params["u_key"] = owner if owner is not None else UNOWNED_KEY
         params.update(_cover_params("day", *bounds["day"]))
         params.update(_cover_params("month", *bounds["month"]))
     else:
@@ -801,7 +804,18 @@ def _used(
             u_month=bounds["month"][0],
             u_month_end=bounds["month"][1],
         )
-    return conn.execute(_RESERVE_READ[(owner is not None, rollup)], params).one()
+    found = _LAST_PERIODS[zone] = _Periods(zone, bounds, rollup, params)
+    return found
+
+
+def _used(conn: Any, owner: str | None, now: dt.datetime, found: _Periods) -> Any:
+    """The row of :func:`_reserve_read_statement` for the periods ``found``: from the rollup
+    when their bounds are on quarter hours (always, for the zones in use), else from the
+    ledger."""
+    params: dict[str, Any] = {**found.params, "u_owner": owner, "u_now": now}
+    if found.rollup:
+        params["u_key"] = owner if owner is not None else UNOWNED_KEY
+    return conn.execute(_RESERVE_READ[(owner is not None, found.rollup)], params).one()
 
 
 _ZERO = dt.timedelta(0)
@@ -824,8 +838,9 @@ def status(conn: Any, owner: str | None, now: dt.datetime, zone: ZoneInfo) -> li
     checks = _checks(own, default)
     if not checks:
         return []
-    bounds = periods(now, zone)
-    used = _amounts(_used(conn, owner, now, bounds))
+    found = _periods_at(now, zone)
+    bounds = found.bounds
+    used = _amounts(_used(conn, owner, now, found))
     result = []
     for period, unit, limit, inherited in checks:
         scale = (lambda v: Decimal(v) / MICROS) if unit == "cost" else (lambda v: v)
@@ -864,8 +879,8 @@ def reserve(
     global _expected_zone
     lock_owner(conn, dialect, owner)
     zone_name = _expected_zone
-    bounds = periods(now, _zone_of(zone_name))
-    row = _used(conn, owner, now, bounds)
+    found = _periods_at(now, _zone_of(zone_name))
+    row = _used(conn, owner, now, found)
     n = len(_LIMIT_COLUMNS)
     own = dict(zip(_LIMIT_COLUMNS, row[8 : 8 + n], strict=True))
     default = dict(zip(_LIMIT_COLUMNS, row[8 + n : 8 + 2 * n], strict=True))
@@ -877,8 +892,8 @@ def reserve(
         conn.execute(_SWEEP_UNOWNED if owner is None else _SWEEP_OWNED, {"s_owner": owner, "s_now": now})
     if (row.zone or DEFAULT_QUOTA_TIMEZONE) != zone_name:
         zone_name = _expected_zone = row.zone or DEFAULT_QUOTA_TIMEZONE
-        bounds = periods(now, _zone_of(zone_name))
-        row = _used(conn, owner, now, bounds)
+        found = _periods_at(now, _zone_of(zone_name))
+        row = _used(conn, owner, now, found)
     used = _amounts(row)
     for period, unit, limit, _inherited in checks:
         asked = tokens if unit == "tokens" else (cost_micros or 0)
@@ -896,7 +911,7 @@ def reserve(
                 limit=shown[0],
                 used=shown[1],
                 requested=shown[2],
-                resets_at=bounds[period][1],
+                resets_at=found.bounds[period][1],
             )
     expires = now + RESERVATION_TTL
     new_id = conn.execute(
@@ -934,6 +949,9 @@ _SWEEP_UNOWNED = delete(_reservations).where(
 )
 _INSERT_RESERVATION = insert(_reservations).returning(_reservations.c.id)
 _DELETE_RESERVATION = delete(_reservations).where(_reservations.c.id == bindparam("r_id"))
+# Postgres: the ledger row inserted and the reservation it settles deleted by one statement
+# (a data-modifying WITH runs whether or not it is read).
+_SETTLE_EVENT = insert(_events).add_cte(_DELETE_RESERVATION.cte("settled"))
 
 
 def release(conn: Any, reservation: Reservation) -> None:
