@@ -1538,8 +1538,8 @@ class ConversationStore:
 
         On Postgres the message, its search row and its ledger row take one statement (a
         CTE: the bump, then the inserts), which needs no transaction of its own (see
-        ``_write_one``); on SQLite, in-process, four. The response-id check is made so that
-        a repeat appended concurrently is seen: on SQLite (whose write transaction holds the
+        ``_write(single=True)``); on SQLite, in-process, four. The response-id check is
+        made so that a repeat appended concurrently is seen: on SQLite (whose write transaction holds the
         database lock from its BEGIN) inside the bump; on Postgres inside the bump as well,
         which then also requires the conversation's row to be as the statement's snapshot
         has it (the subquery reads that snapshot, taken before the bump waited for the row
@@ -1606,8 +1606,10 @@ class ConversationStore:
         """The append of a reply (a response id or a lease given), checked under the lock.
 
         The usual reply (its lease held or free, no other message with its response id) is
-        stored by :meth:`_insert_reply` in one transaction. Any other case rolls that back
-        and takes the general path, which locks the conversation's row first (FOR UPDATE
+        stored by :meth:`_insert_reply` in one transaction (on Postgres, without a quota
+        reservation to settle, one statement in autocommit mode). Any other case stores
+        nothing there (the bump updates no row; the transaction is rolled back) and takes
+        the general path, which locks the conversation's row first (FOR UPDATE
         on Postgres; SQLite's write transaction holds the database lock), so that telling a
         repeated reply from a new one, and a busy lease from a free one, cannot race
         another append.

@@ -19,7 +19,7 @@ class _Transaction:
     """``with store._write() as conn``: one transaction, database errors translated.
     (``single``: a read or write of one statement, run in autocommit mode on Postgres, which
     saves the BEGIN and COMMIT round trips: see ``ConversationStore._read_one`` and
-    ``_write_one``.)
+    ``_write(single=True)``.)
 
     Write transactions ask SQLite for the write lock up front (BEGIN IMMEDIATE). That
     BEGIN runs on the driver's connection from an engine hook, outside SQLAlchemy's error
