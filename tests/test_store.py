@@ -1148,6 +1148,35 @@ def test_a_pooled_connection_killed_on_the_server_is_replaced(store: Conversatio
     assert [m.content for m in conv.messages()][3:] == ["turn", "answer"]
 
 
+def test_a_pooled_connection_the_server_closed_is_replaced_before_anything_is_sent(
+    store: ConversationStore,
+) -> None:
+    """A checkout sees, without a round trip, that the server has closed a pooled connection
+    (its goodbye is waiting to be read), and the pool replaces it: no statement is sent on
+    it and fails, so even a write in autocommit mode, which is not sent twice after a
+    connection lost without a word, goes through."""
+    if store.dialect != "postgresql":
+        pytest.skip("SQLite connections do not die on a server")
+    from sqlalchemy import event
+
+    conv = store.create(model="gpt-4o-mini", system="s")
+    pids = [r.dbapi_connection.info.backend_pid for r in list(store.engine.pool._pool.queue)]  # type: ignore[attr-defined]
+    assert _terminate_pooled_backends(store) == len(pids) >= 1
+    import psycopg
+
+    conninfo = store.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(conninfo, autocommit=True) as watcher:  # until the backends have exited
+        alive = "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)"
+        deadline = dt.datetime.now() + dt.timedelta(seconds=30)
+        while watcher.execute(alive, (pids,)).fetchone() != (0,):
+            assert dt.datetime.now() < deadline, "the terminated backends did not exit"
+    failed: list[BaseException] = []
+    event.listen(store.engine, "handle_error", lambda context: failed.append(context.original_exception))
+    assert conv.append("user", "after").seq == 2
+    assert failed == []
+    assert [m.content for m in conv.messages()] == ["s", "after"]
+
+
 def test_a_closed_store_refuses_to_be_used_instead_of_leaking_connections(db_url: str) -> None:
     store = ConversationStore(db_url)
     conv = store.create()

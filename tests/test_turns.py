@@ -163,6 +163,58 @@ def test_cli_send_prints_the_new_answer_when_the_id_repeats(
     assert [m.content for m in store.get(conversation.id).messages()][-1] == "Tehran is the capital of Iran."
 
 
+def test_a_reply_stored_while_its_repeat_waited_for_the_row_is_stored_once(store: ConversationStore) -> None:
+    # Postgres: the reply's append waits for the conversation's row while another request
+    # stores the same reply (same response id, same message answered, same text). Once that
+    # commits, the waiting append must find it and return it, not store the reply twice: a
+    # check made by a subquery of the waiting statement reads the snapshot taken before the
+    # wait and would not see it.
+    if store.dialect != "postgresql":
+        pytest.skip("SQLite's write transaction holds the database lock from its BEGIN")
+    conversation = store.create(model="gpt-4o-mini")
+    question = conversation.append("user", "What is 2+2?")
+    done: dict[str, Any] = {}
+
+    def reply() -> None:
+        try:
+            done["reply"] = conversation.append("assistant", "4", response_id="r-same", reply_to=question.seq)
+        except BaseException as err:  # reported by the assertion below
+            done["error"] = err
+
+    with store.engine.connect() as other, store.engine.connect() as watcher:
+        watcher.execution_options(isolation_level="AUTOCOMMIT")  # fresh activity each read
+        with other.begin():
+            other.execute(
+                sqlalchemy.text("UPDATE conversations SET last_seq = last_seq + 1 WHERE id = :id"),
+                {"id": conversation.id},
+            )
+            other.execute(
+                sqlalchemy.text(
+                    "INSERT INTO messages (conversation_id, seq, role, content, status, pinned,"
+                    " response_id, reply_to, created_at) VALUES (:id, :seq, 'assistant', '\"4\"',"
+                    " 'complete', false, 'r-same', :to, now())"
+                ),
+                {"id": conversation.id, "seq": question.seq + 1, "to": question.seq},
+            )
+            worker = threading.Thread(target=reply)
+            worker.start()
+            waiting = sqlalchemy.text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock'"
+            )
+            _wait_for(
+                lambda: watcher.execute(waiting).scalar() >= 1 or not worker.is_alive(),
+                "the reply to wait for the conversation's row",
+            )
+        worker.join(TIMEOUT_S)
+    assert "error" not in done, done.get("error")
+    assert done["reply"].seq == question.seq + 1
+    assert [(m.role, m.content, m.response_id) for m in conversation.messages()] == [
+        ("user", "What is 2+2?", None),
+        ("assistant", "4", "r-same"),
+    ]
+
+
 # ---------------------------------------------------------------------------------------------
 # B. One request answers a conversation at a time
 

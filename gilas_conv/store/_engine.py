@@ -13,9 +13,12 @@ SQLite
 Postgres
     A bare ``postgresql://`` URL is given the psycopg 3 driver, the one gilas-conv
     installs with its ``postgres`` extra. Pooled connections are not pinged when checked
-    out (``pool_pre_ping`` would cost a round trip per transaction); a connection found
-    dead by a transaction's first statement is replaced and that statement sent again
-    (see :mod:`._tx`).
+    out (``pool_pre_ping`` would cost a round trip per transaction). Instead a checkout
+    looks, without a round trip, whether the server has already closed the connection
+    (an idle connection then has something to read: the server's goodbye or the end of
+    the stream), and the pool replaces such a connection before anything is sent on it;
+    a connection found dead by a transaction's first statement all the same is replaced
+    and that statement sent again (see :mod:`._tx`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import sqlite3
 import time
 import urllib.parse
@@ -30,12 +34,20 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, RootTransaction, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+from sqlalchemy.exc import ArgumentError, DisconnectionError, NoSuchModuleError
 
 from .._config import DEFAULT_SQLITE_BUSY_TIMEOUT_MS, DEFAULT_SQLITE_SYNCHRONOUS, redact_url
 from ..exceptions import ConfigurationError
 
-__all__ = ["SINGLE_READ", "WRITE", "begin", "create_engine_for_url", "normalize_url", "redact_url"]
+__all__ = [
+    "SINGLE_READ",
+    "SINGLE_WRITE",
+    "WRITE",
+    "begin",
+    "create_engine_for_url",
+    "normalize_url",
+    "redact_url",
+]
 
 # Execution option asking for a write transaction (BEGIN IMMEDIATE on SQLite: see begin()).
 WRITE: dict[str, Any] = {"gilas_write": True}
@@ -45,6 +57,10 @@ SINGLE_READ: dict[str, dict[str, Any]] = {
     "sqlite": {"gilas_single": True},
     "postgresql": {"isolation_level": "AUTOCOMMIT"},
 }
+# A write that is one statement (on Postgres a data-modifying CTE is atomic by itself):
+# autocommit on Postgres; on SQLite, where such a write still takes several statements, the
+# usual write transaction.
+SINGLE_WRITE: dict[str, dict[str, Any]] = {"sqlite": WRITE, "postgresql": SINGLE_READ["postgresql"]}
 
 # The key in a SQLite driver connection's ``info`` for the BEGIN its next transaction issues.
 _NEXT_BEGIN = "gilas_conv_next_begin"
@@ -106,7 +122,7 @@ def create_engine_for_url(
         )
         return engine
     try:
-        return _create(url, kwargs)
+        engine = _create(url, kwargs)
     except (ModuleNotFoundError, NoSuchModuleError) as err:
         driver = make_url(url).get_driver_name()
         hint = (
@@ -115,6 +131,29 @@ def create_engine_for_url(
             else "use postgresql:// (psycopg 3, installed by pip install 'gilas-conv[postgres]')"
         )
         raise ConfigurationError(f"the Postgres driver {driver!r} is not installed; {hint}") from err
+    if engine.dialect.driver in ("psycopg", "psycopg2"):  # connections with a fileno()
+        event.listen(engine, "checkout", _closed_by_server)
+    return engine
+
+
+def _closed_by_server(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    """Postgres: refuse (the pool then connects anew) a pooled connection that has something
+    to read while idle. The server has closed it (a terminated backend, a restart: its last
+    message, or the end of the stream, is waiting), so nothing must be sent on it. A poll
+    of the socket, not a round trip. A connection the server closes later still fails on
+    its first statement (see ``_tx._RetryFirstStatement``)."""
+    try:
+        fd = dbapi_connection.fileno()
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            ready = bool(poller.poll(0))
+        else:  # Windows
+            ready = bool(select.select([fd], [], [], 0)[0])
+    except Exception as err:  # closed on this side already (the driver's error, or the OS's)
+        raise DisconnectionError(f"pooled connection unusable: {err}") from err
+    if ready:
+        raise DisconnectionError("the server closed this pooled connection")
 
 
 def _create(url: str, kwargs: dict[str, Any]) -> Engine:

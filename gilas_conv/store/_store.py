@@ -58,6 +58,7 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    text,
     update,
 )
 
@@ -84,7 +85,7 @@ from . import _search, _usage
 from ._engine import create_engine_for_url, redact_url
 from ._io import _prepare_import
 from ._migrate import check_schema_state, current_revision, head_revision, upgrade_database
-from ._schema import ConversationRow, MessageRow, SummaryRow
+from ._schema import ROLLUP_SPANS, ConversationRow, MessageRow, SummaryRow, UsageEventRow
 from ._tx import _Checkpoint, _opening, _Transaction
 from ._validate import (
     _check_conversation_id,
@@ -149,15 +150,22 @@ def _message_from_row(row: Row[Any] | Mapping[str, Any]) -> Message:
 # Validation: everything is checked before a transaction starts.
 
 
-def _bump_statement(*, owned: bool, lease: bool = False, new_reply: bool = False) -> Any:
+def _bump_statement(
+    *, owned: bool, lease: bool = False, new_reply: bool = False, unchanged: bool = False
+) -> Any:
     """``UPDATE conversations SET last_seq = last_seq + 1, tokens_total = tokens_total +
     :b_tokens ... RETURNING last_seq, tokens_total``: the one statement that numbers a new
     message, advances the running token total, and locks the conversation until commit.
 
     ``lease``: only where the turn lease is ``:b_lease``'s or free, and release it (the
     append of a turn's reply); no row comes back when another request holds it.
-    ``new_reply`` (SQLite): only where no stored message has the response id ``:b_rid``
-    (the reply may repeat it: see ``ConversationStore._insert_reply``).
+    ``new_reply``: only where no stored message has the response id ``:b_rid`` (the reply
+    may repeat it: see ``ConversationStore._insert_reply``).
+    ``unchanged`` (Postgres, with ``new_reply``): only where the conversation's row is as the
+    statement's snapshot has it (its ``last_seq`` is the snapshot's). A bump that waited for
+    the row lock while another append committed then finds the row changed and updates
+    nothing; without this the ``new_reply`` subquery, which reads the snapshot taken before
+    the wait, would miss a repeat appended meanwhile.
     """
     c = _conversations.c
     owner = c.owner == bindparam("b_owner") if owned else c.owner.is_(None)
@@ -178,20 +186,81 @@ def _bump_statement(*, owned: bool, lease: bool = False, new_reply: bool = False
         statement = statement.where(
             ~exists().where(m.conversation_id == bindparam("b_cid"), m.response_id == bindparam("b_rid"))
         )
+    if unchanged:
+        # An uncorrelated subquery: computed once, from the statement's snapshot, while the
+        # WHERE is checked again against the row version found after waiting for its lock.
+        seen = _conversations.alias("seen")
+        statement = statement.where(
+            c.last_seq == select(seen.c.last_seq).where(seen.c.id == bindparam("b_cid")).scalar_subquery()
+        )
     return statement.values(**values).returning(c.last_seq, c.tokens_total)
 
 
-def _append_cte(bump: Any) -> Any:
-    """Postgres: ``WITH bumped AS (<bump>) INSERT INTO messages ... SELECT ... FROM bumped
-    RETURNING seq``, an append in one statement (one round trip). The message's columns are
-    bound as ``m_<column>``; its seq and running total come from the bump."""
-    bumped = bump.cte("bumped")
+def _added_cte(bumped: Any) -> Any:
+    """Postgres: ``added AS (INSERT INTO messages ... SELECT ... FROM bumped RETURNING
+    conversation_id, seq)``, the message's columns bound as ``m_<column>``, its seq and
+    running total taken from ``bumped`` (the UPDATE of its conversation)."""
     names = [c.name for c in _messages.c]
     taken = {"seq": bumped.c.last_seq, "tokens_total": bumped.c.tokens_total}
     columns = [taken.get(c.name, bindparam(f"m_{c.name}", type_=c.type)) for c in _messages.c]
     return (
-        insert(_messages).from_select(names, select(*columns).select_from(bumped)).returning(_messages.c.seq)
+        insert(_messages)
+        .from_select(names, select(*columns).select_from(bumped))
+        .returning(_messages.c.conversation_id, _messages.c.seq)
+        .cte("added")
     )
+
+
+# Postgres: the rows that go with an added message, each a data-modifying WITH reading
+# ``added`` (written as text: the search table is not modeled, and SQLAlchemy does not cache
+# the compiled form of its ON CONFLICT constructs). PostgreSQL runs a data-modifying WITH
+# even when nothing reads it; none of them runs when ``added`` is empty.
+_SEARCHED_CTE = (
+    text(
+        f"INSERT INTO {_search.SEARCH_TABLE} (conversation_id, seq, document)"
+        " SELECT conversation_id, seq, CAST(:s_document AS tsvector) FROM added"
+    )
+    .columns()
+    .cte("searched")
+)
+_events = cast(Table, UsageEventRow.__table__)
+_ROLLED_CTE = (
+    text(
+        "INSERT INTO usage_rollup (owner, span_minutes, start_minute, total_tokens, cost_micros)"
+        " SELECT v.owner, v.span_minutes, v.start_minute, v.total_tokens, v.cost_micros FROM added, (VALUES "
+        + ", ".join(f"(:o, {span}, :s{span}, :t, :c)" for span in ROLLUP_SPANS)
+        + ") AS v (owner, span_minutes, start_minute, total_tokens, cost_micros)"
+        + _usage._ON_CONFLICT_ADD
+    )
+    .columns()
+    .cte("rolled")
+)
+
+
+def _with_rows(added: Any, *, searched: bool, charged: bool) -> list[Any]:
+    """The WITHs storing an added message's search row (``searched``: bound as
+    ``s_document``) and its ledger row with its rollup increments (``charged``: the ledger
+    row bound as ``e_<column>``, the increments as ``_usage.rollup_increments`` names them)."""
+    ctes = []
+    if searched:
+        ctes.append(_SEARCHED_CTE)
+    if charged:
+        names = [c.name for c in _events.c if c.name != "id"]
+        row = select(*[bindparam(f"e_{c.name}", type_=c.type) for c in _events.c if c.name != "id"])
+        ctes.append(insert(_events).from_select(names, row.select_from(added)).cte("charged"))
+        ctes.append(_ROLLED_CTE)
+    return ctes
+
+
+def _append_cte(bump: Any, *, searched: bool = False, charged: bool = False) -> Any:
+    """Postgres: an append in one statement (one round trip), ``WITH bumped AS (<bump>),
+    added AS (INSERT INTO messages ...)`` and the message's search and ledger rows (see
+    :func:`_with_rows`), ``SELECT seq FROM added``: no row when the bump updated nothing, and
+    then nothing was written."""
+    bumped = bump.cte("bumped")
+    added = _added_cte(bumped)
+    # Each WITH may read only those before it: the order is given.
+    return select(added.c.seq).add_cte(bumped, added, *_with_rows(added, searched=searched, charged=charged))
 
 
 # Built once: constructing statements per append costs more than executing them.
@@ -203,29 +272,26 @@ _BUMP = {
     for new_reply in (True, False)
 }
 _INSERT_MESSAGE = insert(_messages)
-_APPEND_CTE = {
-    (owned, lease): _append_cte(_bump_statement(owned=owned, lease=lease))
-    for owned in (True, False)
-    for lease in (True, False)
-}
-# Postgres: another stored message with this response id, the reply just inserted being
-# ``:seq``: the reply may repeat it (see _stored_reply and _insert_reply).
-_SAME_RESPONSE_ID = (
-    select(_messages.c.seq)
-    .where(
-        _messages.c.conversation_id == bindparam("cid"),
-        _messages.c.response_id == bindparam("rid"),
-        _messages.c.seq != bindparam("seq"),
-    )
-    .limit(1)
-)
+# Postgres, keyed by (owned, lease, new_reply, searched, charged); made when first used.
+_APPEND_CTE: dict[tuple[bool, ...], Any] = {}
 
 
-def _take_lease(*, owned: bool, adds: bool) -> Any:
+def _append_statement(key: tuple[bool, bool, bool, bool, bool]) -> Any:
+    statement = _APPEND_CTE.get(key)
+    if statement is None:
+        owned, lease, new_reply, searched, charged = key
+        bump = _bump_statement(owned=owned, lease=lease, new_reply=new_reply, unchanged=new_reply)
+        statement = _APPEND_CTE[key] = _append_cte(bump, searched=searched, charged=charged)
+    return statement
+
+
+def _take_lease(*, owned: bool, adds: bool, unlimited: bool = False) -> Any:
     """The UPDATE that takes a free (or expired) turn lease, and with ``adds`` numbers the
     turn's ``:t_count`` messages and adds their ``:t_tokens``; RETURNING the whole row and
     ``quota_applies``, whether a quota limit applies to the owner (the quota check of a
-    turn, at the cost of one index probe: see ``_take_turn``)."""
+    turn, at the cost of one index probe: see ``_take_turn``). ``unlimited``: only where
+    no limit applies (the check made by the statement itself, which then needs no
+    transaction to be rolled back: see ``_take_turn``)."""
     c = _conversations.c
     owner = c.owner == bindparam("t_owner") if owned else c.owner.is_(None)
     now = bindparam("t_now", type_=c.updated_at.type)
@@ -239,30 +305,41 @@ def _take_lease(*, owned: bool, adds: bool) -> Any:
             tokens_total=c.tokens_total + bindparam("t_tokens", type_=c.tokens_total.type),
             updated_at=now,
         )
-    return (
-        update(_conversations)
-        .where(c.id == bindparam("t_cid"), owner, or_(c.lease_token.is_(None), c.lease_expires_at <= now))
-        .values(**values)
-        .returning(*_conversations.c, _usage.limit_applies(bindparam("t_owner") if owned else None))
+    applies = _usage.limit_applies(bindparam("t_owner") if owned else None)
+    statement = update(_conversations).where(
+        c.id == bindparam("t_cid"), owner, or_(c.lease_token.is_(None), c.lease_expires_at <= now)
     )
+    if unlimited:
+        statement = statement.where(~applies.element)
+    return statement.values(**values).returning(*_conversations.c, applies)
 
 
-def _take_lease_with_message(*, owned: bool) -> Any:
-    """Postgres: the lease taken and one message inserted in one statement; the
-    conversation's row comes back (``WITH bumped AS (UPDATE ...), added AS (INSERT ...)
-    SELECT * FROM bumped``: PostgreSQL runs a data-modifying WITH even when unread)."""
-    bumped = _take_lease(owned=owned, adds=True).cte("bumped")
-    names = [c.name for c in _messages.c]
-    taken = {"seq": bumped.c.last_seq, "tokens_total": bumped.c.tokens_total}
-    columns = [taken.get(c.name, bindparam(f"m_{c.name}", type_=c.type)) for c in _messages.c]
-    added = insert(_messages).from_select(names, select(*columns).select_from(bumped)).cte("added")
-    return select(*bumped.c).add_cte(added)
+def _take_lease_with_message(*, owned: bool, searched: bool, unlimited: bool) -> Any:
+    """Postgres: the lease taken and one message inserted, with its search row
+    (``searched``), in one statement; the conversation's row comes back (``WITH bumped AS
+    (UPDATE ...), added AS (INSERT ...) SELECT * FROM bumped``: PostgreSQL runs a
+    data-modifying WITH even when unread). ``unlimited``: see :func:`_take_lease`."""
+    bumped = _take_lease(owned=owned, adds=True, unlimited=unlimited).cte("bumped")
+    added = _added_cte(bumped)
+    return select(*bumped.c).add_cte(bumped, added, *_with_rows(added, searched=searched, charged=False))
 
 
 _TAKE_LEASE = {
     (owned, adds): _take_lease(owned=owned, adds=adds) for owned in (True, False) for adds in (True, False)
 }
-_TAKE_LEASE_WITH_MESSAGE = {owned: _take_lease_with_message(owned=owned) for owned in (True, False)}
+_TAKE_LEASE_WITH_MESSAGE = {
+    (owned, searched, unlimited): _take_lease_with_message(
+        owned=owned, searched=searched, unlimited=unlimited
+    )
+    for owned in (True, False)
+    for searched in (True, False)
+    for unlimited in (True, False)
+}
+
+
+class _Limited(Exception):
+    """A turn's one-statement lease took nothing because a quota limit applies: the turn is
+    taken again in a transaction that reserves (see ``ConversationStore._take_turn``)."""
 
 
 class _SlowPath(Exception):
@@ -1287,13 +1364,22 @@ class ConversationStore:
 
     # -- internals used by Conversation and the other modules -----------------------------------
 
-    def _write(self) -> Any:
+    def _write(self, *, single: bool = False) -> Any:
+        """A write transaction. ``single``: the caller runs one statement (on Postgres in
+        autocommit mode: a statement is atomic on its own, so it needs no BEGIN and COMMIT,
+        two round trips; on SQLite the usual write transaction)."""
         self._check_open()
-        return _Transaction(self._engine, write=True)
+        return _Transaction(self._engine, write=True, single=single)
 
-    def _read(self) -> Any:
+    def _read(self, *, each: bool = False) -> Any:
+        """A read transaction. ``each``: the caller's statements need no snapshot in common
+        beyond what the isolation level gives them; on Postgres under READ COMMITTED (each
+        statement its own snapshot, in a transaction or not) they then run in autocommit
+        mode, without the BEGIN and COMMIT round trips."""
         self._check_open()
-        return _Transaction(self._engine, write=False)
+        dialect = self._engine.dialect
+        single = each and dialect.name == "postgresql" and dialect.default_isolation_level == "READ COMMITTED"
+        return _Transaction(self._engine, write=False, single=single)
 
     def _read_one(self) -> Any:
         """A read that runs one statement: atomic on its own, so it runs without BEGIN and
@@ -1417,7 +1503,7 @@ class ConversationStore:
                 event=event,
                 reservation=quota_reservation,
             )
-        with self._write() as conn:
+        with self._write(single=quota_reservation is None) as conn:
             seq = self._insert_reply(
                 conn,
                 conversation_id,
@@ -1455,12 +1541,15 @@ class ConversationStore:
         is not this owner's, another request holds the lease, or (``new_reply``) a stored
         message has the reply's response id, so that it may be a repeat.
 
-        On Postgres the message takes one statement (a CTE: the bump, then the insert); on
-        SQLite, in-process, two. The response-id check is made holding the conversation's
-        lock, so a repeat appended concurrently is seen: on SQLite (whose write transaction
-        holds the database lock from its BEGIN) inside the bump, on Postgres by a statement
-        after it (a subquery of the bump would read the snapshot taken before it waited for
-        the row lock)."""
+        On Postgres the message, its search row and its ledger row take one statement (a
+        CTE: the bump, then the inserts), which needs no transaction of its own (see
+        ``_write(single=True)``); on SQLite, in-process, four. The response-id check is
+        made so that a repeat appended concurrently is seen: on SQLite (whose write transaction holds the
+        database lock from its BEGIN) inside the bump; on Postgres inside the bump as well,
+        which then also requires the conversation's row to be as the statement's snapshot
+        has it (the subquery reads that snapshot, taken before the bump waited for the row
+        lock: a bump that waited while another append committed updates nothing, and the
+        caller takes the general path)."""
         bump = {
             "b_cid": conversation_id,
             "b_owner": owner,
@@ -1471,15 +1560,19 @@ class ConversationStore:
         new_reply = new_reply and columns["response_id"] is not None
         if self.dialect == "postgresql":
             values = {f"m_{name}": value for name, value in columns.items()}
-            values.update(m_conversation_id=conversation_id, m_created_at=now)
-            statement = _APPEND_CTE[(owner is not None, lease is not None)]
-            seq = conn.execute(statement, {**bump, **values}).scalar()
+            values.update(m_conversation_id=conversation_id, m_created_at=now, b_rid=columns["response_id"])
+            if indexed is not None:
+                values["s_document"] = indexed["document"]
+            if event is not None:
+                values.update({f"e_{name}": value for name, value in event.items()})
+                values.update(_usage.rollup_increments(event))
+            key = (owner is not None, lease is not None, new_reply, indexed is not None, event is not None)
+            seq = conn.execute(_append_statement(key), {**bump, **values}).scalar()
             if seq is None:
                 return None
-            if new_reply:
-                params = {"cid": conversation_id, "rid": columns["response_id"], "seq": seq}
-                if conn.execute(_SAME_RESPONSE_ID, params).first() is not None:
-                    return None
+            if reservation is not None:
+                _usage.settle(conn, None, reservation)
+            return cast(int, seq)
         else:
             if new_reply:
                 bump["b_rid"] = columns["response_id"]
@@ -1518,8 +1611,10 @@ class ConversationStore:
         """The append of a reply (a response id or a lease given), checked under the lock.
 
         The usual reply (its lease held or free, no other message with its response id) is
-        stored by :meth:`_insert_reply` in one transaction. Any other case rolls that back
-        and takes the general path, which locks the conversation's row first (FOR UPDATE
+        stored by :meth:`_insert_reply` in one transaction (on Postgres, without a quota
+        reservation to settle, one statement in autocommit mode). Any other case stores
+        nothing there (the bump updates no row; the transaction is rolled back) and takes
+        the general path, which locks the conversation's row first (FOR UPDATE
         on Postgres; SQLite's write transaction holds the database lock), so that telling a
         repeated reply from a new one, and a busy lease from a free one, cannot race
         another append.
@@ -1539,7 +1634,7 @@ class ConversationStore:
                 reservation=reservation,
             )
 
-        with contextlib.suppress(_SlowPath), self._write() as conn:
+        with contextlib.suppress(_SlowPath), self._write(single=reservation is None) as conn:
             seq = insert_reply(conn, new_reply=True)
             if seq is None:
                 raise _SlowPath  # rolls the transaction back
@@ -1678,26 +1773,71 @@ class ConversationStore:
             "t_count": len(rows),
             "t_tokens": sum(r["tokens"] or 0 for r in rows),
         }
-        key = (owner is not None, bool(rows))
+        # Postgres, one message: the lease, the message and its search row in one statement
+        # (one round trip). Without a reservation to take after it, that statement is the
+        # whole write and needs no transaction; with ``quota`` it then takes nothing when a
+        # limit applies, and only then is the turn taken again in a transaction that
+        # reserves.
+        one = self.dialect == "postgresql" and len(rows) == 1
+        for single in (True, False) if one else (False,):
+            try:
+                row, added, held = self._lease_in(
+                    conversation_id,
+                    owner=owner,
+                    params=params,
+                    rows=rows,
+                    indexed=indexed,
+                    quota=quota,
+                    single=single,
+                )
+            except _Limited:
+                continue  # a limit applies: the transaction that reserves
+            break
+        return token, self._conversation_from_row(row), added, held
+
+    def _lease_in(
+        self,
+        conversation_id: str,
+        *,
+        owner: str | None,
+        params: dict[str, Any],
+        rows: builtins.list[dict[str, Any]],
+        indexed: builtins.list[dict[str, Any] | None],
+        quota: _usage.QuotaAsk | None,
+        single: bool,
+    ) -> tuple[Any, builtins.list[Message], _usage.Reservation | None]:
+        """The write of :meth:`_take_turn`: the lease, the turn's messages and their search
+        rows, and the reservation. ``single`` (Postgres, one message): one autocommit
+        statement, which with ``quota`` takes nothing where a limit applies (``_Limited``)."""
         c = _conversations.c
-        with self._write() as conn:
+        now = params["t_now"]
+        check = single and quota is not None
+        with self._write(single=single) as conn:
             # One UPDATE takes the lease only where it is free, so two requests racing for it
             # are ordered by the row lock (Postgres) or the write lock (SQLite): one wins.
             if self.dialect == "postgresql" and len(rows) == 1:
-                # The lease and the message in one statement (one round trip).
                 values = {f"m_{name}": value for name, value in rows[0].items()}
                 values.update(m_conversation_id=conversation_id, m_created_at=now)
-                row = conn.execute(_TAKE_LEASE_WITH_MESSAGE[owner is not None], {**params, **values}).first()
+                searched = indexed[0] is not None
+                if indexed[0] is not None:
+                    values["s_document"] = indexed[0]["document"]
+                statement = _TAKE_LEASE_WITH_MESSAGE[(owner is not None, searched, check)]
+                row = conn.execute(statement, {**params, **values}).first()
                 inserted = True
             else:
-                row = conn.execute(_TAKE_LEASE[key], params).first()
+                row = conn.execute(_TAKE_LEASE[(owner is not None, bool(rows))], params).first()
                 inserted = False
             if row is None:
                 holder = conn.execute(
-                    select(c.lease_expires_at).where(c.id == conversation_id, _owner_clause(owner))
+                    select(c.lease_token, c.lease_expires_at, _usage.limit_applies(owner)).where(
+                        c.id == conversation_id, _owner_clause(owner)
+                    )
                 ).first()
                 if holder is None:
                     raise ConversationNotFound(conversation_id)
+                free = not _lease_held(holder.lease_token, holder.lease_expires_at, now)
+                if check and holder.quota_applies and free:
+                    raise _Limited  # the statement's own check: it took nothing
                 raise ConversationBusy(conversation_id, expires_at=holder.lease_expires_at)
             held = None
             if quota is not None and row.quota_applies:
@@ -1729,14 +1869,14 @@ class ConversationStore:
                             for m, r, t in zip(added, rows, reversed(totals), strict=True)
                         ],
                     )
-                search_rows = [
-                    {"cid": conversation_id, "seq": m.seq, **found}
-                    for m, found in zip(added, indexed, strict=True)
-                    if found is not None
-                ]
-                if search_rows:
-                    _search.insert_rows(conn, search_rows)
-        return token, self._conversation_from_row(row), added, held
+                    search_rows = [
+                        {"cid": conversation_id, "seq": m.seq, **found}
+                        for m, found in zip(added, indexed, strict=True)
+                        if found is not None
+                    ]
+                    if search_rows:
+                        _search.insert_rows(conn, search_rows)
+        return row, added, held
 
     def _end_turn(self, conversation_id: str, token: str) -> bool:
         """Release the lease ``token`` without storing a reply (the request failed).

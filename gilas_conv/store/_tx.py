@@ -12,13 +12,14 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from ..exceptions import StoreError, StoreIntegrityError
-from ._engine import SINGLE_READ, WRITE, begin
+from ._engine import SINGLE_READ, SINGLE_WRITE, WRITE, begin
 
 
 class _Transaction:
     """``with store._write() as conn``: one transaction, database errors translated.
-    (``single``: a read of one statement, run in autocommit mode, which saves the BEGIN and
-    COMMIT round trips on Postgres: see ``ConversationStore._read_one``.)
+    (``single``: a read or write of one statement, run in autocommit mode on Postgres, which
+    saves the BEGIN and COMMIT round trips: see ``ConversationStore._read_one`` and
+    ``_write(single=True)``.)
 
     Write transactions ask SQLite for the write lock up front (BEGIN IMMEDIATE). That
     BEGIN runs on the driver's connection from the dialect's begin hook (see
@@ -29,10 +30,14 @@ class _Transaction:
     def __init__(self, engine: Engine, *, write: bool, single: bool = False) -> None:
         self._engine = engine
         self._write = write
-        # A read of one statement: no BEGIN/COMMIT around it (see _engine.SINGLE_READ).
-        self._options: dict[str, Any] | None = (
-            WRITE if write else SINGLE_READ[engine.dialect.name] if single else None
-        )
+        # A write in autocommit mode (Postgres): its statement commits as it runs.
+        self._commits_at_once = write and single and engine.dialect.name == "postgresql"
+        # One statement: no BEGIN/COMMIT around it (see _engine.SINGLE_READ, SINGLE_WRITE).
+        self._options: dict[str, Any] | None
+        if write:
+            self._options = SINGLE_WRITE[engine.dialect.name] if single else WRITE
+        else:
+            self._options = SINGLE_READ[engine.dialect.name] if single else None
         self._conn: Any = None
         self._tx: Any = None
 
@@ -147,16 +152,24 @@ def _describe(err: DBAPIError) -> str:
 class _RetryFirstStatement:
     """A Postgres transaction's connection that survives a pooled connection found dead.
 
-    Connections are not pinged when checked out of the pool (a round trip each time).
-    Instead, when the first statement of a transaction fails because the connection was
-    already dead (the server restarted, or the backend was terminated, while it sat in the
-    pool), the transaction is begun again on a fresh connection and that statement is
-    sent again, once. That is the only failure retried: nothing of the transaction had run,
-    so nothing can be done twice (a statement the server might have run before the
-    connection broke was in an uncommitted transaction, which the server rolled back). A
-    connection that dies later in a transaction is a StoreError, as before. SQLAlchemy
-    marks the other pooled connections stale on such a failure, so they are replaced when
-    next checked out.
+    Connections are not pinged when checked out of the pool (a round trip each time); a
+    checkout only refuses a connection the server is already known to have closed (see
+    ``_engine._closed_by_server``). When the first statement of a transaction fails all the
+    same because the connection was already dead (the server restarted, or the backend was
+    terminated, while it sat in the pool), the transaction is begun again on a fresh
+    connection and that statement is sent again, once. That is the only failure retried:
+    nothing of the transaction had run, so nothing can be done twice (a statement the
+    server might have run before the connection broke was in an uncommitted transaction,
+    which the server rolled back). A connection that dies later in a transaction is a
+    StoreError, as before. SQLAlchemy marks the other pooled connections stale on such a
+    failure, so they are replaced when next checked out.
+
+    A write of one statement in autocommit mode (``_write(single=True)``) commits as it
+    runs, so a statement whose connection broke may have been committed: it is sent again
+    only when the server said it ended the session (SQLSTATE 57P01, a terminated backend
+    or a server shut down: a statement then running was rolled back); a connection lost
+    without a word (a network failure, a crashed server) is a StoreError, since the write
+    may be stored.
     """
 
     def __init__(self, transaction: _Transaction) -> None:
@@ -177,6 +190,8 @@ class _RetryFirstStatement:
             return getattr(conn, method)(*args, **kwargs)
         except DBAPIError as err:
             if not err.connection_invalidated:
+                raise
+            if self._transaction._commits_at_once and getattr(err.orig, "sqlstate", None) != "57P01":
                 raise
         self._transaction._reopen()
         conn = self._transaction._conn

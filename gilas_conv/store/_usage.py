@@ -197,6 +197,18 @@ _UPSERT_BUCKET = text(
 )
 
 
+def rollup_increments(event: Mapping[str, Any]) -> dict[str, Any]:
+    """The parameters of ``_UPSERT_EVENT`` (and of the reply statement's rollup upsert on
+    Postgres, see ``_store._reply_statement``): one ledger row's three bucket increments."""
+    minute = _minute(event["created_at"])
+    return {
+        "o": event["owner"] if event["owner"] is not None else UNOWNED_KEY,
+        "t": event["total_tokens"],
+        "c": event["cost_micros"] or 0,
+        **{f"s{span}": minute - minute % span for span in ROLLUP_SPANS},
+    }
+
+
 def rollup_rows(events: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """The ``usage_rollup`` increments of ledger rows: one per owner and bucket, summed."""
     buckets: dict[tuple[str, int, int], list[int]] = {}
@@ -223,23 +235,12 @@ def record_events(conn: Any, events: Sequence[Mapping[str, Any]]) -> None:
     if len(events) == 1:
         (event,) = events
         conn.execute(INSERT_EVENT, event)
-        _add_to_rollup(conn, event)
+        # Last in the transaction: on Postgres the upsert locks the owner's bucket rows
+        # until commit, so one owner's concurrent replies queue on them only for the commit.
+        conn.execute(_UPSERT_EVENT, rollup_increments(event))
     else:
         conn.execute(INSERT_EVENT, list(events))
         conn.execute(_UPSERT_BUCKET, rollup_rows(events))
-
-
-def _add_to_rollup(conn: Any, event: Mapping[str, Any]) -> None:
-    minute = _minute(event["created_at"])
-    increments = {
-        "o": event["owner"] if event["owner"] is not None else UNOWNED_KEY,
-        "t": event["total_tokens"],
-        "c": event["cost_micros"] or 0,
-        **{f"s{span}": minute - minute % span for span in ROLLUP_SPANS},
-    }
-    # Last in the transaction: on Postgres the upsert locks the owner's bucket rows
-    # until commit, so one owner's concurrent replies queue on them only for the commit.
-    conn.execute(_UPSERT_EVENT, increments)
 
 
 def settle(conn: Any, event: Mapping[str, Any] | None, reservation: Reservation | None) -> None:
@@ -249,7 +250,7 @@ def settle(conn: Any, event: Mapping[str, Any] | None, reservation: Reservation 
     the reservation too: one round trip fewer.)"""
     if event is not None and reservation is not None and conn.dialect.name == "postgresql":
         conn.execute(_SETTLE_EVENT, {**event, "r_id": reservation.id})
-        _add_to_rollup(conn, event)
+        conn.execute(_UPSERT_EVENT, rollup_increments(event))
         return
     if reservation is not None:
         conn.execute(_DELETE_RESERVATION, {"r_id": reservation.id})

@@ -22,10 +22,13 @@ The totals only decide how far the first read reaches; which rows are sent is de
 the planner from the rows themselves, so a stale or missing total changes how many rows are
 read, never the result.
 
-Everything is read in one read transaction (a consistent snapshot on Postgres), opened
-through the store's error-translating path (:mod:`._tx`), so a database error is a
-:class:`~gilas_conv.StoreError`. The connection is returned when the ``with`` block ends;
-nothing else (an API request, above all) should run inside it.
+On SQLite everything is read in one read transaction (a consistent snapshot). On Postgres
+under READ COMMITTED, its default, each statement reads a snapshot of its own, in a
+transaction or not, so the statements run in autocommit mode, without the BEGIN and COMMIT
+round trips (at a stricter isolation level they share one read transaction). Either way
+the connection comes from the store's error-translating path (:mod:`._tx`), so a database
+error is a :class:`~gilas_conv.StoreError`. The connection is returned when the ``with``
+block ends; nothing else (an API request, above all) should run inside it.
 
 Token counts are stored per message at append time under the conversation's encoding. A row
 counted under another encoding (the conversation moved to another model) is recounted as it
@@ -483,7 +486,7 @@ def read_window(
     (else ConversationNotFound); recounts written back after it."""
     if not _could_exist(conversation_id, owner):
         raise ConversationNotFound(conversation_id)
-    with store._read() as conn:
+    with store._read(each=True) as conn:
         # The owner's check, the running total and the anchors in one statement.
         found = conn.execute(
             _CONVERSATION_AND_ANCHORS[owner is not None], {"cid": conversation_id, "owner": owner}
