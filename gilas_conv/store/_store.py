@@ -1847,35 +1847,34 @@ class ConversationStore:
                 Message(conversation_id=conversation_id, seq=first + i, created_at=now, **columns)
                 for i, columns in enumerate(rows)
             ]
-            if rows:
-                if not inserted:
-                    # Running totals: the conversation's total after the last message, less
-                    # what the later messages of this turn add.
-                    totals = []
-                    total = row.tokens_total
-                    for columns in reversed(rows):
-                        totals.append(total)
-                        total -= columns["tokens"] or 0
-                    conn.execute(
-                        _INSERT_MESSAGE,
-                        [
-                            {
-                                "conversation_id": conversation_id,
-                                "seq": m.seq,
-                                "created_at": now,
-                                "tokens_total": t,
-                                **r,
-                            }
-                            for m, r, t in zip(added, rows, reversed(totals), strict=True)
-                        ],
-                    )
-                    search_rows = [
-                        {"cid": conversation_id, "seq": m.seq, **found}
-                        for m, found in zip(added, indexed, strict=True)
-                        if found is not None
-                    ]
-                    if search_rows:
-                        _search.insert_rows(conn, search_rows)
+            if rows and not inserted:
+                # Running totals: the conversation's total after the last message, less
+                # what the later messages of this turn add.
+                totals = []
+                total = row.tokens_total
+                for columns in reversed(rows):
+                    totals.append(total)
+                    total -= columns["tokens"] or 0
+                conn.execute(
+                    _INSERT_MESSAGE,
+                    [
+                        {
+                            "conversation_id": conversation_id,
+                            "seq": m.seq,
+                            "created_at": now,
+                            "tokens_total": t,
+                            **r,
+                        }
+                        for m, r, t in zip(added, rows, reversed(totals), strict=True)
+                    ],
+                )
+                search_rows = [
+                    {"cid": conversation_id, "seq": m.seq, **found}
+                    for m, found in zip(added, indexed, strict=True)
+                    if found is not None
+                ]
+                if search_rows:
+                    _search.insert_rows(conn, search_rows)
         return row, added, held
 
     def _end_turn(self, conversation_id: str, token: str) -> bool:
