@@ -631,6 +631,23 @@ class _SenderBase:
             raise
         return _Turn(conv, reply_to, lease, reservation=held)
 
+    def _start(
+        self, conversation: ConversationRef, content: Any, call: _Call, *, owner: str | None, stream: bool
+    ) -> tuple[_Turn, _Turn | SummaryRequest]:
+        """:meth:`_prepare`, then the first :meth:`_plan`, in one blocking call (one worker
+        thread's hop, not two): the turn and its plan. A plan that fails gives the turn back."""
+        turn = self._prepare(conversation, content, call, owner=owner)
+        try:
+            return turn, self._plan(turn, call, stream=stream)
+        except BaseException:
+            self._abandon(turn)
+            raise
+
+    def _abandon_started(self, started: tuple[_Turn, _Turn | SummaryRequest]) -> None:
+        """:meth:`_abandon` the turn of :meth:`_start` (as planned: its reservation may have grown)."""
+        turn, plan = started
+        self._abandon(plan if isinstance(plan, _Turn) else turn)
+
     def _take_turn(
         self, conv: Conversation, new: list[dict[str, Any]], call: _Call
     ) -> tuple[str, Reservation | None, list[Message]]:
