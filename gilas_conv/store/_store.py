@@ -1804,6 +1804,30 @@ class ConversationStore:
             self._check_owner(conversation_id, owner, conn)
             return [_message_from_row(row) for row in conn.execute(query)]
 
+    def _with_last_messages(
+        self, conversation_id: str, *, owner: str | None, count: int
+    ) -> tuple[Conversation, builtins.list[Message]]:
+        """This owner's conversation (else ConversationNotFound) and its last ``count``
+        messages in order (those with seq above ``last_seq - count``), in one read
+        transaction: what the gateway checks a completion against."""
+        if not _could_exist(conversation_id, owner):
+            raise ConversationNotFound(conversation_id)
+        with self._read() as conn:
+            row = conn.execute(
+                _SELECT_CONVERSATION[owner is not None], {"cid": conversation_id, "owner": owner}
+            ).first()
+            if row is None:
+                raise ConversationNotFound(conversation_id)
+            rows = conn.execute(
+                select(*_MESSAGE_COLUMNS)
+                .where(
+                    _messages.c.conversation_id == conversation_id,
+                    _messages.c.seq > max(0, row.last_seq - count),
+                )
+                .order_by(_messages.c.seq)
+            ).all()
+        return self._conversation_from_row(row), [_message_from_row(r) for r in rows]
+
     def _last_message(self, conversation_id: str, owner: str | None) -> Message | None:
         with self._read() as conn:
             self._check_owner(conversation_id, owner, conn)
