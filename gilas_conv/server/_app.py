@@ -37,7 +37,7 @@ from .. import _api
 from .._config import DEFAULT_MODEL, resolve_api_key, resolve_base_url
 from .._sender._base import ConversationRef, _answer, _Call, _Turn
 from ..exceptions import APIError, MessageNotFound, StreamInterrupted
-from ..sender import DEFAULT_TIMEOUT, AsyncReplyStream, AsyncSender, pending_reply_to
+from ..sender import DEFAULT_MAX_CONNECTIONS, DEFAULT_TIMEOUT, AsyncReplyStream, AsyncSender, pending_reply_to
 from ..store import (
     APIKeys,
     Conversation,
@@ -49,6 +49,7 @@ from ..store import (
 )
 from ._errors import GatewayError, error_body, error_for
 from ._history import new_messages, resends_nothing
+from ._upstream import ShardedTransport
 from ._wire import completion_body, conversation_object, item_object, messages_from_items, parse_item_id
 
 __all__ = [
@@ -77,7 +78,10 @@ CONVERSATION_HEADER = "x-gilas-conversation"
 DEFAULT_PAGE_LIMIT = 20
 MAX_PAGE_LIMIT = 100
 # How many of the last messages are read first to find the turn waiting for its answer
-# (further back only when they are all part of it).
+# (further back only when they are all part of it): a request that re-sends no history
+# reads this many with its conversation (usually one suffices: a complete reply), ...
+_LAST = 2
+# ... then, if they are all part of the turn, this many and more.
 _TAIL = 8
 # At shutdown, how long the streams cut by the server may take to store what arrived.
 _SHUTDOWN_STORE_SECONDS = 10.0
@@ -332,7 +336,7 @@ def _plan_turn(
     # The first messages only matter to a request that may re-send the history.
     only_new = resends_nothing(messages)
     limit = 2 * len(messages) + 16
-    count = _TAIL if only_new else limit
+    count = _LAST if only_new else limit
     conv, last = store._with_last_messages(completion.reference, owner=owner, count=count)
     if conv.message_count <= count:  # a short history: read whole
         stored, tail, whole, tail_whole = last, last, True, True
@@ -382,12 +386,17 @@ class _Gateway:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        # The sender's own client would hold its connections in one pool (see ShardedTransport).
+        upstream = httpx.AsyncClient(
+            transport=ShardedTransport(max_connections=DEFAULT_MAX_CONNECTIONS), timeout=self.timeout
+        )
         self.sender = _Sender(
             self.store,
             api_key=self._api_key,
             base_url=self.base_url,
             timeout=self.timeout,
             max_retries=self.max_retries,
+            http_client=upstream,
         )
         self.http = httpx.AsyncClient(timeout=self.timeout)
         try:
@@ -395,6 +404,7 @@ class _Gateway:
         finally:
             await self.streams.wait(_SHUTDOWN_STORE_SECONDS)
             await self.sender.aclose()  # waits for abandoned streams to store what arrived
+            await upstream.aclose()
             await self.http.aclose()
             if self.owns_store:
                 self.store.close()
@@ -806,22 +816,37 @@ async def _events(
     stream: AsyncReplyStream, conversation_id: str, *, include_usage: bool
 ) -> AsyncIterator[str]:
     """The reply's chunks as server-sent events, each naming the conversation, as they arrive.
-    (:class:`_ReplyEvents` closes the stream, however this ends.)"""
+    (:class:`_ReplyEvents` closes the stream, however this ends.)
+
+    Chunks that arrived together (in one read from the upstream) are sent together: one
+    write to the client instead of one per chunk, none of them held back."""
+    batch: list[str] = []
     try:
         async for chunk in stream:
-            raw = chunk.raw
+            raw: dict[str, Any] | None = chunk.raw
             if not include_usage:
-                if not raw.get("choices") and raw.get("usage") is not None:
-                    continue  # the sender always asks for usage; this client did not
-                raw = {k: v for k, v in raw.items() if k != "usage"}
-            yield "data: " + json.dumps({**raw, "conversation": conversation_id}, ensure_ascii=False) + "\n\n"
+                if not chunk.raw.get("choices") and chunk.raw.get("usage") is not None:
+                    raw = None  # the sender always asks for usage; this client did not
+                else:
+                    raw = {k: v for k, v in chunk.raw.items() if k != "usage"}
+            if raw is not None:
+                batch.append(
+                    "data: "
+                    + json.dumps({**raw, "conversation": conversation_id}, ensure_ascii=False)
+                    + "\n\n"
+                )
+            if batch and not stream._core.ready:  # the next chunk is not here yet
+                yield "".join(batch)
+                batch = []
     except (APIError, StreamInterrupted) as err:
         error = error_for(err)
         payload = error_body(error.message, type=error.type, code=error.code)
         payload["conversation"] = conversation_id
-        yield "data: " + json.dumps(payload, ensure_ascii=False) + "\n\n"
+        batch.append("data: " + json.dumps(payload, ensure_ascii=False) + "\n\n")
+        yield "".join(batch)
         return
-    yield "data: [DONE]\n\n"
+    batch.append("data: [DONE]\n\n")
+    yield "".join(batch)
 
 
 def _handler(gateway: _Gateway, name: str) -> Callable[[Request], Awaitable[Response]]:
