@@ -22,8 +22,11 @@ Each concurrency level runs ``N`` conversations at once, each doing turns one af
 other (the number of turns per level is bounded: see ``TURNS``). A turn is timed from the
 request to ``data: [DONE]``; time to first token is to the first chunk with content. The
 added latency of a front is its median turn minus the direct median at the same level.
-Turns per second: all the level's turns over its wall time. Memory: the resident set
-size (VmRSS) of the front's processes after the level, and its peak (VmHWM).
+Turns per second: all the level's turns over its wall time. CPU per turn: the front's
+processes' CPU time (user and system, from /proc) over the level, per timed turn (for
+"direct", the stub's): unlike the latencies, it hardly moves with the machine's load.
+Memory: the resident set size (VmRSS) of the front's processes after the level, and its
+peak (VmHWM).
 
     python benchmarks/gateway.py [--postgres URL] [--litellm /path/to/litellm] [--baseline SRC]
 
@@ -67,6 +70,22 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU time of ``pids`` and their children so far (seconds)."""
+    seen, todo, ticks = set(), list(pids), 0
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kib(pids: list[int]) -> tuple[int, int]:
@@ -129,6 +148,7 @@ class Level:
     turns: list[float] = field(default_factory=list)
     first_tokens: list[float] = field(default_factory=list)
     wall: float = 0.0
+    cpu: float = 0.0  # the front's CPU seconds over the level's timed turns
     rss: tuple[int, int] = (0, 0)
     errors: int = 0
 
@@ -200,10 +220,11 @@ async def run_level(url: str, key: str, *, concurrency: int, stateful: bool, pid
         start, warmed = asyncio.Event(), asyncio.Event()
         tasks = [asyncio.ensure_future(conversation(i)) for i in range(concurrency)]
         await warmed.wait()  # every conversation has had its untimed turn
-        began = time.perf_counter()
+        began, cpu = time.perf_counter(), cpu_seconds(pids)
         start.set()
         await asyncio.gather(*tasks)
         level.wall = time.perf_counter() - began
+        level.cpu = cpu_seconds(pids) - cpu
     level.rss = rss_kib(pids)
     return level
 
@@ -220,7 +241,9 @@ def run_front(
         print(
             f"  {name:<18} c={concurrency:<3} turn {1000 * statistics.median(level.turns):7.1f} ms"
             f"  ttft {1000 * statistics.median(level.first_tokens):7.1f} ms"
-            f"  {len(level.turns) / level.wall:6.1f} turns/s  rss {level.rss[0] / 1024:6.1f} MiB"
+            f"  {len(level.turns) / level.wall:6.1f} turns/s"
+            f"  cpu {1000 * level.cpu / len(level.turns):5.2f} ms/turn"
+            f"  rss {level.rss[0] / 1024:6.1f} MiB"
             f"  errors {level.errors}",
             file=sys.stderr,
         )
@@ -299,8 +322,8 @@ def table(results: dict[str, dict[int, Level]], levels: list[int]) -> str:
     anchor = results.get("litellm")
     rows = [
         "| front | concurrent | turn (median) | added | TTFT (median) | added to TTFT | turns/s "
-        "| RSS (peak) | vs LiteLLM's added |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| CPU per turn | RSS (peak) | vs LiteLLM's added |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, by_level in results.items():
         for c in levels:
@@ -318,8 +341,8 @@ def table(results: dict[str, dict[int, Level]], levels: list[int]) -> str:
             rows.append(
                 f"| {name} | {c} | {1000 * turn:.1f} ms | {'-' if dash else f'{1000 * added:+.1f} ms'} "
                 f"| {1000 * ttft:.1f} ms | {'-' if dash else f'{1000 * added_ttft:+.1f} ms'} "
-                f"| {len(level.turns) / level.wall:.0f} | {rss} | {versus} |"
-                + (f" ({level.errors} errors)" if level.errors else "")
+                f"| {len(level.turns) / level.wall:.0f} | {1000 * level.cpu / len(level.turns):.2f} ms "
+                f"| {rss} | {versus} |" + (f" ({level.errors} errors)" if level.errors else "")
             )
     return "\n".join(rows)
 
