@@ -542,7 +542,7 @@ class _SenderBase:
         self.max_connections = _check_max_connections(
             DEFAULT_MAX_CONNECTIONS if max_connections is None else max_connections
         )
-        self._url = self.base_url + CHAT_COMPLETIONS_PATH
+        self._url = httpx.URL(self.base_url + CHAT_COMPLETIONS_PATH)  # parsed once, not per request
         self._display_url = self._display_base_url + CHAT_COMPLETIONS_PATH
         # Scrubbed from every message, body and log (a server may echo the key). The base URL
         # carries no credentials: resolve_base_url refuses them.

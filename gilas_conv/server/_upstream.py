@@ -56,7 +56,8 @@ class ShardedTransport(httpx.AsyncBaseTransport):
         count = math.ceil(max_connections / SHARD_CONNECTIONS)
         size = math.ceil(max_connections / count)
         limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
-        self._pools = [httpx.AsyncHTTPTransport(limits=limits) for _ in range(count)]
+        tls = httpx.create_ssl_context()  # one for all: each loads the CA certificates
+        self._pools = [httpx.AsyncHTTPTransport(verify=tls, limits=limits) for _ in range(count)]
         self._busy = [0] * count
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
