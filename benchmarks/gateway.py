@@ -77,39 +77,40 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """User and system CPU time of ``pids`` and their children so far (seconds)."""
-    seen, todo, ticks = set(), list(pids), 0
+def process_tree(pids: list[int]) -> Iterator[int]:
+    """``pids`` and their children, grandchildren... (each once; those gone are skipped)."""
+    seen, todo = set(), list(pids)
     while todo:
         pid = todo.pop()
         if pid in seen:
             continue
         seen.add(pid)
         with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-            ticks += int(fields[11]) + int(fields[12])  # utime, stime
             for task in Path(f"/proc/{pid}/task").iterdir():
                 todo.extend(int(c) for c in (task / "children").read_text().split())
+            yield pid
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU time of ``pids`` and their children so far (seconds)."""
+    ticks = 0
+    for pid in process_tree(pids):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kib(pids: list[int]) -> tuple[int, int]:
     """(VmRSS, VmHWM) in KiB, summed over ``pids`` and their children."""
-    seen, todo, now, peak = set(), list(pids), 0, 0
-    while todo:
-        pid = todo.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
+    now, peak = 0, 0
+    for pid in process_tree(pids):
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     now += int(line.split()[1])
                 elif line.startswith("VmHWM:"):
                     peak += int(line.split()[1])
-            for task in Path(f"/proc/{pid}/task").iterdir():
-                children = (task / "children").read_text().split()
-                todo.extend(int(c) for c in children)
     return now, peak
 
 
