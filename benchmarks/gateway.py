@@ -233,8 +233,10 @@ class Front:
                     total, first, _ = await one_turn(
                         client, self.url, self.key, self._body(f"question {turn} of {index}", cid)
                     )
-                except (httpx.HTTPError, RuntimeError):
+                except (httpx.HTTPError, RuntimeError) as err:
                     level.errors += 1
+                    if level.errors == 1:
+                        print(f"  {self.name}: {type(err).__name__}: {err}", file=sys.stderr)
                     continue
                 level.turns.append(total)
                 level.first_tokens.append(first)

@@ -35,7 +35,7 @@ from starlette.types import Receive, Scope, Send
 
 from .. import _api
 from .._config import DEFAULT_MODEL, resolve_api_key, resolve_base_url
-from .._sender._base import ConversationRef, _answer, _Call, _Turn
+from .._sender._base import DEFAULT_MAX_KEEPALIVE_CONNECTIONS, ConversationRef, _answer, _Call, _Turn
 from ..exceptions import APIError, MessageNotFound, StreamInterrupted
 from ..sender import DEFAULT_MAX_CONNECTIONS, DEFAULT_TIMEOUT, AsyncReplyStream, AsyncSender, pending_reply_to
 from ..store import (
@@ -388,7 +388,11 @@ class _Gateway:
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
         # The sender's own client would hold its connections in one pool (see ShardedTransport).
         upstream = httpx.AsyncClient(
-            transport=ShardedTransport(max_connections=DEFAULT_MAX_CONNECTIONS), timeout=self.timeout
+            transport=ShardedTransport(
+                max_connections=DEFAULT_MAX_CONNECTIONS,
+                max_keepalive_connections=DEFAULT_MAX_KEEPALIVE_CONNECTIONS,
+            ),
+            timeout=self.timeout,
         )
         self.sender = _Sender(
             self.store,

@@ -46,15 +46,21 @@ class _Released(httpx.AsyncByteStream):
 
 class ShardedTransport(httpx.AsyncBaseTransport):
     """``max_connections`` connections as pools of at most :data:`SHARD_CONNECTIONS`
-    (``httpx.AsyncHTTPTransport`` each, keep-alive included); a request goes to the pool
-    with the fewest requests under way (a response counts until it is closed)."""
+    (``httpx.AsyncHTTPTransport`` each), keeping ``max_keepalive_connections`` idle ones
+    among them (spread evenly); a request goes to the pool with the fewest requests under
+    way (a response counts until it is closed).
 
-    def __init__(self, *, max_connections: int) -> None:
+    Idle connections are kept no more than one pool would keep: a server closes one that
+    stays idle past its keep-alive timeout, and a request sent on it just as that happens
+    fails (ReadError); the more idle connections, the more often."""
+
+    def __init__(self, *, max_connections: int, max_keepalive_connections: int) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
         count = math.ceil(max_connections / SHARD_CONNECTIONS)
         size = math.ceil(max_connections / count)
-        limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
+        idle = min(size, math.ceil(max(0, max_keepalive_connections) / count))
+        limits = httpx.Limits(max_connections=size, max_keepalive_connections=idle)
         tls = httpx.create_ssl_context()  # one for all: each loads the CA certificates
         self._pools = [httpx.AsyncHTTPTransport(verify=tls, limits=limits) for _ in range(count)]
         self._busy = [0] * count
