@@ -18,12 +18,18 @@ litellm
     this project) in front of the same stub, as the anchor: it does less (no history, no
     window, nothing stored; it runs without a database here).
 
-Each concurrency level runs ``N`` conversations at once, each doing turns one after the
-other (the number of turns per level is bounded: see ``TURNS``). A turn is timed from the
+Every front runs at once, side by side (each gateway on its own SQLite file). Each
+concurrency level runs ``N`` conversations at once, each doing turns one after the other
+(see ``TURNS``), in ``--rounds`` rounds; a round runs the fronts one after the other, so
+the fronts are interleaved and a change in the machine's load between rounds falls on all
+of them alike (the figures of a level are over all its rounds). A turn is timed from the
 request to ``data: [DONE]``; time to first token is to the first chunk with content. The
 added latency of a front is its median turn minus the direct median at the same level.
-Turns per second: all the level's turns over its wall time. Memory: the resident set
-size (VmRSS) of the front's processes after the level, and its peak (VmHWM).
+Turns per second: all the level's turns over their wall time. CPU per turn: the front's
+processes' CPU time (user and system, from /proc) over the level, per timed turn (for
+"direct", the stub's): unlike the latencies, it hardly moves with the machine's load.
+Memory: the resident set size (VmRSS) of the front's processes after the level, and its
+peak (VmHWM).
 
     python benchmarks/gateway.py [--postgres URL] [--litellm /path/to/litellm] [--baseline SRC]
 
@@ -57,8 +63,10 @@ HERE = Path(__file__).resolve().parent
 UPSTREAM_KEY = "sk-bench-upstream"
 LITELLM_KEY = "sk-bench-litellm"
 MODEL = "gpt-4o-mini"
-# Concurrent conversations -> timed turns each (bounded: 40, 100 and 300 turns per level).
-TURNS = {1: 40, 10: 10, 100: 3}
+# Concurrent conversations -> timed turns each per round (with the default 4 rounds: 40, 120
+# and 400 turns per level and front).
+TURNS = {1: 10, 10: 3, 100: 1}
+ROUNDS = 4
 START_TIMEOUT_S = 60.0
 TURN_TIMEOUT_S = 60.0
 
@@ -69,23 +77,40 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def rss_kib(pids: list[int]) -> tuple[int, int]:
-    """(VmRSS, VmHWM) in KiB, summed over ``pids`` and their children."""
-    seen, todo, now, peak = set(), list(pids), 0, 0
+def process_tree(pids: list[int]) -> Iterator[int]:
+    """``pids`` and their children, grandchildren... (each once; those gone are skipped)."""
+    seen, todo = set(), list(pids)
     while todo:
         pid = todo.pop()
         if pid in seen:
             continue
         seen.add(pid)
         with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+            yield pid
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU time of ``pids`` and their children so far (seconds)."""
+    ticks = 0
+    for pid in process_tree(pids):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def rss_kib(pids: list[int]) -> tuple[int, int]:
+    """(VmRSS, VmHWM) in KiB, summed over ``pids`` and their children."""
+    now, peak = 0, 0
+    for pid in process_tree(pids):
+        with contextlib.suppress(OSError):
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     now += int(line.split()[1])
                 elif line.startswith("VmHWM:"):
                     peak += int(line.split()[1])
-            for task in Path(f"/proc/{pid}/task").iterdir():
-                children = (task / "children").read_text().split()
-                todo.extend(int(c) for c in children)
     return now, peak
 
 
@@ -129,6 +154,7 @@ class Level:
     turns: list[float] = field(default_factory=list)
     first_tokens: list[float] = field(default_factory=list)
     wall: float = 0.0
+    cpu: float = 0.0  # the front's CPU seconds over the level's timed turns
     rss: tuple[int, int] = (0, 0)
     errors: int = 0
 
@@ -158,73 +184,99 @@ async def one_turn(
     return time.perf_counter() - began, first or 0.0, conversation
 
 
-async def run_level(url: str, key: str, *, concurrency: int, stateful: bool, pids: list[int]) -> Level:
-    level = Level()
-    limits = httpx.Limits(max_connections=concurrency + 10, max_keepalive_connections=concurrency + 10)
-    async with httpx.AsyncClient(timeout=TURN_TIMEOUT_S, limits=limits) as client:
+class Front:
+    """One front under test; each level's client and conversations are kept from round to
+    round (one event loop runs every round)."""
 
-        def body(text: str, conversation: str | None) -> dict[str, object]:
-            out: dict[str, object] = {
-                "model": MODEL,
-                "messages": [{"role": "user", "content": text}],
-                "stream": True,
-                "stream_options": {"include_usage": True},
-            }
-            if conversation is not None:
-                out["conversation"] = conversation
-            return out
+    def __init__(self, name: str, url: str, key: str, *, stateful: bool, pids: list[int]) -> None:
+        self.name, self.url, self.key, self.stateful, self.pids = name, url, key, stateful, pids
+        self.levels: dict[int, Level] = {}
+        self._clients: dict[int, httpx.AsyncClient] = {}
+        self._conversations: dict[int, list[str | None]] = {}
 
-        ready: list[int] = []
+    @staticmethod
+    def _body(text: str, conversation: str | None) -> dict[str, object]:
+        out: dict[str, object] = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": text}],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if conversation is not None:
+            out["conversation"] = conversation
+        return out
 
-        async def conversation(index: int) -> None:
-            cid = None
-            if stateful:  # the untimed turn that creates the conversation
-                _, _, cid = await one_turn(client, url, key, body(f"hello from {index}", None))
-            else:
-                await one_turn(client, url, key, body("warm up", None))
-            ready.append(index)
-            if len(ready) == concurrency:
-                warmed.set()
-            await start.wait()
+    async def round(self, concurrency: int) -> None:
+        """``TURNS[concurrency]`` timed turns in each of ``concurrency`` conversations at
+        once (each created, or for a stateless front warmed up, by an untimed turn in the
+        level's first round)."""
+        level = self.levels.setdefault(concurrency, Level())
+        client = self._clients.get(concurrency)
+        if client is None:
+            limits = httpx.Limits(
+                max_connections=concurrency + 10, max_keepalive_connections=concurrency + 10
+            )
+            client = self._clients[concurrency] = httpx.AsyncClient(timeout=TURN_TIMEOUT_S, limits=limits)
+
+            async def first(index: int) -> str | None:
+                text = f"hello from {index}" if self.stateful else "warm up"
+                _, _, cid = await one_turn(client, self.url, self.key, self._body(text, None))
+                return cid if self.stateful else None
+
+            self._conversations[concurrency] = list(
+                await asyncio.gather(*(first(i) for i in range(concurrency)))
+            )
+
+        async def conversation(index: int, cid: str | None) -> None:
             for turn in range(TURNS[concurrency]):
                 try:
                     total, first, _ = await one_turn(
-                        client, url, key, body(f"question {turn} of {index}", cid)
+                        client, self.url, self.key, self._body(f"question {turn} of {index}", cid)
                     )
-                except (httpx.HTTPError, RuntimeError):
+                except (httpx.HTTPError, RuntimeError) as err:
                     level.errors += 1
+                    if level.errors == 1:
+                        print(f"  {self.name}: {type(err).__name__}: {err}", file=sys.stderr)
                     continue
                 level.turns.append(total)
                 level.first_tokens.append(first)
 
-        start, warmed = asyncio.Event(), asyncio.Event()
-        tasks = [asyncio.ensure_future(conversation(i)) for i in range(concurrency)]
-        await warmed.wait()  # every conversation has had its untimed turn
-        began = time.perf_counter()
-        start.set()
-        await asyncio.gather(*tasks)
-        level.wall = time.perf_counter() - began
-    level.rss = rss_kib(pids)
-    return level
+        began, cpu = time.perf_counter(), cpu_seconds(self.pids)
+        await asyncio.gather(*(conversation(i, c) for i, c in enumerate(self._conversations[concurrency])))
+        level.wall += time.perf_counter() - began
+        level.cpu += cpu_seconds(self.pids) - cpu
+        level.rss = rss_kib(self.pids)
 
+    async def aclose(self) -> None:
+        for client in self._clients.values():
+            await client.aclose()
 
-def run_front(
-    name: str, url: str, key: str, *, stateful: bool, pids: list[int], levels: list[int]
-) -> dict[int, Level]:
-    results = {}
-    for concurrency in levels:
-        results[concurrency] = asyncio.run(
-            run_level(url, key, concurrency=concurrency, stateful=stateful, pids=pids)
-        )
-        level = results[concurrency]
+    def report(self, concurrency: int) -> None:
+        level = self.levels[concurrency]
         print(
-            f"  {name:<18} c={concurrency:<3} turn {1000 * statistics.median(level.turns):7.1f} ms"
+            f"  {self.name:<26} c={concurrency:<3} turn {1000 * statistics.median(level.turns):7.1f} ms"
             f"  ttft {1000 * statistics.median(level.first_tokens):7.1f} ms"
-            f"  {len(level.turns) / level.wall:6.1f} turns/s  rss {level.rss[0] / 1024:6.1f} MiB"
+            f"  {len(level.turns) / level.wall:6.1f} turns/s"
+            f"  cpu {1000 * level.cpu / len(level.turns):5.2f} ms/turn"
+            f"  rss {level.rss[0] / 1024:6.1f} MiB"
             f"  errors {level.errors}",
             file=sys.stderr,
         )
-    return results
+
+
+async def run_interleaved(fronts: list[Front], levels: list[int], rounds: int) -> None:
+    """Each level in ``rounds`` rounds; a round runs every front in turn, so that a change
+    in the machine's load between rounds falls on all of them alike."""
+    try:
+        for concurrency in levels:
+            for _ in range(rounds):
+                for front in fronts:
+                    await front.round(concurrency)
+            for front in fronts:
+                front.report(concurrency)
+    finally:
+        for front in fronts:
+            await front.aclose()
 
 
 def gilas(*args: str) -> list[str]:
@@ -299,8 +351,8 @@ def table(results: dict[str, dict[int, Level]], levels: list[int]) -> str:
     anchor = results.get("litellm")
     rows = [
         "| front | concurrent | turn (median) | added | TTFT (median) | added to TTFT | turns/s "
-        "| RSS (peak) | vs LiteLLM's added |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| CPU per turn | RSS (peak) | vs LiteLLM's added |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, by_level in results.items():
         for c in levels:
@@ -318,8 +370,8 @@ def table(results: dict[str, dict[int, Level]], levels: list[int]) -> str:
             rows.append(
                 f"| {name} | {c} | {1000 * turn:.1f} ms | {'-' if dash else f'{1000 * added:+.1f} ms'} "
                 f"| {1000 * ttft:.1f} ms | {'-' if dash else f'{1000 * added_ttft:+.1f} ms'} "
-                f"| {len(level.turns) / level.wall:.0f} | {rss} | {versus} |"
-                + (f" ({level.errors} errors)" if level.errors else "")
+                f"| {len(level.turns) / level.wall:.0f} | {1000 * level.cpu / len(level.turns):.2f} ms "
+                f"| {rss} | {versus} |" + (f" ({level.errors} errors)" if level.errors else "")
             )
     return "\n".join(rows)
 
@@ -332,6 +384,7 @@ def main() -> None:
     )
     parser.add_argument("--levels", default="1,10,100", help="concurrency levels among 1,10,100")
     parser.add_argument("--words", type=int, default=8, help="words per streamed reply")
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help="rounds per level (fronts interleaved)")
     parser.add_argument(
         "--baseline",
         type=Path,
@@ -354,12 +407,12 @@ def main() -> None:
             "--words",
             str(args.words),
         ]
-        results: dict[str, dict[int, Level]] = {}
-        with process(stub, ready=upstream + "/models", log=work / "stub.log") as stub_proc:
-            results["direct"] = run_front(
-                "direct", upstream, UPSTREAM_KEY, stateful=False, pids=[stub_proc.pid], levels=levels
+        with contextlib.ExitStack() as running:
+            stub_proc = running.enter_context(
+                process(stub, ready=upstream + "/models", log=work / "stub.log")
             )
-            backends = [("SQLite", f"sqlite:///{work / 'bench.db'}")]
+            fronts = [Front("direct", upstream, UPSTREAM_KEY, stateful=False, pids=[stub_proc.pid])]
+            backends = [("SQLite", "sqlite:///{}")]
             if args.postgres:
                 backends.append(("Postgres", args.postgres))
             builds: list[tuple[str, Path | None]] = [("gateway", None)]
@@ -367,20 +420,22 @@ def main() -> None:
                 builds.insert(0, ("gateway before", args.baseline.resolve()))
             for label, source in builds:
                 for backend, url in backends:
+                    # Each build its own SQLite file: the gateways run side by side.
+                    url = url.format(work / f"bench-{len(fronts)}.db")
                     name = f"{label} ({backend})"
-                    with gateway(url, upstream, work, source) as (front, key, pids):
-                        results[name] = run_front(name, front, key, stateful=True, pids=pids, levels=levels)
+                    front, key, pids = running.enter_context(gateway(url, upstream, work, source))
+                    fronts.append(Front(name, front, key, stateful=True, pids=pids))
             if litellm_path:
                 try:
-                    with litellm(litellm_path, upstream, work) as (front, key, pids):
-                        results["litellm"] = run_front(
-                            "litellm", front, key, stateful=False, pids=pids, levels=levels
-                        )
+                    front, key, pids = running.enter_context(litellm(litellm_path, upstream, work))
+                    fronts.append(Front("litellm", front, key, stateful=False, pids=pids))
                 except RuntimeError as err:
                     print(f"LiteLLM not measured: {err}", file=sys.stderr)
                     print((work / "litellm.log").read_text()[-2000:], file=sys.stderr)
             else:
                 print("LiteLLM not measured: pass --litellm PATH", file=sys.stderr)
+            asyncio.run(run_interleaved(fronts, levels, args.rounds))
+        results = {front.name: front.levels for front in fronts}
         print(table(results, levels))
 
 

@@ -240,6 +240,8 @@ STORE_PRIVATE_ALLOWED = {
     ("gilas_conv/server/_app.py", "_begin_turn"): "the turn lease API, for the gateway's item edits: "
     "appended items and deletions take the lease, so they never land inside a turn (409 while one runs)",
     ("gilas_conv/server/_app.py", "_end_turn"): "the turn lease API: an item edit releases the lease at once",
+    ("gilas_conv/server/_app.py", "_with_last_messages"): "a completion's checks: the conversation "
+    "for the key's owner and its last messages, in one statement",
 }
 
 
@@ -312,7 +314,6 @@ NOT_SQL = {
     ("gilas_conv/cli/_manage.py", "store.delete"): "ConversationStore.delete, the store's public API",
     ("gilas_conv/cli/_manage.py", "settings.get(conversation_id).update"): "Conversation.update",
     ("gilas_conv/cli/_render.py", "self._live.update"): "rich's Live display",
-    ("gilas_conv/server/_app.py", "error.headers.update"): "a dict: an error's response headers",
     ("gilas_conv/server/_app.py", "conv.update"): "Conversation.update, the store's public API",
 }
 # A string spelling a SQL statement (upper case, as SQL is written; prose is not).

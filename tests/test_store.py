@@ -1185,3 +1185,25 @@ def test_a_closed_store_refuses_to_be_used_instead_of_leaking_connections(db_url
         conv.messages()
     with pytest.raises(StoreError, match="is closed"):
         store.list()
+
+
+def test_the_gateway_reads_a_conversation_with_its_last_messages_for_its_owner_only(
+    store: ConversationStore,
+) -> None:
+    conv = store.create(model="gpt-4o-mini", owner="alice")
+    found, last = store._with_last_messages(conv.id, owner="alice", count=2)
+    assert (found.id, found.owner, found.message_count, last) == (conv.id, "alice", 0, [])
+    for words in ("one", "two", "three"):
+        conv.append("user", words)
+    conv.append("assistant", "four", status="incomplete")
+    found, last = store._with_last_messages(conv.id, owner="alice", count=2)
+    assert found.message_count == 4
+    assert [(m.seq, m.content, m.complete) for m in last] == [(3, "three", True), (4, "four", False)]
+    _, everything = store._with_last_messages(conv.id, owner="alice", count=10)
+    assert [m.seq for m in everything] == [1, 2, 3, 4]
+    assert everything == conv.messages()
+    for owner in ("bob", None):
+        with pytest.raises(ConversationNotFound):
+            store._with_last_messages(conv.id, owner=owner, count=2)
+    with pytest.raises(ConversationNotFound):
+        store._with_last_messages("no-such-id", owner="alice", count=2)

@@ -534,7 +534,7 @@ class _SenderBase:
         self.max_connections = _check_max_connections(
             DEFAULT_MAX_CONNECTIONS if max_connections is None else max_connections
         )
-        self._url = self.base_url + CHAT_COMPLETIONS_PATH
+        self._url = httpx.URL(self.base_url + CHAT_COMPLETIONS_PATH)  # parsed once, not per request
         self._display_url = self._display_base_url + CHAT_COMPLETIONS_PATH
         # Scrubbed from every message, body and log (a server may echo the key). The base URL
         # carries no credentials: resolve_base_url refuses them.
@@ -618,6 +618,23 @@ class _SenderBase:
             self._release(conv.id, lease, held)
             raise
         return _Turn(conv, reply_to, lease, reservation=held)
+
+    def _start(
+        self, conversation: ConversationRef, content: Any, call: _Call, *, owner: str | None, stream: bool
+    ) -> tuple[_Turn, _Turn | SummaryRequest]:
+        """:meth:`_prepare`, then the first :meth:`_plan`, in one blocking call (one worker
+        thread's hop, not two): the turn and its plan. A plan that fails gives the turn back."""
+        turn = self._prepare(conversation, content, call, owner=owner)
+        try:
+            return turn, self._plan(turn, call, stream=stream)
+        except BaseException:
+            self._abandon(turn)
+            raise
+
+    def _abandon_started(self, started: tuple[_Turn, _Turn | SummaryRequest]) -> None:
+        """:meth:`_abandon` the turn of :meth:`_start` (as planned: its reservation may have grown)."""
+        turn, plan = started
+        self._abandon(plan if isinstance(plan, _Turn) else turn)
 
     def _take_turn(
         self, conv: Conversation, new: list[dict[str, Any]], call: _Call

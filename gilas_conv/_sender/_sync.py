@@ -240,20 +240,20 @@ class Sender(_SenderBase):
         """Store the user message, then plan the context; each summary the plan asks for is
         requested between two blocking store calls, holding neither a database connection
         nor a worker thread, and stored before planning again."""
-        # The turn holds the conversation's lease: a caller cancelled meanwhile must not keep it.
-        turn = SyncBackend.run_claiming(
-            self._abandon, self._prepare, conversation, content, call, owner=owner
+        # The turn holds the conversation's lease: a caller cancelled meanwhile must not keep
+        # it. It is taken and first planned in one blocking call.
+        turn, plan = SyncBackend.run_claiming(
+            self._abandon_started, self._start, conversation, content, call, owner=owner, stream=stream
         )
         try:
             covered = 0
-            while True:
-                plan = SyncBackend.run_blocking(self._plan, turn, call, stream=stream)
-                if isinstance(plan, _Turn):
-                    return plan
+            while not isinstance(plan, _Turn):
                 covered = self._check_progress(plan, covered)
                 response, payload = self._request(self._summary_body(plan), stream=False, call=call)
                 reply = self._completion(response, payload)
                 SyncBackend.run_blocking(self._save_summary, turn, plan, reply)
+                plan = SyncBackend.run_blocking(self._plan, turn, call, stream=stream)
+            return plan
         except BaseException:
             # Planning or a summary failed: no request goes out, the conversation is freed.
             SyncBackend.run_blocking(self._abandon, turn)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import functools
 import json
@@ -34,8 +35,9 @@ from starlette.types import Receive, Scope, Send
 
 from .. import _api
 from .._config import DEFAULT_MODEL, resolve_api_key, resolve_base_url
+from .._sender._base import DEFAULT_MAX_KEEPALIVE_CONNECTIONS, ConversationRef, _answer, _Call, _Turn
 from ..exceptions import APIError, MessageNotFound, StreamInterrupted
-from ..sender import DEFAULT_TIMEOUT, AsyncReplyStream, AsyncSender, pending_reply_to
+from ..sender import DEFAULT_MAX_CONNECTIONS, DEFAULT_TIMEOUT, AsyncReplyStream, AsyncSender, pending_reply_to
 from ..store import (
     APIKeys,
     Conversation,
@@ -47,6 +49,7 @@ from ..store import (
 )
 from ._errors import GatewayError, error_body, error_for
 from ._history import new_messages, resends_nothing
+from ._upstream import ShardedTransport
 from ._wire import completion_body, conversation_object, item_object, messages_from_items, parse_item_id
 
 __all__ = [
@@ -75,7 +78,10 @@ CONVERSATION_HEADER = "x-gilas-conversation"
 DEFAULT_PAGE_LIMIT = 20
 MAX_PAGE_LIMIT = 100
 # How many of the last messages are read first to find the turn waiting for its answer
-# (further back only when they are all part of it).
+# (further back only when they are all part of it): a request that re-sends no history
+# reads this many with its conversation (usually one suffices: a complete reply), ...
+_LAST = 2
+# ... then, if they are all part of the turn, this many and more.
 _TAIL = 8
 # At shutdown, how long the streams cut by the server may take to store what arrived.
 _SHUTDOWN_STORE_SECONDS = 10.0
@@ -285,6 +291,67 @@ class _KeyCache:
         self._found[key] = (time.monotonic(), owner)
 
 
+@dataclasses.dataclass
+class _Completion:
+    """A completion's messages as the sender's ``content``, checked against the stored
+    conversation (:func:`_plan_turn`) in the worker-thread call that takes the turn."""
+
+    owner: str | None
+    reference: str | None  # the conversation named (None: create one)
+    messages: list[dict[str, Any]]
+    model: str | None
+    # The conversation, once found (or created) and every check has passed.
+    conversation: Conversation | None = None
+
+
+class _Sender(AsyncSender):
+    """The gateway's sender: a completion's checks and its new messages' turn run in one
+    worker-thread call, with the window's plan (:meth:`_start`), so that a turn makes two
+    hops to a worker thread (this one; the reply with the release), not three."""
+
+    def _prepare(
+        self, conversation: ConversationRef, content: Any, call: _Call, *, owner: str | None
+    ) -> _Turn:
+        if isinstance(content, _Completion):
+            conv, new = _plan_turn(self.store, content)
+            content.conversation = conversation = conv
+            # One new user message (the usual turn) is answered as ``send`` answers it: the
+            # reply is to that message, so the sender need not look for the pending turn.
+            plain = len(new) == 1 and new[0].keys() == {"role", "content"} and new[0]["role"] == "user"
+            content = new[0]["content"] if plain else _answer(new)
+        return super()._prepare(conversation, content, call, owner=owner)
+
+
+def _plan_turn(
+    store: ConversationStore, completion: _Completion
+) -> tuple[Conversation, list[dict[str, Any]]]:
+    """The conversation and the new messages of a completion, or a refusal; writes only
+    when it creates the conversation (after every check passed). One read transaction for
+    a conversation whose end shows the turn (the usual case)."""
+    owner, messages = completion.owner, completion.messages
+    if completion.reference is None:
+        _check_answerable([], messages, conversation_id="", whole=True)
+        conv = store.create(model=completion.model or DEFAULT_MODEL, owner=owner, title=_title_from(messages))
+        return conv, messages
+    # The first messages only matter to a request that may re-send the history.
+    only_new = resends_nothing(messages)
+    limit = 2 * len(messages) + 16
+    count = _LAST if only_new else limit
+    conv, last = store._with_last_messages(completion.reference, owner=owner, count=count)
+    if conv.message_count <= count:  # a short history: read whole
+        stored, tail, whole, tail_whole = last, last, True, True
+    else:
+        stored = [] if only_new else conv.messages(limit=limit)
+        if any(m.role not in ("user", "tool") and m.complete for m in last):
+            tail, tail_whole = last, False
+        else:
+            tail, tail_whole = _tail(conv)
+        whole = False
+    match = new_messages(messages, stored, whole=whole, tail=tail)
+    _check_answerable(tail, match.new, conversation_id=conv.id, whole=tail_whole)
+    return conv, match.new
+
+
 class _Gateway:
     """The state of one app: the store, the sender, the key cache; and the endpoints."""
 
@@ -311,7 +378,7 @@ class _Gateway:
         self.max_retries = max_retries
         self.timeout = timeout
         self.key_cache = _KeyCache(key_cache_seconds)
-        self.sender: AsyncSender | None = None
+        self.sender: _Sender | None = None
         self.http: httpx.AsyncClient | None = None
         self.streams = _InFlight()
 
@@ -319,12 +386,21 @@ class _Gateway:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
-        self.sender = AsyncSender(
+        # The sender's own client would hold its connections in one pool (see ShardedTransport).
+        upstream = httpx.AsyncClient(
+            transport=ShardedTransport(
+                max_connections=DEFAULT_MAX_CONNECTIONS,
+                max_keepalive_connections=DEFAULT_MAX_KEEPALIVE_CONNECTIONS,
+            ),
+            timeout=self.timeout,
+        )
+        self.sender = _Sender(
             self.store,
             api_key=self._api_key,
             base_url=self.base_url,
             timeout=self.timeout,
             max_retries=self.max_retries,
+            http_client=upstream,
         )
         self.http = httpx.AsyncClient(timeout=self.timeout)
         try:
@@ -332,6 +408,7 @@ class _Gateway:
         finally:
             await self.streams.wait(_SHUTDOWN_STORE_SECONDS)
             await self.sender.aclose()  # waits for abandoned streams to store what arrived
+            await upstream.aclose()
             await self.http.aclose()
             if self.owns_store:
                 self.store.close()
@@ -431,32 +508,6 @@ class _Gateway:
 
     # -- chat completions --------------------------------------------------------------------------
 
-    def _plan_turn(
-        self,
-        owner: str | None,
-        conversation_id: str | None,
-        messages: list[dict[str, Any]],
-        model: str | None,
-    ) -> tuple[Conversation, list[dict[str, Any]]]:
-        """The conversation and the new messages of a completion, or a refusal; writes only
-        when it creates the conversation (after every check passed)."""
-        if conversation_id is None:
-            _check_answerable([], messages, conversation_id="", whole=True)
-            conv = self.store.create(model=model or DEFAULT_MODEL, owner=owner, title=_title_from(messages))
-            return conv, messages
-        conv = self.store.get(conversation_id, owner=owner)
-        limit = 2 * len(messages) + 16
-        if conv.message_count <= limit:  # a short history: read it whole, once
-            stored = conv.messages()
-            tail, whole, tail_whole = stored, True, True
-        else:
-            # The first messages only matter to a request that may re-send the history.
-            stored = [] if resends_nothing(messages) else conv.messages(limit=limit)
-            (tail, tail_whole), whole = _tail(conv), False
-        match = new_messages(messages, stored, whole=whole, tail=tail)
-        _check_answerable(tail, match.new, conversation_id=conv.id, whole=tail_whole)
-        return conv, match.new
-
     async def chat_completions(self, request: Request) -> Response:
         owner = await self.owner(request)
         body = await self.json_body(request)
@@ -485,7 +536,7 @@ class _Gateway:
             options["context_limit"] = body["context_limit"]
         assert self.sender is not None
         # The sender's own checks of the parameters, before anything is written.
-        self.sender._call(
+        call = self.sender._call(
             params,
             max_retries=None,
             timeout=None,
@@ -493,7 +544,7 @@ class _Gateway:
             policy=options.get("policy"),
         )
         return await _unless_client_leaves(
-            request, self._turn(owner, reference, messages, params, options, bool(stream), include_usage)
+            request, self._turn(owner, reference, messages, call, bool(stream), include_usage)
         )
 
     async def _turn(
@@ -501,39 +552,34 @@ class _Gateway:
         owner: str | None,
         reference: str | None,
         messages: list[dict[str, Any]],
-        params: dict[str, Any],
-        options: dict[str, Any],
+        call: _Call,
         stream: bool,
         include_usage: bool,
     ) -> Response:
         """A checked completion: the turn, up to its response (a stream, once started)."""
         assert self.sender is not None
-        conv, new = await asyncio.to_thread(self._plan_turn, owner, reference, messages, params.get("model"))
-        header = {CONVERSATION_HEADER: conv.id}
-        # One new user message (the usual turn) is answered as ``send`` answers it: the reply
-        # is to that message, so the sender need not look for the pending turn again.
-        plain = len(new) == 1 and new[0].keys() == {"role", "content"} and new[0]["role"] == "user"
-        single = new[0]["content"] if plain else None
+        completion = _Completion(owner, reference, messages, call.params.get("model"))
         try:
             if not stream:
-                if single is not None:
-                    reply = await self.sender.send(conv, single, **options, **params)
-                else:
-                    reply = await self.sender.retry(conv, messages=new, **options, **params)
-                return JSONResponse(
-                    completion_body(
-                        reply, conversation_id=conv.id, requested_model=params.get("model") or conv.model
-                    ),
-                    headers=header,
-                )
-            if single is not None:
-                started = await self.sender.stream(conv, single, **options, **params)
+                reply = await self.sender._complete(reference or "", completion, call, owner=owner)
             else:
-                started = await self.sender.stream_retry(conv, messages=new, **options, **params)
+                started = await self.sender._open_stream(reference or "", completion, call, owner=owner)
         except Exception as err:
+            if completion.conversation is None:  # refused by the checks: nothing was stored
+                raise
             error = error_for(err)
-            error.headers.update(header)
+            error.headers[CONVERSATION_HEADER] = completion.conversation.id
             raise error from err
+        conv = completion.conversation
+        assert conv is not None
+        header = {CONVERSATION_HEADER: conv.id}
+        if not stream:
+            return JSONResponse(
+                completion_body(
+                    reply, conversation_id=conv.id, requested_model=call.params.get("model") or conv.model
+                ),
+                headers=header,
+            )
         return _ReplyEvents(
             started,
             conv.id,
@@ -774,22 +820,37 @@ async def _events(
     stream: AsyncReplyStream, conversation_id: str, *, include_usage: bool
 ) -> AsyncIterator[str]:
     """The reply's chunks as server-sent events, each naming the conversation, as they arrive.
-    (:class:`_ReplyEvents` closes the stream, however this ends.)"""
+    (:class:`_ReplyEvents` closes the stream, however this ends.)
+
+    Chunks that arrived together (in one read from the upstream) are sent together: one
+    write to the client instead of one per chunk, none of them held back."""
+    batch: list[str] = []
     try:
         async for chunk in stream:
-            raw = chunk.raw
+            raw: dict[str, Any] | None = chunk.raw
             if not include_usage:
-                if not raw.get("choices") and raw.get("usage") is not None:
-                    continue  # the sender always asks for usage; this client did not
-                raw = {k: v for k, v in raw.items() if k != "usage"}
-            yield "data: " + json.dumps({**raw, "conversation": conversation_id}, ensure_ascii=False) + "\n\n"
+                if not chunk.raw.get("choices") and chunk.raw.get("usage") is not None:
+                    raw = None  # the sender always asks for usage; this client did not
+                else:
+                    raw = {k: v for k, v in chunk.raw.items() if k != "usage"}
+            if raw is not None:
+                batch.append(
+                    "data: "
+                    + json.dumps({**raw, "conversation": conversation_id}, ensure_ascii=False)
+                    + "\n\n"
+                )
+            if batch and not stream._core.ready:  # the next chunk is not here yet
+                yield "".join(batch)
+                batch = []
     except (APIError, StreamInterrupted) as err:
         error = error_for(err)
         payload = error_body(error.message, type=error.type, code=error.code)
         payload["conversation"] = conversation_id
-        yield "data: " + json.dumps(payload, ensure_ascii=False) + "\n\n"
+        batch.append("data: " + json.dumps(payload, ensure_ascii=False) + "\n\n")
+        yield "".join(batch)
         return
-    yield "data: [DONE]\n\n"
+    batch.append("data: [DONE]\n\n")
+    yield "".join(batch)
 
 
 def _handler(gateway: _Gateway, name: str) -> Callable[[Request], Awaitable[Response]]:

@@ -414,6 +414,23 @@ def _of_owner(owned: bool) -> Any:
 # Built once, keyed by whether an owner is given.
 _SELECT_CONVERSATION = {owned: select(_conversations).where(_of_owner(owned)) for owned in (True, False)}
 _CONVERSATION_EXISTS = {owned: select(literal(1)).where(_of_owner(owned)) for owned in (True, False)}
+# A conversation and its messages after ``last_seq - :count``, in one statement (one row per
+# message, or one row of NULLs after the conversation's columns when none is that late).
+_CONVERSATION_AND_LAST = {
+    owned: select(_conversations, *(column.label(f"m_{column.name}") for column in _MESSAGE_COLUMNS))
+    .select_from(
+        _conversations.outerjoin(
+            _messages,
+            and_(
+                _messages.c.conversation_id == _conversations.c.id,
+                _messages.c.seq > _conversations.c.last_seq - bindparam("count"),
+            ),
+        )
+    )
+    .where(_of_owner(owned))
+    .order_by(_messages.c.seq)
+    for owned in (True, False)
+}
 
 
 @dataclass(eq=False)
@@ -1938,6 +1955,29 @@ class ConversationStore:
         with self._read() as conn:
             self._check_owner(conversation_id, owner, conn)
             return [_message_from_row(row) for row in conn.execute(query)]
+
+    def _with_last_messages(
+        self, conversation_id: str, *, owner: str | None, count: int
+    ) -> tuple[Conversation, builtins.list[Message]]:
+        """This owner's conversation (else ConversationNotFound) and its last ``count``
+        messages in order (those with seq above ``last_seq - count``), read with one
+        statement: what the gateway checks a completion against."""
+        if not _could_exist(conversation_id, owner):
+            raise ConversationNotFound(conversation_id)
+        with self._read_one() as conn:
+            rows = conn.execute(
+                _CONVERSATION_AND_LAST[owner is not None],
+                {"cid": conversation_id, "owner": owner, "count": count},
+            ).all()
+        if not rows:
+            raise ConversationNotFound(conversation_id)
+        names = Message.__dataclass_fields__
+        messages = [
+            _message_from_row({name: row._mapping[f"m_{name}"] for name in names})
+            for row in rows
+            if row._mapping["m_seq"] is not None
+        ]
+        return self._conversation_from_row(rows[0]), messages
 
     def _last_message(self, conversation_id: str, owner: str | None) -> Message | None:
         with self._read() as conn:
