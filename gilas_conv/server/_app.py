@@ -35,9 +35,9 @@ from starlette.types import Receive, Scope, Send
 
 from .. import _api
 from .._config import DEFAULT_MODEL, resolve_api_key, resolve_base_url
-from .._sender._base import DEFAULT_MAX_KEEPALIVE_CONNECTIONS, ConversationRef, _answer, _Call, _Turn
+from .._sender._base import ConversationRef, _answer, _Call, _Turn
 from ..exceptions import APIError, MessageNotFound, StreamInterrupted
-from ..sender import DEFAULT_MAX_CONNECTIONS, DEFAULT_TIMEOUT, AsyncReplyStream, AsyncSender, pending_reply_to
+from ..sender import DEFAULT_TIMEOUT, AsyncReplyStream, AsyncSender, pending_reply_to
 from ..store import (
     APIKeys,
     Conversation,
@@ -49,7 +49,6 @@ from ..store import (
 )
 from ._errors import GatewayError, error_body, error_for
 from ._history import new_messages, resends_nothing
-from ._upstream import ShardedTransport
 from ._wire import completion_body, conversation_object, item_object, messages_from_items, parse_item_id
 
 __all__ = [
@@ -386,21 +385,12 @@ class _Gateway:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
-        # The sender's own client would hold its connections in one pool (see ShardedTransport).
-        upstream = httpx.AsyncClient(
-            transport=ShardedTransport(
-                max_connections=DEFAULT_MAX_CONNECTIONS,
-                max_keepalive_connections=DEFAULT_MAX_KEEPALIVE_CONNECTIONS,
-            ),
-            timeout=self.timeout,
-        )
         self.sender = _Sender(
             self.store,
             api_key=self._api_key,
             base_url=self.base_url,
             timeout=self.timeout,
             max_retries=self.max_retries,
-            http_client=upstream,
         )
         self.http = httpx.AsyncClient(timeout=self.timeout)
         try:
@@ -408,7 +398,6 @@ class _Gateway:
         finally:
             await self.streams.wait(_SHUTDOWN_STORE_SECONDS)
             await self.sender.aclose()  # waits for abandoned streams to store what arrived
-            await upstream.aclose()
             await self.http.aclose()
             if self.owns_store:
                 self.store.close()
