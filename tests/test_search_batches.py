@@ -237,9 +237,9 @@ def test_deleting_indexed_and_pending_rows_of_one_conversation(tmp_path: Path) -
     assert b"mixedsecret" not in path.read_bytes()
 
 
-def test_a_reused_id_below_the_mark_is_indexed_at_once(opened: ConversationStore) -> None:
-    """Deleting the newest (indexed) rows lets SQLite reuse their ids, below the mark: such
-    a row goes into FTS5 with its insert, so the mark's invariant holds."""
+def test_deleting_the_newest_rows_lowers_the_mark(opened: ConversationStore) -> None:
+    """Deleting the newest rows lets SQLite reuse their ids: the mark comes down to the
+    highest id left, so the next rows are pending, not taken for indexed ones."""
     first = opened.create(model=MODEL)
     first.append("user", "older words")
     last = opened.create(model=MODEL)
@@ -247,10 +247,34 @@ def test_a_reused_id_below_the_mark_is_indexed_at_once(opened: ConversationStore
         last.append("user", f"newest {n}")
     assert _mark(opened) == (BATCH, 0)
     opened.delete(last.id)
+    assert _mark(opened) == (1, 0)
     again = opened.create(model=MODEL)
     again.append("user", "reused walrus")
-    assert _mark(opened) == (BATCH, 0)  # id 2 <= mark: indexed, not pending
+    assert _mark(opened) == (1, 1)
     assert [h.conversation_id for h in opened.search("walrus")] == [again.id]
+    # Pending rows deleted too: the mark stays at the highest indexed row left.
+    opened.delete(again.id)
+    assert _mark(opened) == (1, 0)
+    opened.delete(first.id)
+    assert _mark(opened) == (0, 0)
+    _check_fts5(opened)
+
+
+def test_a_row_inserted_at_or_below_the_mark_is_indexed_at_once(opened: ConversationStore) -> None:
+    """The safety net for the invariant: a row given an id at or below the mark (the store
+    never does; a hand-made one might) goes into FTS5 with its insert."""
+    conv = opened.create(model=MODEL)
+    for n in range(BATCH + 2):
+        conv.append("user", f"numbered {n}")
+    with opened._write() as conn:
+        conn.exec_driver_sql("DELETE FROM message_search WHERE id = 5")
+        conn.exec_driver_sql(
+            "INSERT INTO message_search (id, conversation_id, seq, body, parts)"
+            " VALUES (5, ?, 5, 'handmade', '')",
+            (conv.id,),
+        )
+    assert _mark(opened) == (BATCH, 2)
+    assert [h.seq for h in opened.search("handmade")] == [5]
     _check_fts5(opened)
 
 

@@ -11,8 +11,10 @@ the search rows with an id at or below it are in the FTS5 index, those above it 
 pending. The insert trigger now copies the pending rows when there are ``BATCH`` of them
 (in the inserting transaction); a row inserted at or below the mark (an id reused after
 the newest rows were deleted) is indexed at once; the delete trigger touches FTS5 only for
-rows at or below the mark. Every existing row is indexed (0004's trigger wrote each), so
-the mark starts at the highest id. gilas_conv/store/_search.py explains the design and how
+rows at or below the mark, and deleting the newest rows brings the mark down to the
+highest id left, so that SQLite's reuse of their ids cannot put a new row at or below it.
+Every existing row is indexed (0004's trigger wrote each), so the mark starts at the
+highest id. gilas_conv/store/_search.py explains the design and how
 a search sees the pending rows. Postgres is unchanged (its index costs an append nothing
 measurable). Downgrade copies the pending rows into FTS5 and restores 0004's triggers.
 """
@@ -57,6 +59,14 @@ _UPGRADE = [
         INSERT INTO message_search_fts (message_search_fts, rowid, body, parts)
         VALUES ('delete', old.id, old.body, old.parts);
     END""",
+    # Deleting the newest rows would let SQLite give their ids to the next rows, at or below
+    # the mark; the mark comes down to the highest id left instead (every row at or below it
+    # is indexed), so new rows are pending as they should be.
+    f"""CREATE TRIGGER message_search_ad_mark AFTER DELETE ON message_search
+    WHEN old.id >= {_MARK} BEGIN
+        UPDATE message_search_mark
+        SET indexed_to = min(indexed_to, coalesce((SELECT max(id) FROM message_search), 0));
+    END""",
 ]
 
 _DOWNGRADE = [
@@ -65,6 +75,7 @@ _DOWNGRADE = [
     "DROP TRIGGER message_search_ai",
     "DROP TRIGGER message_search_ai_reused",
     "DROP TRIGGER message_search_ad",
+    "DROP TRIGGER message_search_ad_mark",
     "DROP TABLE message_search_mark",
     # 0004's triggers, as it wrote them.
     """CREATE TRIGGER message_search_ai AFTER INSERT ON message_search BEGIN
