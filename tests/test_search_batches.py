@@ -260,24 +260,6 @@ def test_deleting_the_newest_rows_lowers_the_mark(opened: ConversationStore) -> 
     _check_fts5(opened)
 
 
-def test_a_row_inserted_at_or_below_the_mark_is_indexed_at_once(opened: ConversationStore) -> None:
-    """The safety net for the invariant: a row given an id at or below the mark (the store
-    never does; a hand-made one might) goes into FTS5 with its insert."""
-    conv = opened.create(model=MODEL)
-    for n in range(BATCH + 2):
-        conv.append("user", f"numbered {n}")
-    with opened._write() as conn:
-        conn.exec_driver_sql("DELETE FROM message_search WHERE id = 5")
-        conn.exec_driver_sql(
-            "INSERT INTO message_search (id, conversation_id, seq, body, parts)"
-            " VALUES (5, ?, 5, 'handmade', '')",
-            (conv.id,),
-        )
-    assert _mark(opened) == (BATCH, 2)
-    assert [h.seq for h in opened.search("handmade")] == [5]
-    _check_fts5(opened)
-
-
 def test_forks_and_imports_cross_batches(opened: ConversationStore) -> None:
     rng = random.Random(9)
     conv = opened.create(model=MODEL)
@@ -356,7 +338,7 @@ def test_upgrade_from_0007_keeps_indexed_rows_searchable(tmp_path: Path) -> None
         ).fetchone()[0]
         assert count == 40 + BATCH + 3
         tables = {row[0] for row in raw.execute("SELECT name FROM sqlite_master")}
-        assert "message_search_mark" not in tables and "message_search_ai_reused" not in tables
+        assert "message_search_mark" not in tables and "message_search_ad_mark" not in tables
     finally:
         raw.close()
     upgrade_database(url)

@@ -24,10 +24,11 @@ SQLite
     with an id at or below it are in the FTS5 index, the ones above it (at most
     ``FTS5_BATCH - 1``, store-wide) are *pending*. Triggers keep that true: an insert that
     makes ``FTS5_BATCH`` rows pending copies them all into FTS5 and moves the mark, in the
-    inserting transaction (an append, an import, a fork); an insert at or below the mark
-    (an id reused after the newest rows were deleted) goes into FTS5 at once; a delete
-    removes a row's index entry only when the row is at or below the mark (a pending row
-    never reached FTS5, so it leaves no trace there). A search matches the pending rows in
+    inserting transaction (an append, an import, a fork); a delete removes a row's index
+    entry only when the row is at or below the mark (a pending row never reached FTS5, so
+    it leaves no trace there); deleting the newest rows brings the mark down to the
+    highest id left, so the ids SQLite then reuses are above it (the store never chooses
+    a row's id). A search matches the pending rows in
     Python, exactly as FTS5 would, and ranks them with FTS5's ``bm25`` (see
     :mod:`gilas_conv.search._fts5` and :func:`_pending_hits`): a pure read, so it works on
     a read-only file and never waits for the write lock.

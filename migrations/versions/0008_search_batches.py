@@ -9,13 +9,12 @@ indexing an append (benchmarks/README.md), so the search rows of appends are no 
 copied into it one transaction at a time. ``message_search_mark`` holds ``indexed_to``:
 the search rows with an id at or below it are in the FTS5 index, those above it are
 pending. The insert trigger now copies the pending rows when there are ``BATCH`` of them
-(in the inserting transaction); a row inserted at or below the mark (an id reused after
-the newest rows were deleted) is indexed at once; the delete trigger touches FTS5 only for
-rows at or below the mark, and deleting the newest rows brings the mark down to the
-highest id left, so that SQLite's reuse of their ids cannot put a new row at or below it.
-Every existing row is indexed (0004's trigger wrote each), so the mark starts at the
-highest id. gilas_conv/store/_search.py explains the design and how
-a search sees the pending rows. Postgres is unchanged (its index costs an append nothing
+(in the inserting transaction); the delete trigger touches FTS5 only for rows at or below
+the mark, and deleting the newest rows brings the mark down to the highest id left, so
+SQLite's reuse of their ids cannot put a new row at or below it (the store never chooses
+a row's id). Every existing row is indexed (0004's trigger
+wrote each), so the mark starts at the highest id. gilas_conv/store/_search.py explains
+the design and how a search sees the pending rows. Postgres is unchanged (its index costs an append nothing
 measurable). Downgrade copies the pending rows into FTS5 and restores 0004's triggers.
 """
 
@@ -50,10 +49,6 @@ _UPGRADE = [
             SELECT id, body, parts FROM message_search WHERE id > {_MARK};
         UPDATE message_search_mark SET indexed_to = (SELECT max(id) FROM message_search);
     END""",
-    f"""CREATE TRIGGER message_search_ai_reused AFTER INSERT ON message_search
-    WHEN new.id <= {_MARK} BEGIN
-        INSERT INTO message_search_fts (rowid, body, parts) VALUES (new.id, new.body, new.parts);
-    END""",
     f"""CREATE TRIGGER message_search_ad AFTER DELETE ON message_search
     WHEN old.id <= {_MARK} BEGIN
         INSERT INTO message_search_fts (message_search_fts, rowid, body, parts)
@@ -73,7 +68,6 @@ _DOWNGRADE = [
     f"""INSERT INTO message_search_fts (rowid, body, parts)
         SELECT id, body, parts FROM message_search WHERE id > {_MARK}""",
     "DROP TRIGGER message_search_ai",
-    "DROP TRIGGER message_search_ai_reused",
     "DROP TRIGGER message_search_ad",
     "DROP TRIGGER message_search_ad_mark",
     "DROP TABLE message_search_mark",
