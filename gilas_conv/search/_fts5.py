@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from ._query import Query
 
-__all__ = ["Phrase", "Row", "Stats", "bm25", "compile_query", "matches", "tokens"]
+__all__ = ["Phrase", "Row", "Stats", "bm25", "compile_query", "frequencies", "matches", "may_match", "tokens"]
 
 # Column weights as the store ranks (bm25(fts, 1.0, 0.5)): body, parts.
 WEIGHTS = (1.0, 0.5)
@@ -123,6 +123,13 @@ def frequencies(phrases: Sequence[Phrase], row: Row) -> list[float]:
             )
         )
     return out
+
+
+def may_match(phrases: Sequence[Phrase], body: str, parts: str) -> bool:
+    """False when a row with these columns cannot match: some phrase's token is not even in
+    its text (ASCII letters compared lower-cased, as the tokenizer folds them)."""
+    folded = (body + " " + parts).translate(_ASCII_LOWER)
+    return all(token in folded for phrase in phrases for token in phrase.tokens)
 
 
 def matches(phrases: Sequence[Phrase], row: Row) -> bool:
