@@ -6,7 +6,7 @@ Builds (or reuses, when the file exists with enough messages) a store of synthet
 Persian and English conversations, 50 messages each, through the store's own import path
 (``import_conversations``: validated, indexed in the same transaction), then prints the
 median latency of ``store.search`` for several kinds of query, and the cost of an append
-with and without a search row (per append, and per append over blocks of 32): the same
+with and without a search row (per append, and per append over blocks of FTS5_BATCH): the same
 texts appended as ``user`` messages (indexed) and as ``system`` messages (not searched, so
 not indexed). The text is
 synthetic: words drawn with a Zipf-like skew from a fixed vocabulary, so frequent words
@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from gilas_conv import ConversationStore
+from gilas_conv.store import _search as store_search
 
 _words = str.split  # the vocabulary reads better as text
 
@@ -42,8 +43,9 @@ ENGLISH = _words(
 RARE = [f"zeta{n}" for n in range(2000)]
 MESSAGES_PER_CONVERSATION = 50
 BATCH_CONVERSATIONS = 200
-# Appends per timed block: SQLite's FTS5 batch (gilas_conv/store/_search.py, FTS5_BATCH).
-BLOCK = 32
+# Appends per timed block: SQLite's FTS5 batch (gilas_conv/store/_search.py), so that each
+# block counts one copy into FTS5 (32 for a gilas-conv from before batches).
+BLOCK = getattr(store_search, "FTS5_BATCH", 32)
 
 
 def _vocabulary() -> tuple[list[str], list[float]]:

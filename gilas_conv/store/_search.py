@@ -82,7 +82,7 @@ FTS_TABLE = "message_search_fts"
 MARK_TABLE = "message_search_mark"
 # SQLite: how many pending rows make an insert copy them into FTS5. Written into the
 # trigger by migration 0008 (changing it takes a migration); here for tests and the docs.
-FTS5_BATCH = 32
+FTS5_BATCH = 128
 
 # On SQLite, the newest this many matches are ranked (see _sqlite_matches_sql); on Postgres,
 # up to this many matches found through the index are ranked (see _pg_best).

@@ -31,7 +31,7 @@ depends_on: str | Sequence[str] | None = None
 
 # Pending rows that make an insert copy them into FTS5 (gilas_conv/store/_search.py's
 # FTS5_BATCH; measured in benchmarks/README.md).
-BATCH = 32
+BATCH = 128
 
 _MARK = "(SELECT indexed_to FROM message_search_mark)"
 
