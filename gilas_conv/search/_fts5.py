@@ -36,7 +36,20 @@ from dataclasses import dataclass
 
 from ._query import Query
 
-__all__ = ["Phrase", "Row", "Stats", "bm25", "compile_query", "frequencies", "matches", "may_match", "tokens"]
+__all__ = [
+    "Phrase",
+    "Row",
+    "Stats",
+    "bm25",
+    "compile_query",
+    "count_tokens",
+    "folded",
+    "frequencies",
+    "frequency",
+    "matches",
+    "may_contain",
+    "tokens",
+]
 
 # Column weights as the store ranks (bm25(fts, 1.0, 0.5)): body, parts.
 WEIGHTS = (1.0, 0.5)
@@ -47,9 +60,22 @@ _SEPARATORS = re.compile(r"[\x00-\x2f\x3a-\x40\x5b-\x60\x7b-\x7f]+")
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
+_ASCII_UPPER = re.compile("[A-Z]")
+
+
+def _fold(value: str) -> str:
+    # Indexed text is case-folded already: translate (slow on non-ASCII text) only if needed.
+    return value.translate(_ASCII_LOWER) if _ASCII_UPPER.search(value) else value
+
+
 def tokens(value: str) -> list[str]:
     """The tokens FTS5's ``ascii`` tokenizer makes of ``value``."""
-    return [token for token in _SEPARATORS.split(value.translate(_ASCII_LOWER)) if token]
+    return [token for token in _SEPARATORS.split(_fold(value)) if token]
+
+
+def count_tokens(*values: str) -> int:
+    """How many tokens :func:`tokens` makes of the values together."""
+    return sum(len(tokens(value)) for value in values)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,40 +122,46 @@ class Row:
 
 def _instances(phrase: Phrase, column: Sequence[str]) -> int:
     wanted = phrase.tokens
-    width = len(wanted)
-    if not width:
+    if not wanted:
         return 0
-    last = width - 1
+    first = wanted[0]
+    if len(wanted) == 1:
+        if phrase.prefix:
+            return sum(1 for token in column if token.startswith(first))
+        return column.count(first)
+    last = len(wanted) - 1
     found = 0
-    for start in range(len(column) - last):
-        if all(column[start + i] == wanted[i] for i in range(last)) and (
-            column[start + last].startswith(wanted[last])
-            if phrase.prefix
-            else column[start + last] == wanted[last]
-        ):
-            found += 1
+    for start, token in enumerate(column[: len(column) - last]):
+        if token == first and all(column[start + i] == wanted[i] for i in range(1, last)):
+            final = column[start + last]
+            found += final.startswith(wanted[last]) if phrase.prefix else final == wanted[last]
     return found
 
 
+def frequency(phrase: Phrase, row: Row) -> float:
+    """The phrase's instances in ``row``, weighted by column (0.0: no match)."""
+    columns = row.columns[:1] if phrase.body_only else row.columns
+    return sum(
+        _instances(phrase, column) * weight
+        for column, weight in zip(columns, WEIGHTS[: len(columns)], strict=True)
+    )
+
+
 def frequencies(phrases: Sequence[Phrase], row: Row) -> list[float]:
-    """Each phrase's instances in ``row``, weighted by column (0.0: no match)."""
-    out = []
-    for phrase in phrases:
-        columns = row.columns[:1] if phrase.body_only else row.columns
-        out.append(
-            sum(
-                _instances(phrase, column) * weight
-                for column, weight in zip(columns, WEIGHTS[: len(columns)], strict=True)
-            )
-        )
-    return out
+    """Each phrase's :func:`frequency` in ``row``."""
+    return [frequency(phrase, row) for phrase in phrases]
 
 
-def may_match(phrases: Sequence[Phrase], body: str, parts: str) -> bool:
-    """False when a row with these columns cannot match: some phrase's token is not even in
-    its text (ASCII letters compared lower-cased, as the tokenizer folds them)."""
-    folded = (body + " " + parts).translate(_ASCII_LOWER)
-    return all(token in folded for phrase in phrases for token in phrase.tokens)
+def folded(body: str, parts: str) -> str:
+    """A row's text for :func:`may_contain`: ASCII letters lower-cased, as the tokenizer
+    folds them."""
+    return _fold(body + " " + parts)
+
+
+def may_contain(phrase: Phrase, text: str) -> bool:
+    """False when a row whose :func:`folded` text is ``text`` cannot match ``phrase``: one
+    of its tokens is not even in the text. Spares tokenizing most rows."""
+    return all(token in text for token in phrase.tokens)
 
 
 def matches(phrases: Sequence[Phrase], row: Row) -> bool:

@@ -288,42 +288,56 @@ def _pending_hits(
     if not rows:
         return None
     phrases = _fts5.compile_query(query)
-    # A row can match only if every token of every phrase is in its text: a substring test
-    # spares tokenizing the rows that cannot (most of them, for most queries).
+    # Each row's tokens are made only when its text holds every token of a phrase (a
+    # substring test): most rows, for most queries, are never tokenized.
+    texts = [_fts5.folded(row.body, row.parts) for row in rows]
+    docs: dict[int, _fts5.Row] = {}
+
+    def doc(index: int) -> _fts5.Row:
+        if index not in docs:
+            docs[index] = _fts5.Row.of(rows[index].body, rows[index].parts)
+        return docs[index]
+
+    def found(index: int, phrase: _fts5.Phrase) -> float:
+        return _fts5.frequency(phrase, doc(index)) if _fts5.may_contain(phrase, texts[index]) else 0.0
+
     mine = [
         index
         for index, row in enumerate(rows)
         if row.owner == owner
         and (conversation is None or row.conversation_id == conversation)
-        and _fts5.may_match(phrases, row.body, row.parts)
-        and _fts5.matches(phrases, _fts5.Row.of(row.body, row.parts))
+        and all(found(index, phrase) > 0 for phrase in phrases)
     ][:SEARCH_CANDIDATES]
     if not mine:
         return None
-    docs = [_fts5.Row.of(row.body, row.parts) for row in rows]
-    frequencies = [_fts5.frequencies(phrases, doc) for doc in docs]
     indexed_rows, indexed_tokens = _fts5_totals(conn)
     matching = []
-    for number, phrase in enumerate(phrases):
-        count = sum(1 for found in frequencies if found[number] > 0)
+    for phrase in phrases:
+        count = sum(1 for index in range(len(rows)) if found(index, phrase) > 0)
         if indexed_rows:
             count += conn.exec_driver_sql(
                 f"SELECT count(*) FROM {FTS_TABLE} WHERE {FTS_TABLE} MATCH ?", (phrase.expression,)
             ).scalar()
         matching.append(count)
-    stats = _fts5.Stats(
-        rows=indexed_rows + len(docs),
-        tokens=indexed_tokens + sum(doc.size for doc in docs),
-        matching=tuple(matching),
+    pending_tokens = sum(
+        docs[index].size if index in docs else _fts5.count_tokens(row.body, row.parts)
+        for index, row in enumerate(rows)
     )
-    found = sorted(
+    stats = _fts5.Stats(
+        rows=indexed_rows + len(rows), tokens=indexed_tokens + pending_tokens, matching=tuple(matching)
+    )
+    found_hits = sorted(
         (
-            (rows[i].conversation_id, rows[i].seq, _fts5.bm25(stats, frequencies[i], docs[i].size))
+            (
+                rows[i].conversation_id,
+                rows[i].seq,
+                _fts5.bm25(stats, _fts5.frequencies(phrases, doc(i)), doc(i).size),
+            )
             for i in mine
         ),
         key=lambda hit: (-hit[2], hit[0], hit[1]),
     )
-    return found[:limit], SEARCH_CANDIDATES - len(mine)
+    return found_hits[:limit], SEARCH_CANDIDATES - len(mine)
 
 
 def _fts5_totals(conn: Any) -> tuple[int, int]:
