@@ -298,22 +298,29 @@ def _pending_hits(
             docs[index] = _fts5.Row.of(rows[index].body, rows[index].parts)
         return docs[index]
 
-    def found(index: int, phrase: _fts5.Phrase) -> float:
-        return _fts5.frequency(phrase, doc(index)) if _fts5.may_contain(phrase, texts[index]) else 0.0
+    frequencies: dict[tuple[int, int], float] = {}
+
+    def found(index: int, number: int) -> float:
+        if (index, number) not in frequencies:
+            phrase = phrases[number]
+            frequencies[index, number] = (
+                _fts5.frequency(phrase, doc(index)) if _fts5.may_contain(phrase, texts[index]) else 0.0
+            )
+        return frequencies[index, number]
 
     mine = [
         index
         for index, row in enumerate(rows)
         if row.owner == owner
         and (conversation is None or row.conversation_id == conversation)
-        and all(found(index, phrase) > 0 for phrase in phrases)
+        and all(found(index, number) > 0 for number in range(len(phrases)))
     ][:SEARCH_CANDIDATES]
     if not mine:
         return None
     indexed_rows, indexed_tokens = _fts5_totals(conn)
     matching = []
-    for phrase in phrases:
-        count = sum(1 for index in range(len(rows)) if found(index, phrase) > 0)
+    for number, phrase in enumerate(phrases):
+        count = sum(1 for index in range(len(rows)) if found(index, number) > 0)
         if indexed_rows:
             count += conn.exec_driver_sql(
                 f"SELECT count(*) FROM {FTS_TABLE} WHERE {FTS_TABLE} MATCH ?", (phrase.expression,)
@@ -331,7 +338,7 @@ def _pending_hits(
             (
                 rows[i].conversation_id,
                 rows[i].seq,
-                _fts5.bm25(stats, _fts5.frequencies(phrases, doc(i)), doc(i).size),
+                _fts5.bm25(stats, [found(i, number) for number in range(len(phrases))], doc(i).size),
             )
             for i in mine
         ),
