@@ -17,10 +17,10 @@ SQLite
     matched.) Its rows reference their message with ``ON DELETE CASCADE``, so deleting a
     conversation deletes its search rows and their index entries in the same transaction.
 
-    FTS5 charges a fixed price for every transaction that writes it (it flushes a new
-    segment and rewrites its structure and totals: about 30 µs, as much as the rest of an
-    append's indexing; benchmarks/README.md), so rows are copied into it in batches
-    (migration 0008). ``message_search_mark`` holds one number, ``indexed_to``: the rows
+    FTS5 charges a price for every transaction that writes it (it flushes a new segment
+    and rewrites its structure and totals: about 30 µs, as much as the rest of an append's
+    indexing, and more the more distinct words; benchmarks/README.md), so rows are copied
+    into it in batches (migration 0008). ``message_search_mark`` holds one number, ``indexed_to``: the rows
     with an id at or below it are in the FTS5 index, the ones above it (at most
     ``FTS5_BATCH - 1``, store-wide) are *pending*. Triggers keep that true: an insert that
     makes ``FTS5_BATCH`` rows pending copies them all into FTS5 and moves the mark, in the
@@ -28,10 +28,10 @@ SQLite
     entry only when the row is at or below the mark (a pending row never reached FTS5, so
     it leaves no trace there); deleting the newest rows brings the mark down to the
     highest id left, so the ids SQLite then reuses are above it (the store never chooses
-    a row's id). A search matches the pending rows in
-    Python, exactly as FTS5 would, and ranks them with FTS5's ``bm25`` (see
-    :mod:`gilas_conv.search._fts5` and :func:`_pending_hits`): a pure read, so it works on
-    a read-only file and never waits for the write lock.
+    a row's id). A search matches the pending rows in Python, exactly as FTS5 would, and
+    ranks them with FTS5's ``bm25`` (see :mod:`gilas_conv.search._fts5` and
+    :func:`_pending_hits`): a pure read, so it works on a read-only file and never waits
+    for the write lock.
 
 Postgres
     ``message_search`` holds a ``tsvector`` per searchable message, keyed by
