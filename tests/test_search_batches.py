@@ -346,3 +346,19 @@ def test_upgrade_from_0007_keeps_indexed_rows_searchable(tmp_path: Path) -> None
         assert _mark(store)[1] == 0
         assert len(store.search("قدیمی", limit=1000)) == 40 + BATCH + 3
         _check_fts5(store)
+
+
+def test_pending_rows_are_the_newest_of_the_ranked_matches(
+    opened: ConversationStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the newest SEARCH_CANDIDATES matches are ranked: the pending ones first, then
+    the newest indexed ones, as once all are indexed."""
+    monkeypatch.setattr(store_search, "SEARCH_CANDIDATES", 5)
+    conv = opened.create(model=MODEL)
+    for n in range(BATCH + 3):
+        conv.append("user", "emu " * (1 + n % 4) + f"number {n}")
+    assert _mark(opened) == (BATCH, 3)
+    before = _results(opened, "emu", limit=10)
+    assert sorted(hit[1] for hit in before) == list(range(BATCH - 1, BATCH + 4))
+    _index_pending(opened)
+    assert [hit[1] for hit in _results(opened, "emu", limit=10)] == [hit[1] for hit in before]
