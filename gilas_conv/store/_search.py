@@ -14,9 +14,24 @@ SQLite
     and contain only letters and digits, and ``ascii`` splits at exactly the spaces between
     them, whatever Unicode version SQLite's own tables know. (The index is external-content
     over the normalized words, not over ``messages.content``: the raw text is not what is
-    matched.) Two triggers keep the FTS5 index in step with ``message_search``; its rows
-    reference their message with ``ON DELETE CASCADE``, so deleting a conversation deletes
-    its search rows and their index entries in the same transaction.
+    matched.) Its rows reference their message with ``ON DELETE CASCADE``, so deleting a
+    conversation deletes its search rows and their index entries in the same transaction.
+
+    FTS5 charges a price for every transaction that writes it (it flushes a new segment
+    and rewrites its structure and totals: about 30 µs, as much as the rest of an append's
+    indexing, and more the more distinct words; benchmarks/README.md), so rows are copied
+    into it in batches (migration 0008). ``message_search_mark`` holds one number, ``indexed_to``: the rows
+    with an id at or below it are in the FTS5 index, the ones above it (at most
+    ``FTS5_BATCH - 1``, store-wide) are *pending*. Triggers keep that true: an insert that
+    makes ``FTS5_BATCH`` rows pending copies them all into FTS5 and moves the mark, in the
+    inserting transaction (an append, an import, a fork); a delete removes a row's index
+    entry only when the row is at or below the mark (a pending row never reached FTS5, so
+    it leaves no trace there); deleting the newest rows brings the mark down to the
+    highest id left, so the ids SQLite then reuses are above it (the store never chooses
+    a row's id). A search matches the pending rows in Python, exactly as FTS5 would, and
+    ranks them with FTS5's ``bm25`` (see :mod:`gilas_conv.search._fts5` and
+    :func:`_pending_hits`): a pure read, so it works on a read-only file and never waits
+    for the write lock.
 
 Postgres
     ``message_search`` holds a ``tsvector`` per searchable message, keyed by
@@ -42,6 +57,7 @@ from typing import Any
 
 from sqlalchemy import JSON, Float, Integer, String, Text, text
 
+from ..search import _fts5
 from ..search._normalize import index_terms, index_text
 from ..search._query import Query
 from ..search._snippet import searchable_text
@@ -51,6 +67,7 @@ __all__ = [
     "SEARCH_TABLE",
     "compact_step",
     "copy_rows",
+    "index_pending",
     "index_values",
     "insert_rows",
     "prepare_delete",
@@ -60,6 +77,12 @@ __all__ = [
 
 SEARCH_TABLE = "message_search"
 FTS_TABLE = "message_search_fts"
+# SQLite: the one row holding the high-water mark (``indexed_to``): the search rows with an
+# id at or below it are in the FTS5 index, those above it are pending (see the module doc).
+MARK_TABLE = "message_search_mark"
+# SQLite: how many pending rows make an insert copy them into FTS5. Written into the
+# trigger by migration 0008 (changing it takes a migration); here for tests and the docs.
+FTS5_BATCH = 128
 
 # On SQLite, the newest this many matches are ranked (see _sqlite_matches_sql); on Postgres,
 # up to this many matches found through the index are ranked (see _pg_best).
@@ -181,8 +204,11 @@ def prepare_delete(conn: Any, conversation_id: str) -> bool:
     size (see benchmarks/README.md). Postgres needs neither (see the README on VACUUM)."""
     if conn.dialect.name != "sqlite":
         return False
+    # Pending rows (above the mark) are not in FTS5: deleting them leaves nothing to merge.
     indexed = conn.exec_driver_sql(
-        f"SELECT 1 FROM {SEARCH_TABLE} WHERE conversation_id = ? LIMIT 1", (conversation_id,)
+        f"SELECT 1 FROM {SEARCH_TABLE} WHERE conversation_id = ?"
+        f" AND id <= (SELECT indexed_to FROM {MARK_TABLE}) LIMIT 1",
+        (conversation_id,),
     ).first()
     if indexed is None:
         return False
@@ -195,6 +221,22 @@ def prepare_delete(conn: Any, conversation_id: str) -> bool:
     return True
 
 
+_INDEX_PENDING = (
+    f"INSERT INTO {FTS_TABLE} (rowid, body, parts)"
+    f" SELECT id, body, parts FROM {SEARCH_TABLE} WHERE id > (SELECT indexed_to FROM {MARK_TABLE})"
+)
+_MOVE_MARK = (
+    f"UPDATE {MARK_TABLE} SET indexed_to = max(indexed_to, coalesce((SELECT max(id) FROM {SEARCH_TABLE}), 0))"
+)
+
+
+def index_pending(conn: Any) -> None:
+    """SQLite: copy the pending search rows into the FTS5 index now, in ``conn``'s write
+    transaction (what the insert trigger does every ``FTS5_BATCH`` rows; the tests use it)."""
+    conn.exec_driver_sql(_INDEX_PENDING)
+    conn.exec_driver_sql(_MOVE_MARK)
+
+
 def copy_rows(conn: Any, *, source: str, new: str, at: int) -> None:
     """Copy the search rows of messages 1..``at`` of ``source`` to the fork ``new``."""
     conn.execute(_COPY[conn.dialect.name], {"source": source, "new": new, "at": at})
@@ -204,7 +246,7 @@ def _owner_sql(owner: str | None) -> str:
     return "c.owner IS NULL" if owner is None else "c.owner = :owner"
 
 
-def _sqlite_matches_sql(*, owner: str | None, conversation: str | None) -> str:
+def _sqlite_matches_sql(*, owner: str | None, conversation: str | None, candidates: str | None = None) -> str:
     only = " AND c.id = :cid" if conversation is not None else ""
     # bm25 is lower-is-better; parts count half as much as whole words. The inner query
     # walks the matches newest first (FTS5 iterates rowids in either order) and stops
@@ -217,9 +259,122 @@ def _sqlite_matches_sql(*, owner: str | None, conversation: str | None) -> str:
         f" FROM {FTS_TABLE} JOIN {SEARCH_TABLE} d ON d.id = {FTS_TABLE}.rowid"
         f" JOIN conversations c ON c.id = d.conversation_id"
         f" WHERE {FTS_TABLE} MATCH :query AND {_owner_sql(owner)}{only}"
-        f" ORDER BY {FTS_TABLE}.rowid DESC LIMIT {SEARCH_CANDIDATES})"
+        f" ORDER BY {FTS_TABLE}.rowid DESC LIMIT {candidates or SEARCH_CANDIDATES})"
         " ORDER BY rank DESC, conversation_id, seq LIMIT :limit"
     )
+
+
+_PENDING_ROWS = (
+    f"SELECT s.id, s.conversation_id, s.seq, s.body, s.parts, c.owner FROM {SEARCH_TABLE} s"
+    " JOIN conversations c ON c.id = s.conversation_id"
+    f" WHERE s.id > (SELECT indexed_to FROM {MARK_TABLE}) ORDER BY s.id DESC"
+)
+
+
+def _pending_hits(
+    conn: Any, query: Query, *, owner: str | None, conversation: str | None, limit: int
+) -> tuple[list[tuple[str, int, float]], int] | None:
+    """SQLite: the matches among the pending search rows (not yet in FTS5), or None when
+    none of this owner's match (the FTS5 query alone is then the whole answer).
+
+    Otherwise ``(hits, candidates)``: the best ``limit`` pending matches as
+    ``(conversation_id, seq, rank)`` and how many of the FTS5 index's newest matches are
+    still to be ranked with them. Pending rows are newer than every indexed row, so they
+    are the first of the SEARCH_CANDIDATES newest matches. Each is ranked with the
+    statistics FTS5 will rank it with once copied: the index's row and token totals and
+    each phrase's matching rows, plus the pending rows' (at most FTS5_BATCH - 1, store-wide
+    like FTS5's own statistics)."""
+    rows = conn.exec_driver_sql(_PENDING_ROWS).all()
+    if not rows:
+        return None
+    phrases = _fts5.compile_query(query)
+    # Each row's tokens are made only when its text holds every token of a phrase (a
+    # substring test): most rows, for most queries, are never tokenized.
+    texts = [_fts5.folded(row.body, row.parts) for row in rows]
+    docs: dict[int, _fts5.Row] = {}
+
+    def doc(index: int) -> _fts5.Row:
+        if index not in docs:
+            docs[index] = _fts5.Row.of(rows[index].body, rows[index].parts)
+        return docs[index]
+
+    frequencies: dict[tuple[int, int], float] = {}
+
+    def found(index: int, number: int) -> float:
+        if (index, number) not in frequencies:
+            phrase = phrases[number]
+            frequencies[index, number] = (
+                _fts5.frequency(phrase, doc(index)) if _fts5.may_contain(phrase, texts[index]) else 0.0
+            )
+        return frequencies[index, number]
+
+    mine = [
+        index
+        for index, row in enumerate(rows)
+        if row.owner == owner
+        and (conversation is None or row.conversation_id == conversation)
+        and all(found(index, number) > 0 for number in range(len(phrases)))
+    ][:SEARCH_CANDIDATES]
+    if not mine:
+        return None
+    indexed_rows, indexed_tokens = _fts5_totals(conn)
+    matching = []
+    for number, phrase in enumerate(phrases):
+        count = sum(1 for index in range(len(rows)) if found(index, number) > 0)
+        if indexed_rows:
+            count += conn.exec_driver_sql(
+                f"SELECT count(*) FROM {FTS_TABLE} WHERE {FTS_TABLE} MATCH ?", (phrase.expression,)
+            ).scalar()
+        matching.append(count)
+    pending_tokens = sum(
+        docs[index].size if index in docs else _fts5.count_tokens(row.body, row.parts)
+        for index, row in enumerate(rows)
+    )
+    stats = _fts5.Stats(
+        rows=indexed_rows + len(rows), tokens=indexed_tokens + pending_tokens, matching=tuple(matching)
+    )
+    found_hits = sorted(
+        (
+            (
+                rows[i].conversation_id,
+                rows[i].seq,
+                _fts5.bm25(stats, [found(i, number) for number in range(len(phrases))], doc(i).size),
+            )
+            for i in mine
+        ),
+        key=lambda hit: (-hit[2], hit[0], hit[1]),
+    )
+    return found_hits[:limit], SEARCH_CANDIDATES - len(mine)
+
+
+def _fts5_totals(conn: Any) -> tuple[int, int]:
+    """The FTS5 index's row count and total tokens (all columns), as ``bm25`` reads them:
+    FTS5 keeps them in its "averages" record (id 1 of its ``_data`` table), SQLite
+    varints: the rows, then each column's tokens. (0, 0) for an index never written."""
+    block = conn.exec_driver_sql(f"SELECT block FROM {FTS_TABLE}_data WHERE id = 1").scalar()
+    if not block:
+        return 0, 0
+    values = []
+    position = 0
+    data = bytes(block)
+    while position < len(data):
+        value, position = _varint(data, position)
+        values.append(value)
+    return values[0], sum(values[1:])
+
+
+def _varint(data: bytes, position: int) -> tuple[int, int]:
+    """An SQLite varint: big-endian 7-bit groups, the high bit saying more follow; a ninth
+    byte gives 8 bits."""
+    value = 0
+    for index in range(9):
+        byte = data[position + index]
+        if index == 8:
+            return (value << 8) | byte, position + 9
+        value = (value << 7) | (byte & 0x7F)
+        if byte < 0x80:
+            return value, position + index + 1
+    raise AssertionError("unreachable")
 
 
 def _pg_recent_sql(*, owner: str | None, conversation: str | None) -> str:
@@ -309,8 +464,26 @@ def search_rows(
         params["owner"] = owner
     if conversation is not None:
         params["cid"] = conversation
+    order = ""
     if dialect == "sqlite":
-        hits = f"({_sqlite_matches_sql(owner=owner, conversation=conversation)}) AS h"
+        pending = _pending_hits(conn, query, owner=owner, conversation=conversation, limit=limit)
+        if pending is None:
+            hits = f"({_sqlite_matches_sql(owner=owner, conversation=conversation)}) AS h"
+        else:
+            found, candidates = pending
+            parts = [
+                f"SELECT :c{i} AS conversation_id, :s{i} AS seq, :r{i} AS rank" for i in range(len(found))
+            ]
+            for i, (cid, seq, rank) in enumerate(found):
+                params.update({f"c{i}": cid, f"s{i}": seq, f"r{i}": rank})
+            if candidates > 0:
+                params["candidates"] = candidates
+                indexed = _sqlite_matches_sql(
+                    owner=owner, conversation=conversation, candidates=":candidates"
+                )
+                parts.insert(0, f"SELECT * FROM ({indexed})")
+            hits = f"({' UNION ALL '.join(parts)}) AS h"
+            order = " LIMIT :limit"
     else:
         best = _pg_best(conn, params, owner=owner, conversation=conversation)
         if not best:
@@ -329,7 +502,7 @@ def search_rows(
         f" FROM {hits}"
         " JOIN messages m ON m.conversation_id = h.conversation_id AND m.seq = h.seq"
         " JOIN conversations c ON c.id = h.conversation_id"
-        " ORDER BY h.rank DESC, h.conversation_id, h.seq"
+        f" ORDER BY h.rank DESC, h.conversation_id, h.seq{order}"
     ).columns(
         conversation_id=String(),
         seq=Integer(),
