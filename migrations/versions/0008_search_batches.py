@@ -10,7 +10,7 @@ copied into it one transaction at a time. ``message_search_mark`` holds ``indexe
 the search rows with an id at or below it are in the FTS5 index, those above it are
 pending. The insert trigger now copies the pending rows when there are ``BATCH`` of them
 (in the inserting transaction); the delete trigger touches FTS5 only for rows at or below
-the mark, and deleting the newest rows brings the mark down to the highest id left, so
+the mark, and then, when the newest rows are deleted, brings the mark down to the highest id left, so
 SQLite's reuse of their ids cannot put a new row at or below it (the store never chooses
 a row's id). Every existing row is indexed (0004's trigger
 wrote each), so the mark starts at the highest id. gilas_conv/store/_search.py explains
@@ -49,18 +49,19 @@ _UPGRADE = [
             SELECT id, body, parts FROM message_search WHERE id > {_MARK};
         UPDATE message_search_mark SET indexed_to = (SELECT max(id) FROM message_search);
     END""",
-    f"""CREATE TRIGGER message_search_ad AFTER DELETE ON message_search
-    WHEN old.id <= {_MARK} BEGIN
+    # One trigger, its two statements in this order: the FTS5 entry of a deleted row at or
+    # below the mark is deleted first, then the mark comes down. (Two triggers would run in
+    # an order SQLite does not promise: lowering the mark first would leave the newest row's
+    # entry in FTS5, its words found under the next row that reuses its id.) Deleting the
+    # newest rows would let SQLite give their ids to the next rows, at or below the mark; the
+    # mark comes down to the highest id left instead (every row at or below it is indexed),
+    # so new rows are pending as they should be.
+    f"""CREATE TRIGGER message_search_ad AFTER DELETE ON message_search BEGIN
         INSERT INTO message_search_fts (message_search_fts, rowid, body, parts)
-        VALUES ('delete', old.id, old.body, old.parts);
-    END""",
-    # Deleting the newest rows would let SQLite give their ids to the next rows, at or below
-    # the mark; the mark comes down to the highest id left instead (every row at or below it
-    # is indexed), so new rows are pending as they should be.
-    f"""CREATE TRIGGER message_search_ad_mark AFTER DELETE ON message_search
-    WHEN old.id >= {_MARK} BEGIN
+            SELECT 'delete', old.id, old.body, old.parts WHERE old.id <= {_MARK};
         UPDATE message_search_mark
-        SET indexed_to = min(indexed_to, coalesce((SELECT max(id) FROM message_search), 0));
+        SET indexed_to = min(indexed_to, coalesce((SELECT max(id) FROM message_search), 0))
+        WHERE old.id >= indexed_to;
     END""",
 ]
 
@@ -69,7 +70,6 @@ _DOWNGRADE = [
         SELECT id, body, parts FROM message_search WHERE id > {_MARK}""",
     "DROP TRIGGER message_search_ai",
     "DROP TRIGGER message_search_ad",
-    "DROP TRIGGER message_search_ad_mark",
     "DROP TABLE message_search_mark",
     # 0004's triggers, as it wrote them.
     """CREATE TRIGGER message_search_ai AFTER INSERT ON message_search BEGIN
