@@ -199,7 +199,7 @@ _UPSERT_BUCKET = text(
 
 def rollup_increments(event: Mapping[str, Any]) -> dict[str, Any]:
     """The parameters of ``_UPSERT_EVENT`` (and of the reply statement's rollup upsert on
-    Postgres, see ``_store._reply_statement``): one ledger row's three bucket increments."""
+    Postgres, see ``_store._append_statement``): one ledger row's three bucket increments."""
     minute = _minute(event["created_at"])
     return {
         "o": event["owner"] if event["owner"] is not None else UNOWNED_KEY,
@@ -246,12 +246,8 @@ def record_events(conn: Any, events: Sequence[Mapping[str, Any]]) -> None:
 def settle(conn: Any, event: Mapping[str, Any] | None, reservation: Reservation | None) -> None:
     """Write a ledger row (and its rollup increments) and delete the reservation it settles,
     in the caller's transaction. A reservation already expired and swept is simply gone:
-    nothing is charged twice. (On Postgres the statement inserting the ledger row deletes
-    the reservation too: one round trip fewer.)"""
-    if event is not None and reservation is not None and conn.dialect.name == "postgresql":
-        conn.execute(_SETTLE_EVENT, {**event, "r_id": reservation.id})
-        conn.execute(_UPSERT_EVENT, rollup_increments(event))
-        return
+    nothing is charged twice. (A reply's ledger row on Postgres is written by the reply's
+    own statement, ``_store._append_statement``; only its reservation is deleted here.)"""
     if reservation is not None:
         conn.execute(_DELETE_RESERVATION, {"r_id": reservation.id})
     if event is not None:
@@ -472,9 +468,9 @@ class QuotaAsk:
     ``ConversationStore._take_turn``): ``hold(history)`` tokens, priced at ``model``.
     ``history`` is the conversation's token total with the turn's new messages, as the
     turn's lease statement returns it; ``hold`` is called only when a limit applies, in
-    the turn's write transaction, so it is pure arithmetic (the senders': the window
-    about to be sent is at most that history, capped by the context budget, plus the
-    reply's room)."""
+    the turn's write transaction, so it must be quick (the senders': the window about to
+    be sent is at most that history, capped by the context budget, plus the tools' tokens,
+    counted there, and the reply's room)."""
 
     hold: Callable[[int], int]
     model: str | None
@@ -950,9 +946,6 @@ _SWEEP_UNOWNED = delete(_reservations).where(
 )
 _INSERT_RESERVATION = insert(_reservations).returning(_reservations.c.id)
 _DELETE_RESERVATION = delete(_reservations).where(_reservations.c.id == bindparam("r_id"))
-# Postgres: the ledger row inserted and the reservation it settles deleted by one statement
-# (a data-modifying WITH runs whether or not it is read).
-_SETTLE_EVENT = insert(_events).add_cte(_DELETE_RESERVATION.cte("settled"))
 
 
 def release(conn: Any, reservation: Reservation) -> None:
