@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from typing import Any, cast
 
 from sqlalchemy import Engine
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InvalidRequestError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from ..exceptions import StoreError, StoreIntegrityError
@@ -56,6 +56,12 @@ class _Transaction:
         except PoolTimeoutError as err:
             # Every pooled connection stayed checked out for the whole pool timeout.
             raise StoreError(f"no database connection free: {str(err).splitlines()[0]}") from err
+        except InvalidRequestError as err:
+            if self._conn is not None:
+                raise
+            # The pool's checkout found each connection it tried closed by the server
+            # (_engine's checkout check) and gave up: "This connection is closed".
+            raise StoreError(f"database connection lost: {err}") from err
         except Exception as err:
             wrapped = _as_dbapi_error(self._engine, err)
             if wrapped is None:
