@@ -739,6 +739,10 @@ class ConversationStore:
         )
         self.url = redact_url(self._engine.url.render_as_string(hide_password=False))
         self.dialect = self._engine.dialect.name
+        # Postgres: owners whose last turn found a limit applying, so that their next turn
+        # goes straight to the transaction that reserves (see _take_turn). A hint only: both
+        # ways check the limit in the database.
+        self._limited_owners: set[str | None] = set()
         if auto_upgrade is None:
             auto_upgrade = self.dialect == "sqlite"
         try:
@@ -1796,7 +1800,8 @@ class ConversationStore:
         # limit applies, and only then is the turn taken again in a transaction that
         # reserves.
         one = self.dialect == "postgresql" and len(rows) == 1
-        for single in (True, False) if one else (False,):
+        limited = quota is not None and owner in self._limited_owners
+        for single in (True, False) if one and not limited else (False,):
             try:
                 row, added, held = self._lease_in(
                     conversation_id,
@@ -1808,8 +1813,11 @@ class ConversationStore:
                     single=single,
                 )
             except _Limited:
+                self._limited_owners.add(owner)
                 continue  # a limit applies: the transaction that reserves
             break
+        if limited and not row.quota_applies:
+            self._limited_owners.discard(owner)
         return token, self._conversation_from_row(row), added, held
 
     def _lease_in(
