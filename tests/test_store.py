@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import os
 import sqlite3
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -1175,6 +1176,52 @@ def test_a_pooled_connection_the_server_closed_is_replaced_before_anything_is_se
     assert conv.append("user", "after").seq == 2
     assert failed == []
     assert [m.content for m in conv.messages()] == ["s", "after"]
+
+
+def test_a_server_that_closes_every_new_connection_is_a_store_error(store: ConversationStore) -> None:
+    """The pool gives up when every connection it checks out was closed by the server:
+    that is a StoreError, on the first checkout and on the reconnection after a
+    transaction's first statement found its connection dead (before, the reconnection's
+    failure escaped as SQLAlchemy's InvalidRequestError, then warned of a transaction
+    left without its connection). Nothing is stored."""
+    if store.dialect != "postgresql":
+        pytest.skip("SQLite connections do not die on a server")
+    from sqlalchemy import event
+    from sqlalchemy.exc import DisconnectionError
+
+    conv = store.create(model="gpt-4o-mini", system="s")
+    refuse = {"now": False, "after_first_statement": False}
+
+    def checkout(*_args: object) -> None:
+        if refuse["now"]:
+            raise DisconnectionError("every connection closed by the server (test)")
+
+    def statement(_conn: object, cursor: Any, *_args: object) -> None:
+        if refuse["after_first_statement"]:
+            refuse["after_first_statement"] = False
+            import psycopg
+
+            pid = cursor.connection.info.backend_pid
+            conninfo = store.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+            with psycopg.connect(conninfo, autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                alive = "SELECT count(*) FROM pg_stat_activity WHERE pid = %s"
+                while admin.execute(alive, (pid,)).fetchone() != (0,):
+                    time.sleep(0.01)
+            refuse["now"] = True
+
+    event.listen(store.engine, "checkout", checkout)
+    refuse["now"] = True
+    with pytest.raises(StoreError, match="connection lost"):
+        conv.append("user", "first checkout")
+    refuse["now"] = False
+
+    event.listen(store.engine, "before_cursor_execute", statement)
+    refuse["after_first_statement"] = True
+    with pytest.raises(StoreError, match="connection lost"):
+        store.get(conv.id)
+    refuse["now"] = False
+    assert [m.content for m in conv.messages()] == ["s"]
 
 
 def test_a_closed_store_refuses_to_be_used_instead_of_leaking_connections(db_url: str) -> None:

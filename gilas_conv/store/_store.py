@@ -337,6 +337,11 @@ _TAKE_LEASE_WITH_MESSAGE = {
 }
 
 
+# How many owners ConversationStore._limited_owners remembers (a default limit applies to
+# every owner) before it starts again.
+_LIMITED_OWNERS_KEPT = 10_000
+
+
 class _Limited(Exception):
     """A turn's one-statement lease took nothing because a quota limit applies: the turn is
     taken again in a transaction that reserves (see ``ConversationStore._take_turn``)."""
@@ -1813,6 +1818,8 @@ class ConversationStore:
                     single=single,
                 )
             except _Limited:
+                if len(self._limited_owners) >= _LIMITED_OWNERS_KEPT:
+                    self._limited_owners.clear()  # a hint: forgetting costs a round trip
                 self._limited_owners.add(owner)
                 continue  # a limit applies: the transaction that reserves
             break
@@ -1854,15 +1861,16 @@ class ConversationStore:
                 inserted = False
             if row is None:
                 holder = conn.execute(
-                    select(c.lease_token, c.lease_expires_at, _usage.limit_applies(owner)).where(
+                    select(c.lease_token, c.lease_expires_at).where(
                         c.id == conversation_id, _owner_clause(owner)
                     )
                 ).first()
                 if holder is None:
                     raise ConversationNotFound(conversation_id)
-                free = not _lease_held(holder.lease_token, holder.lease_expires_at, now)
-                if check and holder.quota_applies and free:
-                    raise _Limited  # the statement's own check: it took nothing
+                if check and not _lease_held(holder.lease_token, holder.lease_expires_at, now):
+                    # The statement's own check took nothing (a limit applied when it ran, if
+                    # none does now): the reserving transaction decides.
+                    raise _Limited
                 raise ConversationBusy(conversation_id, expires_at=holder.lease_expires_at)
             held = None
             if quota is not None and row.quota_applies:

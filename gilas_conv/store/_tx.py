@@ -58,7 +58,7 @@ class _Transaction:
             raise StoreError(f"no database connection free: {str(err).splitlines()[0]}") from err
         except InvalidRequestError as err:
             if self._conn is not None:
-                raise
+                raise  # not the checkout's
             # The pool's checkout found each connection it tried closed by the server
             # (_engine's checkout check) and gave up: "This connection is closed".
             raise StoreError(f"database connection lost: {err}") from err
@@ -74,9 +74,15 @@ class _Transaction:
         """A fresh connection and transaction in place of a dead one (see _RetryFirstStatement)."""
         with contextlib.suppress(DBAPIError):
             self._conn.close()  # already invalidated: returns nothing to the pool
+        # Forgotten before the new checkout: if it fails, __exit__ has nothing to end.
+        self._conn = self._tx = None
         self._open()
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if self._tx is None:  # a reconnection that failed: no transaction to end
+            if self._conn is not None:
+                self._conn.close()
+            return
         if isinstance(exc, Exception):
             exc = _as_dbapi_error(self._engine, exc) or exc
         try:
