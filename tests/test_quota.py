@@ -498,3 +498,37 @@ def test_a_zone_whose_days_do_not_start_on_a_quarter_hour_is_summed_from_the_led
         )
         store.release_quota(held)
         assert store.reserve_quota("alice", tokens=25) is not None
+
+
+def test_a_limit_removed_as_a_turn_is_refused_for_it_takes_the_turn_not_busy(db_url: str) -> None:
+    """Postgres: a one-message turn is first one statement that takes nothing where a limit
+    applies. If the limit is removed before the store looks at why nothing was taken, the
+    conversation is free: the turn is taken (by the reserving transaction, which finds no
+    limit), not refused as busy."""
+    from sqlalchemy import event
+
+    from gilas_conv.store import QuotaAsk
+
+    with ConversationStore(db_url) as store, ConversationStore(db_url) as other:
+        if store.dialect != "postgresql":
+            pytest.skip("SQLite takes every turn in one transaction")
+        conv = store.create(model=MODEL, owner="alice")
+        other.set_quota("alice", daily_tokens=1000)
+        removed: list[bool] = []
+
+        def remove_the_limit(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+            if not removed and statement.lstrip().startswith("SELECT conversations.lease_token"):
+                removed.append(other.remove_quota("alice"))
+
+        event.listen(store.engine, "before_cursor_execute", remove_the_limit)
+        token, _, added, held = store._take_turn(
+            conv.id,
+            owner="alice",
+            lease_seconds=60,
+            messages=[{"role": "user", "content": "hi"}],
+            quota=QuotaAsk(hold=lambda history: 7, model=None),
+        )
+        assert removed == [True]
+        assert held is None and [m.seq for m in added] == [1]
+        assert store._end_turn(conv.id, token)
+        assert [m.content for m in conv.messages()] == ["hi"]
