@@ -393,14 +393,18 @@ class _Gateway:
             max_retries=self.max_retries,
         )
         self.http = httpx.AsyncClient(timeout=self.timeout)
-        try:
-            yield
-        finally:
-            await self.streams.wait(_SHUTDOWN_STORE_SECONDS)
-            await self.sender.aclose()  # waits for abandoned streams to store what arrived
-            await self.http.aclose()
+        async with contextlib.AsyncExitStack() as resources:
+            # Closed last to first however shutdown goes (an error or a cancellation in
+            # one step still closes the rest).
             if self.owns_store:
-                self.store.close()
+                resources.callback(self.store.close)
+            resources.push_async_callback(self.http.aclose)
+            resources.push_async_callback(self.sender.aclose)
+            try:
+                yield
+            finally:
+                # The streams in flight store what arrived before the clients close.
+                await self.streams.wait(_SHUTDOWN_STORE_SECONDS)
 
     # -- plumbing ----------------------------------------------------------------------------------
 
