@@ -85,7 +85,7 @@ from . import _search, _usage
 from ._engine import create_engine_for_url, redact_url
 from ._io import _prepare_import
 from ._migrate import check_schema_state, current_revision, head_revision, upgrade_database
-from ._schema import ROLLUP_SPANS, ConversationRow, MessageRow, SummaryRow, UsageEventRow
+from ._schema import ConversationRow, MessageRow, SummaryRow
 from ._tx import _Checkpoint, _opening, _Transaction
 from ._validate import (
     _check_conversation_id,
@@ -223,18 +223,6 @@ _SEARCHED_CTE = (
     .columns()
     .cte("searched")
 )
-_events = cast(Table, UsageEventRow.__table__)
-_ROLLED_CTE = (
-    text(
-        "INSERT INTO usage_rollup (owner, span_minutes, start_minute, total_tokens, cost_micros)"
-        " SELECT v.owner, v.span_minutes, v.start_minute, v.total_tokens, v.cost_micros FROM added, (VALUES "
-        + ", ".join(f"(:o, {span}, :s{span}, :t, :c)" for span in ROLLUP_SPANS)
-        + ") AS v (owner, span_minutes, start_minute, total_tokens, cost_micros)"
-        + _usage._ON_CONFLICT_ADD
-    )
-    .columns()
-    .cte("rolled")
-)
 
 
 def _with_rows(added: Any, *, searched: bool, charged: bool) -> list[Any]:
@@ -245,10 +233,7 @@ def _with_rows(added: Any, *, searched: bool, charged: bool) -> list[Any]:
     if searched:
         ctes.append(_SEARCHED_CTE)
     if charged:
-        names = [c.name for c in _events.c if c.name != "id"]
-        row = select(*[bindparam(f"e_{c.name}", type_=c.type) for c in _events.c if c.name != "id"])
-        ctes.append(insert(_events).from_select(names, row.select_from(added)).cte("charged"))
-        ctes.append(_ROLLED_CTE)
+        ctes.extend(_usage.charge_ctes(added))
     return ctes
 
 

@@ -186,9 +186,11 @@ _ON_CONFLICT_ADD = (
     " total_tokens = usage_rollup.total_tokens + excluded.total_tokens,"
     " cost_micros = usage_rollup.cost_micros + excluded.cost_micros"
 )
+# One ledger row's three buckets, bound as rollup_increments names them.
+_EVENT_BUCKETS = ", ".join(f"(:o, {span}, :s{span}, :t, :c)" for span in ROLLUP_SPANS)
 _UPSERT_EVENT = text(
     "INSERT INTO usage_rollup (owner, span_minutes, start_minute, total_tokens, cost_micros) VALUES "
-    + ", ".join(f"(:o, {span}, :s{span}, :t, :c)" for span in ROLLUP_SPANS)
+    + _EVENT_BUCKETS
     + _ON_CONFLICT_ADD
 )
 _UPSERT_BUCKET = text(
@@ -207,6 +209,31 @@ def rollup_increments(event: Mapping[str, Any]) -> dict[str, Any]:
         "c": event["cost_micros"] or 0,
         **{f"s{span}": minute - minute % span for span in ROLLUP_SPANS},
     }
+
+
+# Postgres: the rollup upsert of a ledger row written in the same statement (charge_ctes),
+# once per row of the ``added`` WITH before it.
+_ROLLED_CTE = (
+    text(
+        "INSERT INTO usage_rollup (owner, span_minutes, start_minute, total_tokens, cost_micros)"
+        " SELECT v.owner, v.span_minutes, v.start_minute, v.total_tokens, v.cost_micros"
+        f" FROM added, (VALUES {_EVENT_BUCKETS})"
+        " AS v (owner, span_minutes, start_minute, total_tokens, cost_micros)" + _ON_CONFLICT_ADD
+    )
+    .columns()
+    .cte("rolled")
+)
+_EVENT_COLUMNS = [c for c in _events.c if c.name != "id"]
+
+
+def charge_ctes(added: Any) -> list[Any]:
+    """Postgres: the WITHs that write a ledger row (bound as ``e_<column>``) and add it to the
+    rollup (bound as :func:`rollup_increments` names them), in the statement that appends
+    the reply (``_store._append_statement``), once per row of ``added``: so the rollup stays
+    the ledger summed there too."""
+    row = select(*[bindparam(f"e_{c.name}", type_=c.type) for c in _EVENT_COLUMNS]).select_from(added)
+    charged = insert(_events).from_select([c.name for c in _EVENT_COLUMNS], row).cte("charged")
+    return [charged, _ROLLED_CTE]
 
 
 def rollup_rows(events: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
