@@ -71,7 +71,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from . import tokens as _tokens
 from .exceptions import ContextWindowExceeded
-from .store import WindowReader, WindowRow
+from .store import Entry, WindowReader, WindowRow
 
 if TYPE_CHECKING:
     from .store import Conversation, Summary
@@ -97,9 +97,6 @@ SUMMARY_PREFIX = "Summary of the earlier part of this conversation, which is not
 _RANGE_ROWS = 4096
 
 Policy = Literal["truncate", "summarize"]
-# One of the rows read, as WindowReader.newest_entries gives them: (seq, role, tokens, raw
-# JSON content, None) for a usual row, (seq, role, tokens, None, row) for any other.
-Entry = tuple[int, str, int, "str | None", "WindowRow | None"]
 _seq = itemgetter(0)  # of an entry
 _tokens_of = itemgetter(2)
 

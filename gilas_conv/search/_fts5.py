@@ -46,7 +46,6 @@ __all__ = [
     "folded",
     "frequencies",
     "frequency",
-    "matches",
     "may_contain",
     "tokens",
 ]
@@ -162,10 +161,6 @@ def may_contain(phrase: Phrase, text: str) -> bool:
     """False when a row whose :func:`folded` text is ``text`` cannot match ``phrase``: one
     of its tokens is not even in the text. Spares tokenizing most rows."""
     return all(token in text for token in phrase.tokens)
-
-
-def matches(phrases: Sequence[Phrase], row: Row) -> bool:
-    return all(found > 0 for found in frequencies(phrases, row))
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,9 @@ from ._usage import QuotaAsk as QuotaAsk
 from ._usage import QuotaLimits, QuotaStatus, Reservation, UsageRow
 from ._validate import _validate_message as validate_message
 from ._values import Message, Summary, openai_message
+
+# The planner's rows (gilas_conv.truncation); not public either.
+from ._window import Entry as Entry
 from ._window import WindowReader, WindowRow
 
 __all__ = [

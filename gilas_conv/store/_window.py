@@ -237,12 +237,6 @@ class WindowRow:
         return openai_message(self.role, content, self.name, self.tool_calls, self.tool_call_id)
 
     @staticmethod
-    def openai_messages(rows: Iterable[WindowRow]) -> list[dict[str, Any]]:
-        """``[row.to_openai() for row in rows]``, the usual row (a text message with no name or
-        tool fields, its stored JSON a string with no escapes) built inline."""
-        return WindowRow.entry_messages(row.entry() for row in rows)
-
-    @staticmethod
     def entry_messages(entries: Iterable[Entry]) -> list[dict[str, Any]]:
         """The messages of :meth:`WindowReader.newest_entries` entries (or of
         :meth:`entry`), as the chat-completions API takes them. A window sends every row it
@@ -448,15 +442,14 @@ class WindowReader:
         return rows
 
     def _light_rows(self, chunk: Sequence[Any]) -> list[WindowRow]:
-        rows: list[WindowRow] = []
-        add, encoding, make, unloaded = rows.append, self.encoding, WindowRow, _UNLOADED
+        rows = []
         for seq, role, calls, call_id, pinned, status, count, enc, raw, name in chunk:
-            if calls is not None and isinstance(calls, str):
+            if isinstance(calls, str):
                 calls = json.loads(calls)
-            row = make(seq, role, name, calls, call_id, bool(pinned), status, count or 0, unloaded, raw)
-            if enc != encoding or count is None:
+            row = WindowRow(seq, role, name, calls, call_id, bool(pinned), status, count or 0, _UNLOADED, raw)
+            if enc != self.encoding or count is None:
                 self._recount(row)  # counted under another encoding: its content is needed
-            add(row)
+            rows.append(row)
         return rows
 
     def _recount(self, row: WindowRow) -> None:
