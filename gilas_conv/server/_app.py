@@ -341,7 +341,7 @@ def _plan_turn(
         stored, tail, whole, tail_whole = last, last, True, True
     else:
         stored = [] if only_new else conv.messages(limit=limit)
-        if any(m.role not in ("user", "tool") and m.complete for m in last):
+        if _ends_a_turn(last):
             tail, tail_whole = last, False
         else:
             tail, tail_whole = _tail(conv)
@@ -753,6 +753,12 @@ async def _unless_client_leaves(request: Request, work: Awaitable[Response]) -> 
         watcher.cancel()
 
 
+def _ends_a_turn(messages: Sequence[Message]) -> bool:
+    """Whether one of ``messages`` ends a turn (a complete reply or an instruction): the turn
+    still waiting for its answer is after it."""
+    return any(m.role not in ("user", "tool") and m.complete for m in messages)
+
+
 def _tail(conv: Conversation) -> tuple[list[Message], bool]:
     """The last messages, back to one that ends a turn (a complete reply or an instruction)
     or to the start (then True): enough to see the turn still waiting for its answer."""
@@ -760,7 +766,7 @@ def _tail(conv: Conversation) -> tuple[list[Message], bool]:
     while True:
         after = max(0, conv.message_count - window)
         found = conv.messages(after=after)
-        if after == 0 or any(m.role not in ("user", "tool") and m.complete for m in found):
+        if after == 0 or _ends_a_turn(found):
             return found, after == 0
         window *= 4
 
