@@ -94,15 +94,17 @@ class Prices:
         return None if price is None else max(price.input, price.cached_input, price.output)
 
 
-def _decimal(value: Any, where: str) -> Decimal:
+def nonnegative_decimal(value: Any, where: str, *, error: type[Exception] = ConfigurationError) -> Decimal:
+    """``value`` (an int, float, str or Decimal, not a bool) as a finite Decimal >= 0, else
+    ``error`` naming ``where``: what a price, and a cost limit, must be."""
     if isinstance(value, bool) or not isinstance(value, int | float | str | Decimal):
-        raise ConfigurationError(f"{where} must be a number, not {value!r}")
+        raise error(f"{where} must be a number, not {value!r}")
     try:
         number = Decimal(str(value))
     except InvalidOperation as err:
-        raise ConfigurationError(f"{where} must be a number, not {value!r}") from err
+        raise error(f"{where} must be a number, not {value!r}") from err
     if not number.is_finite() or number < 0:
-        raise ConfigurationError(f"{where} must be a number >= 0, not {value!r}")
+        raise error(f"{where} must be a number >= 0, not {value!r}")
     return number
 
 
@@ -128,11 +130,11 @@ def parse_prices(data: Any, *, source: str = "the price table") -> Prices:
         for key in ("input", "output"):
             if key not in entry:
                 raise ConfigurationError(f"{where}: '{key}' (per million tokens) is missing")
-        given = _decimal(entry["input"], f"{where}.input")
+        given = nonnegative_decimal(entry["input"], f"{where}.input")
         table[str(name)] = ModelPrice(
             input=given,
-            cached_input=_decimal(entry.get("cached_input", given), f"{where}.cached_input"),
-            output=_decimal(entry["output"], f"{where}.output"),
+            cached_input=nonnegative_decimal(entry.get("cached_input", given), f"{where}.cached_input"),
+            output=nonnegative_decimal(entry["output"], f"{where}.output"),
         )
     return Prices(currency=currency.strip(), models=table)
 

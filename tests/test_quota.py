@@ -62,6 +62,10 @@ def test_limits_per_owner_and_default(store: ConversationStore) -> None:
         store.set_quota("alice", default=True, daily_tokens=1)
     with pytest.raises(ValueError, match=">= 0"):
         store.set_quota("alice", daily_tokens=-1)
+    with pytest.raises(ValueError, match=r"daily_cost must be a number >= 0, not -1"):
+        store.set_quota("alice", daily_cost=-1)
+    with pytest.raises(ValueError, match=r"monthly_cost must be a number, not True"):
+        store.set_quota("alice", monthly_cost=True)
 
 
 def test_a_reservation_is_refused_settled_and_released(store: ConversationStore) -> None:

@@ -42,7 +42,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any, Literal, cast
 
 from sqlalchemy import (
@@ -70,7 +70,7 @@ from .._config import (
     DEFAULT_TURN_LEASE_SECONDS,
 )
 from .._config import resolve_database_url as _resolve_database_url
-from .._prices import MICROS, Prices, resolve_prices
+from .._prices import MICROS, Prices, nonnegative_decimal, resolve_prices
 from ..exceptions import (
     ConversationBusy,
     ConversationNotFound,
@@ -643,15 +643,7 @@ def _instant(value: dt.date | dt.datetime | None, zone: Any, what: str, *, end: 
 
 
 def _cost_micros(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | float | str | Decimal):
-        raise ValueError(f"{name} must be a number, not {value!r}")
-    try:
-        number = Decimal(str(value))
-    except InvalidOperation as err:
-        raise ValueError(f"{name} must be a number, not {value!r}") from err
-    if not number.is_finite() or number < 0:
-        raise ValueError(f"{name} must be a number >= 0, not {value!r}")
-    return int((number * MICROS).to_integral_value())
+    return int((nonnegative_decimal(value, name, error=ValueError) * MICROS).to_integral_value())
 
 
 # ---------------------------------------------------------------------------------------------
