@@ -215,6 +215,80 @@ def test_a_reply_stored_while_its_repeat_waited_for_the_row_is_stored_once(store
     ]
 
 
+def test_a_turn_does_not_send_a_system_message_deleted_while_its_lease_waited_for_the_row(
+    store: ConversationStore, sender: Sender, stub: StubServer
+) -> None:
+    # Postgres: the turn's lease statement also reads the conversation's system and pinned
+    # messages for the window, from the snapshot it took before waiting for the
+    # conversation's row. Another transaction deletes the system message and commits while
+    # the statement waits: the turn comes after it, so its request must not send it.
+    if store.dialect != "postgresql":
+        pytest.skip("SQLite's write transaction holds the database lock from its BEGIN")
+    conversation = store.create(model="gpt-4o-mini")
+    conversation.append("system", "Answer in words.")
+    conversation.append("user", "What is 2+2?")
+    conversation.append("assistant", "four")
+    done: dict[str, Any] = {}
+
+    def ask() -> None:
+        try:
+            done["reply"] = sender.send(conversation.id, "And 3+3?")
+        except BaseException as err:  # reported by the assertion below
+            done["error"] = err
+
+    with store.engine.connect() as other, store.engine.connect() as watcher:
+        watcher.execution_options(isolation_level="AUTOCOMMIT")  # fresh activity each read
+        with other.begin():
+            # As delete_message does: the conversation's row is updated too.
+            other.execute(
+                sqlalchemy.text("UPDATE conversations SET updated_at = now() WHERE id = :id"),
+                {"id": conversation.id},
+            )
+            other.execute(
+                sqlalchemy.text("DELETE FROM messages WHERE conversation_id = :id AND seq = 1"),
+                {"id": conversation.id},
+            )
+            worker = threading.Thread(target=ask)
+            worker.start()
+            waiting = sqlalchemy.text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock'"
+            )
+            _wait_for(
+                lambda: watcher.execute(waiting).scalar() >= 1 or not worker.is_alive(),
+                "the turn to wait for the conversation's row",
+            )
+        worker.join(TIMEOUT_S)
+    assert "error" not in done, done.get("error")
+    sent = [(m["role"], m["content"]) for m in stub.requests[-1]["body"]["messages"]]
+    assert sent == [("user", "What is 2+2?"), ("assistant", "four"), ("user", "And 3+3?")]
+
+
+def test_a_turn_sends_the_system_message_and_pinned_messages_ahead_of_a_trimmed_history(
+    store: ConversationStore, sender: Sender, stub: StubServer
+) -> None:
+    # The window's anchors (read by the turn's lease statement on Postgres, by the window's
+    # first read on SQLite), kept ahead of a history trimmed to the context limit.
+    conversation = store.create(model="gpt-4o-mini")
+    conversation.append("system", "Be brief.")
+    conversation.append("user", "Remember: my name is Sara.", pinned=True)
+    conversation.append("assistant", "I will.")
+    for i in range(40):
+        conversation.append("user", f"question {i} " + "filler " * 60)
+        conversation.append("assistant", f"answer {i} " + "filler " * 60)
+    conversation.pin(conversation.append("user", "And I live in Shiraz.").seq)
+    conversation.append("assistant", "Noted.")
+    sender.send(conversation.id, "What is my name?", context_limit=1500)
+    sent = [(m["role"], m["content"]) for m in stub.requests[-1]["body"]["messages"]]
+    assert sent[:2] == [("system", "Be brief."), ("user", "Remember: my name is Sara.")]
+    assert sent[-3:] == [
+        ("user", "And I live in Shiraz."),
+        ("assistant", "Noted."),
+        ("user", "What is my name?"),
+    ]
+    assert 5 < len(sent) < 40
+
+
 # ---------------------------------------------------------------------------------------------
 # B. One request answers a conversation at a time
 
