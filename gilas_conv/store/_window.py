@@ -25,7 +25,9 @@ read, never the result.
 On SQLite everything is read in one read transaction (a consistent snapshot). On Postgres
 under READ COMMITTED, its default, each statement reads a snapshot of its own, in a
 transaction or not, so the statements run in autocommit mode, without the BEGIN and COMMIT
-round trips (at a stricter isolation level they share one read transaction). Either way
+round trips (at a stricter isolation level they share one read transaction); there the
+first read (the running total and the anchors) of a sender's turn is made by the turn's
+lease statement itself, one round trip less (see ``read_window``'s ``start``). Either way
 the connection comes from the store's error-translating path (:mod:`._tx`), so a database
 error is a :class:`~gilas_conv.StoreError`. The connection is returned when the ``with``
 block ends; nothing else (an API request, above all) should run inside it.
