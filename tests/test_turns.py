@@ -58,6 +58,38 @@ def _wait_for(condition: Callable[[], bool], what: str, timeout: float = TIMEOUT
         time.sleep(0.01)
 
 
+def _while_another_holds_the_row(
+    store: ConversationStore, writes: list[tuple[str, dict[str, Any]]], call: Callable[[], Any], what: str
+) -> Any:
+    """Postgres: ``call()`` in a thread while another transaction, having run ``writes``
+    (which update the conversation's row), holds the row; that transaction commits once
+    ``call`` waits for the row. Returns what ``call`` returned (or raises what it raised)."""
+    done: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            done["result"] = call()
+        except BaseException as err:  # raised below
+            done["error"] = err
+
+    with store.engine.connect() as other, store.engine.connect() as watcher:
+        watcher.execution_options(isolation_level="AUTOCOMMIT")  # fresh activity each read
+        with other.begin():
+            for statement, params in writes:
+                other.execute(sqlalchemy.text(statement), params)
+            worker = threading.Thread(target=run)
+            worker.start()
+            waiting = sqlalchemy.text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock'"
+            )
+            _wait_for(lambda: watcher.execute(waiting).scalar() >= 1 or not worker.is_alive(), what)
+        worker.join(TIMEOUT_S)
+    if "error" in done:
+        raise done["error"]
+    return done["result"]
+
+
 def _contents(store: ConversationStore, conversation_id: str) -> list[tuple[str, Any, str]]:
     return [(m.role, m.content, m.status) for m in store.get(conversation_id).messages()]
 
@@ -173,46 +205,76 @@ def test_a_reply_stored_while_its_repeat_waited_for_the_row_is_stored_once(store
         pytest.skip("SQLite's write transaction holds the database lock from its BEGIN")
     conversation = store.create(model="gpt-4o-mini")
     question = conversation.append("user", "What is 2+2?")
-    done: dict[str, Any] = {}
-
-    def reply() -> None:
-        try:
-            done["reply"] = conversation.append("assistant", "4", response_id="r-same", reply_to=question.seq)
-        except BaseException as err:  # reported by the assertion below
-            done["error"] = err
-
-    with store.engine.connect() as other, store.engine.connect() as watcher:
-        watcher.execution_options(isolation_level="AUTOCOMMIT")  # fresh activity each read
-        with other.begin():
-            other.execute(
-                sqlalchemy.text("UPDATE conversations SET last_seq = last_seq + 1 WHERE id = :id"),
-                {"id": conversation.id},
-            )
-            other.execute(
-                sqlalchemy.text(
-                    "INSERT INTO messages (conversation_id, seq, role, content, status, pinned,"
-                    " response_id, reply_to, created_at) VALUES (:id, :seq, 'assistant', '\"4\"',"
-                    " 'complete', false, 'r-same', :to, now())"
-                ),
-                {"id": conversation.id, "seq": question.seq + 1, "to": question.seq},
-            )
-            worker = threading.Thread(target=reply)
-            worker.start()
-            waiting = sqlalchemy.text(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                " AND wait_event_type = 'Lock'"
-            )
-            _wait_for(
-                lambda: watcher.execute(waiting).scalar() >= 1 or not worker.is_alive(),
-                "the reply to wait for the conversation's row",
-            )
-        worker.join(TIMEOUT_S)
-    assert "error" not in done, done.get("error")
-    assert done["reply"].seq == question.seq + 1
+    repeat = (
+        "INSERT INTO messages (conversation_id, seq, role, content, status, pinned, response_id,"
+        " reply_to, created_at) VALUES (:id, :seq, 'assistant', '\"4\"', 'complete', false, 'r-same',"
+        " :to, now())"
+    )
+    reply = _while_another_holds_the_row(
+        store,
+        [
+            ("UPDATE conversations SET last_seq = last_seq + 1 WHERE id = :id", {"id": conversation.id}),
+            (repeat, {"id": conversation.id, "seq": question.seq + 1, "to": question.seq}),
+        ],
+        lambda: conversation.append("assistant", "4", response_id="r-same", reply_to=question.seq),
+        "the reply to wait for the conversation's row",
+    )
+    assert reply.seq == question.seq + 1
     assert [(m.role, m.content, m.response_id) for m in conversation.messages()] == [
         ("user", "What is 2+2?", None),
         ("assistant", "4", "r-same"),
     ]
+
+
+def test_a_turn_does_not_send_a_system_message_deleted_while_its_lease_waited_for_the_row(
+    store: ConversationStore, sender: Sender, stub: StubServer
+) -> None:
+    # Postgres: the turn's lease statement also reads the conversation's system and pinned
+    # messages for the window, from the snapshot it took before waiting for the
+    # conversation's row. Another transaction deletes the system message and commits while
+    # the statement waits: the turn comes after it, so its request must not send it.
+    if store.dialect != "postgresql":
+        pytest.skip("SQLite's write transaction holds the database lock from its BEGIN")
+    conversation = store.create(model="gpt-4o-mini")
+    conversation.append("system", "Answer in words.")
+    conversation.append("user", "What is 2+2?")
+    conversation.append("assistant", "four")
+    _while_another_holds_the_row(
+        store,
+        [  # as delete_message does: the conversation's row is updated too
+            ("UPDATE conversations SET updated_at = now() WHERE id = :id", {"id": conversation.id}),
+            ("DELETE FROM messages WHERE conversation_id = :id AND seq = 1", {"id": conversation.id}),
+        ],
+        lambda: sender.send(conversation.id, "And 3+3?"),
+        "the turn to wait for the conversation's row",
+    )
+    sent = [(m["role"], m["content"]) for m in stub.requests[-1]["body"]["messages"]]
+    assert sent == [("user", "What is 2+2?"), ("assistant", "four"), ("user", "And 3+3?")]
+
+
+def test_a_turn_sends_the_system_message_and_pinned_messages_ahead_of_a_trimmed_history(
+    store: ConversationStore, sender: Sender, stub: StubServer
+) -> None:
+    # The window's anchors (read by the turn's lease statement on Postgres, by the window's
+    # first read on SQLite), kept ahead of a history trimmed to the context limit.
+    conversation = store.create(model="gpt-4o-mini")
+    conversation.append("system", "Be brief.")
+    conversation.append("user", "Remember: my name is Sara.", pinned=True)
+    conversation.append("assistant", "I will.")
+    for i in range(40):
+        conversation.append("user", f"question {i} " + "filler " * 60)
+        conversation.append("assistant", f"answer {i} " + "filler " * 60)
+    conversation.pin(conversation.append("user", "And I live in Shiraz.").seq)
+    conversation.append("assistant", "Noted.")
+    sender.send(conversation.id, "What is my name?", context_limit=1500)
+    sent = [(m["role"], m["content"]) for m in stub.requests[-1]["body"]["messages"]]
+    assert sent[:2] == [("system", "Be brief."), ("user", "Remember: my name is Sara.")]
+    assert sent[-3:] == [
+        ("user", "And I live in Shiraz."),
+        ("assistant", "Noted."),
+        ("user", "What is my name?"),
+    ]
+    assert 5 < len(sent) < 40
 
 
 # ---------------------------------------------------------------------------------------------

@@ -163,6 +163,9 @@ class _Turn:
     # The owner's quota held for this request (None: no limit applies); settled when the
     # reply is stored, released when the request fails.
     reservation: Reservation | None = None
+    # The conversation to plan the turn with first, when its lease statement read the start
+    # of the window too (Postgres: see ``_take_turn``); dropped once planned.
+    window: Conversation | None = field(default=None, repr=False)
 
 
 def _as_timeout(value: float | httpx.Timeout) -> httpx.Timeout:
@@ -609,7 +612,7 @@ class _SenderBase:
         conv = self._conversation(conversation, owner)
         answering = isinstance(content, _Answer)
         new = list(content.messages) if answering else [{"role": "user", "content": content}]
-        lease, held, added = self._take_turn(conv, new, call)
+        lease, held, added, window = self._take_turn(conv, new, call)
         try:
             for message in added:
                 conv._saw(message)
@@ -617,7 +620,7 @@ class _SenderBase:
         except BaseException:
             self._release(conv.id, lease, held)
             raise
-        return _Turn(conv, reply_to, lease, reservation=held)
+        return _Turn(conv, reply_to, lease, reservation=held, window=window)
 
     def _start(
         self, conversation: ConversationRef, content: Any, call: _Call, *, owner: str | None, stream: bool
@@ -625,8 +628,9 @@ class _SenderBase:
         """:meth:`_prepare`, then the first :meth:`_plan`, in one blocking call (one worker
         thread's hop, not two): the turn and its plan. A plan that fails gives the turn back."""
         turn = self._prepare(conversation, content, call, owner=owner)
+        window, turn = turn.window, replace(turn, window=None)  # for this first plan only
         try:
-            return turn, self._plan(turn, call, stream=stream)
+            return turn, self._plan(turn, call, stream=stream, window=window)
         except BaseException:
             self._abandon(turn)
             raise
@@ -638,18 +642,25 @@ class _SenderBase:
 
     def _take_turn(
         self, conv: Conversation, new: list[dict[str, Any]], call: _Call
-    ) -> tuple[str, Reservation | None, list[Message]]:
+    ) -> tuple[str, Reservation | None, list[Message], Conversation | None]:
         """The store's ``_take_turn``, with what to hold should a limit apply to the owner
-        (the store finds out in the turn's own transaction; see the module docstring)."""
-        lease, _, added, held = self._store._take_turn(
+        (the store finds out in the turn's own transaction; see the module docstring).
+        Last, ``conv`` to plan the turn with when the lease statement also read the start
+        of its window (Postgres), else None."""
+        lease, taken, added, held = self._store._take_turn(
             conv.id,
             owner=conv.owner,
             lease_seconds=self._lease_seconds,
             messages=new,
             quota=self._quota_ask(conv, call),
             model=conv.model,
+            window=True,
         )
-        return lease, held, added
+        if taken._window_start is None:
+            return lease, held, added, None
+        window = replace(conv)  # this handle as it is, planning from what the lease read
+        window._window_start = taken._window_start
+        return lease, held, added, window
 
     def _reply_room(self, call: _Call) -> int:
         """What a reservation holds beyond the prompt: the reply's max_tokens (or the
@@ -730,12 +741,15 @@ class _SenderBase:
                 "could not release the turn lease or quota of conversation %s", conversation_id, exc_info=True
             )
 
-    def _plan(self, turn: _Turn, call: _Call, *, stream: bool) -> _Turn | SummaryRequest:
+    def _plan(
+        self, turn: _Turn, call: _Call, *, stream: bool, window: Conversation | None = None
+    ) -> _Turn | SummaryRequest:
         """Choose the context (one short read, no connection kept): the turn with its request
-        body, or the summary to ask the API for first (``policy="summarize"``)."""
+        body, or the summary to ask the API for first (``policy="summarize"``). ``window``:
+        the turn's conversation, to plan from (see ``_take_turn``)."""
         params = call.params
         plan = plan_context(
-            turn.conversation,
+            turn.conversation if window is None else window,
             model=params.get("model"),
             context_limit=call.context_limit,
             max_tokens=params.get("max_completion_tokens") or params.get("max_tokens"),

@@ -56,6 +56,7 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    literal_column,
     or_,
     select,
     text,
@@ -85,7 +86,7 @@ from . import _search, _usage
 from ._engine import create_engine_for_url, redact_url
 from ._io import _prepare_import
 from ._migrate import check_schema_state, current_revision, head_revision, upgrade_database
-from ._schema import ConversationRow, MessageRow, SummaryRow
+from ._schema import ANCHOR_PREDICATE, ConversationRow, MessageRow, SummaryRow
 from ._tx import _Checkpoint, _opening, _Transaction
 from ._validate import (
     _check_conversation_id,
@@ -299,14 +300,73 @@ def _take_lease(*, owned: bool, adds: bool, unlimited: bool = False) -> Any:
     return statement.values(**values).returning(*_conversations.c, applies)
 
 
+# The start of a window read (see _window.read_window): the conversation's running token
+# total and its anchor rows, as a turn's lease statement read them.
+_WindowStart = tuple[int, builtins.list[Any]]
+
+
+def _is_anchor(columns: Mapping[str, Any]) -> bool:
+    """Whether a new message is an anchor (``_schema.ANCHOR_PREDICATE``)."""
+    return columns["role"] in ("system", "developer") or bool(columns["pinned"])
+
+
+# The anchor messages as the lease statement reads them (see _take_lease_with_message).
+_anchor = _messages.alias("anchor")
+# Their columns as the window reader takes them (_window.WindowReader._full_rows), labelled.
+_ANCHOR_COLUMNS = tuple(
+    _anchor.c[name].label(f"a_{name}")
+    for name in (
+        "seq",
+        "role",
+        "content",
+        "name",
+        "tool_calls",
+        "tool_call_id",
+        "pinned",
+        "status",
+        "tokens",
+        "tokens_encoding",
+        "tokens_total",
+    )
+)
+
+
 def _take_lease_with_message(*, owned: bool, searched: bool, unlimited: bool) -> Any:
     """Postgres: the lease taken and one message inserted, with its search row
     (``searched``), in one statement; the conversation's row comes back (``WITH bumped AS
     (UPDATE ...), added AS (INSERT ...) SELECT * FROM bumped``: PostgreSQL runs a
-    data-modifying WITH even when unread). ``unlimited``: see :func:`_take_lease`."""
+    data-modifying WITH even when unread). ``unlimited``: see :func:`_take_lease`.
+
+    The same statement reads what the window's first read would (the anchors: one row per
+    anchor message, ``a_<column>``, or one row of NULLs after the conversation's columns),
+    so that the turn's plan starts without a round trip of its own (see ``_take_turn``).
+    Those rows come from the statement's snapshot, which holds neither the new message nor
+    a write committed while the UPDATE waited for the conversation's row lock (an append,
+    a deleted message: every such write updates the conversation's row). ``anchors_fresh``
+    says whether the row this statement updated is the version its snapshot sees (that
+    version's ``xmax`` is this transaction: nothing updated the row in between); when it is
+    false (or cannot tell: a row also locked by another transaction has a multixact there)
+    the rows are not used and the window reads the anchors itself, after this commit."""
     bumped = _take_lease(owned=owned, adds=True, unlimited=unlimited).cte("bumped")
     added = _added_cte(bumped)
-    return select(*bumped.c).add_cte(bumped, added, *_with_rows(added, searched=searched, charged=False))
+    seen = _conversations.alias("seen")
+    fresh = (
+        select(literal_column("seen.xmax"))
+        .select_from(seen)
+        .where(seen.c.id == bindparam("t_cid"))
+        .scalar_subquery()
+        .op("=")(literal_column("pg_current_xact_id()::xid"))
+    ).label("anchors_fresh")
+    return (
+        select(*bumped.c, fresh, *_ANCHOR_COLUMNS)
+        .select_from(
+            bumped.outerjoin(
+                _anchor, and_(_anchor.c.conversation_id == bumped.c.id, text(f"({ANCHOR_PREDICATE})"))
+            )
+        )
+        .order_by(_anchor.c.seq)
+        .add_cte(bumped, added, *_with_rows(added, searched=searched, charged=False))
+    )
 
 
 _TAKE_LEASE = {
@@ -442,6 +502,9 @@ class Conversation:
     message_count: int
     forked_from: str | None = None
     forked_at: int | None = None
+    # Set on a handle made by a turn's lease statement (Postgres): what the next
+    # read_window() would read first, read by that statement; used once (see _take_turn).
+    _window_start: _WindowStart | None = field(default=None, init=False, repr=False, compare=False)
 
     def append(
         self,
@@ -603,7 +666,8 @@ class Conversation:
         ``with conv.read_window(encoding=...) as reader``: one read transaction, so run
         nothing slow (an API request) inside the block. Database errors are StoreError.
         """
-        return _read_window(self.store, self.id, self.owner, encoding)
+        start, self._window_start = self._window_start, None
+        return _read_window(self.store, self.id, self.owner, encoding, start=start)
 
     def export(self) -> dict[str, Any]:
         """The conversation as gilas-conv's JSON export format.
@@ -1727,8 +1791,16 @@ class ConversationStore:
         messages: Sequence[Mapping[str, Any]],
         quota: _usage.QuotaAsk | None,
         model: str | None = None,
+        window: bool = False,
     ) -> tuple[str, Conversation, builtins.list[Message], _usage.Reservation | None]:
         """:meth:`_begin_turn` with the owner's quota, all in its one write transaction.
+
+        ``window`` (for a caller that plans the turn at once with the handle returned, and
+        uses it for nothing else): on Postgres, a turn of one message whose lease statement
+        also read the start of the window (see :func:`_take_lease_with_message`) returns a
+        handle whose first :meth:`Conversation.read_window` starts from those rows, saving
+        that read's round trip. Such a handle must not be kept: what it carries is the
+        conversation as the turn found it.
 
         With ``quota`` (None: no check, as :meth:`_begin_turn`): if a limit applies to
         ``owner``, ``quota.hold(history)`` tokens are reserved, ``history`` being the
@@ -1785,7 +1857,7 @@ class ConversationStore:
         limited = quota is not None and owner in self._limited_owners
         for single in (True, False) if one and not limited else (False,):
             try:
-                row, added, held = self._lease_in(
+                row, added, held, start = self._lease_in(
                     conversation_id,
                     owner=owner,
                     params=params,
@@ -1802,7 +1874,10 @@ class ConversationStore:
             break
         if limited and not row.quota_applies:
             self._limited_owners.discard(owner)
-        return token, self._conversation_from_row(row), added, held
+        conv = self._conversation_from_row(row)
+        if window:
+            conv._window_start = start
+        return token, conv, added, held
 
     def _lease_in(
         self,
@@ -1814,13 +1889,16 @@ class ConversationStore:
         indexed: builtins.list[dict[str, Any] | None],
         quota: _usage.QuotaAsk | None,
         single: bool,
-    ) -> tuple[Any, builtins.list[Message], _usage.Reservation | None]:
+    ) -> tuple[Any, builtins.list[Message], _usage.Reservation | None, _WindowStart | None]:
         """The write of :meth:`_take_turn`: the lease, the turn's messages and their search
         rows, and the reservation. ``single`` (Postgres, one message): one autocommit
-        statement, which with ``quota`` takes nothing where a limit applies (``_Limited``)."""
+        statement, which with ``quota`` takes nothing where a limit applies (``_Limited``).
+        Last comes the window's start as that statement read it (Postgres, one message:
+        see :func:`_take_lease_with_message`), or None."""
         c = _conversations.c
         now = params["t_now"]
         check = single and quota is not None
+        start = None
         with self._write(single=single) as conn:
             # One UPDATE takes the lease only where it is free, so two requests racing for it
             # are ordered by the row lock (Postgres) or the write lock (SQLite): one wins.
@@ -1831,8 +1909,13 @@ class ConversationStore:
                 if indexed[0] is not None:
                     values["s_document"] = indexed[0]["document"]
                 statement = _TAKE_LEASE_WITH_MESSAGE[(owner is not None, searched, check)]
-                row = conn.execute(statement, {**params, **values}).first()
+                found = conn.execute(statement, {**params, **values}).all()
+                row = found[0] if found else None
                 inserted = True
+                if row is not None and row.anchors_fresh and not _is_anchor(rows[0]):
+                    # The window's first read, done by this statement (see _take_lease_with_message).
+                    anchors = [r[-len(_ANCHOR_COLUMNS) :] for r in found if r.a_seq is not None]
+                    start = (row.tokens_total, anchors)
             else:
                 row = conn.execute(_TAKE_LEASE[(owner is not None, bool(rows))], params).first()
                 inserted = False
@@ -1885,7 +1968,7 @@ class ConversationStore:
                 ]
                 if search_rows:
                     _search.insert_rows(conn, search_rows)
-        return row, added, held
+        return row, added, held, start
 
     def _end_turn(self, conversation_id: str, token: str) -> bool:
         """Release the lease ``token`` without storing a reply (the request failed).

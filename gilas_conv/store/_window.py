@@ -25,7 +25,9 @@ read, never the result.
 On SQLite everything is read in one read transaction (a consistent snapshot). On Postgres
 under READ COMMITTED, its default, each statement reads a snapshot of its own, in a
 transaction or not, so the statements run in autocommit mode, without the BEGIN and COMMIT
-round trips (at a stricter isolation level they share one read transaction). Either way
+round trips (at a stricter isolation level they share one read transaction); there the
+first read (the running total and the anchors) of a sender's turn is made by the turn's
+lease statement itself, one round trip less (see ``read_window``'s ``start``). Either way
 the connection comes from the store's error-translating path (:mod:`._tx`), so a database
 error is a :class:`~gilas_conv.StoreError`. The connection is returned when the ``with``
 block ends; nothing else (an API request, above all) should run inside it.
@@ -473,21 +475,36 @@ def summary_rows(conn: Any, conversation_id: str) -> list[Summary]:
 
 @contextmanager
 def read_window(
-    store: ConversationStore, conversation_id: str, owner: str | None, encoding: str
+    store: ConversationStore,
+    conversation_id: str,
+    owner: str | None,
+    encoding: str,
+    *,
+    start: tuple[int, list[Any]] | None = None,
 ) -> Iterator[WindowReader]:
     """A :class:`WindowReader` on one read transaction, for this owner's conversation only
-    (else ConversationNotFound); recounts written back after it."""
+    (else ConversationNotFound); recounts written back after it.
+
+    ``start``: the running total and the anchor rows, already read for this owner's
+    conversation (by a turn's lease statement, on Postgres under READ COMMITTED, where the
+    reader's statements each read a snapshot of their own anyway): the reader starts from
+    them instead of reading them again."""
     if not _could_exist(conversation_id, owner):
         raise ConversationNotFound(conversation_id)
     with store._read(each=True) as conn:
-        # The owner's check, the running total and the anchors in one statement.
-        found = conn.execute(
-            _CONVERSATION_AND_ANCHORS[owner is not None], {"cid": conversation_id, "owner": owner}
-        ).all()
-        if not found:
-            raise ConversationNotFound(conversation_id)
-        anchors = [row[1:] for row in found if row[1] is not None]
-        reader = WindowReader(conn, conversation_id, encoding, found[0][0], anchors)
+        dialect = conn.dialect
+        each_its_own = dialect.name == "postgresql" and dialect.default_isolation_level == "READ COMMITTED"
+        if start is not None and each_its_own:
+            reader = WindowReader(conn, conversation_id, encoding, start[0], start[1])
+        else:
+            # The owner's check, the running total and the anchors in one statement.
+            found = conn.execute(
+                _CONVERSATION_AND_ANCHORS[owner is not None], {"cid": conversation_id, "owner": owner}
+            ).all()
+            if not found:
+                raise ConversationNotFound(conversation_id)
+            anchors = [row[1:] for row in found if row[1] is not None]
+            reader = WindowReader(conn, conversation_id, encoding, found[0][0], anchors)
         yield reader
     # After the read transaction: on a one-connection pool (``sqlite://``) the write needs
     # the connection the read held.
