@@ -303,9 +303,14 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# Python's json accepts NaN and Infinity; JSON (and the store) does not. One decoder for
+# every call: json.loads with an option builds a new one each time (a streamed reply
+# decodes a chunk per token).
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def loads(text: str) -> Any:
-    # Python's json accepts NaN and Infinity; JSON (and the store) does not.
-    return json.loads(text, parse_constant=_reject_constant)
+    return _DECODER.decode(text)
 
 
 def _looks_like_html(content_type: str, text: str) -> bool:

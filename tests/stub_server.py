@@ -49,6 +49,7 @@ list); each one answers one request, in order, then the default behaviour resume
     {"chunk_delay": 0.5}                 wait before each content chunk
     {"stall_after": 1, "stall": 2.0}     1 content chunk, then a 2 s silence, then the rest
     {"line_ending": "\\r\\n"}            the SSE line ending ("\\n" by default)
+    {"ensure_ascii": false}              chunks' JSON with non-ASCII text as UTF-8, not \\u escapes
     {"endless": "keepalive", "every": 0.1}   after 1 content chunk ("endless_after"), send
                                          forever (until the client leaves or the server
                                          closes) a ": keep-alive" comment every 0.1 s;
@@ -402,6 +403,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _stream(self, body: dict[str, Any], action: dict[str, Any]) -> None:
         stub = self.server.stub
         newline = action.get("line_ending", "\n")
+        ascii_only = bool(action.get("ensure_ascii", True))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         base = {
             "id": action.get("response_id") or stub._new_id("chatcmpl"),
@@ -452,7 +454,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
 
         def event(data: Any, name: str | None = None) -> None:
-            payload = data if isinstance(data, str) else json.dumps(data)
+            payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=ascii_only)
             field = f"event: {name}{newline}" if name else ""
             write(f"{field}data: {payload}{newline}{newline}")
 

@@ -3,6 +3,7 @@ loopback in front of the stub upstream, on SQLite and Postgres."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -121,6 +122,40 @@ async def test_async_streaming_names_the_conversation_in_every_chunk(
     assert chunks[-1].usage is not None and not chunks[-1].choices
     (cid,) = ids
     assert stored(store, cid)[-1] == ("assistant", "echo: stream me please", "complete")
+
+
+@pytest.mark.parametrize("ensure_ascii", [True, False], ids=["escaped", "utf8"])
+def test_streamed_chunks_are_the_upstreams_as_sent_with_the_conversation_added(
+    gateway: GatewayServer, store: ConversationStore, stub: StubServer, alice_key: str, ensure_ascii: bool
+) -> None:
+    reply = 'سلام "دنیا"، \\ این\tیک آزمون است'
+    sdk = sdk_client(gateway, alice_key)
+    options = {"model": "gpt-4o-mini", "stream": True, "stream_options": {"include_usage": True}}
+    stub.script({"reply": reply, "ensure_ascii": ensure_ascii})
+    chunks = list(sdk.chat.completions.create(messages=[{"role": "user", "content": "salam"}], **options))
+    cid = chunks[0].conversation  # type: ignore[attr-defined]
+    assert all(chunk.conversation == cid for chunk in chunks)  # type: ignore[attr-defined]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply
+    assert chunks[-1].usage is not None and not chunks[-1].choices
+    assert stored(store, cid)[-1] == ("assistant", reply, "complete")
+
+    # On the wire: the upstream's chunks as it wrote them (its escapes or its UTF-8), each
+    # with the conversation added.
+    stub.script({"reply": reply, "ensure_ascii": ensure_ascii})
+    with sdk.chat.completions.with_streaming_response.create(
+        messages=[{"role": "user", "content": "again"}], extra_body={"conversation": cid}, **options
+    ) as response:
+        events = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    chunks_sent = [json.loads(line[len("data: ") :]) for line in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" and c["conversation"] == cid for c in chunks_sent)
+    assert all(c["system_fingerprint"] == "fp_stub" for c in chunks_sent)
+    assert (
+        "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks_sent if c["choices"]) == reply
+    )
+    wire = "\n".join(events)
+    assert ("\\u0633" in wire) is ensure_ascii and ("س" in wire) is not ensure_ascii
+    assert stored(store, cid)[-1] == ("assistant", reply, "complete")
 
 
 def test_streaming_without_include_usage_sends_no_usage_chunk(gateway: GatewayServer, alice_key: str) -> None:

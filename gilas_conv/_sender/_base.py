@@ -121,7 +121,8 @@ class StreamChunk:
     ``delta`` is the text added (``""`` when the chunk carried none: a role or tool-call
     chunk, the final usage chunk). ``tool_calls`` are the raw tool-call deltas, to be
     assembled by ``index`` (the stored reply has them assembled). ``raw`` is the chunk as
-    the API sent it, other choices included.
+    the API sent it, other choices included; ``data`` is its JSON text as it arrived (the
+    event's data, ``""`` for a reply that came whole), for passing it on unchanged.
     """
 
     delta: str
@@ -130,6 +131,7 @@ class StreamChunk:
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+    data: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -412,6 +414,7 @@ class _StreamCore:
                         finish_reason=delta.finish_reason,
                         usage=delta.usage,
                         raw=delta.raw,
+                        data=event.data,
                     )
                 )
 

@@ -49,7 +49,14 @@ from ..store import (
 )
 from ._errors import GatewayError, error_body, error_for
 from ._history import new_messages, resends_nothing
-from ._wire import completion_body, conversation_object, item_object, messages_from_items, parse_item_id
+from ._wire import (
+    completion_body,
+    conversation_object,
+    item_object,
+    messages_from_items,
+    parse_item_id,
+    stream_event,
+)
 
 __all__ = [
     "CONVERSATION_HEADER",
@@ -826,18 +833,9 @@ async def _events(
     batch: list[str] = []
     try:
         async for chunk in stream:
-            raw: dict[str, Any] | None = chunk.raw
-            if not include_usage:
-                if not chunk.raw.get("choices") and chunk.raw.get("usage") is not None:
-                    raw = None  # the sender always asks for usage; this client did not
-                else:
-                    raw = {k: v for k, v in chunk.raw.items() if k != "usage"}
-            if raw is not None:
-                batch.append(
-                    "data: "
-                    + json.dumps({**raw, "conversation": conversation_id}, ensure_ascii=False)
-                    + "\n\n"
-                )
+            event = stream_event(chunk.data, chunk.raw, conversation_id, include_usage=include_usage)
+            if event is not None:
+                batch.append(event)
             if batch and not stream._core.ready:  # the next chunk is not here yet
                 yield "".join(batch)
                 batch = []

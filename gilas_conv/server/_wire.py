@@ -25,6 +25,7 @@ plain chat-completions messages (``role``, ``content``, ``tool_calls``, ``tool_c
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,6 +38,7 @@ __all__ = [
     "item_object",
     "messages_from_items",
     "parse_item_id",
+    "stream_event",
 ]
 
 ITEM_PREFIX = "msg_"
@@ -257,3 +259,29 @@ def completion_body(message: Message, *, conversation_id: str, requested_model: 
         body["usage"] = message.usage
     body["conversation"] = conversation_id
     return body
+
+
+def stream_event(
+    data: str, chunk: Mapping[str, Any], conversation_id: str, *, include_usage: bool
+) -> str | None:
+    """A streamed chunk as the server-sent event the client gets: the chunk with
+    ``"conversation": conversation_id`` added (None: not for this client, a usage chunk it
+    did not ask for; without ``include_usage`` no chunk carries ``usage``).
+
+    ``chunk`` is the chunk parsed, ``data`` its JSON text as the upstream sent it (``""``
+    if there is none). The text is passed on as it is, the field written in before its
+    closing brace, so a chunk is not encoded again; it is encoded again from ``chunk`` when
+    that could not give exactly ``{**chunk, "conversation": conversation_id}``: no text,
+    a text over several lines, a chunk with its own ``conversation``, or a ``usage`` to drop.
+    """
+    if not include_usage and "usage" in chunk:
+        if not chunk.get("choices") and chunk["usage"] is not None:
+            return None  # the sender always asks for usage; this client did not
+        chunk = {k: v for k, v in chunk.items() if k != "usage"}
+        data = ""
+    if data and "conversation" not in chunk and "\n" not in data and "\r" not in data:
+        # A JSON object (the sender parsed it) ends with "}", then maybe spaces or tabs.
+        head = data.rstrip(" \t")[:-1].rstrip(" \t")
+        comma = "" if head.endswith("{") else ","
+        return f'data: {head}{comma}"conversation":{json.dumps(conversation_id)}}}\n\n'
+    return "data: " + json.dumps({**chunk, "conversation": conversation_id}, ensure_ascii=False) + "\n\n"
