@@ -162,9 +162,12 @@ class Level:
 async def one_turn(
     client: httpx.AsyncClient, url: str, key: str, body: dict[str, object]
 ) -> tuple[float, float, str | None]:
-    """(seconds to [DONE], seconds to the first content, the conversation named)."""
+    """(seconds to [DONE], seconds to the first content, the conversation named).
+
+    The response is read to its end after ``[DONE]``, as the openai SDK does, so the
+    connection goes back to the pool and the next turn reuses it."""
     began = time.perf_counter()
-    first = None
+    first = done = None
     conversation = None
     async with client.stream(
         "POST", url + "/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
@@ -176,12 +179,15 @@ async def one_turn(
             if not line.startswith("data: "):
                 continue
             if line == "data: [DONE]":
-                break
+                done = time.perf_counter() - began
+                continue
             chunk = json.loads(line[6:])
             conversation = chunk.get("conversation", conversation)
             if first is None and any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
                 first = time.perf_counter() - began
-    return time.perf_counter() - began, first or 0.0, conversation
+    if done is None:
+        raise RuntimeError("the stream ended without data: [DONE]")
+    return done, first or 0.0, conversation
 
 
 class Front:
