@@ -219,8 +219,13 @@ class Front:
         level = self.levels.setdefault(concurrency, Level())
         client = self._clients.get(concurrency)
         if client is None:
+            # Idle connections are dropped after 2 s, before any front's server closes them
+            # (uvicorn's keep-alive is 5 s, as is httpx's default): a request sent on a
+            # connection as the server closes it fails with ReadError, whatever the front.
             limits = httpx.Limits(
-                max_connections=concurrency + 10, max_keepalive_connections=concurrency + 10
+                max_connections=concurrency + 10,
+                max_keepalive_connections=concurrency + 10,
+                keepalive_expiry=2.0,
             )
             client = self._clients[concurrency] = httpx.AsyncClient(timeout=TURN_TIMEOUT_S, limits=limits)
 
