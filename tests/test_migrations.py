@@ -27,6 +27,7 @@ from sqlalchemy.engine import make_url
 from gilas_conv import (
     ConversationStore,
     SchemaOutOfDate,
+    StoreError,
     downgrade_database,
     head_revision,
     upgrade_database,
@@ -260,6 +261,19 @@ def test_postgres_without_schema_raises_schema_out_of_date(postgres_empty_url: s
     assert "***" in str(info.value)
     # Refusing is all it did: no table was created behind the user's back.
     assert _tables(postgres_empty_url) == set()
+
+
+def test_a_postgres_older_than_13_is_refused_in_one_line_before_anything_runs(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The server here is newer: the driver's report of its version is what is replaced.
+    from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
+
+    monkeypatch.setattr(PGDialect_psycopg, "_get_server_version_info", lambda self, conn: (12, 17))
+    with pytest.raises(StoreError) as info:
+        ConversationStore(postgres_url)
+    assert str(info.value).endswith("runs PostgreSQL 12.17; gilas-conv needs PostgreSQL 13 or later")
+    assert "\n" not in str(info.value)
 
 
 def test_postgres_behind_raises_schema_out_of_date(postgres_url: str) -> None:

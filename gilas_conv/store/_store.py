@@ -346,7 +346,11 @@ def _take_lease_with_message(*, owned: bool, searched: bool, unlimited: bool) ->
     says whether the row this statement updated is the version its snapshot sees (that
     version's ``xmax`` is this transaction: nothing updated the row in between); when it is
     false (or cannot tell: a row also locked by another transaction has a multixact there)
-    the rows are not used and the window reads the anchors itself, after this commit."""
+    the rows are not used and the window reads the anchors itself, after this commit.
+    This rests on every write that changes the anchors also updating the conversation's
+    row (each store path does). A multixact's id could in theory equal this transaction's
+    id; the anchors would then be those of the statement's snapshot, as if the concurrent
+    write had come just after this turn."""
     bumped = _take_lease(owned=owned, adds=True, unlimited=unlimited).cte("bumped")
     added = _added_cte(bumped)
     seen = _conversations.alias("seen")
@@ -368,6 +372,9 @@ def _take_lease_with_message(*, owned: bool, searched: bool, unlimited: bool) ->
         .add_cte(bumped, added, *_with_rows(added, searched=searched, charged=False))
     )
 
+
+# The oldest PostgreSQL the statements run on (pg_current_xact_id() is from 13).
+POSTGRES_SINCE = (13,)
 
 _TAKE_LEASE = {
     (owned, adds): _take_lease(owned=owned, adds=adds) for owned in (True, False) for adds in (True, False)
@@ -800,6 +807,12 @@ class ConversationStore:
     def _ensure_schema(self, auto_upgrade: bool) -> None:
         with _opening(self._engine, self.url):
             current = current_revision(self._engine)
+            version = self._engine.dialect.server_version_info
+            if self.dialect == "postgresql" and version and tuple(version) < POSTGRES_SINCE:
+                raise StoreError(
+                    f"the database {self.url} runs PostgreSQL {'.'.join(map(str, version))}; "
+                    f"gilas-conv needs PostgreSQL {POSTGRES_SINCE[0]} or later"
+                )
             head = head_revision()
             if current == head:
                 return
