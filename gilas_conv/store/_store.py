@@ -1869,8 +1869,10 @@ class ConversationStore:
         one = self.dialect == "postgresql" and len(rows) == 1
         limited = quota is not None and owner in self._limited_owners
         for single in (True, False) if one and not limited else (False,):
+            transaction = self._write(single=single)
             try:
                 row, added, held, start = self._lease_in(
+                    transaction,
                     conversation_id,
                     owner=owner,
                     params=params,
@@ -1884,6 +1886,10 @@ class ConversationStore:
                     self._limited_owners.clear()  # a hint: forgetting costs a round trip
                 self._limited_owners.add(owner)
                 continue  # a limit applies: the transaction that reserves
+            except StoreError as err:
+                if not transaction.in_doubt:
+                    raise
+                raise self._lease_in_doubt(conversation_id, token, bool(rows), err) from err
             break
         if limited and not row.quota_applies:
             self._limited_owners.discard(owner)
@@ -1892,8 +1898,29 @@ class ConversationStore:
             conv._window_start = start
         return token, conv, added, held
 
+    def _lease_in_doubt(self, conversation_id: str, token: str, stored: bool, err: StoreError) -> StoreError:
+        """The error of a lease write whose connection was lost while the server may have
+        committed it (see ``_tx._Transaction.in_doubt``): then the lease is taken though
+        nobody holds it, and the conversation would be busy for the lease's whole life. So
+        it is released by its token, on a fresh connection (a no-op if the write was not
+        stored); a release that fails is logged, and the write's own error is returned
+        either way. The turn's messages may have been stored: retrying the turn (the
+        sender's ``retry``; a gateway client sending them again) answers them."""
+        try:
+            self._end_turn(conversation_id, token)
+        except StoreError:
+            logger.warning(
+                "could not release the turn lease of conversation %s after a lost connection",
+                conversation_id,
+                exc_info=True,
+            )
+        if not stored:
+            return StoreError(str(err))
+        return StoreError(f"{err}; the turn's messages may have been stored: retrying the turn answers them")
+
     def _lease_in(
         self,
+        transaction: Any,
         conversation_id: str,
         *,
         owner: str | None,
@@ -1903,16 +1930,17 @@ class ConversationStore:
         quota: _usage.QuotaAsk | None,
         single: bool,
     ) -> tuple[Any, builtins.list[Message], _usage.Reservation | None, _WindowStart | None]:
-        """The write of :meth:`_take_turn`: the lease, the turn's messages and their search
-        rows, and the reservation. ``single`` (Postgres, one message): one autocommit
-        statement, which with ``quota`` takes nothing where a limit applies (``_Limited``).
+        """The write of :meth:`_take_turn` in ``transaction`` (a ``_write``): the lease, the
+        turn's messages and their search rows, and the reservation. ``single`` (Postgres,
+        one message): one autocommit statement, which with ``quota`` takes nothing where a
+        limit applies (``_Limited``).
         Last comes the window's start as that statement read it (Postgres, one message:
         see :func:`_take_lease_with_message`), or None."""
         c = _conversations.c
         now = params["t_now"]
         check = single and quota is not None
         start = None
-        with self._write(single=single) as conn:
+        with transaction as conn:
             # One UPDATE takes the lease only where it is free, so two requests racing for it
             # are ordered by the row lock (Postgres) or the write lock (SQLite): one wins.
             if self.dialect == "postgresql" and len(rows) == 1:

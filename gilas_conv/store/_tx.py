@@ -40,6 +40,9 @@ class _Transaction:
             self._options = SINGLE_READ[engine.dialect.name] if single else None
         self._conn: Any = None
         self._tx: Any = None
+        # Set when the write failed in doubt: the connection was lost while the server may
+        # have committed it (an autocommit statement, or the COMMIT), so it may be stored.
+        self.in_doubt = False
 
     def __enter__(self) -> Any:
         self._open()
@@ -94,6 +97,7 @@ class _Transaction:
             raise StoreIntegrityError(f"the database refused the write: {_describe(err)}") from err
         except DBAPIError as err:
             if exc is None:
+                self.in_doubt = self._write and err.connection_invalidated
                 raise StoreError(f"database error: {_describe(err)}") from err
         finally:
             self._conn.close()
@@ -181,7 +185,8 @@ class _RetryFirstStatement:
     only when the server said it ended the session (SQLSTATE 57P01, a terminated backend
     or a server shut down: a statement then running was rolled back); a connection lost
     without a word (a network failure, a crashed server) is a StoreError, since the write
-    may be stored.
+    may be stored, and the transaction says so (``in_doubt``), as it does for a COMMIT
+    whose connection was lost.
     """
 
     def __init__(self, transaction: _Transaction) -> None:
@@ -204,12 +209,17 @@ class _RetryFirstStatement:
             if not err.connection_invalidated:
                 raise
             if self._transaction._commits_at_once and getattr(err.orig, "sqlstate", None) != "57P01":
+                self._transaction.in_doubt = True
                 raise
         self._transaction._reopen()
         conn = self._transaction._conn
         self.execute = conn.execute  # type: ignore[method-assign]
         self.exec_driver_sql = conn.exec_driver_sql  # type: ignore[method-assign]
-        return getattr(conn, method)(*args, **kwargs)
+        try:
+            return getattr(conn, method)(*args, **kwargs)
+        except DBAPIError as err:
+            self._transaction.in_doubt = self._transaction._commits_at_once and err.connection_invalidated
+            raise
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transaction._conn, name)

@@ -1,0 +1,226 @@
+"""The store when the network fails mid-write (Postgres): a write whose connection is lost
+after the server committed it, but before its answer arrived, is "in doubt". A real
+Postgres sits behind a small TCP proxy on loopback that cuts one connection at the moment
+the test picks: it forwards a chunk of the client's stream holding a marker (a message's
+unique text, sent as a bound parameter), then drops the client's side and discards the
+server's answer, leaving the server to run and commit the statement."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+from _gateway import UPSTREAM_KEY, running_gateway, sdk_client, stored
+from sqlalchemy.engine import make_url
+from stub_server import StubServer
+
+from gilas_conv import ConversationStore, Sender, StoreError
+from gilas_conv.store import APIKeys
+
+API_KEY = UPSTREAM_KEY
+
+
+class CuttingProxy:
+    """A TCP proxy in front of a Postgres server, on a free loopback port. Once the client's
+    stream holds ``marker`` (and then, with ``then``, a chunk holding ``then``, e.g. the
+    COMMIT that follows), that chunk is forwarded and the connection is cut: the client's
+    socket is closed, the server's answer discarded; the server's side stays open until
+    the proxy stops. One cut per proxy; every other connection is forwarded untouched."""
+
+    def __init__(self, host: str, port: int, marker: bytes, then: bytes | None = None) -> None:
+        self._target = (host, port)
+        self._marker = marker
+        self._then = then
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self.cut = threading.Event()
+        self._stopped = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self._target)
+            with self._lock:
+                self._sockets += [client, server]
+            dropped = threading.Event()
+            threading.Thread(target=self._upstream, args=(client, server, dropped), daemon=True).start()
+            threading.Thread(target=self._downstream, args=(server, client, dropped), daemon=True).start()
+
+    def _upstream(self, client: socket.socket, server: socket.socket, dropped: threading.Event) -> None:
+        seen = b""
+        armed = False
+        with contextlib.suppress(OSError):
+            while chunk := client.recv(65536):
+                window = seen + chunk
+                seen = window[-len(self._marker) :]
+                if not self.cut.is_set():
+                    armed = armed or self._marker in window
+                    if armed and (self._then is None or self._then in chunk):
+                        self.cut.set()
+                        dropped.set()  # the server's answer is dropped from now on
+                        server.sendall(chunk)
+                        client.shutdown(socket.SHUT_RDWR)
+                        client.close()
+                        return
+                server.sendall(chunk)
+        with contextlib.suppress(OSError):
+            server.shutdown(socket.SHUT_WR)
+
+    def _downstream(self, server: socket.socket, client: socket.socket, dropped: threading.Event) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := server.recv(65536):
+                if not dropped.is_set():
+                    client.sendall(chunk)
+        if not dropped.is_set():
+            with contextlib.suppress(OSError):
+                client.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self._listener.close()
+        with self._lock:
+            for sock in self._sockets:
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+
+@contextlib.contextmanager
+def cut_store(
+    db_url: str, marker: str, then: bytes | None = None
+) -> Iterator[tuple[ConversationStore, CuttingProxy]]:
+    """A store on ``db_url`` reached through a :class:`CuttingProxy` cutting at ``marker``."""
+    url = make_url(db_url)
+    proxy = CuttingProxy(url.host or "127.0.0.1", url.port or 5432, marker.encode(), then)
+    proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    try:
+        with ConversationStore(proxied) as store:
+            yield store, proxy
+    finally:
+        proxy.close()
+
+
+def wait_until_stored(store: ConversationStore, conversation_id: str, content: str, owner: str) -> None:
+    """Until the server has committed the cut write (bounded)."""
+    deadline = time.monotonic() + 10
+    while not any(m.content == content for m in store.get(conversation_id, owner=owner).messages()):
+        assert time.monotonic() < deadline, "the cut write was never committed"
+        time.sleep(0.02)
+
+
+def check_one_line(err: BaseException) -> None:
+    text = str(err)
+    assert "\n" not in text and API_KEY not in text
+    assert "may have been stored" in text and "retrying the turn answers" in text
+
+
+@pytest.fixture
+def postgres_url(db_url: str, backend: str) -> str:
+    if backend != "postgres":
+        pytest.skip("a network cut needs a database server")
+    return db_url
+
+
+@pytest.mark.parametrize("quota", [False, True], ids=["one-statement", "reserving-transaction"])
+def test_a_turn_whose_lease_write_is_cut_after_it_committed_leaves_the_conversation_free(
+    postgres_url: str, stub: StubServer, quota: bool
+) -> None:
+    """The lease write commits on the server, but its answer is lost: the sender says so
+    (StoreError), the lease is released (before: the conversation answered
+    ConversationBusy for the lease's whole life, though nobody held its turn), and a retry
+    answers the stored message once."""
+    marker = f"in doubt {uuid.uuid4().hex}"
+    with ConversationStore(postgres_url) as direct:
+        conv = direct.create(model="gpt-4o-mini", owner="alice")
+        if quota:  # a limit applies: the lease is taken in a transaction that reserves
+            direct.set_quota("alice", daily_tokens=10**9)
+        # With a quota the cut is at the reserving transaction's COMMIT.
+        then = b"COMMIT\x00" if quota else None
+        with (
+            cut_store(postgres_url, marker, then) as (proxied, proxy),
+            Sender(proxied, api_key=API_KEY, base_url=stub.base_url, max_retries=0) as sender,
+        ):
+            with pytest.raises(StoreError) as caught:
+                sender.send(conv.id, marker, owner="alice")
+            assert proxy.cut.is_set()
+            wait_until_stored(direct, conv.id, marker, "alice")
+            # Not busy: a new turn is taken at once.
+            token, _, _ = direct._begin_turn(conv.id, owner="alice")
+            assert direct._end_turn(conv.id, token)
+            check_one_line(caught.value)
+            reply = sender.retry(conv.id, owner="alice")
+        assert reply.content == f"echo: {marker}"
+        assert stored(direct, conv.id) == [
+            ("user", marker, "complete"),
+            ("assistant", f"echo: {marker}", "complete"),
+        ]
+
+
+def test_a_reply_write_cut_after_it_committed_leaves_the_conversation_free(
+    postgres_url: str, stub: StubServer
+) -> None:
+    """The reply's write (which also releases the lease) commits, its answer is lost: a
+    StoreError, the reply stored once, the conversation free, nothing left to retry."""
+    marker = f"in doubt {uuid.uuid4().hex}"
+    with ConversationStore(postgres_url) as direct:
+        conv = direct.create(model="gpt-4o-mini", owner="alice")
+        stub.script({"reply": marker})
+        with (
+            cut_store(postgres_url, marker) as (proxied, proxy),
+            Sender(proxied, api_key=API_KEY, base_url=stub.base_url, max_retries=0) as sender,
+        ):
+            with pytest.raises(StoreError) as caught:
+                sender.send(conv.id, "question", owner="alice")
+            assert proxy.cut.is_set()
+            assert "\n" not in str(caught.value) and API_KEY not in str(caught.value)
+            wait_until_stored(direct, conv.id, marker, "alice")
+            token, _, _ = direct._begin_turn(conv.id, owner="alice")
+            assert direct._end_turn(conv.id, token)
+            with pytest.raises(ValueError):
+                sender.retry(conv.id, owner="alice")
+        assert stored(direct, conv.id) == [
+            ("user", "question", "complete"),
+            ("assistant", marker, "complete"),
+        ]
+
+
+def test_a_gateway_turn_cut_after_its_lease_committed_is_answered_when_the_client_sends_it_again(
+    postgres_url: str, stub: StubServer
+) -> None:
+    marker = f"in doubt {uuid.uuid4().hex}"
+    with ConversationStore(postgres_url) as direct:
+        key = APIKeys(direct).create(owner="alice")[0]
+        conv = direct.create(model="gpt-4o-mini", owner="alice")
+        with (
+            cut_store(postgres_url, marker) as (proxied, proxy),
+            running_gateway(proxied, stub.base_url) as gateway,
+        ):
+            client = sdk_client(gateway, key)
+            request: dict[str, Any] = {
+                "model": "gpt-4o-mini",
+                "messages": [{"role": "user", "content": marker}],
+                "extra_body": {"conversation": conv.id},
+            }
+            with pytest.raises(openai.InternalServerError) as caught:
+                client.chat.completions.create(**request)
+            assert caught.value.status_code == 503
+            assert proxy.cut.is_set()
+            wait_until_stored(direct, conv.id, marker, "alice")
+            # The client sends the same message again: not busy, stored once, answered.
+            answer = client.chat.completions.create(**request)
+        assert answer.choices[0].message.content == f"echo: {marker}"
+        assert stored(direct, conv.id) == [
+            ("user", marker, "complete"),
+            ("assistant", f"echo: {marker}", "complete"),
+        ]
