@@ -30,21 +30,33 @@ API_KEY = UPSTREAM_KEY
 class CuttingProxy:
     """A TCP proxy in front of a Postgres server, on a free loopback port. Once the client's
     stream holds ``marker`` (and then, with ``then``, a chunk holding ``then``, e.g. the
-    COMMIT that follows), that chunk is forwarded and the connection is cut: the client's
-    socket is closed, the server's answer discarded; the server's side stays open until
-    the proxy stops. One cut per proxy; every other connection is forwarded untouched."""
+    COMMIT that follows), that chunk is forwarded, the server's answer awaited (so the
+    server has run the statement) and dropped, and the client's socket closed: a write
+    committed whose answer was lost. With ``hold``, the chunk is not forwarded but kept
+    (``forward_held`` sends it later): a write still on its way to the server when the
+    client gave up. The server's side stays open until the server or the proxy closes it.
+    One cut per proxy; every other connection is forwarded untouched."""
 
-    def __init__(self, host: str, port: int, marker: bytes, then: bytes | None = None) -> None:
+    def __init__(self, host: str, port: int, marker: bytes, then: bytes | None, hold: bool) -> None:
         self._target = (host, port)
         self._marker = marker
         self._then = then
+        self._hold = hold
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
         self.cut = threading.Event()
-        self._stopped = False
+        self.answered = threading.Event()  # the cut connection's server answered after the cut
+        self.server_closed = threading.Event()  # ... or closed the connection
+        self._held: tuple[socket.socket, bytes] | None = None
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def forward_held(self) -> None:
+        assert self._held is not None
+        server, chunk = self._held
+        with contextlib.suppress(OSError):
+            server.sendall(chunk)
 
     def _accept(self) -> None:
         while True:
@@ -70,8 +82,12 @@ class CuttingProxy:
                     armed = armed or self._marker in window
                     if armed and (self._then is None or self._then in chunk):
                         self.cut.set()
-                        dropped.set()  # the server's answer is dropped from now on
-                        server.sendall(chunk)
+                        dropped.set()  # the server's answers are dropped from now on
+                        if self._hold:
+                            self._held = (server, chunk)
+                        else:
+                            server.sendall(chunk)
+                            self.answered.wait(10)
                         client.shutdown(socket.SHUT_RDWR)
                         client.close()
                         return
@@ -84,7 +100,11 @@ class CuttingProxy:
             while chunk := server.recv(65536):
                 if not dropped.is_set():
                     client.sendall(chunk)
-        if not dropped.is_set():
+                else:
+                    self.answered.set()
+        if dropped.is_set():
+            self.server_closed.set()
+        else:
             with contextlib.suppress(OSError):
                 client.shutdown(socket.SHUT_WR)
 
@@ -98,11 +118,11 @@ class CuttingProxy:
 
 @contextlib.contextmanager
 def cut_store(
-    db_url: str, marker: str, then: bytes | None = None
+    db_url: str, marker: str, then: bytes | None = None, *, hold: bool = False
 ) -> Iterator[tuple[ConversationStore, CuttingProxy]]:
     """A store on ``db_url`` reached through a :class:`CuttingProxy` cutting at ``marker``."""
     url = make_url(db_url)
-    proxy = CuttingProxy(url.host or "127.0.0.1", url.port or 5432, marker.encode(), then)
+    proxy = CuttingProxy(url.host or "127.0.0.1", url.port or 5432, marker.encode(), then, hold)
     proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
     try:
         with ConversationStore(proxied) as store:
@@ -160,6 +180,41 @@ def test_a_turn_whose_lease_write_is_cut_after_it_committed_leaves_the_conversat
             assert direct._end_turn(conv.id, token)
             check_one_line(caught.value)
             reply = sender.retry(conv.id, owner="alice")
+        assert reply.content == f"echo: {marker}"
+        assert stored(direct, conv.id) == [
+            ("user", marker, "complete"),
+            ("assistant", f"echo: {marker}", "complete"),
+        ]
+
+
+def test_a_lease_write_that_reaches_the_server_after_the_turn_gave_up_takes_nothing(
+    postgres_url: str, stub: StubServer
+) -> None:
+    """The lease write is still on its way when its connection is lost: the release that
+    follows must not run before it, or the write would take the lease after the release
+    and the conversation stay busy. The lost connection's server process is ended first,
+    so the late write is never run: nothing stored, the conversation free."""
+    marker = f"in doubt {uuid.uuid4().hex}"
+    with ConversationStore(postgres_url) as direct:
+        conv = direct.create(model="gpt-4o-mini", owner="alice")
+        with (
+            cut_store(postgres_url, marker, hold=True) as (proxied, proxy),
+            Sender(proxied, api_key=API_KEY, base_url=stub.base_url, max_retries=0) as sender,
+        ):
+            with pytest.raises(StoreError) as caught:
+                sender.send(conv.id, marker, owner="alice")
+            assert proxy.cut.is_set()
+            check_one_line(caught.value)
+            proxy.forward_held()  # the write arrives late
+            # The server ran it (answered) or had closed that connection: either way, decided.
+            deadline = time.monotonic() + 10
+            while not (proxy.answered.is_set() or proxy.server_closed.is_set()):
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            token, _, _ = direct._begin_turn(conv.id, owner="alice")
+            assert direct._end_turn(conv.id, token)
+            assert stored(direct, conv.id) == []
+            reply = sender.send(conv.id, marker, owner="alice")
         assert reply.content == f"echo: {marker}"
         assert stored(direct, conv.id) == [
             ("user", marker, "complete"),

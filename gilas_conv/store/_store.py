@@ -38,6 +38,7 @@ import dataclasses
 import datetime as dt
 import logging
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -1889,7 +1890,8 @@ class ConversationStore:
             except StoreError as err:
                 if not transaction.in_doubt:
                     raise
-                raise self._lease_in_doubt(conversation_id, token, bool(rows), err) from err
+                pid = transaction.backend_pid
+                raise self._lease_in_doubt(conversation_id, token, pid, bool(rows), err) from err
             break
         if limited and not row.quota_applies:
             self._limited_owners.discard(owner)
@@ -1898,14 +1900,27 @@ class ConversationStore:
             conv._window_start = start
         return token, conv, added, held
 
-    def _lease_in_doubt(self, conversation_id: str, token: str, stored: bool, err: StoreError) -> StoreError:
+    def _lease_in_doubt(
+        self, conversation_id: str, token: str, pid: int | None, stored: bool, err: StoreError
+    ) -> StoreError:
         """The error of a lease write whose connection was lost while the server may have
         committed it (see ``_tx._Transaction.in_doubt``): then the lease is taken though
         nobody holds it, and the conversation would be busy for the lease's whole life. So
         it is released by its token, on a fresh connection (a no-op if the write was not
         stored); a release that fails is logged, and the write's own error is returned
         either way. The turn's messages may have been stored: retrying the turn (the
-        sender's ``retry``; a gateway client sending them again) answers them."""
+        sender's ``retry``; a gateway client sending them again) answers them.
+
+        The server may not have run the write yet when the release does (its process
+        ``pid`` had not read it yet): the release would free nothing, and the write take
+        the lease after it. So that process is ended first (the server then runs nothing
+        more of it: the write is stored or not, for good), and its end awaited, a few
+        seconds at most."""
+        if pid is not None:
+            try:
+                self._end_backend(pid)
+            except StoreError:
+                logger.warning("could not end the server process %s of a lost connection", pid, exc_info=True)
         try:
             self._end_turn(conversation_id, token)
         except StoreError:
@@ -1917,6 +1932,27 @@ class ConversationStore:
         if not stored:
             return StoreError(str(err))
         return StoreError(f"{err}; the turn's messages may have been stored: retrying the turn answers them")
+
+    def _end_backend(self, pid: int, *, wait: float = 5.0) -> None:
+        """Postgres: end the server process ``pid`` (one of this store's connections, lost)
+        and wait until it has exited, up to ``wait`` seconds. A user may end its own
+        sessions; one that is gone already is no error."""
+        with self._read_one() as conn:
+            conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        deadline = time.monotonic() + wait
+        pause = 0.002
+        while time.monotonic() < deadline:
+            with self._read_one() as conn:
+                if (
+                    conn.execute(
+                        text("SELECT 1 FROM pg_stat_activity WHERE pid = :pid"), {"pid": pid}
+                    ).first()
+                    is None
+                ):
+                    return
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
+        logger.warning("the server process %s of a lost connection did not end in %s s", pid, wait)
 
     def _lease_in(
         self,

@@ -42,7 +42,10 @@ class _Transaction:
         self._tx: Any = None
         # Set when the write failed in doubt: the connection was lost while the server may
         # have committed it (an autocommit statement, or the COMMIT), so it may be stored.
+        # ``backend_pid``: the server process of the write's connection (Postgres), which may
+        # still run it (see ConversationStore._lease_in_doubt).
         self.in_doubt = False
+        self.backend_pid: int | None = None
 
     def __enter__(self) -> Any:
         self._open()
@@ -55,6 +58,9 @@ class _Transaction:
             self._conn = self._engine.connect()
             if self._options is not None:
                 self._conn.execution_options(**self._options)
+            if self._write and self._engine.dialect.name == "postgresql":
+                # Known to the driver (no round trip); unreadable once the connection is lost.
+                self.backend_pid = self._conn.connection.dbapi_connection.info.backend_pid
             self._tx = begin(self._conn)
         except PoolTimeoutError as err:
             # Every pooled connection stayed checked out for the whole pool timeout.
