@@ -260,8 +260,8 @@ def test_a_gateway_turn_cut_after_its_lease_committed_is_answered_when_the_clien
         with (
             cut_store(postgres_url, marker) as (proxied, proxy),
             running_gateway(proxied, stub.base_url) as gateway,
+            sdk_client(gateway, key) as client,
         ):
-            client = sdk_client(gateway, key)
             request: dict[str, Any] = {
                 "model": "gpt-4o-mini",
                 "messages": [{"role": "user", "content": marker}],
