@@ -145,6 +145,19 @@ def check_one_line(err: BaseException) -> None:
     assert "may have been stored" in text and "retrying the turn answers" in text
 
 
+def assert_free(store: ConversationStore, conversation_id: str) -> None:
+    """Not busy: a new turn of the conversation is taken at once."""
+    token, _, _ = store._begin_turn(conversation_id, owner="alice")
+    assert store._end_turn(conversation_id, token)
+
+
+def assert_answered_once(store: ConversationStore, conversation_id: str, marker: str) -> None:
+    assert stored(store, conversation_id) == [
+        ("user", marker, "complete"),
+        ("assistant", f"echo: {marker}", "complete"),
+    ]
+
+
 @pytest.fixture
 def postgres_url(db_url: str, backend: str) -> str:
     if backend != "postgres":
@@ -175,16 +188,11 @@ def test_a_turn_whose_lease_write_is_cut_after_it_committed_leaves_the_conversat
                 sender.send(conv.id, marker, owner="alice")
             assert proxy.cut.is_set()
             wait_until_stored(direct, conv.id, marker, "alice")
-            # Not busy: a new turn is taken at once.
-            token, _, _ = direct._begin_turn(conv.id, owner="alice")
-            assert direct._end_turn(conv.id, token)
+            assert_free(direct, conv.id)
             check_one_line(caught.value)
             reply = sender.retry(conv.id, owner="alice")
         assert reply.content == f"echo: {marker}"
-        assert stored(direct, conv.id) == [
-            ("user", marker, "complete"),
-            ("assistant", f"echo: {marker}", "complete"),
-        ]
+        assert_answered_once(direct, conv.id, marker)
 
 
 def test_a_lease_write_that_reaches_the_server_after_the_turn_gave_up_takes_nothing(
@@ -211,15 +219,11 @@ def test_a_lease_write_that_reaches_the_server_after_the_turn_gave_up_takes_noth
             while not (proxy.answered.is_set() or proxy.server_closed.is_set()):
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
-            token, _, _ = direct._begin_turn(conv.id, owner="alice")
-            assert direct._end_turn(conv.id, token)
+            assert_free(direct, conv.id)
             assert stored(direct, conv.id) == []
             reply = sender.send(conv.id, marker, owner="alice")
         assert reply.content == f"echo: {marker}"
-        assert stored(direct, conv.id) == [
-            ("user", marker, "complete"),
-            ("assistant", f"echo: {marker}", "complete"),
-        ]
+        assert_answered_once(direct, conv.id, marker)
 
 
 def test_a_reply_write_cut_after_it_committed_leaves_the_conversation_free(
@@ -240,8 +244,7 @@ def test_a_reply_write_cut_after_it_committed_leaves_the_conversation_free(
             assert proxy.cut.is_set()
             assert "\n" not in str(caught.value) and API_KEY not in str(caught.value)
             wait_until_stored(direct, conv.id, marker, "alice")
-            token, _, _ = direct._begin_turn(conv.id, owner="alice")
-            assert direct._end_turn(conv.id, token)
+            assert_free(direct, conv.id)
             with pytest.raises(ValueError):
                 sender.retry(conv.id, owner="alice")
         assert stored(direct, conv.id) == [
@@ -275,7 +278,4 @@ def test_a_gateway_turn_cut_after_its_lease_committed_is_answered_when_the_clien
             # The client sends the same message again: not busy, stored once, answered.
             answer = client.chat.completions.create(**request)
         assert answer.choices[0].message.content == f"echo: {marker}"
-        assert stored(direct, conv.id) == [
-            ("user", marker, "complete"),
-            ("assistant", f"echo: {marker}", "complete"),
-        ]
+        assert_answered_once(direct, conv.id, marker)
