@@ -1936,9 +1936,17 @@ class ConversationStore:
     def _end_backend(self, pid: int, *, wait: float = 5.0) -> None:
         """Postgres: end the server process ``pid`` (one of this store's connections, lost)
         and wait until it has exited, up to ``wait`` seconds. A user may end its own
-        sessions; one that is gone already is no error."""
+        sessions; one that is gone already is no error. Only a session of this database and
+        this user is ended: the id comes from the driver, and behind a connection pooler it
+        is the pooler's, not a server process's."""
         with self._read_one() as conn:
-            conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            conn.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE pid = :pid AND datname = current_database() AND usename = current_user"
+                ),
+                {"pid": pid},
+            )
         deadline = time.monotonic() + wait
         pause = 0.002
         while time.monotonic() < deadline:
