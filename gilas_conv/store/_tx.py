@@ -205,27 +205,24 @@ class _RetryFirstStatement:
         return self._first("exec_driver_sql", args, kwargs)
 
     def _first(self, method: str, args: Any, kwargs: Any) -> Any:
-        conn = self._transaction._conn
-        # From the second statement on, straight to the connection.
-        self.execute = conn.execute  # type: ignore[method-assign]
-        self.exec_driver_sql = conn.exec_driver_sql  # type: ignore[method-assign]
-        try:
-            return getattr(conn, method)(*args, **kwargs)
-        except DBAPIError as err:
-            if not err.connection_invalidated:
-                raise
-            if self._transaction._commits_at_once and getattr(err.orig, "sqlstate", None) != "57P01":
-                self._transaction.in_doubt = True
-                raise
-        self._transaction._reopen()
-        conn = self._transaction._conn
-        self.execute = conn.execute  # type: ignore[method-assign]
-        self.exec_driver_sql = conn.exec_driver_sql  # type: ignore[method-assign]
-        try:
-            return getattr(conn, method)(*args, **kwargs)
-        except DBAPIError as err:
-            self._transaction.in_doubt = self._transaction._commits_at_once and err.connection_invalidated
-            raise
+        for resent in (False, True):
+            conn = self._transaction._conn
+            # From the second statement on, straight to the connection.
+            self.execute = conn.execute  # type: ignore[method-assign]
+            self.exec_driver_sql = conn.exec_driver_sql  # type: ignore[method-assign]
+            try:
+                return getattr(conn, method)(*args, **kwargs)
+            except DBAPIError as err:
+                if not err.connection_invalidated:
+                    raise
+                ended = getattr(err.orig, "sqlstate", None) == "57P01"
+                if self._transaction._commits_at_once and (resent or not ended):
+                    self._transaction.in_doubt = True
+                    raise
+                if resent:
+                    raise
+            self._transaction._reopen()
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transaction._conn, name)
