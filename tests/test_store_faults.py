@@ -64,7 +64,11 @@ class CuttingProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
-            server = socket.create_connection(self._target)
+            try:
+                server = socket.create_connection(self._target)
+            except OSError:  # the server refused: so does the proxy
+                client.close()
+                continue
             with self._lock:
                 self._sockets += [client, server]
             dropped = threading.Event()
@@ -195,18 +199,44 @@ def test_a_turn_whose_lease_write_is_cut_after_it_committed_leaves_the_conversat
         assert_answered_once(direct, conv.id, marker)
 
 
+@pytest.fixture
+def url_with_a_role_set(postgres_url: str) -> Iterator[str]:
+    """The test database's URL for a login whose connections set another role at once
+    (``options=-c role=...``), as deployments do: ``current_user`` is then not the login."""
+    import psycopg
+
+    suffix = uuid.uuid4().hex[:12]
+    app, login = f"gc_app_{suffix}", f"gc_login_{suffix}"
+    admin_url = make_url(postgres_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'CREATE ROLE "{app}" SUPERUSER NOLOGIN')
+        admin.execute(f'CREATE ROLE "{login}" LOGIN IN ROLE "{app}"')
+    try:
+        url = make_url(postgres_url).set(username=login, query={"options": f"-c role={app}"})
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            gone = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s"
+            admin.execute(gone, (login,))
+            admin.execute(f'DROP ROLE "{login}"')
+            admin.execute(f'DROP ROLE "{app}"')
+
+
+@pytest.mark.parametrize("login", ["the database's user", "a role set at login"])
 def test_a_lease_write_that_reaches_the_server_after_the_turn_gave_up_takes_nothing(
-    postgres_url: str, stub: StubServer
+    postgres_url: str, stub: StubServer, login: str, request: pytest.FixtureRequest
 ) -> None:
     """The lease write is still on its way when its connection is lost: the release that
     follows must not run before it, or the write would take the lease after the release
     and the conversation stay busy. The lost connection's server process is ended first,
-    so the late write is never run: nothing stored, the conversation free."""
+    so the late write is never run: nothing stored, the conversation free. Also when the
+    store's connections set a role at login (the session is found by its login)."""
+    url = postgres_url if login == "the database's user" else request.getfixturevalue("url_with_a_role_set")
     marker = f"in doubt {uuid.uuid4().hex}"
     with ConversationStore(postgres_url) as direct:
         conv = direct.create(model="gpt-4o-mini", owner="alice")
         with (
-            cut_store(postgres_url, marker, hold=True) as (proxied, proxy),
+            cut_store(url, marker, hold=True) as (proxied, proxy),
             Sender(proxied, api_key=API_KEY, base_url=stub.base_url, max_retries=0) as sender,
         ):
             with pytest.raises(StoreError) as caught:

@@ -374,6 +374,14 @@ def _take_lease_with_message(*, owned: bool, searched: bool, unlimited: bool) ->
     )
 
 
+# Postgres: a session of this store's database and login, by its server process id (see
+# ConversationStore._end_backend).
+_THIS_SESSION = (
+    " FROM pg_stat_activity WHERE pid = :pid AND datname = current_database() AND usename = session_user"
+)
+_END_SESSION = text("SELECT pg_terminate_backend(pid)" + _THIS_SESSION)
+_SESSION_ALIVE = text("SELECT 1" + _THIS_SESSION)
+
 # The oldest PostgreSQL the statements run on (pg_current_xact_id() is from 13).
 POSTGRES_SINCE = (13,)
 
@@ -1936,27 +1944,19 @@ class ConversationStore:
     def _end_backend(self, pid: int, *, wait: float = 5.0) -> None:
         """Postgres: end the server process ``pid`` (one of this store's connections, lost)
         and wait until it has exited, up to ``wait`` seconds. A user may end its own
-        sessions; one that is gone already is no error. Only a session of this database and
-        this user is ended: the id comes from the driver, and behind a connection pooler it
-        is the pooler's, not a server process's."""
+        sessions; one that is gone already is no error. Only a session of this database
+        and this login (``session_user``: a role set with ``SET ROLE`` or ``-c role=`` does
+        not change it) is ended or waited for: the id comes from the driver, and behind a
+        connection pooler it is the pooler's, not a server process's."""
+        ours = {"pid": pid}
         with self._read_one() as conn:
-            conn.execute(
-                text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                    " WHERE pid = :pid AND datname = current_database() AND usename = current_user"
-                ),
-                {"pid": pid},
-            )
+            if conn.execute(_END_SESSION, ours).first() is None:
+                return  # no such session: it has ended already
         deadline = time.monotonic() + wait
         pause = 0.002
         while time.monotonic() < deadline:
             with self._read_one() as conn:
-                if (
-                    conn.execute(
-                        text("SELECT 1 FROM pg_stat_activity WHERE pid = :pid"), {"pid": pid}
-                    ).first()
-                    is None
-                ):
+                if conn.execute(_SESSION_ALIVE, ours).first() is None:
                     return
             time.sleep(pause)
             pause = min(pause * 2, 0.1)
