@@ -1466,9 +1466,13 @@ class ConversationStore:
         statement its own snapshot, in a transaction or not) they then run in autocommit
         mode, without the BEGIN and COMMIT round trips."""
         self._check_open()
+        return _Transaction(self._engine, write=False, single=each and self._snapshot_per_statement())
+
+    def _snapshot_per_statement(self) -> bool:
+        """Whether each statement reads a snapshot of its own, in a transaction or not:
+        Postgres under READ COMMITTED, its default isolation level."""
         dialect = self._engine.dialect
-        single = each and dialect.name == "postgresql" and dialect.default_isolation_level == "READ COMMITTED"
-        return _Transaction(self._engine, write=False, single=single)
+        return dialect.name == "postgresql" and dialect.default_isolation_level == "READ COMMITTED"
 
     def _read_one(self) -> Any:
         """A read that runs one statement: atomic on its own, so it runs without BEGIN and
@@ -1818,11 +1822,12 @@ class ConversationStore:
         """:meth:`_begin_turn` with the owner's quota, all in its one write transaction.
 
         ``window`` (for a caller that plans the turn at once with the handle returned, and
-        uses it for nothing else): on Postgres, a turn of one message whose lease statement
-        also read the start of the window (see :func:`_take_lease_with_message`) returns a
-        handle whose first :meth:`Conversation.read_window` starts from those rows, saving
-        that read's round trip. Such a handle must not be kept: what it carries is the
-        conversation as the turn found it.
+        uses it for nothing else): on Postgres under READ COMMITTED, a turn of one message
+        whose lease statement also read the start of the window (see
+        :func:`_take_lease_with_message`) returns a handle whose first
+        :meth:`Conversation.read_window` starts from those rows, saving that read's round
+        trip. Such a handle must not be kept: what it carries is the conversation as the
+        turn found it.
 
         With ``quota`` (None: no check, as :meth:`_begin_turn`): if a limit applies to
         ``owner``, ``quota.hold(history)`` tokens are reserved, ``history`` being the
@@ -1904,7 +1909,8 @@ class ConversationStore:
         if limited and not row.quota_applies:
             self._limited_owners.discard(owner)
         conv = self._conversation_from_row(row)
-        if window:
+        if window and self._snapshot_per_statement():
+            # The window's reads would each take a snapshot of their own anyway.
             conv._window_start = start
         return token, conv, added, held
 

@@ -486,15 +486,13 @@ def read_window(
     (else ConversationNotFound); recounts written back after it.
 
     ``start``: the running total and the anchor rows, already read for this owner's
-    conversation (by a turn's lease statement, on Postgres under READ COMMITTED, where the
-    reader's statements each read a snapshot of their own anyway): the reader starts from
-    them instead of reading them again."""
+    conversation (by a turn's lease statement, given only where the reader's statements
+    each read a snapshot of their own anyway: see ``ConversationStore._take_turn``): the
+    reader starts from them instead of reading them again."""
     if not _could_exist(conversation_id, owner):
         raise ConversationNotFound(conversation_id)
     with store._read(each=True) as conn:
-        dialect = conn.dialect
-        each_its_own = dialect.name == "postgresql" and dialect.default_isolation_level == "READ COMMITTED"
-        if start is not None and each_its_own:
+        if start is not None:
             reader = WindowReader(conn, conversation_id, encoding, start[0], start[1])
         else:
             # The owner's check, the running total and the anchors in one statement.
