@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
 import gc
 import inspect
@@ -59,6 +60,7 @@ from sqlalchemy.engine import make_url
 
 from gilas_conv import ConversationStore, build_context
 from gilas_conv import tokens as gc_tokens
+from gilas_conv._config import DEFAULT_TURN_LEASE_SECONDS
 from gilas_conv.store._schema import ConversationRow, MessageRow
 from gilas_conv.truncation import DEFAULT_REPLY_RESERVE
 
@@ -73,6 +75,36 @@ _BEGIN_TAKES_MODEL = "model" in inspect.signature(ConversationStore._begin_turn)
 
 def _model_hint(conv: Any) -> dict[str, Any]:
     return {"model": conv.model} if _BEGIN_TAKES_MODEL else {}
+
+
+# The sender takes its turn with _take_turn(window=True) where the store has it: the lease
+# statement may then read the start of the window too, and the sender plans from that.
+_TAKE_TURN_WINDOW = (
+    "window" in inspect.signature(getattr(ConversationStore, "_take_turn", _model_hint)).parameters
+)
+
+
+def _begin_turn(store: ConversationStore, conv: Any, content: str) -> tuple[str, list[Any], Any]:
+    """The lease, the messages added, and the handle to plan the turn with, as the sender
+    gets them (gilas_conv/_sender/_base.py, ``_take_turn``)."""
+    messages = [{"role": "user", "content": content}]
+    if not _TAKE_TURN_WINDOW:
+        lease, _, added = store._begin_turn(conv.id, owner=conv.owner, messages=messages, **_model_hint(conv))
+        return lease, added, conv
+    lease, taken, added, _ = store._take_turn(
+        conv.id,
+        owner=conv.owner,
+        lease_seconds=DEFAULT_TURN_LEASE_SECONDS,
+        messages=messages,
+        quota=None,
+        model=conv.model,
+        window=True,
+    )
+    if taken._window_start is None:
+        return lease, added, conv
+    window = dataclasses.replace(conv)
+    window._window_start = taken._window_start
+    return lease, added, window
 
 
 _CONVERSATIONS = cast(Table, ConversationRow.__table__)
@@ -313,12 +345,10 @@ class GilasCase(Case):
         # conversation up, take the turn lease with the user's message, plan, and store the
         # reply with the lease (which releases it in the same transaction).
         conv = self.store.get(conversation_id)
-        lease, _, added = self.store._begin_turn(
-            conv.id, owner=conv.owner, messages=[{"role": "user", "content": turn.user}], **_model_hint(conv)
-        )
+        lease, added, window = _begin_turn(self.store, conv, turn.user)
         for message in added:
             conv._saw(message)
-        ctx = build_context(conv, context_limit=CONTEXT_LIMIT)
+        ctx = build_context(window, context_limit=CONTEXT_LIMIT)
         _request_body(ctx.model, ctx.messages)
         conv.append(
             "assistant",

@@ -37,7 +37,9 @@ from gilas_conv import (
     Sender,
     StoreError,
     StreamInterrupted,
+    build_context,
 )
+from gilas_conv.store._schema import ANCHOR_PREDICATE
 
 API_KEY = "sk-turns-test-5b1e"
 TIMEOUT_S = 30
@@ -275,6 +277,60 @@ def test_a_turn_sends_the_system_message_and_pinned_messages_ahead_of_a_trimmed_
         ("user", "What is my name?"),
     ]
     assert 5 < len(sent) < 40
+
+
+def test_a_turn_reads_the_window_anchors_with_its_lease_statement_and_sends_them_as_stored(
+    store: ConversationStore, sender: Sender, stub: StubServer
+) -> None:
+    # The statement that takes a turn's lease also reads the conversation's system,
+    # developer and pinned messages for the window (SQLite: a JSON array in its RETURNING;
+    # Postgres: rows of its WITH): no statement of the turn reads them again, and each is
+    # sent as stored (content parts, names).
+    conversation = store.create(model="gpt-4o-mini")
+    conversation.append("system", "Be brief.")
+    conversation.append("developer", 'Quote "exactly", with \\ and \u00e9.')
+    parts = [{"type": "text", "text": "Remember: my name is Sara."}]
+    conversation.append("user", parts, name="sara", pinned=True)
+    conversation.append("assistant", "I will.")
+    statements: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    sqlalchemy.event.listen(store.engine, "before_cursor_execute", record)
+    try:
+        sender.send(conversation.id, "What is my name?")
+    finally:
+        sqlalchemy.event.remove(store.engine, "before_cursor_execute", record)
+    reading = [sql for sql in statements if ANCHOR_PREDICATE in sql]
+    assert len(reading) == 1 and "lease_token" in reading[0], reading
+    assert stub.requests[-1]["body"]["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "developer", "content": 'Quote "exactly", with \\ and \u00e9.'},
+        {"role": "user", "content": parts, "name": "sara"},
+        {"role": "assistant", "content": "I will."},
+        {"role": "user", "content": "What is my name?"},
+    ]
+
+
+def test_a_turn_whose_new_message_is_an_anchor_plans_with_it(store: ConversationStore) -> None:
+    # A turn's new system or pinned message is not among the anchors its lease statement
+    # read (SQLite: the message is inserted after it; Postgres: the statement's snapshot
+    # precedes it): the window then reads the anchors itself.
+    conversation = store.create(model="gpt-4o-mini", system="Be brief.")
+    conversation.append("user", "Hello")
+    conversation.append("assistant", "Hi")
+    for new in (
+        {"role": "system", "content": "Answer in Persian."},
+        {"role": "user", "content": "Sara", "pinned": True},
+    ):
+        token, planned, _, _ = store._take_turn(
+            conversation.id, owner=None, lease_seconds=60, messages=[new], quota=None, window=True
+        )
+        sent = build_context(planned, context_limit=4000).messages
+        assert sent[-1] == {"role": new["role"], "content": new["content"]}
+        assert sent[0] == {"role": "system", "content": "Be brief."}
+        store._end_turn(conversation.id, token)
 
 
 # ---------------------------------------------------------------------------------------------

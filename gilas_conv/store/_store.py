@@ -36,6 +36,7 @@ import builtins
 import contextlib
 import dataclasses
 import datetime as dt
+import json
 import logging
 import os
 import time
@@ -272,13 +273,14 @@ def _append_statement(key: tuple[bool, bool, bool, bool, bool]) -> Any:
     return statement
 
 
-def _take_lease(*, owned: bool, adds: bool, unlimited: bool = False) -> Any:
+def _take_lease(*, owned: bool, adds: bool, unlimited: bool = False, anchors: bool = False) -> Any:
     """The UPDATE that takes a free (or expired) turn lease, and with ``adds`` numbers the
     turn's ``:t_count`` messages and adds their ``:t_tokens``; RETURNING the whole row and
     ``quota_applies``, whether a quota limit applies to the owner (the quota check of a
     turn, at the cost of one index probe: see ``_take_turn``). ``unlimited``: only where
     no limit applies (the check made by the statement itself, which then needs no
-    transaction to be rolled back: see ``_take_turn``)."""
+    transaction to be rolled back: see ``_take_turn``). ``anchors`` (SQLite): also
+    ``anchors``, the window's first read (see :func:`_anchors_json`)."""
     c = _conversations.c
     owner = c.owner == bindparam("t_owner") if owned else c.owner.is_(None)
     now = bindparam("t_now", type_=c.updated_at.type)
@@ -298,7 +300,10 @@ def _take_lease(*, owned: bool, adds: bool, unlimited: bool = False) -> Any:
     )
     if unlimited:
         statement = statement.where(~applies.element)
-    return statement.values(**values).returning(*_conversations.c, applies)
+    returned = [*_conversations.c, applies]
+    if anchors:
+        returned.append(_anchors_json())
+    return statement.values(**values).returning(*returned)
 
 
 # The start of a window read (see _window.read_window): the conversation's running token
@@ -330,6 +335,37 @@ _ANCHOR_COLUMNS = tuple(
         "tokens_total",
     )
 )
+
+
+def _anchors_json() -> Any:
+    """SQLite: the conversation's anchor messages as one JSON array, a ``[<column>, ...]``
+    array per message in the order of ``_ANCHOR_COLUMNS`` (content and tool calls as their
+    stored JSON text), read by the lease statement's RETURNING (a subquery on the partial
+    anchor index): the window's first read, without a statement of its own (see
+    ``_take_turn``). A RETURNING clause gives one row per row updated, so the rows come as
+    one value. Written as text: SQLAlchemy hashes a statement's whole structure on every
+    execution (its compiled-cache key), a text's only once."""
+    names = [column.element.name for column in _ANCHOR_COLUMNS]
+    found = ", ".join(f"found.{name}" for name in names)
+    columns = ", ".join(f"anchor.{name}" for name in names)
+    # Ordered by seq, so that SQLite walks the partial anchor index (without an order it
+    # took the (conversation_id, tokens_total) index, every row of the conversation).
+    return literal_column(
+        f"(SELECT json_group_array(json_array({found})) FROM (SELECT {columns} FROM messages AS anchor"
+        f" WHERE anchor.conversation_id = conversations.id AND ({ANCHOR_PREDICATE})"
+        " ORDER BY anchor.seq) AS found)"
+    ).label("anchors")
+
+
+def _anchor_rows(found: str) -> builtins.list[Any]:
+    """The rows of :func:`_anchors_json`, oldest first, as the window reader takes them
+    (content and tool calls decoded as the JSON column type decodes them)."""
+    rows = sorted(json.loads(found))
+    for row in rows:
+        for i in (2, 4):  # content, tool_calls
+            if row[i] is not None:
+                row[i] = json.loads(row[i])
+    return rows
 
 
 def _take_lease_with_message(*, owned: bool, searched: bool, unlimited: bool) -> Any:
@@ -385,8 +421,12 @@ _SESSION_ALIVE = text("SELECT 1" + _THIS_SESSION)
 # The oldest PostgreSQL the statements run on (pg_current_xact_id() is from 13).
 POSTGRES_SINCE = (13,)
 
+# Keyed by (owned, adds, anchors).
 _TAKE_LEASE = {
-    (owned, adds): _take_lease(owned=owned, adds=adds) for owned in (True, False) for adds in (True, False)
+    (owned, adds, anchors): _take_lease(owned=owned, adds=adds, anchors=anchors)
+    for owned in (True, False)
+    for adds in (True, False)
+    for anchors in (True, False)
 }
 _TAKE_LEASE_WITH_MESSAGE = {
     (owned, searched, unlimited): _take_lease_with_message(
@@ -1894,6 +1934,7 @@ class ConversationStore:
                     indexed=indexed,
                     quota=quota,
                     single=single,
+                    window=window,
                 )
             except _Limited:
                 if len(self._limited_owners) >= _LIMITED_OWNERS_KEPT:
@@ -1909,8 +1950,11 @@ class ConversationStore:
         if limited and not row.quota_applies:
             self._limited_owners.discard(owner)
         conv = self._conversation_from_row(row)
-        if window and self._snapshot_per_statement():
-            # The window's reads would each take a snapshot of their own anyway.
+        if window and (self.dialect == "sqlite" or self._snapshot_per_statement()):
+            # Postgres: the window's reads would each take a snapshot of their own anyway.
+            # SQLite: the anchors were read under the write lock, so they are the
+            # conversation's as this turn committed it; the window's later reads see it as
+            # it is then, as a Postgres window's statements each see their own snapshot.
             conv._window_start = start
         return token, conv, added, held
 
@@ -1979,13 +2023,15 @@ class ConversationStore:
         indexed: builtins.list[dict[str, Any] | None],
         quota: _usage.QuotaAsk | None,
         single: bool,
+        window: bool = False,
     ) -> tuple[Any, builtins.list[Message], _usage.Reservation | None, _WindowStart | None]:
         """The write of :meth:`_take_turn` in ``transaction`` (a ``_write``): the lease, the
         turn's messages and their search rows, and the reservation. ``single`` (Postgres,
         one message): one autocommit statement, which with ``quota`` takes nothing where a
         limit applies (``_Limited``).
         Last comes the window's start as that statement read it (Postgres, one message:
-        see :func:`_take_lease_with_message`), or None."""
+        see :func:`_take_lease_with_message`; SQLite, with ``window``: see
+        :func:`_anchors_json`), or None."""
         c = _conversations.c
         now = params["t_now"]
         check = single and quota is not None
@@ -2008,8 +2054,12 @@ class ConversationStore:
                     anchors = [r[-len(_ANCHOR_COLUMNS) :] for r in found if r.a_seq is not None]
                     start = (row.tokens_total, anchors)
             else:
-                row = conn.execute(_TAKE_LEASE[(owner is not None, bool(rows))], params).first()
+                # SQLite holds the write lock from BEGIN: the anchors read are those at commit.
+                reads = window and self.dialect == "sqlite" and not any(_is_anchor(r) for r in rows)
+                row = conn.execute(_TAKE_LEASE[(owner is not None, bool(rows), reads)], params).first()
                 inserted = False
+                if row is not None and reads:
+                    start = (row.tokens_total, _anchor_rows(row.anchors))
             if row is None:
                 holder = conn.execute(
                     select(c.lease_token, c.lease_expires_at).where(

@@ -25,9 +25,11 @@ read, never the result.
 On SQLite everything is read in one read transaction (a consistent snapshot). On Postgres
 under READ COMMITTED, its default, each statement reads a snapshot of its own, in a
 transaction or not, so the statements run in autocommit mode, without the BEGIN and COMMIT
-round trips (at a stricter isolation level they share one read transaction); there the
-first read (the running total and the anchors) of a sender's turn is made by the turn's
-lease statement itself, one round trip less (see ``read_window``'s ``start``). Either way
+round trips (at a stricter isolation level they share one read transaction). The first read
+(the running total and the anchors) of a sender's turn is made by the turn's lease
+statement itself, one statement less (see ``read_window``'s ``start``); on SQLite that
+statement holds the write lock, so it reads the conversation as the turn committed it, and
+the later reads see it as it is then, as Postgres's statements each do. Either way
 the connection comes from the store's error-translating path (:mod:`._tx`), so a database
 error is a :class:`~gilas_conv.StoreError`. The connection is returned when the ``with``
 block ends; nothing else (an API request, above all) should run inside it.
@@ -486,8 +488,7 @@ def read_window(
     (else ConversationNotFound); recounts written back after it.
 
     ``start``: the running total and the anchor rows, already read for this owner's
-    conversation (by a turn's lease statement, given only where the reader's statements
-    each read a snapshot of their own anyway: see ``ConversationStore._take_turn``): the
+    conversation (by a turn's lease statement: see ``ConversationStore._take_turn``): the
     reader starts from them instead of reading them again."""
     if not _could_exist(conversation_id, owner):
         raise ConversationNotFound(conversation_id)
