@@ -231,7 +231,10 @@ class Front:
 
             async def first(index: int) -> str | None:
                 text = f"hello from {index}" if self.stateful else "warm up"
-                _, _, cid = await one_turn(client, self.url, self.key, self._body(text, None))
+                try:
+                    _, _, cid = await one_turn(client, self.url, self.key, self._body(text, None))
+                except (httpx.HTTPError, RuntimeError) as err:  # untimed, but the run needs it
+                    raise RuntimeError(f"{self.name} c={concurrency}, first turn: {err}") from err
                 return cid if self.stateful else None
 
             self._conversations[concurrency] = list(
