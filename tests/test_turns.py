@@ -32,6 +32,7 @@ from gilas_conv import (
     AsyncSender,
     BadRequestError,
     ConversationBusy,
+    ConversationNotFound,
     ConversationStore,
     Message,
     Sender,
@@ -331,6 +332,29 @@ def test_a_turn_whose_new_message_is_an_anchor_plans_with_it(store: Conversation
         assert sent[-1] == {"role": new["role"], "content": new["content"]}
         assert sent[0] == {"role": "system", "content": "Be brief."}
         store._end_turn(conversation.id, token)
+
+
+def test_a_conversation_deleted_between_its_lease_and_its_window_sends_nothing(
+    store: ConversationStore, sender: Sender, stub: StubServer, db_url: str
+) -> None:
+    # The lease statement read the anchors; the conversation is deleted (by another process)
+    # before the window reads the newest rows. Planned from the anchors alone, the request
+    # would carry the pinned secret without the new question.
+    conversation = store.create(model="gpt-4o-mini", system="Be brief.")
+    conversation.append("user", "My secret is 42", pinned=True)
+    conversation.append("assistant", "Noted.")
+    take = store._take_turn
+
+    def take_then_delete(*args: Any, **kwargs: Any) -> Any:
+        taken = take(*args, **kwargs)
+        with ConversationStore(db_url) as other:
+            other.delete(conversation.id)
+        return taken
+
+    store._take_turn = take_then_delete  # type: ignore[method-assign]
+    with pytest.raises(ConversationNotFound):
+        sender.send(conversation.id, "What is my secret?")
+    assert stub.requests == []
 
 
 # ---------------------------------------------------------------------------------------------

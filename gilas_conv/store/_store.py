@@ -307,8 +307,8 @@ def _take_lease(*, owned: bool, adds: bool, unlimited: bool = False, anchors: bo
 
 
 # The start of a window read (see _window.read_window): the conversation's running token
-# total and its anchor rows, as a turn's lease statement read them.
-_WindowStart = tuple[int, builtins.list[Any]]
+# total, its anchor rows and its newest seq, as a turn's lease statement left them.
+_WindowStart = tuple[int, builtins.list[Any], int]
 
 
 def _is_anchor(columns: Mapping[str, Any]) -> bool:
@@ -1955,6 +1955,9 @@ class ConversationStore:
             # SQLite: the anchors were read under the write lock, so they are the
             # conversation's as this turn committed it; the window's later reads see it as
             # it is then, as a Postgres window's statements each see their own snapshot.
+            if start is not None and isinstance(start[1], str):
+                # Decoded now, not while the write lock kept every other writer waiting.
+                start = (start[0], _anchor_rows(start[1]), start[2])
             conv._window_start = start
         return token, conv, added, held
 
@@ -2024,14 +2027,14 @@ class ConversationStore:
         quota: _usage.QuotaAsk | None,
         single: bool,
         window: bool = False,
-    ) -> tuple[Any, builtins.list[Message], _usage.Reservation | None, _WindowStart | None]:
+    ) -> tuple[Any, builtins.list[Message], _usage.Reservation | None, tuple[int, Any, int] | None]:
         """The write of :meth:`_take_turn` in ``transaction`` (a ``_write``): the lease, the
         turn's messages and their search rows, and the reservation. ``single`` (Postgres,
         one message): one autocommit statement, which with ``quota`` takes nothing where a
         limit applies (``_Limited``).
         Last comes the window's start as that statement read it (Postgres, one message:
         see :func:`_take_lease_with_message`; SQLite, with ``window``: see
-        :func:`_anchors_json`), or None."""
+        :func:`_anchors_json`, the anchors still as that JSON text), or None."""
         c = _conversations.c
         now = params["t_now"]
         check = single and quota is not None
@@ -2052,14 +2055,14 @@ class ConversationStore:
                 if row is not None and row.anchors_fresh and not _is_anchor(rows[0]):
                     # The window's first read, done by this statement (see _take_lease_with_message).
                     anchors = [r[-len(_ANCHOR_COLUMNS) :] for r in found if r.a_seq is not None]
-                    start = (row.tokens_total, anchors)
+                    start = (row.tokens_total, anchors, row.last_seq)
             else:
                 # SQLite holds the write lock from BEGIN: the anchors read are those at commit.
                 reads = window and self.dialect == "sqlite" and not any(_is_anchor(r) for r in rows)
                 row = conn.execute(_TAKE_LEASE[(owner is not None, bool(rows), reads)], params).first()
                 inserted = False
                 if row is not None and reads:
-                    start = (row.tokens_total, _anchor_rows(row.anchors))
+                    start = (row.tokens_total, row.anchors, row.last_seq)
             if row is None:
                 holder = conn.execute(
                     select(c.lease_token, c.lease_expires_at).where(

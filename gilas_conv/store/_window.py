@@ -95,6 +95,8 @@ _of_conversation = _m.c.conversation_id == bindparam("cid")
 _SELECT_ANCHORS = (
     select(*_FULL_COLUMNS).where(_of_conversation, text(f"({ANCHOR_PREDICATE})")).order_by(_m.c.seq)
 )
+_c = cast(Table, ConversationRow.__table__)
+_SELECT_CONVERSATION = select(_c.c.id).where(_c.c.id == bindparam("cid"))
 _SELECT_BETWEEN = (
     select(*_FULL_COLUMNS)
     .where(_of_conversation, _m.c.seq >= bindparam("lo"), _m.c.seq <= bindparam("hi"))
@@ -184,7 +186,6 @@ _SELECT_RANGE = (
     .where(_m.c.seq >= func.coalesce(_FIRST_IN_RANGE, bindparam("past_end")))
 )
 _SELECT_ALL_NEWEST = _select_newest(before=False).limit(None)
-_c = cast(Table, ConversationRow.__table__)
 # What a reader starts with, in one statement: the owner's check, the running total, and the
 # anchors (one row with NULL message columns when there are none). The anchors are a scan of
 # the partial anchor index, as _SELECT_ANCHORS is.
@@ -312,6 +313,7 @@ class WindowReader:
         encoding: str,
         total: int | None = None,
         anchors: Sequence[Any] | None = None,
+        newest: int | None = None,
     ) -> None:
         self._conn = conn
         self.conversation_id = conversation_id
@@ -323,6 +325,9 @@ class WindowReader:
         self._anchor_totals: list[tuple[int, int]] | None = None
         # The anchor rows read with the total (see read_window), made WindowRows on demand.
         self._anchors = anchors
+        # The newest seq as the statement that read them left it (a turn's lease), or None
+        # when this reader checked the conversation itself (see _check_newest).
+        self._newest = newest
 
     def anchors(self) -> list[WindowRow]:
         """System, developer and pinned messages, oldest first."""
@@ -368,9 +373,11 @@ class WindowReader:
         start = self._range_start(tokens_wanted())
         if start is not None:
             if start <= 0:  # everything fits, as far as the totals tell: read it all
-                yield self._entries(self._conn.execute(_SELECT_ALL_NEWEST, params).all())
+                yield self._entries(self._check_newest(self._conn.execute(_SELECT_ALL_NEWEST, params).all()))
                 return
-            chunk = self._conn.execute(_SELECT_RANGE, {**params, "x": start, "past_end": 2**31 - 1}).all()
+            chunk = self._check_newest(
+                self._conn.execute(_SELECT_RANGE, {**params, "x": start, "past_end": 2**31 - 1}).all()
+            )
             if chunk:
                 rows = self._entries(chunk)
                 yield rows
@@ -381,7 +388,7 @@ class WindowReader:
         if seen:
             size = self._next_size(tokens_wanted(), tokens, seen)
         while True:
-            chunk = self._conn.execute(statement, {**params, "n": size}).all()
+            chunk = self._check_newest(self._conn.execute(statement, {**params, "n": size}).all())
             rows = self._entries(chunk)
             yield rows
             if len(chunk) < size:
@@ -391,6 +398,19 @@ class WindowReader:
             size = self._next_size(tokens_wanted(), tokens, seen)
             statement = _SELECT_NEWEST_BEFORE
             params["before"] = chunk[-1][0]
+
+    def _check_newest(self, chunk: Sequence[Any]) -> Sequence[Any]:
+        """The first chunk of the newest rows, once checked against the newest seq the
+        statement that read the anchors left (a turn's lease): a first row that is not that
+        one means a write came between, and if it deleted the conversation, the turn must
+        not be planned, let alone sent, from the anchors alone (ConversationNotFound)."""
+        if self._newest is not None:
+            newest, self._newest = self._newest, None
+            changed = not (chunk and chunk[0][0] == newest)
+            cid = {"cid": self.conversation_id}
+            if changed and self._conn.execute(_SELECT_CONVERSATION, cid).first() is None:
+                raise ConversationNotFound(self.conversation_id)
+        return chunk
 
     def _entries(self, chunk: Sequence[Any]) -> list[Entry]:
         """A chunk of the newest read as entries: its unusual rows read again whole."""
@@ -482,19 +502,20 @@ def read_window(
     owner: str | None,
     encoding: str,
     *,
-    start: tuple[int, list[Any]] | None = None,
+    start: tuple[int, list[Any], int] | None = None,
 ) -> Iterator[WindowReader]:
     """A :class:`WindowReader` on one read transaction, for this owner's conversation only
     (else ConversationNotFound); recounts written back after it.
 
-    ``start``: the running total and the anchor rows, already read for this owner's
-    conversation (by a turn's lease statement: see ``ConversationStore._take_turn``): the
-    reader starts from them instead of reading them again."""
+    ``start``: the running total, the anchor rows and the newest seq, already read for this
+    owner's conversation (by a turn's lease statement: see ``ConversationStore._take_turn``):
+    the reader starts from them instead of reading them again, and checks that the
+    conversation is still there only if its newest row has changed since."""
     if not _could_exist(conversation_id, owner):
         raise ConversationNotFound(conversation_id)
     with store._read(each=True) as conn:
         if start is not None:
-            reader = WindowReader(conn, conversation_id, encoding, start[0], start[1])
+            reader = WindowReader(conn, conversation_id, encoding, *start)
         else:
             # The owner's check, the running total and the anchors in one statement.
             found = conn.execute(
