@@ -384,8 +384,10 @@ def _take_lease_with_message(*, owned: bool, searched: bool, unlimited: bool) ->
     version's ``xmax`` is this transaction: nothing updated the row in between); when it is
     false (or cannot tell: a row also locked by another transaction has a multixact there)
     the rows are not used and the window reads the anchors itself, after this commit.
-    This rests on every write that changes the anchors also updating the conversation's
-    row (each store path does). A multixact's id could in theory equal this transaction's
+    This rests on the writes that change the anchors also updating the conversation's row:
+    appends and deletions do; a pin or unpin does not, so one committed while the statement
+    waited is missing from that turn's window only, as if it had come just after it (the
+    next turn sees it). A multixact's id could in theory equal this transaction's
     id; the anchors would then be those of the statement's snapshot, as if the concurrent
     write had come just after this turn."""
     bumped = _take_lease(owned=owned, adds=True, unlimited=unlimited).cte("bumped")
