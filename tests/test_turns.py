@@ -334,6 +334,26 @@ def test_a_turn_whose_new_message_is_an_anchor_plans_with_it(store: Conversation
         store._end_turn(conversation.id, token)
 
 
+def test_a_turn_sends_every_pinned_message_however_many(
+    store: ConversationStore, sender: Sender, stub: StubServer
+) -> None:
+    # More anchors than a lease statement reads (SQLite reads a bounded number under its
+    # write lock), far back in a history the window trims: the window reads them all.
+    conversation = store.create(model="gpt-4o-mini", system="Be brief.")
+    for i in range(70):
+        conversation.append("user", f"fact {i}", pinned=True)
+    for i in range(60):
+        conversation.append("user", f"question {i} " + "word " * 40)
+        conversation.append("assistant", f"answer {i} " + "word " * 40)
+    sender.send(conversation.id, "Which facts?", context_limit=3000)
+    sent = stub.requests[-1]["body"]["messages"]
+    facts = [m["content"] for m in sent if m["content"].startswith("fact ")]
+    assert facts == [f"fact {i}" for i in range(70)]
+    assert sent[0] == {"role": "system", "content": "Be brief."}
+    assert not any(m["content"].startswith("question 0 ") for m in sent)  # the history was trimmed
+    assert sent[-1] == {"role": "user", "content": "Which facts?"}
+
+
 def test_a_conversation_deleted_between_its_lease_and_its_window_sends_nothing(
     store: ConversationStore, sender: Sender, stub: StubServer, db_url: str
 ) -> None:

@@ -337,14 +337,21 @@ _ANCHOR_COLUMNS = tuple(
 )
 
 
+# The most anchors the SQLite lease statement reads (see _anchors_json): building the array
+# holds the write lock, some 25 ms for 20,000 of them; a conversation with more has its
+# anchors read by the window, after the commit.
+_ANCHORS_IN_LEASE = 64
+
+
 def _anchors_json() -> Any:
     """SQLite: the conversation's anchor messages as one JSON array, a ``[<column>, ...]``
     array per message in the order of ``_ANCHOR_COLUMNS`` (content and tool calls as their
     stored JSON text), read by the lease statement's RETURNING (a subquery on the partial
     anchor index): the window's first read, without a statement of its own (see
     ``_take_turn``). A RETURNING clause gives one row per row updated, so the rows come as
-    one value. Written as text: SQLAlchemy hashes a statement's whole structure on every
-    execution (its compiled-cache key), a text's only once."""
+    one value. At most ``_ANCHORS_IN_LEASE`` and one more: that many means too many to use.
+    Written as text: SQLAlchemy hashes a statement's whole structure on every execution (its
+    compiled-cache key), a text's only once."""
     names = [column.element.name for column in _ANCHOR_COLUMNS]
     found = ", ".join(f"found.{name}" for name in names)
     columns = ", ".join(f"anchor.{name}" for name in names)
@@ -353,7 +360,7 @@ def _anchors_json() -> Any:
     return literal_column(
         f"(SELECT json_group_array(json_array({found})) FROM (SELECT {columns} FROM messages AS anchor"
         f" WHERE anchor.conversation_id = conversations.id AND ({ANCHOR_PREDICATE})"
-        " ORDER BY anchor.seq) AS found)"
+        f" ORDER BY anchor.seq LIMIT {_ANCHORS_IN_LEASE + 1}) AS found)"
     ).label("anchors")
 
 
@@ -1959,7 +1966,8 @@ class ConversationStore:
             # it is then, as a Postgres window's statements each see their own snapshot.
             if start is not None and isinstance(start[1], str):
                 # Decoded now, not while the write lock kept every other writer waiting.
-                start = (start[0], _anchor_rows(start[1]), start[2])
+                anchors = _anchor_rows(start[1])
+                start = (start[0], anchors, start[2]) if len(anchors) <= _ANCHORS_IN_LEASE else None
             conv._window_start = start
         return token, conv, added, held
 
