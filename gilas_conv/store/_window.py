@@ -373,11 +373,9 @@ class WindowReader:
         start = self._range_start(tokens_wanted())
         if start is not None:
             if start <= 0:  # everything fits, as far as the totals tell: read it all
-                yield self._entries(self._check_newest(self._conn.execute(_SELECT_ALL_NEWEST, params).all()))
+                yield self._entries(self._conn.execute(_SELECT_ALL_NEWEST, params).all())
                 return
-            chunk = self._check_newest(
-                self._conn.execute(_SELECT_RANGE, {**params, "x": start, "past_end": 2**31 - 1}).all()
-            )
+            chunk = self._conn.execute(_SELECT_RANGE, {**params, "x": start, "past_end": 2**31 - 1}).all()
             if chunk:
                 rows = self._entries(chunk)
                 yield rows
@@ -388,7 +386,7 @@ class WindowReader:
         if seen:
             size = self._next_size(tokens_wanted(), tokens, seen)
         while True:
-            chunk = self._check_newest(self._conn.execute(statement, {**params, "n": size}).all())
+            chunk = self._conn.execute(statement, {**params, "n": size}).all()
             rows = self._entries(chunk)
             yield rows
             if len(chunk) < size:
@@ -399,21 +397,23 @@ class WindowReader:
             statement = _SELECT_NEWEST_BEFORE
             params["before"] = chunk[-1][0]
 
-    def _check_newest(self, chunk: Sequence[Any]) -> Sequence[Any]:
-        """The first chunk of the newest rows, once checked against the newest seq the
-        statement that read the anchors left (a turn's lease): a first row that is not that
-        one means a write came between, and if it deleted the conversation, the turn must
-        not be planned, let alone sent, from the anchors alone (ConversationNotFound)."""
-        if self._newest is not None:
-            newest, self._newest = self._newest, None
-            changed = not (chunk and chunk[0][0] == newest)
-            cid = {"cid": self.conversation_id}
-            if changed and self._conn.execute(_SELECT_CONVERSATION, cid).first() is None:
-                raise ConversationNotFound(self.conversation_id)
-        return chunk
+    def _check_newest(self, chunk: Sequence[Any]) -> None:
+        """The first chunk of the newest rows, checked against the newest seq the statement
+        that read the anchors left (a turn's lease): a first row that is not that one means
+        a write came between, and if it deleted the conversation, the turn must not be
+        planned, let alone sent, from the anchors alone (ConversationNotFound)."""
+        newest, self._newest = self._newest, None
+        changed = not (chunk and chunk[0][0] == newest)
+        cid = {"cid": self.conversation_id}
+        if changed and self._conn.execute(_SELECT_CONVERSATION, cid).first() is None:
+            raise ConversationNotFound(self.conversation_id)
 
     def _entries(self, chunk: Sequence[Any]) -> list[Entry]:
-        """A chunk of the newest read as entries: its unusual rows read again whole."""
+        """A chunk of the newest read as entries: its unusual rows read again whole. Every
+        chunk the planner takes passes here (an empty range read is followed by a batch read
+        that does), so the first one is checked here too (see _check_newest)."""
+        if self._newest is not None:
+            self._check_newest(chunk)
         unusual = [row[0] for row in chunk if row[4] is not None]
         if not unusual:
             return list(chunk)  # each row is its entry: (seq, role, tokens, raw, None)
