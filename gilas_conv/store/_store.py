@@ -1871,12 +1871,12 @@ class ConversationStore:
         """:meth:`_begin_turn` with the owner's quota, all in its one write transaction.
 
         ``window`` (for a caller that plans the turn at once with the handle returned, and
-        uses it for nothing else): on Postgres under READ COMMITTED, a turn of one message
-        whose lease statement also read the start of the window (see
-        :func:`_take_lease_with_message`) returns a handle whose first
-        :meth:`Conversation.read_window` starts from those rows, saving that read's round
-        trip. Such a handle must not be kept: what it carries is the conversation as the
-        turn found it.
+        uses it for nothing else): a turn whose lease statement also read the start of the
+        window (Postgres under READ COMMITTED, one message: see
+        :func:`_take_lease_with_message`; SQLite, up to ``_ANCHORS_IN_LEASE`` anchors: see
+        :func:`_anchors_json`) returns a handle whose first :meth:`Conversation.read_window`
+        starts from those rows, saving that read's statement. Such a handle must not be
+        kept: what it carries is the conversation as the turn found it.
 
         With ``quota`` (None: no check, as :meth:`_begin_turn`): if a limit applies to
         ``owner``, ``quota.hold(history)`` tokens are reserved, ``history`` being the
