@@ -5,35 +5,10 @@ the API bills them, send each turn with the history trimmed to the model's windo
 store the reply: nothing lost, nothing stored twice.
 """
 
+from . import exceptions
 from ._prices import Prices, load_prices
 from ._version import __version__
-from .exceptions import (
-    APIConnectionError,
-    APIError,
-    APIResponseValidationError,
-    APIStatusError,
-    APITimeoutError,
-    AuthenticationError,
-    BadRequestError,
-    ConfigurationError,
-    ConflictError,
-    ContextWindowExceeded,
-    ConversationBusy,
-    ConversationNotFound,
-    GilasConvError,
-    InternalServerError,
-    MessageNotFound,
-    MissingAPIKeyError,
-    NotFoundError,
-    PermissionDeniedError,
-    QuotaExceeded,
-    RateLimitError,
-    SchemaOutOfDate,
-    StoreError,
-    StoreIntegrityError,
-    StreamInterrupted,
-    UnprocessableEntityError,
-)
+from .exceptions import *  # noqa: F403  (the whole exception tree is public: exceptions.__all__)
 from .sender import AsyncReplyStream, AsyncSender, ReplyStream, Sender, StreamChunk
 from .store import (
     Conversation,
@@ -48,45 +23,20 @@ from .tokens import ModelInfo, ModelRegistry, count_tokens, get_model_info
 from .truncation import Context, SummaryRequest, build_context, conversation_tokens
 
 __all__ = [
-    "APIConnectionError",
-    "APIError",
-    "APIResponseValidationError",
-    "APIStatusError",
-    "APITimeoutError",
     "AsyncReplyStream",
     "AsyncSender",
-    "AuthenticationError",
-    "BadRequestError",
-    "ConfigurationError",
-    "ConflictError",
     "Context",
-    "ContextWindowExceeded",
     "Conversation",
-    "ConversationBusy",
-    "ConversationNotFound",
     "ConversationStore",
-    "GilasConvError",
-    "InternalServerError",
     "Message",
-    "MessageNotFound",
-    "MissingAPIKeyError",
     "ModelInfo",
     "ModelRegistry",
-    "NotFoundError",
-    "PermissionDeniedError",
     "Prices",
-    "QuotaExceeded",
-    "RateLimitError",
     "ReplyStream",
-    "SchemaOutOfDate",
     "Sender",
-    "StoreError",
-    "StoreIntegrityError",
     "StreamChunk",
-    "StreamInterrupted",
     "Summary",
     "SummaryRequest",
-    "UnprocessableEntityError",
     "__version__",
     "build_context",
     "conversation_tokens",
@@ -97,3 +47,5 @@ __all__ = [
     "load_prices",
     "upgrade_database",
 ]
+# and the whole exception tree, as exceptions.__all__ names it
+__all__ += exceptions.__all__
