@@ -712,17 +712,18 @@ class Conversation:
         if usage is not None and not isinstance(usage, Mapping):
             raise ValueError("usage must be a dict")
         _check_json(usage, "usage")
-        return self.store._add_summary(
-            self.id,
-            self.owner,
+        summary = Summary(
+            conversation_id=self.id,
             from_seq=from_seq,
             to_seq=to_seq,
             content=content,
+            created_at=self.store._clock(),
             model=model,
             tokens=tokens,
             tokens_encoding=tokens_encoding,
             usage=dict(usage) if usage is not None else None,
         )
+        return self.store._add_summary(summary, self.owner)
 
     def read_window(self, *, encoding: str) -> AbstractContextManager[WindowReader]:
         """Rows for choosing a context window, counted under ``encoding``: the planner's
@@ -2366,33 +2367,14 @@ class ConversationStore:
             self._check_owner(conversation_id, owner, conn)
             return _summary_rows(conn, conversation_id)
 
-    def _add_summary(
-        self,
-        conversation_id: str,
-        owner: str | None,
-        *,
-        from_seq: int,
-        to_seq: int,
-        content: str,
-        model: str | None,
-        tokens: int | None,
-        tokens_encoding: str | None,
-        usage: dict[str, Any] | None,
-    ) -> Summary:
-        _check_str(content, "summary")
-        now = self._clock()
-        values: dict[str, Any] = dict(
-            conversation_id=conversation_id,
-            from_seq=from_seq,
-            to_seq=to_seq,
-            content=content,
-            model=model,
-            tokens=tokens,
-            tokens_encoding=tokens_encoding,
-            usage=usage,
-            created_at=now,
+    def _add_summary(self, summary: Summary, owner: str | None) -> Summary:
+        """Store ``summary`` (checked by :meth:`Conversation.add_summary`), or return the one
+        another process stored first for the same range."""
+        conversation_id, to_seq = summary.conversation_id, summary.to_seq
+        values = {name: getattr(summary, name) for name in Summary.__dataclass_fields__}
+        event = self._ledger_event(
+            owner, conversation_id, summary.model, "summary", summary.usage, now=summary.created_at
         )
-        event = self._ledger_event(owner, conversation_id, model, "summary", usage, now=now)
         try:
             with self._write() as conn:
                 self._check_owner(conversation_id, owner, conn)
@@ -2413,7 +2395,7 @@ class ConversationStore:
                 with self._write() as conn:
                     _usage.settle(conn, event, None)
             return Summary(**{name: row._mapping[name] for name in Summary.__dataclass_fields__})
-        return Summary(**values)
+        return summary
 
     def _ledger_event(
         self,
