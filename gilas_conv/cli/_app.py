@@ -337,21 +337,24 @@ pass_settings = click.make_pass_decorator(Settings)
 # Global options: one definition, accepted before and after the command
 
 
-@dataclass(frozen=True)
 class _GlobalOption:
-    decls: tuple[str, ...]
-    name: str
-    help: str
-    kwargs: dict[str, Any]
+    """A global option, by its flag; the setting it fills is named after it (``--base-url``:
+    ``base_url``)."""
+
+    def __init__(self, flag: str, help: str, **kwargs: Any) -> None:
+        self.flag = flag
+        self.name = flag.removeprefix("--").replace("-", "_")
+        self.help = help
+        self.kwargs = kwargs
 
     def on_group(self) -> Callable[..., Any]:
-        return click.option(*self.decls, self.name, help=self.help, **self.kwargs)
+        return click.option(self.flag, self.name, help=self.help, **self.kwargs)
 
     def on_command(self) -> Callable[..., Any]:
         # No envvar here: the group reads it, and an unset option must not overwrite the
         # value given before the command.
         kwargs = {k: v for k, v in self.kwargs.items() if k not in ("envvar", "show_envvar")}
-        return click.option(*self.decls, help=self.help, expose_value=False, callback=self._late, **kwargs)
+        return click.option(self.flag, help=self.help, expose_value=False, callback=self._late, **kwargs)
 
     def _late(self, ctx: click.Context, _param: click.Parameter, value: Any) -> None:
         if value is None or value is False:
@@ -365,44 +368,46 @@ class _GlobalOption:
             setattr(settings, self.name, value or None)
 
 
+_SECONDS = click.FloatRange(min=0, min_open=True)
+
 _DB = _GlobalOption(
-    ("--db",),
-    "db",
+    "--db",
     "Database URL (sqlite:///path.db or postgresql://user@host/db). "
     "Default: a SQLite file in your data directory.",
-    {"metavar": "URL", "envvar": ENV_DATABASE_URL, "show_envvar": True},
+    metavar="URL",
+    envvar=ENV_DATABASE_URL,
+    show_envvar=True,
 )
 _BASE_URL = _GlobalOption(
-    ("--base-url",),
-    "base_url",
+    "--base-url",
     f"OpenAI-compatible API base URL. Default: {DEFAULT_BASE_URL}",
-    {"metavar": "URL", "envvar": ENV_BASE_URL, "show_envvar": True},
+    metavar="URL",
+    envvar=ENV_BASE_URL,
+    show_envvar=True,
 )
 _TIMEOUT = _GlobalOption(
-    ("--timeout",),
-    "timeout",
+    "--timeout",
     f"Seconds to wait for each phase of an API request (connect, each read). Default: {DEFAULT_TIMEOUT:g}.",
-    {"type": click.FloatRange(min=0, min_open=True), "metavar": "SECONDS"},
+    type=_SECONDS,
+    metavar="SECONDS",
 )
 _DEADLINE = _GlobalOption(
-    ("--deadline",),
-    "deadline",
+    "--deadline",
     "Seconds a whole reply may take, retries and their waits included "
     f"(a stream is cut there and what arrived is kept). Default: {DEFAULT_DEADLINE:g}.",
-    {"type": click.FloatRange(min=0, min_open=True), "metavar": "SECONDS"},
+    type=_SECONDS,
+    metavar="SECONDS",
 )
 _OWNER = _GlobalOption(
-    ("--owner",),
-    "owner",
+    "--owner",
     "Work on this owner's conversations (created with it, found only with it). "
     "Default: the conversations that have no owner.",
-    {"metavar": "NAME"},
+    metavar="NAME",
 )
 _DEBUG = _GlobalOption(
-    ("--debug",),
-    "debug",
+    "--debug",
     "Show tracebacks and whole error messages instead of one-line errors, and debug logs.",
-    {"is_flag": True},
+    is_flag=True,
 )
 
 
