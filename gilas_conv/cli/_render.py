@@ -46,6 +46,9 @@ from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
 
+from .. import _content
+from .._content import PartText, image_url
+
 __all__ = [
     "Output",
     "ReplyPrinter",
@@ -102,25 +105,21 @@ def isatty(stream: IO[Any] | None) -> bool:
         return False
 
 
+def _image(part: Mapping[str, Any]) -> str:
+    url = image_url(part)
+    return "[image: inline data]" if url.startswith("data:") else f"[image: {url}]"
+
+
+_PARTS: dict[str, PartText] = {
+    "text": lambda part: str(part.get("text", "")),
+    "refusal": lambda part: f"[refusal] {part.get('refusal', '')}",
+    "image_url": _image,
+}
+
+
 def content_text(content: Any) -> str:
     """The text of a message's content: a string as it is, content parts joined by newlines."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    pieces = []
-    for part in content:
-        kind = part.get("type") if isinstance(part, Mapping) else None
-        if kind == "text":
-            pieces.append(str(part.get("text", "")))
-        elif kind == "refusal":
-            pieces.append(f"[refusal] {part.get('refusal', '')}")
-        elif kind == "image_url":
-            url = str((part.get("image_url") or {}).get("url", ""))
-            pieces.append("[image: inline data]" if url.startswith("data:") else f"[image: {url}]")
-        else:
-            pieces.append(f"[{kind} part]")
-    return "\n".join(pieces)
+    return _content.content_text(content, _PARTS, other=lambda kind: f"[{kind} part]", sep="\n")
 
 
 def _tool_call_lines(tool_calls: Sequence[Mapping[str, Any]] | None) -> list[str]:

@@ -14,6 +14,8 @@ import datetime as dt
 from collections.abc import Mapping
 from typing import Any
 
+from .._content import PartText, content_text, image_url
+
 __all__ = ["to_markdown"]
 
 # Tool-call arguments longer than this are cut in the document (the JSON export keeps them).
@@ -47,33 +49,27 @@ def _fence(text: str) -> str:
     return "`" * max(3, longest + 1)
 
 
+def _image(part: Mapping[str, Any]) -> str:
+    url = image_url(part)
+    return "*[image: inline data]*" if url.startswith("data:") else f"![image]({url})"
+
+
+def _file(part: Mapping[str, Any]) -> str:
+    file = part.get("file") or {}
+    return f"*[file: {file.get('filename') or file.get('file_id') or 'file'}]*"
+
+
+_PARTS: dict[str, PartText] = {
+    "text": lambda part: str(part.get("text", "")),
+    "refusal": lambda part: f"*Refused:* {part.get('refusal', '')}",
+    "image_url": _image,
+    "input_audio": lambda _part: "*[audio]*",
+    "file": _file,
+}
+
+
 def _content(content: Any) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    pieces = []
-    for part in content if isinstance(content, list) else []:
-        if not isinstance(part, Mapping):
-            continue
-        kind = part.get("type")
-        if kind == "text":
-            pieces.append(str(part.get("text", "")))
-        elif kind == "refusal":
-            pieces.append(f"*Refused:* {part.get('refusal', '')}")
-        elif kind == "image_url":
-            url = (part.get("image_url") or {}).get("url", "")
-            pieces.append("*[image: inline data]*" if url.startswith("data:") else f"![image]({url})")
-        elif kind == "input_audio":
-            pieces.append("*[audio]*")
-        elif kind == "file":
-            name = (
-                (part.get("file") or {}).get("filename") or (part.get("file") or {}).get("file_id") or "file"
-            )
-            pieces.append(f"*[file: {name}]*")
-        else:
-            pieces.append(f"*[{kind}]*")
-    return "\n\n".join(pieces)
+    return content_text(content, _PARTS, other=lambda kind: f"*[{kind}]*", sep="\n\n")
 
 
 def _tool_call(call: Any) -> str:
