@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import sys
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -124,16 +125,28 @@ def quota() -> None:
     """Token and cost limits per owner, per day and per month."""
 
 
-@quota.command("set")
-@click.argument("owner", required=False)
-@click.option("--default", "default", is_flag=True, help="Set the limits of owners without their own.")
-@click.option("--daily-tokens", type=click.IntRange(min=0), metavar="N", help="Tokens per day.")
-@click.option("--monthly-tokens", type=click.IntRange(min=0), metavar="N", help="Tokens per month.")
-@click.option("--daily-cost", metavar="X", help="Cost per day, in the price table's currency.")
-@click.option("--monthly-cost", metavar="X", help="Cost per month.")
-@click.option("--timezone", metavar="ZONE", help="The time zone of days and months, for every owner.")
-@store_options
-@pass_settings
+def _quota_command(name: str, *options: Callable[..., Any]) -> Callable[[Callable[..., Any]], Any]:
+    """A ``quota`` subcommand: an optional OWNER, then ``options`` (in help order), then the
+    store's global options; the function gets the settings first."""
+
+    def decorate(function: Callable[..., Any]) -> Any:
+        command = store_options(pass_settings(function))
+        for option in reversed(options):
+            command = option(command)
+        return quota.command(name)(click.argument("owner", required=False)(command))
+
+    return decorate
+
+
+@_quota_command(
+    "set",
+    click.option("--default", "default", is_flag=True, help="Set the limits of owners without their own."),
+    click.option("--daily-tokens", type=click.IntRange(min=0), metavar="N", help="Tokens per day."),
+    click.option("--monthly-tokens", type=click.IntRange(min=0), metavar="N", help="Tokens per month."),
+    click.option("--daily-cost", metavar="X", help="Cost per day, in the price table's currency."),
+    click.option("--monthly-cost", metavar="X", help="Cost per month."),
+    click.option("--timezone", metavar="ZONE", help="The time zone of days and months, for every owner."),
+)
 def quota_set(
     settings: Settings,
     owner: str | None,
@@ -179,11 +192,7 @@ def quota_set(
         output.note(f"limits set for {'the default' if default else repr(owner)}")
 
 
-@quota.command("show")
-@click.argument("owner", required=False)
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
-@store_options
-@pass_settings
+@_quota_command("show", click.option("--json", "as_json", is_flag=True, help="Print a JSON array."))
 def quota_show(settings: Settings, owner: str | None, as_json: bool) -> None:
     """Show the limits of OWNER (or of every owner that has some), with what is used, what
     requests in flight hold and when each resets."""
@@ -241,11 +250,7 @@ def _zone(name: str) -> Any:
     return ZoneInfo(name)
 
 
-@quota.command("rm")
-@click.argument("owner", required=False)
-@click.option("--default", "default", is_flag=True, help="Remove the default limits.")
-@store_options
-@pass_settings
+@_quota_command("rm", click.option("--default", "default", is_flag=True, help="Remove the default limits."))
 def quota_rm(settings: Settings, owner: str | None, default: bool) -> None:
     """Remove every limit of OWNER (who then falls under the default), or the default."""
     if (owner is None) == (not default):
