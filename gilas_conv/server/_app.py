@@ -358,35 +358,26 @@ def _plan_turn(
     return conv, match.new
 
 
+@dataclasses.dataclass(kw_only=True, eq=False)
 class _Gateway:
     """The state of one app: the store, the sender, the key cache; and the endpoints."""
 
-    def __init__(
-        self,
-        *,
-        store: ConversationStore,
-        owns_store: bool,
-        api_key: str,
-        base_url: str,
-        auth: bool,
-        max_body_bytes: int,
-        max_retries: int,
-        timeout: float,
-        key_cache_seconds: float,
-    ) -> None:
-        self.store = store
-        self.owns_store = owns_store
-        self.keys = APIKeys(store)
-        self._api_key = api_key
-        self.base_url = base_url
-        self.auth = auth
-        self.max_body_bytes = max_body_bytes
-        self.max_retries = max_retries
-        self.timeout = timeout
-        self.key_cache = _KeyCache(key_cache_seconds)
-        self.sender: _Sender | None = None
-        self.http: httpx.AsyncClient | None = None
-        self.streams = _InFlight()
+    store: ConversationStore
+    owns_store: bool
+    api_key: str = dataclasses.field(repr=False)
+    base_url: str
+    auth: bool
+    max_body_bytes: int
+    max_retries: int
+    timeout: float
+    key_cache: _KeyCache
+    keys: APIKeys = dataclasses.field(init=False)
+    sender: _Sender | None = None
+    http: httpx.AsyncClient | None = None
+    streams: _InFlight = dataclasses.field(default_factory=_InFlight)
+
+    def __post_init__(self) -> None:
+        self.keys = APIKeys(self.store)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -394,7 +385,7 @@ class _Gateway:
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
         self.sender = _Sender(
             self.store,
-            api_key=self._api_key,
+            api_key=self.api_key,
             base_url=self.base_url,
             timeout=self.timeout,
             max_retries=self.max_retries,
@@ -489,13 +480,13 @@ class _Gateway:
         assert self.http is not None
         try:
             upstream = await self.http.get(
-                self.base_url + "/models", headers={"Authorization": f"Bearer {self._api_key}"}
+                self.base_url + "/models", headers={"Authorization": f"Bearer {self.api_key}"}
             )
         except httpx.HTTPError as err:
             raise GatewayError(
                 502, f"upstream: no answer ({type(err).__name__})", type="server_error", code="upstream_error"
             ) from err
-        text = _api.redact(upstream.text, (self._api_key,))
+        text = _api.redact(upstream.text, (self.api_key,))
         headers = {}
         if upstream.headers.get("retry-after"):
             headers["Retry-After"] = upstream.headers["retry-after"]
@@ -907,7 +898,7 @@ def create_app(
         max_body_bytes=max_body_bytes,
         max_retries=max_retries,
         timeout=timeout,
-        key_cache_seconds=key_cache_seconds,
+        key_cache=_KeyCache(key_cache_seconds),
     )
 
     def route(path: str, name: str, methods: list[str]) -> Route:
