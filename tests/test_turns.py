@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy
+from sqlalchemy.dialects import postgresql
 from stub_server import StubServer
 
 from gilas_conv import (
@@ -40,6 +41,7 @@ from gilas_conv import (
     StreamInterrupted,
     build_context,
 )
+from gilas_conv.store import _store
 from gilas_conv.store._schema import ANCHOR_PREDICATE
 
 API_KEY = "sk-turns-test-5b1e"
@@ -828,3 +830,11 @@ def test_a_reply_after_its_own_lease_expired_is_stored_when_nobody_took_over(
     time.sleep(0.2)
     assert conversation.append("assistant", "slow", reply_to=1, lease=token).seq == 2
     assert _free(store, conversation.id)
+
+
+def test_every_postgres_lease_statement_stays_in_psycopgs_query_cache() -> None:
+    # psycopg parses a query longer than 4,096 characters again on every execution (its
+    # cache takes shorter ones only); the lease statement runs once a turn.
+    dialect = postgresql.psycopg.dialect()  # type: ignore[attr-defined]
+    longest = max(len(str(s.compile(dialect=dialect))) for s in _store._TAKE_LEASE_WITH_MESSAGE.values())
+    assert longest < 4096

@@ -606,16 +606,39 @@ class _SenderBase:
         return self._store.get(conversation, owner=owner)
 
     def _prepare(
-        self, conversation: ConversationRef, content: Any, call: _Call, *, owner: str | None
+        self,
+        conversation: ConversationRef,
+        content: Any,
+        call: _Call,
+        *,
+        owner: str | None,
+        after_reply: str | None = None,
     ) -> _Turn:
         """Take the turn (the lease, the turn's new messages and, under a limit, the
         owner's quota, in one transaction; see the module docstring for the order): the
         turn, not yet planned. ConversationBusy if another request holds the lease,
-        QuotaExceeded if the quota is spent; nothing is stored then."""
-        conv = self._conversation(conversation, owner)
+        QuotaExceeded if the quota is spent; nothing is stored then.
+
+        ``after_reply`` (the gateway; Postgres, ``content`` a user message): the
+        conversation's model as last seen. ``conversation`` is then an id, not looked up:
+        the turn is taken only if the conversation's newest message is a complete reply and
+        its model is that one (else the store's NotAfterReply, nothing stored), and its
+        handle is the one the lease statement returns."""
         answering = isinstance(content, _Answer)
         new = list(content.messages) if answering else [{"role": "user", "content": content}]
-        lease, held, added, window = self._take_turn(conv, new, call)
+        if after_reply is None:
+            conv = self._conversation(conversation, owner)
+            lease, held, added, start, _ = self._take_turn(conv.id, conv.owner, conv.model, new, call)
+        else:
+            if answering or not isinstance(conversation, str):
+                raise TypeError("after_reply takes a conversation id and a user message")
+            lease, held, added, start, conv = self._take_turn(
+                conversation, owner, after_reply, new, call, after_reply=True
+            )
+        window = None
+        if start is not None:  # this handle as it is, planning from what the lease read
+            window = replace(conv)
+            window._window_start = start
         try:
             for message in added:
                 conv._saw(message)
@@ -644,26 +667,33 @@ class _SenderBase:
         self._abandon(plan if isinstance(plan, _Turn) else turn)
 
     def _take_turn(
-        self, conv: Conversation, new: list[dict[str, Any]], call: _Call
-    ) -> tuple[str, Reservation | None, list[Message], Conversation | None]:
-        """The store's ``_take_turn``, with what to hold should a limit apply to the owner
-        (the store finds out in the turn's own transaction; see the module docstring).
-        Last, ``conv`` to plan the turn with when the lease statement also read the start
-        of its window (Postgres), else None."""
+        self,
+        conversation_id: str,
+        owner: str | None,
+        model: str,
+        new: list[dict[str, Any]],
+        call: _Call,
+        *,
+        after_reply: bool = False,
+    ) -> tuple[str, Reservation | None, list[Message], tuple[int, list[Any], int] | None, Conversation]:
+        """The store's ``_take_turn`` of the conversation of ``model`` as the caller knows
+        it, with what to hold should a limit apply to the owner (the store finds out in the
+        turn's own transaction; see the module docstring). Then the start of the window
+        when the lease statement also read it (Postgres, SQLite: see the store's
+        ``_take_turn``), else None; last, the conversation as the lease statement returned
+        it (without that start: a handle to keep). ``after_reply``: see :meth:`_prepare`."""
         lease, taken, added, held = self._store._take_turn(
-            conv.id,
-            owner=conv.owner,
+            conversation_id,
+            owner=owner,
             lease_seconds=self._lease_seconds,
             messages=new,
-            quota=self._quota_ask(conv, call),
-            model=conv.model,
+            quota=self._quota_ask(model, call),
+            model=model,
             window=True,
+            after_reply=after_reply,
         )
-        if taken._window_start is None:
-            return lease, held, added, None
-        window = replace(conv)  # this handle as it is, planning from what the lease read
-        window._window_start = taken._window_start
-        return lease, held, added, window
+        start, taken._window_start = taken._window_start, None
+        return lease, held, added, start, taken
 
     def _reply_room(self, call: _Call) -> int:
         """What a reservation holds beyond the prompt: the reply's max_tokens (or the
@@ -674,7 +704,7 @@ class _SenderBase:
             room += SUMMARY_MAX_TOKENS
         return int(room)
 
-    def _quota_ask(self, conv: Conversation, call: _Call) -> QuotaAsk:
+    def _quota_ask(self, conversation_model: str, call: _Call) -> QuotaAsk:
         """What to reserve should a limit apply: the prompt tokens of the window about to be
         sent plus ``_reply_room``. No window is read for it: the window ``_plan`` will
         choose is the stored history (the turn's new messages included), or as much of it
@@ -687,7 +717,7 @@ class _SenderBase:
         that (tokens recounted under another model's encoding) grows the reservation in
         ``_plan``."""
         params = call.params
-        model = params.get("model") or conv.model
+        model = params.get("model") or conversation_model
         room = self._reply_room(call)
 
         def hold(history: int) -> int:

@@ -36,13 +36,14 @@ from starlette.types import Receive, Scope, Send
 from .. import _api
 from .._config import DEFAULT_MODEL, resolve_api_key, resolve_base_url
 from .._sender._base import ConversationRef, _answer, _Call, _Turn
-from ..exceptions import APIError, MessageNotFound, StreamInterrupted
+from ..exceptions import APIError, ConversationNotFound, MessageNotFound, StreamInterrupted
 from ..sender import DEFAULT_TIMEOUT, AsyncReplyStream, AsyncSender, pending_reply_to
 from ..store import (
     APIKeys,
     Conversation,
     ConversationStore,
     Message,
+    NotAfterReply,
     current_revision,
     head_revision,
     validate_message,
@@ -94,6 +95,8 @@ _SHUTDOWN_STORE_SECONDS = 10.0
 # How long an edit of the items (append, delete) holds the turn lease at most: it is
 # released at once, so this only bounds how long a crash mid-edit keeps the conversation busy.
 _EDIT_LEASE_SECONDS = 60.0
+# How many conversations' models the sender remembers (see _Sender) before it starts again.
+_MODELS_KEPT = 10_000
 # Titles of conversations a completion creates: the first user line, cut to this length.
 _TITLE_LENGTH = 60
 # Body fields of a completion that are not sent upstream as parameters.
@@ -308,24 +311,81 @@ class _Completion:
     model: str | None
     # The conversation, once found (or created) and every check has passed.
     conversation: Conversation | None = None
+    # Its id from then on (or from when the turn's lease statement checks the request):
+    # an error after that names the conversation.
+    conversation_id: str | None = None
 
 
 class _Sender(AsyncSender):
     """The gateway's sender: a completion's checks and its new messages' turn run in one
     worker-thread call, with the window's plan (:meth:`_start`), so that a turn makes two
-    hops to a worker thread (this one; the reply with the release), not three."""
+    hops to a worker thread (this one; the reply with the release), not three.
+
+    On Postgres a completion of one user message (the usual turn) skips the read its checks
+    make when the conversation's model is known here: the turn's lease statement checks
+    that its newest message is a complete reply without tool calls (then that message is
+    new and the turn answerable, whatever the history) and its model is the one known
+    here; when not, nothing is stored and the request is checked the long way."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # (owner, conversation id) -> the conversation's model, as last seen by this process.
+        self._models: dict[tuple[str | None, str], str] = {}
+
+    def _remember(self, conv: Conversation) -> None:
+        if self.store.dialect != "postgresql":
+            return
+        if len(self._models) >= _MODELS_KEPT:
+            self._models.clear()  # a hint: forgetting costs a turn one read
+        self._models[(conv.owner, conv.id)] = conv.model
+
+    def _after_reply(self, completion: _Completion, call: _Call) -> _Turn | None:
+        """The turn of a completion of one user message, if it follows a complete reply
+        (see the class docstring); None when it must be checked the long way."""
+        messages, reference = completion.messages, completion.reference
+        if reference is None or len(messages) != 1 or messages[0].keys() != {"role", "content"}:
+            return None
+        model = self._models.get((completion.owner, reference))
+        if messages[0]["role"] != "user" or model is None:
+            return None
+        completion.conversation_id = reference
+        try:
+            turn = super()._prepare(
+                reference, messages[0]["content"], call, owner=completion.owner, after_reply=model
+            )
+        except (NotAfterReply, ValueError):
+            completion.conversation_id = None  # nothing stored: the checks decide
+            return None
+        except ConversationNotFound:
+            completion.conversation_id = None
+            self._models.pop((completion.owner, reference), None)
+            raise
+        completion.conversation = turn.conversation
+        self._remember(turn.conversation)
+        return turn
 
     def _prepare(
-        self, conversation: ConversationRef, content: Any, call: _Call, *, owner: str | None
+        self,
+        conversation: ConversationRef,
+        content: Any,
+        call: _Call,
+        *,
+        owner: str | None,
+        after_reply: str | None = None,
     ) -> _Turn:
         if isinstance(content, _Completion):
+            turn = self._after_reply(content, call)
+            if turn is not None:
+                return turn
             conv, new = _plan_turn(self.store, content)
             content.conversation = conversation = conv
+            content.conversation_id = conv.id
+            self._remember(conv)
             # One new user message (the usual turn) is answered as ``send`` answers it: the
             # reply is to that message, so the sender need not look for the pending turn.
             plain = len(new) == 1 and new[0].keys() == {"role", "content"} and new[0]["role"] == "user"
             content = new[0]["content"] if plain else _answer(new)
-        return super()._prepare(conversation, content, call, owner=owner)
+        return super()._prepare(conversation, content, call, owner=owner, after_reply=after_reply)
 
 
 def _plan_turn(
@@ -556,10 +616,10 @@ class _Gateway:
             else:
                 started = await self.sender._open_stream(reference or "", completion, call, owner=owner)
         except Exception as err:
-            if completion.conversation is None:  # refused by the checks: nothing was stored
+            if completion.conversation_id is None:  # refused by the checks: nothing was stored
                 raise
             error = error_for(err)
-            error.headers[CONVERSATION_HEADER] = completion.conversation.id
+            error.headers[CONVERSATION_HEADER] = completion.conversation_id
             raise error from err
         conv = completion.conversation
         assert conv is not None

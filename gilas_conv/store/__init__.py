@@ -24,6 +24,10 @@ from ._keys import APIKey, APIKeys
 from ._migrate import current_revision, downgrade_database, head_revision, upgrade_database
 from ._store import Conversation, ConversationStore, Deletion, Role
 
+# The gateway's turn after a reply (``ConversationStore._take_turn``'s ``after_reply``);
+# not public either.
+from ._store import NotAfterReply as NotAfterReply
+
 # The quota side of the turn protocol (``ConversationStore._take_turn``), for the senders;
 # not part of the public API, so not in __all__.
 from ._usage import DEFAULT_QUOTA_RESERVATION as DEFAULT_QUOTA_RESERVATION

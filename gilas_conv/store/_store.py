@@ -273,14 +273,40 @@ def _append_statement(key: tuple[bool, bool, bool, bool, bool]) -> Any:
     return statement
 
 
-def _take_lease(*, owned: bool, adds: bool, unlimited: bool = False, anchors: bool = False) -> Any:
+def _after_reply() -> Any:
+    """SQL true when the conversation's model is ``:t_model`` and its newest message (seq =
+    ``last_seq``: not one deleted) is a complete assistant reply without tool calls: then a
+    request of one user message is that message's new turn (see ``_take_turn``'s
+    ``after_reply``). One probe of the messages' primary key."""
+    c, newest = _conversations.c, _messages.alias("newest")
+    return and_(
+        c.model == bindparam("t_model"),
+        exists().where(
+            newest.c.conversation_id == c.id,
+            newest.c.seq == c.last_seq,
+            newest.c.role == "assistant",
+            newest.c.status == "complete",
+            newest.c.tool_calls.is_(None),
+        ),
+    )
+
+
+def _take_lease(
+    *,
+    owned: bool,
+    adds: bool,
+    unlimited: bool = False,
+    anchors: bool = False,
+    after_reply: bool = False,
+) -> Any:
     """The UPDATE that takes a free (or expired) turn lease, and with ``adds`` numbers the
     turn's ``:t_count`` messages and adds their ``:t_tokens``; RETURNING the whole row and
     ``quota_applies``, whether a quota limit applies to the owner (the quota check of a
     turn, at the cost of one index probe: see ``_take_turn``). ``unlimited``: only where
     no limit applies (the check made by the statement itself, which then needs no
     transaction to be rolled back: see ``_take_turn``). ``anchors`` (SQLite): also
-    ``anchors``, the window's first read (see :func:`_anchors_json`)."""
+    ``anchors``, the window's first read (see :func:`_anchors_json`). ``after_reply``: only
+    where :func:`_after_reply` holds."""
     c = _conversations.c
     owner = c.owner == bindparam("t_owner") if owned else c.owner.is_(None)
     now = bindparam("t_now", type_=c.updated_at.type)
@@ -300,6 +326,8 @@ def _take_lease(*, owned: bool, adds: bool, unlimited: bool = False, anchors: bo
     )
     if unlimited:
         statement = statement.where(~applies.element)
+    if after_reply:
+        statement = statement.where(_after_reply())
     returned = [*_conversations.c, applies]
     if anchors:
         returned.append(_anchors_json())
@@ -375,11 +403,12 @@ def _anchor_rows(found: str) -> builtins.list[Any]:
     return rows
 
 
-def _take_lease_with_message(*, owned: bool, searched: bool, unlimited: bool) -> Any:
+def _take_lease_with_message(*, owned: bool, searched: bool, unlimited: bool, after_reply: bool) -> Any:
     """Postgres: the lease taken and one message inserted, with its search row
     (``searched``), in one statement; the conversation's row comes back (``WITH bumped AS
     (UPDATE ...), added AS (INSERT ...) SELECT * FROM bumped``: PostgreSQL runs a
-    data-modifying WITH even when unread). ``unlimited``: see :func:`_take_lease`.
+    data-modifying WITH even when unread). ``unlimited``, ``after_reply``: see
+    :func:`_take_lease`.
 
     The same statement reads what the window's first read would (the anchors: one row per
     anchor message, ``a_<column>``, or one row of NULLs after the conversation's columns),
@@ -397,7 +426,7 @@ def _take_lease_with_message(*, owned: bool, searched: bool, unlimited: bool) ->
     next turn sees it). A multixact's id could in theory equal this transaction's
     id; the anchors would then be those of the statement's snapshot, as if the concurrent
     write had come just after this turn."""
-    bumped = _take_lease(owned=owned, adds=True, unlimited=unlimited).cte("bumped")
+    bumped = _take_lease(owned=owned, adds=True, unlimited=unlimited, after_reply=after_reply).cte("bumped")
     added = _added_cte(bumped)
     seen = _conversations.alias("seen")
     fresh = (
@@ -430,6 +459,9 @@ _SESSION_ALIVE = text("SELECT 1" + _THIS_SESSION)
 # The oldest PostgreSQL the statements run on (pg_current_xact_id() is from 13).
 POSTGRES_SINCE = (13,)
 
+# Whether :func:`_after_reply` holds, as a column (with ``after_reply``), or nothing.
+_AFTER_REPLY = {True: (_after_reply().label("after_reply"),), False: ()}
+
 # Keyed by (owned, adds, anchors).
 _TAKE_LEASE = {
     (owned, adds, anchors): _take_lease(owned=owned, adds=adds, anchors=anchors)
@@ -437,13 +469,15 @@ _TAKE_LEASE = {
     for adds in (True, False)
     for anchors in (True, False)
 }
+# Keyed by (owned, searched, unlimited, after_reply).
 _TAKE_LEASE_WITH_MESSAGE = {
-    (owned, searched, unlimited): _take_lease_with_message(
-        owned=owned, searched=searched, unlimited=unlimited
+    (owned, searched, unlimited, after_reply): _take_lease_with_message(
+        owned=owned, searched=searched, unlimited=unlimited, after_reply=after_reply
     )
     for owned in (True, False)
     for searched in (True, False)
     for unlimited in (True, False)
+    for after_reply in (True, False)
 }
 
 
@@ -455,6 +489,12 @@ _LIMITED_OWNERS_KEPT = 10_000
 class _Limited(Exception):
     """A turn's one-statement lease took nothing because a quota limit applies: the turn is
     taken again in a transaction that reserves (see ``ConversationStore._take_turn``)."""
+
+
+class NotAfterReply(Exception):
+    """A turn taken with ``after_reply`` (``ConversationStore._take_turn``) found the
+    conversation's newest message not a complete reply without tool calls, or its model not
+    the one given: nothing was written, and the caller checks the request the long way."""
 
 
 class _SlowPath(Exception):
@@ -1868,6 +1908,7 @@ class ConversationStore:
         quota: _usage.QuotaAsk | None,
         model: str | None = None,
         window: bool = False,
+        after_reply: bool = False,
     ) -> tuple[str, Conversation, builtins.list[Message], _usage.Reservation | None]:
         """:meth:`_begin_turn` with the owner's quota, all in its one write transaction.
 
@@ -1894,9 +1935,18 @@ class ConversationStore:
         the limit was committed still reads the snapshot it started with: that one turn
         goes unchecked, as if it had begun first; a test pins that the next turn is
         checked.)
+
+        ``after_reply`` (Postgres, one message, ``model`` given): take the turn only if the
+        conversation's newest message is a complete assistant reply without tool calls and
+        its model is ``model``; else :class:`NotAfterReply`, and nothing is written (a lease
+        held by another request is ConversationBusy only when that holds too). For the
+        gateway: a request of one user message after a reply is that message's new turn,
+        so the lease statement checks it instead of a read before it.
         """
         if not _could_exist(conversation_id, owner):
             raise ConversationNotFound(conversation_id)
+        if after_reply and (model is None or self.dialect != "postgresql" or len(messages) != 1):
+            raise ValueError("after_reply takes one message and the model, on Postgres")
         if (
             isinstance(lease_seconds, bool)
             or not isinstance(lease_seconds, int | float)
@@ -1924,6 +1974,7 @@ class ConversationStore:
             "t_expires": now + dt.timedelta(seconds=lease_seconds),
             "t_count": len(rows),
             "t_tokens": sum(r["tokens"] or 0 for r in rows),
+            "t_model": model,
         }
         # Postgres, one message: the lease, the message and its search row in one statement
         # (one round trip). Without a reservation to take after it, that statement is the
@@ -1945,6 +1996,7 @@ class ConversationStore:
                     quota=quota,
                     single=single,
                     window=window,
+                    after_reply=after_reply,
                 )
             except _Limited:
                 if len(self._limited_owners) >= _LIMITED_OWNERS_KEPT:
@@ -2038,11 +2090,12 @@ class ConversationStore:
         quota: _usage.QuotaAsk | None,
         single: bool,
         window: bool = False,
+        after_reply: bool = False,
     ) -> tuple[Any, builtins.list[Message], _usage.Reservation | None, tuple[int, Any, int] | None]:
         """The write of :meth:`_take_turn` in ``transaction`` (a ``_write``): the lease, the
         turn's messages and their search rows, and the reservation. ``single`` (Postgres,
         one message): one autocommit statement, which with ``quota`` takes nothing where a
-        limit applies (``_Limited``).
+        limit applies (``_Limited``). ``after_reply``: see :meth:`_take_turn`.
         Last comes the window's start as that statement read it (Postgres, one message:
         see :func:`_take_lease_with_message`; SQLite, with ``window``: see
         :func:`_anchors_json`, the anchors still as that JSON text), or None."""
@@ -2059,7 +2112,7 @@ class ConversationStore:
                 searched = indexed[0] is not None
                 if indexed[0] is not None:
                     values["s_document"] = indexed[0]["document"]
-                statement = _TAKE_LEASE_WITH_MESSAGE[(owner is not None, searched, check)]
+                statement = _TAKE_LEASE_WITH_MESSAGE[(owner is not None, searched, check, after_reply)]
                 found = conn.execute(statement, {**params, **values}).all()
                 row = found[0] if found else None
                 inserted = True
@@ -2076,12 +2129,15 @@ class ConversationStore:
                     start = (row.tokens_total, row.anchors, row.last_seq)
             if row is None:
                 holder = conn.execute(
-                    select(c.lease_token, c.lease_expires_at).where(
+                    select(c.lease_token, c.lease_expires_at, *_AFTER_REPLY[after_reply]).where(
                         c.id == conversation_id, _owner_clause(owner)
-                    )
+                    ),
+                    {"t_model": params["t_model"]},
                 ).first()
                 if holder is None:
                     raise ConversationNotFound(conversation_id)
+                if after_reply and not holder.after_reply:
+                    raise NotAfterReply(conversation_id)
                 if check and not _lease_held(holder.lease_token, holder.lease_expires_at, now):
                     # The statement's own check took nothing (a limit applied when it ran, if
                     # none does now): the reserving transaction decides.
