@@ -270,8 +270,9 @@ def test_the_rollup_migration_backfills_what_the_quota_check_reads(empty_db_url:
 def test_the_rollup_is_the_ledger_summed_into_its_buckets_to_the_minute(db_url: str) -> None:
     # Ledger rows at the edges of buckets (the last microsecond of a day, hour and quarter
     # hour, the first of the next), owned and not, priced and not, one at a time and many
-    # at once: the rollup holds exactly the buckets Python sums them into (on SQLite a
-    # trigger writes it, on Postgres the store's own upsert).
+    # at once: the rollup holds exactly the buckets Python sums them into. (Pins the bucket
+    # arithmetic for any writer of the rollup that is not Python's: a SQLite trigger that
+    # parsed created_at with strftime rounded 23:59:59.999999 into the next day.)
     edges = [
         dt.datetime(2026, 3, 31, 23, 59, 59, 999999, tzinfo=dt.timezone.utc),
         dt.datetime(2026, 4, 1, 0, 0, 0, tzinfo=dt.timezone.utc),

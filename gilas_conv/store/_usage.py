@@ -26,10 +26,9 @@ Quotas
 
 The rollup (what a quota check reads)
     ``usage_rollup`` is the ledger summed per owner and UTC day, hour and quarter hour:
-    each ledger row is added to its three buckets by one upsert (``INSERT ... ON CONFLICT
-    DO UPDATE``) in the transaction that inserts the row (Postgres: :func:`record_events`
-    or the reply's own statement; SQLite: a trigger on the ledger's insert, the same
-    upsert), and nothing else writes either table (erasure and prune keep the
+    :func:`settle` adds each ledger row to its three buckets with one upsert (``INSERT ...
+    ON CONFLICT DO UPDATE``, the same on SQLite and Postgres) in the transaction that
+    inserts the row, and nothing else writes either table (erasure and prune keep the
     ledger), so the rollup never drifts from it. A period (a calendar day or month of the
     quota time zone, which starts on a quarter hour in every zone in use) is covered by
     whole UTC days, then hours, then quarter hours at its two ends (:func:`_cover`): a
@@ -255,15 +254,12 @@ def rollup_rows(events: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 def record_events(conn: Any, events: Sequence[Mapping[str, Any]]) -> None:
     """Insert ledger rows and add them to the rollup, in the caller's transaction: the only
-    way ledger rows are written, so the rollup is always the ledger summed. On SQLite the
-    insert does both: a trigger adds each row to its buckets (migration 0009), which saves
-    the turn a statement. On Postgres many rows at once (a bulk load) are summed per bucket
-    first: one statement must not update a bucket twice (Postgres refuses it)."""
+    way ledger rows are written, so the rollup is always the ledger summed. Many rows at
+    once (a bulk load) are summed per bucket first: one statement must not update a
+    bucket twice (Postgres refuses it)."""
     if not events:
         return
-    if conn.dialect.name == "sqlite":
-        conn.execute(INSERT_EVENT, events[0] if len(events) == 1 else list(events))
-    elif len(events) == 1:
+    if len(events) == 1:
         (event,) = events
         conn.execute(INSERT_EVENT, event)
         # Last in the transaction: on Postgres the upsert locks the owner's bucket rows
