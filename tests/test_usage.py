@@ -18,7 +18,7 @@ from gilas_conv import ConfigurationError, ConversationStore, Prices, load_price
 from gilas_conv._prices import parse_prices
 from gilas_conv.store._engine import create_engine_for_url
 from gilas_conv.store._migrate import upgrade_database
-from gilas_conv.store._usage import periods
+from gilas_conv.store._usage import ledger_row, periods, record_events, rollup_rows
 
 MODEL = "gpt-4o-mini"
 PRICES = parse_prices(
@@ -265,3 +265,45 @@ def test_the_rollup_migration_backfills_what_the_quota_check_reads(empty_db_url:
                     tokens = sum(t for t, _ in mine)
                     cost = Decimal(sum(c for _, c in mine)) / 1_000_000
                     assert status.used == (tokens if status.unit == "tokens" else cost), (zone, owner, status)
+
+
+def test_the_rollup_is_the_ledger_summed_into_its_buckets_to_the_minute(db_url: str) -> None:
+    # Ledger rows at the edges of buckets (the last microsecond of a day, hour and quarter
+    # hour, the first of the next), owned and not, priced and not, one at a time and many
+    # at once: the rollup holds exactly the buckets Python sums them into. (Pins the bucket
+    # arithmetic for any writer of the rollup that is not Python's: a SQLite trigger that
+    # parsed created_at with strftime rounded 23:59:59.999999 into the next day.)
+    edges = [
+        dt.datetime(2026, 3, 31, 23, 59, 59, 999999, tzinfo=dt.timezone.utc),
+        dt.datetime(2026, 4, 1, 0, 0, 0, tzinfo=dt.timezone.utc),
+        dt.datetime(2026, 4, 1, 0, 14, 59, 500000, tzinfo=dt.timezone.utc),
+        dt.datetime(2026, 4, 1, 0, 15, 0, 1, tzinfo=dt.timezone.utc),
+        dt.datetime(2026, 4, 1, 13, 59, 0, tzinfo=dt.timezone.utc),
+    ]
+    events = []
+    for i, at in enumerate(edges * 2):
+        numbers = {"prompt_tokens": 3 + i, "completion_tokens": 1, "total_tokens": 4 + i, "cached_tokens": 0}
+        event = ledger_row(
+            owner=("alice", None)[i % 2],
+            conversation_id=None,
+            model=MODEL,
+            kind="reply",
+            numbers=numbers,
+            prices=None,
+            now=at,
+        )
+        events.append({**event, "cost_micros": 1000 * i if i % 3 else None})
+    with ConversationStore(db_url) as store:
+        with store._write() as conn:
+            for event in events[: len(edges)]:
+                record_events(conn, [event])
+            record_events(conn, events[len(edges) :])
+        with store.engine.connect() as conn:
+            found = conn.execute(
+                text("SELECT owner, span_minutes, start_minute, total_tokens, cost_micros FROM usage_rollup")
+            ).all()
+    expected = {}
+    for row in rollup_rows(events):
+        key = (row["owner"], row["span_minutes"], row["start_minute"])
+        expected[key] = (row["total_tokens"], row["cost_micros"])
+    assert {(o, s, m): (t, c) for o, s, m, t, c in found} == expected
