@@ -41,7 +41,7 @@ from gilas_conv import (
     StreamInterrupted,
     build_context,
 )
-from gilas_conv.store import _store
+from gilas_conv.store import NotAfterReply, _store
 from gilas_conv.store._schema import ANCHOR_PREDICATE
 
 API_KEY = "sk-turns-test-5b1e"
@@ -255,6 +255,61 @@ def test_a_turn_does_not_send_a_system_message_deleted_while_its_lease_waited_fo
     )
     sent = [(m["role"], m["content"]) for m in stub.requests[-1]["body"]["messages"]]
     assert sent == [("user", "What is 2+2?"), ("assistant", "four"), ("user", "And 3+3?")]
+
+
+def test_a_turn_after_a_reply_whose_lease_waited_for_another_turns_reply_is_not_called_busy(
+    store: ConversationStore,
+) -> None:
+    # Postgres, the gateway's turn of one message after a reply (after_reply): its lease
+    # statement checks the newest message from the snapshot it began with. Another turn
+    # stores its reply and frees the lease while the statement waits for the row: the
+    # lease is free, so the answer is "check the long way" (NotAfterReply), never
+    # ConversationBusy, and nothing is written.
+    if store.dialect != "postgresql":
+        pytest.skip("after_reply is a Postgres turn's")
+    conversation = store.create(model="gpt-4o-mini")
+    conversation.append("user", "What is 2+2?")
+    conversation.append("assistant", "four")
+    another_turn = [
+        ("UPDATE conversations SET last_seq = 4, updated_at = now() WHERE id = :id", {"id": conversation.id}),
+        (
+            "INSERT INTO messages (conversation_id, seq, role, content, status, created_at) VALUES"
+            " (:id, 3, 'user', '\"And 3+3?\"', 'complete', now()),"
+            " (:id, 4, 'assistant', '\"six\"', 'complete', now())",
+            {"id": conversation.id},
+        ),
+    ]
+    with pytest.raises(NotAfterReply):
+        _while_another_holds_the_row(
+            store,
+            another_turn,
+            lambda: store._take_turn(
+                conversation.id,
+                owner=None,
+                lease_seconds=60,
+                messages=[{"role": "user", "content": "And 4+4?"}],
+                quota=None,
+                model="gpt-4o-mini",
+                after_reply=True,
+            ),
+            "the turn to wait for the conversation's row",
+        )
+    assert [m.content for m in store.get(conversation.id).messages()] == [
+        "What is 2+2?",
+        "four",
+        "And 3+3?",
+        "six",
+    ]
+    # Nothing held either: the long way's lease is free to take.
+    token, _, added, _ = store._take_turn(
+        conversation.id,
+        owner=None,
+        lease_seconds=60,
+        messages=[{"role": "user", "content": "And 4+4?"}],
+        quota=None,
+    )
+    assert [m.seq for m in added] == [5]
+    store._end_turn(conversation.id, token)
 
 
 def test_a_turn_sends_the_system_message_and_pinned_messages_ahead_of_a_trimmed_history(

@@ -2138,10 +2138,16 @@ class ConversationStore:
                     raise ConversationNotFound(conversation_id)
                 if after_reply and not holder.after_reply:
                     raise NotAfterReply(conversation_id)
-                if check and not _lease_held(holder.lease_token, holder.lease_expires_at, now):
+                held_now = _lease_held(holder.lease_token, holder.lease_expires_at, now)
+                if check and not held_now:
                     # The statement's own check took nothing (a limit applied when it ran, if
                     # none does now): the reserving transaction decides.
                     raise _Limited
+                if after_reply and not held_now:
+                    # The statement waited for the row while another turn stored its reply
+                    # and freed the lease: its EXISTS, read from the snapshot it began with,
+                    # could not see that reply. Not busy: the long way takes the turn.
+                    raise NotAfterReply(conversation_id)
                 raise ConversationBusy(conversation_id, expires_at=holder.lease_expires_at)
             held = None
             if quota is not None and row.quota_applies:
