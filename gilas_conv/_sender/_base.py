@@ -606,35 +606,43 @@ class _SenderBase:
         return self._store.get(conversation, owner=owner)
 
     def _prepare(
-        self,
-        conversation: ConversationRef,
-        content: Any,
-        call: _Call,
-        *,
-        owner: str | None,
-        after_reply: str | None = None,
+        self, conversation: ConversationRef, content: Any, call: _Call, *, owner: str | None
     ) -> _Turn:
         """Take the turn (the lease, the turn's new messages and, under a limit, the
         owner's quota, in one transaction; see the module docstring for the order): the
         turn, not yet planned. ConversationBusy if another request holds the lease,
-        QuotaExceeded if the quota is spent; nothing is stored then.
-
-        ``after_reply`` (the gateway; Postgres, ``content`` a user message): the
-        conversation's model as last seen. ``conversation`` is then an id, not looked up:
-        the turn is taken only if the conversation's newest message is a complete reply and
-        its model is that one (else the store's NotAfterReply, nothing stored), and its
-        handle is the one the lease statement returns."""
+        QuotaExceeded if the quota is spent; nothing is stored then."""
         answering = isinstance(content, _Answer)
         new = list(content.messages) if answering else [{"role": "user", "content": content}]
-        if after_reply is None:
-            conv = self._conversation(conversation, owner)
-            lease, held, added, start, _ = self._take_turn(conv.id, conv.owner, conv.model, new, call)
-        else:
-            if answering or not isinstance(conversation, str):
-                raise TypeError("after_reply takes a conversation id and a user message")
-            lease, held, added, start, conv = self._take_turn(
-                conversation, owner, after_reply, new, call, after_reply=True
-            )
+        conv = self._conversation(conversation, owner)
+        lease, held, added, start, _ = self._take_turn(conv.id, conv.owner, conv.model, new, call)
+        return self._taken(conv, lease, held, added, start, answering=answering)
+
+    def _prepare_after_reply(
+        self, conversation_id: str, content: Any, call: _Call, *, owner: str | None, model: str
+    ) -> _Turn:
+        """:meth:`_prepare` of a user message (the gateway's, on Postgres), the
+        conversation not looked up: the turn is taken only if the conversation's newest
+        message is a complete reply and its model is ``model``, the model as last seen
+        (else the store's NotAfterReply, nothing stored); its handle is the one the lease
+        statement returns."""
+        new = [{"role": "user", "content": content}]
+        lease, held, added, start, conv = self._take_turn(
+            conversation_id, owner, model, new, call, after_reply=True
+        )
+        return self._taken(conv, lease, held, added, start, answering=False)
+
+    def _taken(
+        self,
+        conv: Conversation,
+        lease: str,
+        held: Reservation | None,
+        added: list[Message],
+        start: tuple[int, list[Any], int] | None,
+        *,
+        answering: bool,
+    ) -> _Turn:
+        """The turn just taken, its lease given back if it cannot be described."""
         window = None
         if start is not None:  # this handle as it is, planning from what the lease read
             window = replace(conv)
@@ -681,7 +689,7 @@ class _SenderBase:
         turn's own transaction; see the module docstring). Then the start of the window
         when the lease statement also read it (Postgres, SQLite: see the store's
         ``_take_turn``), else None; last, the conversation as the lease statement returned
-        it (without that start: a handle to keep). ``after_reply``: see :meth:`_prepare`."""
+        it (without that start: a handle to keep). ``after_reply``: see :meth:`_prepare_after_reply`."""
         lease, taken, added, held = self._store._take_turn(
             conversation_id,
             owner=owner,

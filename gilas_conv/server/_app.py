@@ -350,8 +350,8 @@ class _Sender(AsyncSender):
             return None
         completion.conversation_id = reference
         try:
-            turn = super()._prepare(
-                reference, messages[0]["content"], call, owner=completion.owner, after_reply=model
+            turn = self._prepare_after_reply(
+                reference, messages[0]["content"], call, owner=completion.owner, model=model
             )
         except (NotAfterReply, ValueError):
             completion.conversation_id = None  # nothing stored: the checks decide
@@ -365,13 +365,7 @@ class _Sender(AsyncSender):
         return turn
 
     def _prepare(
-        self,
-        conversation: ConversationRef,
-        content: Any,
-        call: _Call,
-        *,
-        owner: str | None,
-        after_reply: str | None = None,
+        self, conversation: ConversationRef, content: Any, call: _Call, *, owner: str | None
     ) -> _Turn:
         if isinstance(content, _Completion):
             turn = self._after_reply(content, call)
@@ -385,7 +379,7 @@ class _Sender(AsyncSender):
             # reply is to that message, so the sender need not look for the pending turn.
             plain = len(new) == 1 and new[0].keys() == {"role", "content"} and new[0]["role"] == "user"
             content = new[0]["content"] if plain else _answer(new)
-        return super()._prepare(conversation, content, call, owner=owner, after_reply=after_reply)
+        return super()._prepare(conversation, content, call, owner=owner)
 
 
 def _plan_turn(
