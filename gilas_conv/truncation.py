@@ -449,8 +449,15 @@ def plan_context(
     budget = _resolve_budget(
         model or conv.model, context_limit=context_limit, max_tokens=max_tokens, tools=tools
     )
+    return _plan_context(conv, budget, summarize=policy == "summarize", include_incomplete=include_incomplete)
+
+
+def _plan_context(
+    conv: Conversation, budget: _Budget, *, summarize: bool, include_incomplete: bool
+) -> Context | SummaryRequest:
+    """:func:`plan_context` with its arguments checked and the budget resolved."""
     with conv.read_window(encoding=budget.encoding) as window:
-        plan = _plan(window, budget, summarize=policy == "summarize", include_incomplete=include_incomplete)
+        plan = _plan(window, budget, summarize=summarize, include_incomplete=include_incomplete)
     # Decoded and assembled with the connection already back in the pool.
     return plan if isinstance(plan, SummaryRequest) else _context(plan, budget)
 
@@ -499,17 +506,14 @@ def build_context(
     _check_policy(policy)
     if policy == "summarize" and summarizer is None:
         raise ValueError("policy='summarize' needs a summarizer (the senders provide one)")
-    options: dict[str, Any] = dict(
-        model=model,
-        context_limit=context_limit,
-        max_tokens=max_tokens,
-        tools=tools,
-        policy=policy,
-        include_incomplete=include_incomplete,
+    budget = _resolve_budget(
+        model or conv.model, context_limit=context_limit, max_tokens=max_tokens, tools=tools
     )
     covered = 0
     while True:
-        plan = plan_context(conv, **options)
+        plan = _plan_context(
+            conv, budget, summarize=policy == "summarize", include_incomplete=include_incomplete
+        )
         if isinstance(plan, Context):
             return plan
         assert summarizer is not None
