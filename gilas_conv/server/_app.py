@@ -354,7 +354,9 @@ class _Sender(AsyncSender):
                 reference, messages[0]["content"], call, owner=completion.owner, model=model
             )
         except (NotAfterReply, ValueError):
-            completion.conversation_id = None  # nothing stored: the checks decide
+            # Nothing stored. Not after a reply, or a message the store refuses (ValueError):
+            # the long way's checks decide, and say why in the gateway's words.
+            completion.conversation_id = None
             return None
         except ConversationNotFound:
             completion.conversation_id = None
