@@ -13,10 +13,11 @@ from typing import Any
 import openai
 import pytest
 import sqlalchemy
-from _gateway import UPSTREAM_KEY, GatewayServer, sdk_client, stored
+from _gateway import UPSTREAM_KEY, GatewayServer, running_gateway, sdk_client, stored
 from stub_server import StubServer
 
 from gilas_conv import ConversationStore
+from gilas_conv.store import APIKeys
 
 API_KEY = UPSTREAM_KEY
 
@@ -163,3 +164,23 @@ def test_a_conversation_whose_model_changed_is_checked_the_long_way_once(
         ask(client, "three", cid)
     assert LEASE in seen[0] and not any(CHECK_READ in sql for sql in seen)
     assert len(stored(store, cid)) == 6
+
+
+def test_a_message_longer_than_the_store_takes_after_a_reply_gets_400_and_nothing_is_stored_or_sent(
+    db_url: str, stub: StubServer
+) -> None:
+    # The gateway's body limit lets through a message over the store's own limit: the store
+    # refuses it before it writes anything.
+    with (
+        ConversationStore(db_url, max_message_chars=100) as store,
+        running_gateway(store, stub.base_url) as gateway,
+    ):
+        client = sdk_client(gateway, APIKeys(store).create(owner="alice")[0])
+        cid = ask(client, "one")
+        sent = len(stub.requests)
+        with pytest.raises(openai.BadRequestError) as caught:
+            ask(client, "x" * 101, cid)
+        assert "the store accepts at most 100" in caught.value.message
+        assert len(stub.requests) == sent and len(stored(store, cid)) == 2
+        ask(client, "two", cid)
+        assert len(stored(store, cid)) == 4
