@@ -101,6 +101,25 @@ def test_upstream_500_answers_a_stream_with_500(
     assert len(stored(store, cid)) == 3  # the message waits for a retry; nothing else stored
 
 
+@pytest.mark.parametrize("streamed", [False, True])
+def test_an_upstream_that_closes_without_answering_is_a_502_that_says_so(
+    gateway: GatewayServer, store: ConversationStore, stub: StubServer, alice_key: str, streamed: bool
+) -> None:
+    client = sdk_client(gateway, alice_key)
+    cid = start(client)
+    stub.script({"drop": True})
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.chat.completions.create(  # type: ignore[call-overload]
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "second"}],
+            extra_body={"conversation": cid},
+            stream=streamed,
+        )
+    assert caught.value.status_code == 502
+    assert "timed out" not in caught.value.message
+    assert len(stored(store, cid)) == 3  # the message waits for a retry; nothing else stored
+
+
 def test_an_upstream_cut_mid_stream_stores_what_arrived_as_incomplete(
     gateway: GatewayServer, store: ConversationStore, stub: StubServer, alice_key: str
 ) -> None:
