@@ -27,6 +27,18 @@ def start(client: openai.OpenAI) -> str:
     ).conversation  # type: ignore[attr-defined]
 
 
+def send_second(client: openai.OpenAI, cid: str, *, streamed: bool) -> None:
+    """The message "second" in ``cid``, its stream (if ``streamed``) read to the end."""
+    answer = client.chat.completions.create(  # type: ignore[call-overload]
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "second"}],
+        extra_body={"conversation": cid},
+        stream=streamed,
+    )
+    if streamed:
+        list(answer)
+
+
 @pytest.mark.parametrize("streamed", [False, True])
 def test_upstream_429_is_passed_through_with_retry_after_and_a_client_retry_doubles_nothing(
     gateway: GatewayServer, store: ConversationStore, stub: StubServer, alice_key: str, streamed: bool
@@ -90,12 +102,7 @@ def test_upstream_500_answers_a_stream_with_500(
     cid = start(client)
     stub.script({"status": 500})
     with pytest.raises(openai.InternalServerError) as caught:
-        client.chat.completions.create(
-            model="gpt-4o-mini",
-            messages=[{"role": "user", "content": "second"}],
-            extra_body={"conversation": cid},
-            stream=True,
-        )
+        send_second(client, cid, streamed=True)
     assert caught.value.status_code == 500
     assert UPSTREAM_KEY not in caught.value.message
     assert len(stored(store, cid)) == 3  # the message waits for a retry; nothing else stored
@@ -109,12 +116,7 @@ def test_an_upstream_that_closes_without_answering_is_a_502_that_says_so(
     cid = start(client)
     stub.script({"drop": True})
     with pytest.raises(openai.APIStatusError) as caught:
-        client.chat.completions.create(  # type: ignore[call-overload]
-            model="gpt-4o-mini",
-            messages=[{"role": "user", "content": "second"}],
-            extra_body={"conversation": cid},
-            stream=streamed,
-        )
+        send_second(client, cid, streamed=streamed)
     assert caught.value.status_code == 502
     assert "timed out" not in caught.value.message
     assert len(stored(store, cid)) == 3  # the message waits for a retry; nothing else stored
